@@ -1,0 +1,218 @@
+"""The `vlp` command: parse arguments, load the config, call one stage.
+
+Stage modules are imported inside each command so that `vlp --help` stays fast and a
+command only pays for the libraries it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlp.config import TASKS, Config, load_config
+from vlp.errors import VlpError
+
+
+def _print_json(obj: object, out: str | None) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=False)
+    print(text)
+    if out:
+        from vlp.io import atomic_write_text
+
+        atomic_write_text(Path(out), text + "\n")
+
+
+def _cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.data.shapes import generate_dataset
+
+    generate_dataset(cfg.data, Path(args.out) if args.out else Path(cfg.data.root))
+
+
+def _cmd_import(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.data import adapters
+
+    adapters.run_import(args)
+
+
+def _cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.data.validation import validate_stage
+
+    validate_stage(cfg, Path(args.data) if args.data else None)
+
+
+def _cmd_pretrain(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.pretrain import pretrain
+
+    pretrain(cfg, resume=args.resume)
+
+
+def _cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.finetune import finetune
+
+    finetune(cfg, args.task, init=args.init)
+
+
+def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.evaluate import evaluate
+
+    evaluate(cfg, args.task)
+
+
+def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.metrics import files
+
+    if args.kind == "captions":
+        scores = files.score_caption_files(Path(args.results), Path(args.annotations))
+    elif args.kind == "vqa":
+        scores = files.score_vqa_files(
+            Path(args.results), Path(args.questions), Path(args.annotations)
+        )
+    else:
+        scores = files.score_retrieval_files(
+            Path(args.similarity), Path(args.text_image) if args.text_image else None
+        )
+    _print_json(scores, args.out)
+
+
+def _cmd_register(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.registry import register_task_models
+
+    _print_json(register_task_models(cfg, args.task), None)
+
+
+def _cmd_promote(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.registry import promote
+
+    _print_json(promote(cfg, args.task, force=args.force, reason=args.reason), None)
+
+
+def _cmd_rollback(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.registry import rollback
+
+    _print_json(rollback(cfg, args.task, reason=args.reason), None)
+
+
+def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
+    from flows import pipeline
+
+    if args.action == "run":
+        pipeline.vlp_pipeline(params=str(args.params_path), profile=cfg.profile)
+    else:
+        pipeline.serve(cfg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlp", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    p.add_argument("--profile", default=None, help="profile overlay, e.g. smoke")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one param (repeatable)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("generate", help="generate the embedded shapes dataset")
+    s.add_argument("--out", default=None, help="output directory (default data.root)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("import", help="import a real-format dataset into canonical manifests")
+    fmt = s.add_subparsers(dest="format", required=True)
+    f = fmt.add_parser("coco", help="COCO captions annotations JSON + image folder")
+    f.add_argument("--annotations", required=True)
+    f.add_argument("--images", required=True)
+    f.add_argument("--split", default="train")
+    f.add_argument("--out", required=True)
+    f = fmt.add_parser("karpathy", help="Karpathy split JSON (dataset_coco/flickr30k.json)")
+    f.add_argument("--split-json", required=True)
+    f.add_argument("--images", required=True)
+    f.add_argument("--out", required=True)
+    f = fmt.add_parser("vqa", help="VQA v2 questions + annotations JSON")
+    f.add_argument("--questions", required=True)
+    f.add_argument("--annotations", required=True)
+    f.add_argument("--images", required=True)
+    f.add_argument("--split", default="train")
+    f.add_argument("--out", required=True)
+    f = fmt.add_parser("table", help="CSV or Parquet of (image_path, caption[, split])")
+    f.add_argument("--table", required=True)
+    f.add_argument("--images", required=True)
+    f.add_argument("--split", default="train")
+    f.add_argument("--out", required=True)
+    s.set_defaults(func=_cmd_import)
+
+    s = sub.add_parser("validate", help="check manifests and images (Great Expectations)")
+    s.add_argument("--data", default=None, help="dataset directory (default data.root)")
+    s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser("pretrain", help="pretrain with ITC + ITM + captioning LM")
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser("finetune", help="finetune one downstream task")
+    s.add_argument("task", choices=TASKS)
+    s.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained")
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="evaluate a finetuned task model on the test split")
+    s.add_argument("task", choices=TASKS)
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("eval", help="score standard results files (captions, VQA, retrieval)")
+    kind = s.add_subparsers(dest="kind", required=True)
+    k = kind.add_parser("captions", help="COCO caption results vs COCO annotations")
+    k.add_argument("--results", required=True)
+    k.add_argument("--annotations", required=True)
+    k.add_argument("--out", default=None)
+    k = kind.add_parser("vqa", help="VQA v2 results vs questions + annotations")
+    k.add_argument("--results", required=True)
+    k.add_argument("--questions", required=True)
+    k.add_argument("--annotations", required=True)
+    k.add_argument("--out", default=None)
+    k = kind.add_parser("retrieval", help="recall@K from an image x text similarity matrix")
+    k.add_argument("--similarity", required=True)
+    k.add_argument("--text-image", default=None)
+    k.add_argument("--out", default=None)
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("register", help="register finetuned task models in the MLflow registry")
+    s.add_argument("task", choices=(*TASKS, "all"), nargs="?", default="all")
+    s.set_defaults(func=_cmd_register)
+
+    s = sub.add_parser("promote", help="move `champion` to `challenger` if it is better")
+    s.add_argument("task", choices=TASKS)
+    s.add_argument("--force", action="store_true", help="promote even if not better")
+    s.add_argument("--reason", default="", help="recorded on the version")
+    s.set_defaults(func=_cmd_promote)
+
+    s = sub.add_parser("rollback", help="restore the previous champion")
+    s.add_argument("task", choices=TASKS)
+    s.add_argument("--reason", default="", help="recorded on the version")
+    s.set_defaults(func=_cmd_rollback)
+
+    s = sub.add_parser("flow", help="run the Prefect pipeline once, or serve its schedule")
+    s.add_argument("action", choices=("run", "serve"))
+    s.set_defaults(func=_cmd_flow)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.params_path = Path(args.params)
+    try:
+        cfg = load_config(args.params_path, args.profile, args.overrides)
+        args.func(cfg, args)
+    except VlpError as e:
+        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

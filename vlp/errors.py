@@ -1,0 +1,25 @@
+"""Error types for user mistakes; the CLI turns each into a one-line message and exit code."""
+
+from __future__ import annotations
+
+
+class VlpError(Exception):
+    """Base class of every error caused by user input (exit code 2 in the CLI)."""
+
+    exit_code = 2
+
+
+class ConfigError(VlpError):
+    """params.yaml (or an override) has an unknown key, a wrong type or a bad value."""
+
+
+class DataError(VlpError):
+    """A dataset, manifest or image is malformed; the message names the file and row."""
+
+
+class ResultsError(VlpError):
+    """A results/annotations/similarity file handed to an evaluator is malformed."""
+
+
+class RegistryError(VlpError):
+    """A registry operation cannot proceed (no such model, alias or version)."""
