@@ -258,7 +258,7 @@ def config_from_dict(raw: dict[str, Any], profile: str | None = None) -> Config:
         if chosen not in profiles:
             raise ConfigError(
                 f"profile {chosen!r} is not defined under 'profiles' "
-                f"(known: {', '.join(['default', *profiles]) })"
+                f"(known: {', '.join(['default', *profiles])})"
             )
         raw = _deep_merge(raw, profiles[chosen])
     raw["profile"] = chosen
