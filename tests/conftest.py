@@ -1,1 +1,48 @@
 """Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vlp.config import Config, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """The repo's params.yaml with profile `smoke`, every output path inside a session tmp dir.
+
+    Shared by the whole session: do not mutate it; derive a copy with `dataclasses.replace`.
+    """
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = load_config(REPO_ROOT / "params.yaml", profile="smoke")
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=str(root / "data" / "shapes")),
+        validate=dataclasses.replace(cfg.validate, report_dir=str(root / "reports" / "validation")),
+        pretrain=dataclasses.replace(cfg.pretrain, out_dir=str(root / "models" / "pretrained")),
+        finetune=dataclasses.replace(cfg.finetune, out_dir=str(root / "models" / "finetuned")),
+        evaluate=dataclasses.replace(
+            cfg.evaluate,
+            metrics_dir=str(root / "metrics"),
+            plots_dir=str(root / "plots"),
+            results_dir=str(root / "results"),
+        ),
+        tracking=dataclasses.replace(
+            cfg.tracking,
+            uri=f"sqlite:///{root / 'mlflow.db'}",
+            artifact_root=str(root / "mlartifacts"),
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_cfg: Config) -> Path:
+    """The smoke shapes dataset (smoke_cfg.data.root), generated once per session; read-only."""
+    from vlp.data.shapes import generate_dataset
+
+    return generate_dataset(smoke_cfg.data, Path(smoke_cfg.data.root))

@@ -106,9 +106,10 @@ class TaskConfig:
     lr: float = 5e-4
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    rerank_k: int = 16
-    beam_size: int = 3
-    max_length: int = 20
+    rerank_k: int = 16  # retrieval: ITC candidates per query re-ranked by ITM
+    beam_size: int = 3  # captioning
+    max_length: int = 20  # captioning: generated tokens at most
+    max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
 
 
 @dataclass
@@ -135,6 +136,8 @@ class EvaluateConfig:
     plots_dir: str = "plots"
     results_dir: str = "results"
     batch_size: int = 128
+    split: str = "test"  # the manifest split every task is evaluated on
+    num_examples: int = 8  # qualitative examples logged per task
 
 
 @dataclass

@@ -1,13 +1,39 @@
-"""MLflow runs for pipeline stages: params, per-step metrics and lineage tags."""
+"""MLflow runs for pipeline stages: params, per-step metrics and lineage tags.
+
+Every stage run is nested under one *pipeline run* (the parent). Which parent:
+
+1. `VLP_PARENT_RUN_ID` in the environment (set by the Prefect flow, which creates the
+   parent itself and passes it down through `dvc repro` to every stage process);
+2. else the run active in this process, if any;
+3. else the parent is found-or-created by a *pipeline key*: hash of git commit, params
+   hash and data hash. Each `dvc repro` stage is a separate `vlp ...` process; they all
+   compute the same key and so land under the same parent without any shared state.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vlp.config import Config, tracking_uri
+
+PARENT_RUN_ENV = "VLP_PARENT_RUN_ID"
+FLOW_RUN_ENV = "VLP_PREFECT_FLOW_RUN_ID"
+# Prefect's runner exports this to processes it starts for a deployment run.
+PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
+# DVC exports the name of the stage it is running to the stage's command.
+DVC_STAGE_ENV = "DVC_STAGE"
+
+TAG_KIND = "vlp.kind"
+TAG_PIPELINE_KEY = "vlp.pipeline_key"
 
 
 class StageRun:
@@ -36,6 +62,235 @@ class StageRun:
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    @contextmanager
+    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
+        """Open a run nested under this one (e.g. one per ablation variant)."""
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+            yield StageRun(run.info.run_id)
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip()
+
+
+def git_state() -> tuple[str, bool]:
+    """(commit sha or "none", dirty?) of the working tree; untracked files do not count."""
+    commit = _git("rev-parse", "HEAD") or "none"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return commit, bool(status)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _norm(p: str) -> str:
+    return os.path.normpath(p).replace(os.sep, "/")
+
+
+def _locked_outs(lock: dict[str, Any]) -> dict[str, str]:
+    """Every output path recorded in dvc.lock -> its DVC hash (md5, `.dir` for folders)."""
+    outs: dict[str, str] = {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            digest = out.get("md5") or out.get("etag") or out.get("checksum")
+            if digest:
+                outs[_norm(out["path"])] = str(digest)
+    return outs
+
+
+def _lookup_hash(path: str, outs: dict[str, str]) -> str | None:
+    """Hash of `path` itself, or of the DVC output folder that contains it."""
+    path = _norm(path)
+    if path in outs:
+        return outs[path]
+    for out, digest in outs.items():
+        if path.startswith(out + "/"):
+            return digest
+    return None
+
+
+def stage_input_hashes(dvc_stage: str, root: Path = Path(".")) -> dict[str, str]:
+    """DVC hashes of a stage's data inputs: its dvc.yaml deps that other stages produce.
+
+    Read from the *upstream* stages' entries in dvc.lock, which DVC writes before it
+    starts the next stage, so they describe exactly what this run consumes. Source
+    files are left out: the git commit covers them.
+    """
+    stages = _read_yaml(root / "dvc.yaml").get("stages") or {}
+    deps = (stages.get(dvc_stage) or {}).get("deps") or []
+    outs = _locked_outs(_read_yaml(root / "dvc.lock"))
+    hashes = {}
+    for dep in deps:
+        if isinstance(dep, str) and (digest := _lookup_hash(dep, outs)):
+            hashes[_norm(dep)] = digest
+    return hashes
+
+
+def data_hash(cfg: Config, root: Path = Path(".")) -> str:
+    """DVC hash of the dataset (`data.root`) from dvc.lock or its .dvc file; "none" if unknown."""
+    digest = _lookup_hash(cfg.data.root, _locked_outs(_read_yaml(root / "dvc.lock")))
+    if digest:
+        return digest
+    dvc_file = _read_yaml(root / f"{_norm(cfg.data.root)}.dvc")
+    for out in dvc_file.get("outs") or []:
+        if out.get("md5"):
+            return str(out["md5"])
+    return "none"
+
+
+def flow_run_id() -> str | None:
+    """The Prefect flow-run id driving this process, if any."""
+    return os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV) or None
+
+
+def lineage_tags(cfg: Config, stage: str | None = None, root: Path = Path(".")) -> dict[str, str]:
+    """Tags tying a run to its code, params and data: git commit/dirty, params and DVC hashes.
+
+    `stage` is the DVC stage name whose input hashes are recorded (as `vlp.dvc.<path>`).
+    """
+    commit, dirty = git_state()
+    tags = {
+        "vlp.git_commit": commit,
+        "vlp.git_dirty": str(dirty).lower(),
+        "vlp.params_hash": cfg.section_hash(),
+        "vlp.data_hash": data_hash(cfg, root),
+        "vlp.profile": cfg.profile,
+    }
+    if stage:
+        tags["vlp.dvc_stage"] = stage
+        for path, digest in stage_input_hashes(stage, root).items():
+            tags[f"vlp.dvc.{path}"] = digest
+    if fid := flow_run_id():
+        tags["vlp.prefect_flow_run_id"] = fid
+    return tags
+
+
+def pipeline_key(cfg: Config, root: Path = Path(".")) -> str:
+    """Identity of one pipeline run: hash of git commit + params hash + data hash."""
+    commit, _ = git_state()
+    blob = f"{commit}|{cfg.section_hash()}|{data_hash(cfg, root)}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The whole config as `section.key -> value`, for side-by-side comparison in the UI."""
+
+    def walk(prefix: str, node: Any, out: dict[str, str]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v, out)
+        else:
+            out[prefix] = json.dumps(node) if isinstance(node, list | type(None)) else str(node)
+
+    out: dict[str, str] = {}
+    walk("", cfg.to_dict(), out)
+    return out
+
+
+# ---------------------------------------------------------------- runs
+
+
+def setup_mlflow(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; return the experiment id.
+
+    With a local (non-HTTP) store the experiment is created with its artifacts in
+    `tracking.artifact_root` inside the project; a server decides its own artifact store.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        location = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            location = Path(cfg.tracking.artifact_root).resolve().as_uri()
+        try:
+            exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # another stage process created it first
+            exp_id = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def pipeline_run_name(cfg: Config, commit: str, key: str) -> str:
+    """A parent-run name that tells pipeline runs apart at a glance in the UI."""
+    return f"pipeline-{cfg.profile}-{commit[:7]}-{key[:6]}"
+
+
+def start_pipeline_run(cfg: Config, driver: str, key: str | None = None) -> str:
+    """Create a new parent run (status RUNNING) with the whole config as params; return its id."""
+    import mlflow
+
+    exp_id = setup_mlflow(cfg)
+    key = key or pipeline_key(cfg)
+    tags = {**lineage_tags(cfg), TAG_KIND: "pipeline", TAG_PIPELINE_KEY: key, "vlp.driver": driver}
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        exp_id, run_name=pipeline_run_name(cfg, tags["vlp.git_commit"], key), tags=tags
+    )
+    from mlflow.entities import Param
+
+    params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+def end_pipeline_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a parent run finished (or FAILED)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def find_or_create_pipeline_run(cfg: Config) -> tuple[str, bool]:
+    """(parent run id, whether this process owns its status) for the current pipeline run."""
+    import mlflow
+
+    if run_id := os.environ.get(PARENT_RUN_ENV):
+        return run_id, False
+    exp_id = setup_mlflow(cfg)
+    key = pipeline_key(cfg)
+    found = mlflow.MlflowClient().search_runs(
+        [exp_id],
+        filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}' and tags.`{TAG_KIND}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id, True
+    return start_pipeline_run(cfg, driver="dvc", key=key), True
+
+
+def log_to_pipeline_run(cfg: Config, run_id: str, metrics: dict[str, float]) -> None:
+    """Log summary metrics (e.g. each task's primary metric) on the parent run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+
 
 @contextmanager
 def stage_run(
@@ -45,17 +300,41 @@ def stage_run(
     task: str | None = None,
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
+    init: str | None = None,
 ) -> Iterator[StageRun]:
-    """Open an MLflow run for `stage` (optionally one `task`), closed when the block ends."""
+    """Open an MLflow run for `stage` (optionally one `task`), nested under the pipeline run.
+
+    `init` ("pretrained" | "scratch") is recorded as `vlp.init` and in the run name.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.tracking.experiment)
-    name = f"{stage}-{task}" if task else stage
-    all_tags = {"vlp.stage": stage, "vlp.profile": cfg.profile, **(tags or {})}
-    if task:
-        all_tags["vlp.task"] = task
-    with mlflow.start_run(run_name=name, tags=all_tags) as run:
-        if params:
-            mlflow.log_params(params)
-        yield StageRun(run.info.run_id)
+    setup_mlflow(cfg)
+    dvc_stage = os.environ.get(DVC_STAGE_ENV) or (f"{stage}_{task}" if task else stage)
+    active = mlflow.active_run()
+    if active is not None:
+        parent_id, owns_parent = active.info.run_id, False
+    else:
+        parent_id, owns_parent = find_or_create_pipeline_run(cfg)
+    client = mlflow.MlflowClient()
+    if owns_parent:
+        client.update_run(parent_id, status="RUNNING")
+    name = "-".join(p for p in (stage, task, init) if p)
+    all_tags = {
+        **lineage_tags(cfg, dvc_stage),
+        TAG_KIND: "stage",
+        "vlp.stage": stage,
+        **({"vlp.task": task} if task else {}),
+        **({"vlp.init": init} if init else {}),
+        **(tags or {}),
+    }
+    status = "FAILED"
+    try:
+        with mlflow.start_run(run_name=name, parent_run_id=parent_id, tags=all_tags) as run:
+            if params:
+                mlflow.log_params(params)
+            yield StageRun(run.info.run_id)
+        status = "FINISHED"
+    finally:
+        if owns_parent:
+            # The parent's status follows its latest stage; the next stage reopens it.
+            client.set_terminated(parent_id, status=status)

@@ -1,0 +1,144 @@
+"""`vlp validate`: each kind of broken dataset fails naming the bad row or file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vlp.cli import main
+from vlp.data.manifest import read_pairs, read_vqa, write_manifest
+from vlp.data.validation import FAILURE_DOCS_DIR, validate_dataset, validate_stage
+from vlp.errors import DataError
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.fixture
+def data(smoke_data, tmp_path) -> Path:
+    """A private copy of the smoke dataset that a test may break."""
+    return shutil.copytree(smoke_data, tmp_path / "shapes")
+
+
+def _failures(data: Path, smoke_cfg) -> str:
+    summary = validate_dataset(data, smoke_cfg.validate)
+    assert not summary["success"]
+    return "\n".join(summary["failures"])
+
+
+def _edit_pairs(data: Path, edit) -> pd.DataFrame:
+    df = read_pairs(data)
+    edit(df)
+    df.to_parquet(data / "pairs.parquet", index=False)  # raw write: no schema coercion
+    return df
+
+
+def _train_path(data: Path) -> str:
+    pairs = read_pairs(data, "train")
+    return pairs["image_path"].iloc[3]
+
+
+def test_valid_dataset_passes(smoke_cfg, smoke_data):
+    summary = validate_dataset(smoke_data, smoke_cfg.validate)
+    assert summary["success"], summary["failures"]
+    assert summary["manifests"]["pairs.parquet"]["images"] == 88
+    assert summary["expectations"] > 30
+
+
+def test_corrupt_png_is_named(smoke_cfg, data):
+    rel = _train_path(data)
+    (data / rel).write_bytes((data / rel).read_bytes()[:40])  # truncated PNG
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_be_null(image_problem)" in report
+    assert f"{rel}: cannot decode image" in report
+
+
+def test_missing_image_is_named(smoke_cfg, data):
+    rel = _train_path(data)
+    (data / rel).unlink()
+    assert f"{rel}: file not found" in _failures(data, smoke_cfg)
+
+
+def test_empty_caption_is_named(smoke_cfg, data):
+    df = _edit_pairs(
+        data, lambda df: df.__setitem__("caption", df["caption"].mask(df.index == 7, ""))
+    )
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_value_lengths_to_be_between(caption)" in report
+    assert f"caption_id={int(df.loc[7, 'caption_id'])}" in report
+
+
+def test_duplicate_ids_are_named(smoke_cfg, data):
+    def dup(df):
+        df.loc[5, "caption_id"] = df.loc[4, "caption_id"]
+
+    df = _edit_pairs(data, dup)
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_be_unique(caption_id)" in report
+    assert f"caption_id={int(df.loc[4, 'caption_id'])}" in report
+
+
+@pytest.mark.parametrize("bad", ["../x.png", "images/../../x.png", "/etc/hostname"])
+def test_path_escaping_the_root_is_named(smoke_cfg, data, bad):
+    _edit_pairs(
+        data, lambda df: df.__setitem__("image_path", df["image_path"].mask(df.index == 2, bad))
+    )
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_not_match_regex_list(image_path)" in report
+    assert repr(bad) in report
+
+
+def test_test_image_leaked_into_train_is_named(smoke_cfg, data):
+    def leak(df):
+        row = df[df["split"] == "test"].iloc[[0]].copy()
+        row["split"] = "train"
+        row["caption_id"] = df["caption_id"].max() + 1
+        df.loc[len(df)] = row.iloc[0]
+
+    df = _edit_pairs(data, leak)
+    leaked = df.iloc[-1]["image_path"]
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_be_between(n_splits_of_image)" in report
+    assert f"image_path={leaked!r}" in report and "image in splits test,train" in report
+
+
+def test_vqa_row_with_nine_answers_is_named(smoke_cfg, data):
+    vqa = read_vqa(data)
+    vqa.at[3, "answers"] = vqa.at[3, "answers"][:9]
+    write_manifest(vqa, data / "vqa.parquet")
+    report = _failures(data, smoke_cfg)
+    assert "vqa.parquet: expect_column_values_to_be_between(n_answers)" in report
+    assert f"question_id={int(vqa.loc[3, 'question_id'])}" in report and "9 answers" in report
+
+
+def test_stage_writes_summary_and_docs_outside_the_data(smoke_cfg, smoke_data):
+    before = sorted(p.name for p in smoke_data.iterdir())
+    summary = validate_stage(smoke_cfg, None)
+    report_dir = Path(smoke_cfg.validate.report_dir)
+    assert json.loads((report_dir / "summary.json").read_text())["success"] is True
+    assert summary["success"]
+    assert (report_dir / "data_docs" / "index.html").exists()
+    assert sorted(p.name for p in smoke_data.iterdir()) == before
+
+
+def test_cli_failure_exits_nonzero_and_writes_docs_beside_manifests(data, capsys):
+    rel = _train_path(data)
+    (data / rel).unlink()
+    code = main(
+        ["--params", str(REPO_PARAMS), "--profile", "smoke", "validate", "--data", str(data)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "expectations failed" in err and rel in err
+    docs = data / FAILURE_DOCS_DIR
+    assert (docs / "index.html").exists()
+    assert json.loads((docs / "summary.json").read_text())["success"] is False
+    assert (data / "pairs.parquet").exists()
+
+
+def test_missing_dataset_dir_is_a_data_error(smoke_cfg, tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        validate_stage(smoke_cfg, tmp_path / "nope")

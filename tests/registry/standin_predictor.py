@@ -1,0 +1,32 @@
+"""A tiny stand-in task predictor with the `vlp.tasks.load_predictor` interface.
+
+Its answers depend on the model directory (so tests can tell versions apart) and on the
+image (so tests can tell that the image really was decoded).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class StandinPredictor:
+    """Captions/answers/scores from `standin.json` in the model directory."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.spec = json.loads((Path(model_dir) / "standin.json").read_text())
+
+    def captions(self, images: list[Any]) -> list[str]:
+        return [f"{self.spec['word']} {im.size[0]}x{im.size[1]}" for im in images]
+
+    def answers(self, images: list[Any], questions: list[str]) -> list[str]:
+        return [f"{self.spec['word']} {len(q)}" for q in questions]
+
+    def scores(self, images: list[Any], texts: list[str]) -> list[float]:
+        return [float(im.size[0] + len(t)) for im, t in zip(images, texts, strict=True)]
+
+
+def load_predictor(model_dir: str) -> StandinPredictor:
+    """Load the stand-in predictor saved in `model_dir`."""
+    return StandinPredictor(model_dir)

@@ -1,0 +1,136 @@
+"""Registry: challenger/champion aliases, the promotion gate, decisions and rollback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
+
+from vlp.config import TASKS, Config
+from vlp.errors import RegistryError, ResultsError
+from vlp.registry import promote, promote_all, register_model, register_task_models, rollback
+
+
+def _register(cfg: Config, task: str, word: str, value: float, eval_hash: str = "h1") -> str:
+    metric = cfg.registry.primary_metric[task]
+    model_dir = make_standin_model(Path(f"models/{task}-{word}"), word)
+    out = register_model(
+        cfg,
+        task,
+        model_dir,
+        {metric: value, "extra": {"B@4": 0.1}},
+        eval_hash=eval_hash,
+        loader=STANDIN_LOADER,
+        extra_code_paths=[STANDIN],
+    )
+    return out["version"]
+
+
+def _aliases(name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def _tags(name: str, version: str) -> dict[str, str]:
+    return mlflow.MlflowClient().get_model_version(name, version).tags
+
+
+def test_gate_promotes_only_better_challengers_and_rollback_restores(store_cfg: Config) -> None:
+    cfg, name = store_cfg, "vlp-captioning"
+    assert _register(cfg, "captioning", "alpha", 0.5) == "1"
+    assert _aliases(name) == {"champion": "1"}  # first version: champion straight away
+    assert json.loads(_tags(name, "1")["vlp.decisions"])[0]["why"].startswith("no champion yet")
+
+    _register(cfg, "captioning", "beta", 0.4)
+    assert _aliases(name) == {"champion": "1", "challenger": "2"}
+    decision = promote(cfg, "captioning")
+    assert decision["decision"] == "rejected" and decision["champion"] == "1"
+    assert _aliases(name) == {"champion": "1", "challenger": "2"}
+    tags = _tags(name, "2")
+    assert tags["vlp.last_decision"] == "rejected"
+    assert json.loads(tags["vlp.last_metrics"]) == {
+        "metric": "CIDEr",
+        "challenger": 0.4,
+        "champion": 0.5,
+    }
+    assert tags["vlp.last_by"] and tags["vlp.last_at"]
+    assert _tags(name, "1")["vlp.last_decision"] == "defended"
+
+    _register(cfg, "captioning", "gamma", 0.9)
+    decision = promote(cfg, "captioning", reason="nightly")
+    assert decision["decision"] == "promoted" and "nightly" in decision["why"]
+    assert _aliases(name) == {"champion": "3"}
+    assert _tags(name, "1")["vlp.last_decision"] == "replaced"
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert model.predict(pd.DataFrame({"image": [png_bytes(12)]}))["caption"][0] == "gamma 12x12"
+
+    assert rollback(cfg, "captioning", reason="bad outputs")["champion"] == "1"
+    assert _aliases(name)["champion"] == "1"
+    assert _tags(name, "3")["vlp.last_decision"] == "rolled back"
+    assert "bad outputs" in _tags(name, "3")["vlp.last_why"]
+    with pytest.raises(RegistryError, match="no previous champion"):
+        rollback(cfg, "captioning")
+
+
+def test_different_eval_data_is_refused_unless_forced(store_cfg: Config) -> None:
+    _register(store_cfg, "vqa", "a", 0.3, eval_hash="h1")
+    _register(store_cfg, "vqa", "b", 0.9, eval_hash="h2")
+    refused = promote(store_cfg, "vqa")
+    assert refused["decision"] == "refused" and "different data" in refused["why"]
+    assert _aliases("vlp-vqa")["champion"] == "1"
+    forced = promote(store_cfg, "vqa", force=True, reason="new test split")
+    assert forced["decision"] == "promoted"
+    assert _aliases("vlp-vqa")["champion"] == "2"
+
+
+def test_every_task_loads_as_a_pyfunc_with_a_signature(store_cfg: Config) -> None:
+    image = png_bytes(10)
+    inputs = {
+        "captioning": pd.DataFrame({"image": [image]}),
+        "vqa": pd.DataFrame({"image": [image], "question": ["what?"]}),
+        "retrieval": pd.DataFrame({"image": [image, image], "text": ["a", "abc"]}),
+    }
+    expected = {
+        "captioning": ("caption", ["w 10x10"]),
+        "vqa": ("answer", ["w 5"]),
+        "retrieval": ("score", [11.0, 13.0]),
+    }
+    for task in TASKS:
+        _register(store_cfg, task, "w", 1.0)
+        model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")
+        assert model.metadata.get_input_schema().input_names()[0] == "image"
+        column, values = expected[task]
+        assert model.predict(inputs[task])[column].tolist() == values
+
+
+def test_pipeline_gate_respects_auto_promote(store_cfg: Config) -> None:
+    _register(store_cfg, "retrieval", "a", 1.0)
+    _register(store_cfg, "retrieval", "b", 2.0)
+    off = dataclasses.replace(
+        store_cfg, registry=dataclasses.replace(store_cfg.registry, auto_promote=False)
+    )
+    assert {d["decision"] for d in promote_all(off, pipeline=True)} == {"skipped"}
+    assert _aliases("vlp-retrieval")["champion"] == "1"
+    decisions = {d["task"]: d["decision"] for d in promote_all(store_cfg, pipeline=True)}
+    assert decisions == {"retrieval": "promoted", "captioning": "unchanged", "vqa": "unchanged"}
+    assert _aliases("vlp-retrieval")["champion"] == "2"
+
+
+def test_register_reports_missing_pipeline_outputs(store_cfg: Config) -> None:
+    with pytest.raises(ResultsError, match="retrieval.json"):
+        register_task_models(store_cfg, "retrieval")
+    metrics = Path(store_cfg.evaluate.metrics_dir)
+    metrics.mkdir(parents=True, exist_ok=True)
+    (metrics / "vqa.json").write_text(json.dumps({"yes/no": 1.0}))
+    with pytest.raises(ResultsError, match="'overall'"):
+        register_task_models(store_cfg, "vqa")
+    (metrics / "vqa.json").write_text(json.dumps({"pretrained": {"overall": 50.0}}))
+    with pytest.raises(RegistryError, match="model directory not found"):
+        register_task_models(store_cfg, "vqa")
+    with pytest.raises(RegistryError, match="no 'challenger'"):
+        promote(store_cfg, "vqa")

@@ -1,0 +1,132 @@
+"""Canonical manifests: the Parquet contract between the data stages and everything after.
+
+A dataset directory DIR holds `DIR/pairs.parquet` (image-caption pairs),
+optionally `DIR/vqa.parquet` (questions with 10 answers each, VQA v2 layout), and
+images under `DIR/images/`. Every `image_path` is relative to DIR and may not escape it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from vlp.errors import DataError
+from vlp.io import atomic_path
+
+PAIRS_FILE = "pairs.parquet"
+VQA_FILE = "vqa.parquet"
+IMAGES_DIR = "images"
+
+SPLITS = ("pretrain", "train", "val", "test", "restval")
+ANSWER_TYPES = ("yes/no", "number", "other")
+ANSWERS_PER_QUESTION = 10
+
+# column -> pandas dtype written to Parquet; order is the on-disk column order.
+PAIRS_SCHEMA: dict[str, str] = {
+    "caption_id": "int64",
+    "image_id": "int64",
+    "image_path": "str",
+    "caption": "str",
+    "split": "str",
+}
+VQA_SCHEMA: dict[str, str] = {
+    "question_id": "int64",
+    "image_id": "int64",
+    "image_path": "str",
+    "question": "str",
+    "question_type": "str",
+    "answers": "list",
+    "answer_type": "str",
+    "multiple_choice_answer": "str",
+    "split": "str",
+}
+SCHEMAS = {PAIRS_FILE: PAIRS_SCHEMA, VQA_FILE: VQA_SCHEMA}
+
+Splits = str | Iterable[str] | None
+
+
+def _select_splits(df: pd.DataFrame, split: Splits) -> pd.DataFrame:
+    if split is None:
+        return df
+    wanted = [split] if isinstance(split, str) else list(split)
+    return df[df["split"].isin(wanted)].reset_index(drop=True)
+
+
+def _read(path: Path, schema: dict[str, str], split: Splits) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: manifest not found")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    if "answers" in schema:
+        df["answers"] = df["answers"].map(lambda a: [] if a is None else [str(x) for x in a])
+    return _select_splits(df, split)
+
+
+def read_pairs(data_dir: str | os.PathLike, split: Splits = None) -> pd.DataFrame:
+    """Image-caption pairs of DIR (optionally only the given split or splits)."""
+    return _read(Path(data_dir) / PAIRS_FILE, PAIRS_SCHEMA, split)
+
+
+def read_vqa(data_dir: str | os.PathLike, split: Splits = None) -> pd.DataFrame:
+    """VQA questions of DIR; `answers` is a Python list of str per row."""
+    return _read(Path(data_dir) / VQA_FILE, VQA_SCHEMA, split)
+
+
+def has_vqa(data_dir: str | os.PathLike) -> bool:
+    """Whether DIR has a VQA manifest (caption-only imports do not)."""
+    return (Path(data_dir) / VQA_FILE).exists()
+
+
+def conform(df: pd.DataFrame, schema: dict[str, str], where: str = "manifest") -> pd.DataFrame:
+    """Columns of `schema` in order with its dtypes; raises DataError naming a missing column."""
+    missing = [c for c in schema if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+    out = pd.DataFrame(index=range(len(df)))
+    for col, dtype in schema.items():
+        values = df[col].reset_index(drop=True)
+        if dtype == "list":
+            out[col] = values.map(lambda a: [str(x) for x in a] if a is not None else None)
+        else:
+            try:
+                out[col] = values.astype(dtype)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{where}: column {col} is not {dtype}: {e}") from e
+    return out
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a manifest atomically; `pairs.parquet`/`vqa.parquet` are cast to their schema."""
+    path = Path(path)
+    schema = SCHEMAS.get(path.name)
+    if schema is not None:
+        df = conform(df, schema, str(path))
+    with atomic_path(path) as tmp:
+        # Fixed writer settings so the same rows give byte-identical files (DVC caching).
+        df.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
+
+
+def resolve_image(data_dir: str | os.PathLike, rel: str) -> Path:
+    """DIR/rel for a manifest `image_path`; DataError if it is absolute or escapes DIR.
+
+    The check is lexical on purpose: `DIR/images` may be a symlink to an image folder
+    elsewhere (imports do this), which is fine as long as the manifest path stays inside.
+    """
+    text = str(rel)
+    if not text or "\\" in text:
+        raise DataError(f"image_path {text!r} is empty or uses backslashes")
+    pure = PurePosixPath(text)
+    if pure.is_absolute() or Path(text).is_absolute():
+        raise DataError(f"image_path {text!r} is absolute; it must be relative to {data_dir}")
+    norm = os.path.normpath(text)
+    if norm == ".." or norm.startswith("../") or norm == ".":
+        raise DataError(f"image_path {text!r} escapes the data root {data_dir}")
+    return Path(data_dir) / norm

@@ -1,0 +1,155 @@
+"""torch Datasets over canonical manifests, with decoded images cached in memory.
+
+Every dataset decodes each image once (the shapes data is small) and keeps it as
+uint8, so training epochs never re-decode PNGs. Use `collate` as the DataLoader
+`collate_fn`: torch's default would transpose the 10-answer lists of VQA items.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from vlp.data.manifest import Splits, read_pairs, read_vqa, resolve_image
+from vlp.errors import DataError
+
+PIXEL_MEAN = 0.5
+PIXEL_STD = 0.5
+
+
+def _decode(path: Path, size: int) -> torch.Tensor:
+    """uint8 [3, size, size] RGB; DataError naming the file if it is missing or corrupt."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8).copy()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """FloatTensor [3, size, size]: RGB in [0, 1], then normalised with mean = std = 0.5."""
+    return _normalise(_decode(Path(path), size))
+
+
+class _ImageCache:
+    """Decoded uint8 images of one dataset, keyed by manifest image_path."""
+
+    def __init__(self, data_dir: Path, image_size: int) -> None:
+        self.data_dir = data_dir
+        self.image_size = image_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, rel: str) -> torch.Tensor:
+        pixels = self._cache.get(rel)
+        if pixels is None:
+            pixels = _decode(resolve_image(self.data_dir, rel), self.image_size)
+            self._cache[rel] = pixels
+        return _normalise(pixels)
+
+
+class PairsDataset(Dataset):
+    """One item per caption: pixel_values, caption, image_id, caption_id."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+        self.data_dir = Path(data_dir)
+        self.frame: pd.DataFrame = read_pairs(self.data_dir, split)
+        if self.frame.empty:
+            raise DataError(f"{self.data_dir}: no caption pairs in split {split!r}")
+        self._images = _ImageCache(self.data_dir, image_size)
+        self._rows = self.frame[["image_path", "caption", "image_id", "caption_id"]].to_dict(
+            "records"
+        )
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self._rows[i]
+        return {
+            "pixel_values": self._images(row["image_path"]),
+            "caption": row["caption"],
+            "image_id": int(row["image_id"]),
+            "caption_id": int(row["caption_id"]),
+        }
+
+
+class ImagesDataset(Dataset):
+    """One item per unique image of the split (first-seen order): pixel_values, image_id."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+        self.data_dir = Path(data_dir)
+        pairs = read_pairs(self.data_dir, split)
+        if pairs.empty:
+            raise DataError(f"{self.data_dir}: no images in split {split!r}")
+        self.frame: pd.DataFrame = pairs.drop_duplicates("image_id")[
+            ["image_id", "image_path"]
+        ].reset_index(drop=True)
+        self.image_ids: list[int] = [int(x) for x in self.frame["image_id"]]
+        self._paths: list[str] = list(self.frame["image_path"])
+        self._images = _ImageCache(self.data_dir, image_size)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"pixel_values": self._images(self._paths[i]), "image_id": self.image_ids[i]}
+
+
+class VQADataset(Dataset):
+    """One item per question: pixel_values, question, answers (10 str), ids, types."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+        self.data_dir = Path(data_dir)
+        self.frame: pd.DataFrame = read_vqa(self.data_dir, split)
+        if self.frame.empty:
+            raise DataError(f"{self.data_dir}: no VQA questions in split {split!r}")
+        self._images = _ImageCache(self.data_dir, image_size)
+        self._rows = self.frame.to_dict("records")
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self._rows[i]
+        return {
+            "pixel_values": self._images(row["image_path"]),
+            "question": row["question"],
+            "answers": list(row["answers"]),
+            "question_id": int(row["question_id"]),
+            "image_id": int(row["image_id"]),
+            "answer_type": row["answer_type"],
+            "question_type": row["question_type"],
+            "multiple_choice_answer": row["multiple_choice_answer"],
+        }
+
+
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch items: tensors stacked, ints as a LongTensor, everything else as a list."""
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values
+    return out

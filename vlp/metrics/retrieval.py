@@ -1,0 +1,156 @@
+"""Recall@K for image-text retrieval, VSE++ protocol, computed in chunks.
+
+Similarity is [n_images, n_texts]; each text belongs to one image (`text_to_image`). The rank
+of a ground truth is 1 + the number of candidates scoring strictly higher, so ties are
+resolved in the ground truth's favour. i2t: an image's rank is the best rank of any of its
+texts; t2i: a text's rank is the rank of its image. Recall in percent, median rank as VSE++
+(floor of the median 0-based rank, plus one), mean rank 1-based. Images with no text are
+distractors for t2i only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from vlp.errors import ResultsError
+
+KS = (1, 5, 10)
+# Rows/columns compared per step: bounds temporaries to ~chunk x n (bool + float).
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    """R@K, median and mean rank of 1-based ranks."""
+    out = {f"{prefix}_R@{k}": float(100.0 * np.mean(ranks <= k)) for k in KS}
+    out[f"{prefix}_medr"] = float(np.floor(np.median(ranks - 1)) + 1)
+    out[f"{prefix}_meanr"] = float(np.mean(ranks))
+    return out
+
+
+def recall_at_k(
+    similarity: np.ndarray | torch.Tensor, text_to_image: np.ndarray | torch.Tensor | None = None
+) -> dict[str, float]:
+    """i2t/t2i R@1/5/10, medr, meanr and rsum of an image x text similarity matrix.
+
+    `text_to_image[j]` is the row of text j's image; by default j // 5 (5 captions per image).
+    """
+    sim = (
+        similarity.detach().cpu().numpy()
+        if isinstance(similarity, torch.Tensor)
+        else np.asarray(similarity)
+    )
+    if sim.ndim != 2 or 0 in sim.shape:
+        raise ResultsError(
+            f"similarity must be a non-empty 2-D [images, texts] array, got shape {sim.shape}"
+        )
+    if not np.issubdtype(sim.dtype, np.floating) and not np.issubdtype(sim.dtype, np.integer):
+        raise ResultsError(f"similarity must be numeric, got dtype {sim.dtype}")
+    n_images, n_texts = sim.shape
+    if text_to_image is None:
+        if n_texts != 5 * n_images:
+            raise ResultsError(
+                f"similarity has {n_images} images and {n_texts} texts; without a text->image "
+                "mapping there must be exactly 5 texts per image"
+            )
+        gt = np.arange(n_texts) // 5
+    else:
+        gt = (
+            text_to_image.cpu().numpy()
+            if isinstance(text_to_image, torch.Tensor)
+            else np.asarray(text_to_image)
+        )
+        if gt.shape != (n_texts,):
+            raise ResultsError(
+                f"text->image mapping has shape {gt.shape}, expected ({n_texts},) for {n_texts} texts"
+            )
+        if not np.issubdtype(gt.dtype, np.integer):
+            raise ResultsError(
+                f"text->image mapping must hold integer image indices, got {gt.dtype}"
+            )
+        if gt.min() < 0 or gt.max() >= n_images:
+            raise ResultsError(
+                f"text->image mapping has index {int(gt.min() if gt.min() < 0 else gt.max())} outside 0..{n_images - 1}"
+            )
+    cols = np.arange(n_texts)
+    gt_score = sim[gt, cols]  # each text's score with its own image
+    # NaN anywhere would make comparisons silently false; check chunk-wise, no full copy.
+    t2i = np.empty(n_texts, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMENTS // n_images)
+    for start in range(0, n_texts, step):
+        block = sim[:, start : start + step]
+        if np.isnan(block).any():
+            bad = np.argwhere(np.isnan(block))[0]
+            raise ResultsError(f"similarity has NaN at [{bad[0]}, {start + bad[1]}]")
+        t2i[start : start + step] = (block > gt_score[None, start : start + step]).sum(axis=0) + 1
+    # An image's best text is its highest-scoring own text.
+    best = np.full(n_images, -np.inf)
+    np.maximum.at(best, gt, gt_score)
+    has_text = np.zeros(n_images, dtype=bool)
+    has_text[gt] = True
+    i2t = np.empty(n_images, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMENTS // n_texts)
+    for start in range(0, n_images, step):
+        block = sim[start : start + step]
+        i2t[start : start + step] = (block > best[start : start + step, None]).sum(axis=1) + 1
+    out = {**_summary(i2t[has_text], "i2t"), **_summary(t2i, "t2i")}
+    out["rsum"] = float(sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in KS))
+    return out
+
+
+class RetrievalRecall(Metric):
+    """Recall@K over batches of (image, text) embeddings; images are de-duplicated by id."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("image_embeds", default=[], dist_reduce_fx="cat")
+        self.add_state("image_ids", default=[], dist_reduce_fx="cat")
+        self.add_state("text_embeds", default=[], dist_reduce_fx="cat")
+        self.add_state("text_image_ids", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        image_embeds: torch.Tensor,
+        image_ids: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_image_ids: torch.Tensor,
+    ) -> None:
+        """Add image embeddings [B, D] with ids [B] and text embeddings [T, D] with their image ids [T].
+
+        An image may appear in several batches (e.g. once per caption); the first copy is used.
+        Similarity is the dot product, so pass normalised embeddings for cosine similarity.
+        """
+        if (
+            image_embeds.shape[0] != image_ids.shape[0]
+            or text_embeds.shape[0] != text_image_ids.shape[0]
+        ):
+            raise ValueError("embeddings and ids must have the same length")
+        self.image_embeds.append(image_embeds.detach().float())
+        self.image_ids.append(image_ids.detach().long())
+        self.text_embeds.append(text_embeds.detach().float())
+        self.text_image_ids.append(text_image_ids.detach().long())
+
+    def compute(self) -> dict[str, float]:
+        """Recall dict of `recall_at_k` over everything seen (on every process after sync)."""
+
+        def cat(x):
+            return torch.cat(x) if isinstance(x, list) else x
+
+        img, ids, txt, tids = (
+            cat(self.image_embeds),
+            cat(self.image_ids),
+            cat(self.text_embeds),
+            cat(self.text_image_ids),
+        )
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
+        first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
+        row = torch.searchsorted(uniq, tids)
+        if (row >= len(uniq)).any() or (uniq[row.clamp(max=len(uniq) - 1)] != tids).any():
+            raise ResultsError("a text's image id has no image embedding")
+        return recall_at_k(img[first] @ txt.T, row)

@@ -1,0 +1,194 @@
+"""VQA accuracy as the official VQA v2 evaluation script computes it (GT-Vision-Lab/VQA, vqaEval.py).
+
+A predicted answer has its newlines/tabs turned into spaces, is stripped, then goes through
+punctuation handling and digit/article handling. Ground-truth answers are left as they are
+unless the 10 answers of a question are not all identical; then (only then) each goes through
+punctuation handling alone (no lower-casing, no number words, no articles), as the script does.
+Accuracy of a question = mean over annotators of min(1, matches among the other annotators / 3).
+Aggregates are percentages rounded to 2 decimals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from torchmetrics import Metric
+
+from vlp.errors import ResultsError
+from vlp.metrics.string_state import decode_strings, encode_strings
+
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+_ARTICLES = frozenset({"a", "an", "the"})
+# The script's contraction table: a word spelled as on the left becomes the right.
+_CONTRACTIONS = dict(
+    pair.split(">")
+    for pair in """
+    aint>ain't arent>aren't cant>can't couldve>could've couldnt>couldn't couldn'tve>couldn't've
+    couldnt've>couldn't've didnt>didn't doesnt>doesn't dont>don't hadnt>hadn't hadnt've>hadn't've
+    hadn'tve>hadn't've hasnt>hasn't havent>haven't hed>he'd hed've>he'd've he'dve>he'd've hes>he's
+    howd>how'd howll>how'll hows>how's Id've>I'd've I'dve>I'd've Im>I'm Ive>I've isnt>isn't
+    itd>it'd itd've>it'd've it'dve>it'd've itll>it'll let's>let's maam>ma'am mightnt>mightn't
+    mightnt've>mightn't've mightn'tve>mightn't've mightve>might've mustnt>mustn't mustve>must've
+    neednt>needn't notve>not've oclock>o'clock oughtnt>oughtn't ow's'at>'ow's'at 'ows'at>'ow's'at
+    'ow'sat>'ow's'at shant>shan't shed've>she'd've she'dve>she'd've she's>she's shouldve>should've
+    shouldnt>shouldn't shouldnt've>shouldn't've shouldn'tve>shouldn't've somebody'd>somebodyd
+    somebodyd've>somebody'd've somebody'dve>somebody'd've somebodyll>somebody'll
+    somebodys>somebody's someoned>someone'd someoned've>someone'd've someone'dve>someone'd've
+    someonell>someone'll someones>someone's somethingd>something'd somethingd've>something'd've
+    something'dve>something'd've somethingll>something'll thats>that's thered>there'd
+    thered've>there'd've there'dve>there'd've therere>there're theres>there's theyd>they'd
+    theyd've>they'd've they'dve>they'd've theyll>they'll theyre>they're theyve>they've
+    twas>'twas wasnt>wasn't wed've>we'd've we'dve>we'd've weve>we've werent>weren't
+    whatll>what'll whatre>what're whats>what's whatve>what've whens>when's whered>where'd
+    wheres>where's whereve>where've whod>who'd whod've>who'd've who'dve>who'd've wholl>who'll
+    whos>who's whove>who've whyll>why'll whyre>why're whys>why's wont>won't wouldve>would've
+    wouldnt>wouldn't wouldnt've>wouldn't've wouldn'tve>wouldn't've yall>y'all yall'll>y'all'll
+    y'allll>y'all'll yall'd've>y'all'd've y'alld've>y'all'd've y'all'dve>y'all'd've youd>you'd
+    youd've>you'd've you'dve>you'd've youll>you'll youre>you're youve>you've
+    """.split()
+)
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")  # fmt: skip
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# A period not followed by a digit. The script passes re.UNICODE (= 32) where sub() takes
+# `count`, so at most 32 such periods are removed; kept for fidelity.
+_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD_COUNT = 32
+
+
+def process_punctuation(text: str) -> str:
+    """The script's punctuation step.
+
+    Each mark is deleted if it touches a space anywhere in the original text, or if the text
+    has a comma between two digits anywhere; otherwise it becomes a space. Then periods not
+    followed by a digit are deleted (at most 32).
+    """
+    out = text
+    digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    for p in _PUNCT:
+        delete = p + " " in text or " " + p in text or digit_comma
+        out = out.replace(p, "" if delete else " ")
+    return _PERIOD.sub("", out, count=_PERIOD_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+    """The script's word step: lower-case, number words to digits, drop articles, restore contractions."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_prediction(answer: str) -> str:
+    """A predicted answer as the script compares it."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(answer))
+
+
+def normalize_ground_truth(answers: list[str]) -> list[str]:
+    """A question's ground-truth answers as the script compares them (punctuation only if they differ)."""
+    if len(set(answers)) > 1:
+        return [process_punctuation(a) for a in answers]
+    return list(answers)
+
+
+def question_accuracy(prediction: str, answers: list[str]) -> float:
+    """Accuracy in [0, 1] of one raw prediction: mean over annotators of min(1, others matching / 3)."""
+    if not answers:
+        raise ResultsError("a question has no ground-truth answers")
+    pred = normalize_prediction(prediction)
+    gts = normalize_ground_truth(answers)
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+def _aggregate(accs: list[float], answer_types: list[str], question_types: list[str]) -> dict:
+    """Overall, per answer type and per question type percentages, rounded to 2 decimals."""
+
+    def pct(values: list[float]) -> float:
+        return round(100 * float(sum(values)) / len(values), 2)
+
+    by_answer, by_question = defaultdict(list), defaultdict(list)
+    for acc, at, qt in zip(accs, answer_types, question_types, strict=True):
+        by_answer[at].append(acc)
+        by_question[qt].append(acc)
+    return {
+        "overall": pct(accs),
+        "perAnswerType": {k: pct(v) for k, v in by_answer.items()},
+        "perQuestionType": {k: pct(v) for k, v in by_question.items()},
+    }
+
+
+def vqa_accuracy(
+    results: dict[int, str],
+    answers: dict[int, list[str]],
+    answer_types: dict[int, str] | None = None,
+    question_types: dict[int, str] | None = None,
+) -> dict:
+    """VQA v2 accuracy of predicted answers keyed by question id.
+
+    `answers` maps every question id to its (10) ground-truth answers; the results must cover
+    exactly those ids. Types default to "all". Returns {"overall", "perAnswerType",
+    "perQuestionType"} in percent.
+    """
+    missing = [q for q in answers if q not in results]
+    extra = [q for q in results if q not in answers]
+    if missing:
+        raise ResultsError(f"no answer for question_id {missing[0]} ({len(missing)} questions)")
+    if extra:
+        raise ResultsError(f"question_id {extra[0]} is not in the annotations ({len(extra)} ids)")
+    if not answers:
+        raise ResultsError("no questions to score")
+    ids = list(answers)
+    accs = [question_accuracy(results[q], answers[q]) for q in ids]
+    ats = [(answer_types or {}).get(q, "all") for q in ids]
+    qts = [(question_types or {}).get(q, "all") for q in ids]
+    return _aggregate(accs, ats, qts)
+
+
+class VQAAccuracy(Metric):
+    """VQA v2 accuracy over batches; per-question accuracies plus type names as byte tensors."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("accuracy", default=[], dist_reduce_fx="cat")
+        self.add_state("answer_type_bytes", default=[], dist_reduce_fx="cat")
+        self.add_state("question_type_bytes", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        preds: list[str],
+        answers: list[list[str]],
+        answer_types: list[str] | None = None,
+        question_types: list[str] | None = None,
+    ) -> None:
+        """Add predicted answers with their ground-truth answers (and optional types)."""
+        if len(preds) != len(answers):
+            raise ValueError(f"{len(preds)} predictions but {len(answers)} answer lists")
+        accs = [question_accuracy(p, a) for p, a in zip(preds, answers, strict=True)]
+        self.accuracy.append(torch.tensor(accs, dtype=torch.float64, device=self.device))
+        self.answer_type_bytes.append(
+            encode_strings(answer_types or ["all"] * len(preds), self.device)
+        )
+        self.question_type_bytes.append(
+            encode_strings(question_types or ["all"] * len(preds), self.device)
+        )
+
+    def compute(self) -> dict:
+        """{"overall", "perAnswerType", "perQuestionType"} in percent, as the official script."""
+        acc = self.accuracy
+        acc = torch.cat(acc) if isinstance(acc, list) else acc
+        if acc.numel() == 0:
+            raise ResultsError("VQAAccuracy.compute() called before any update()")
+        return _aggregate(
+            acc.tolist(),
+            decode_strings(self.answer_type_bytes),
+            decode_strings(self.question_type_bytes),
+        )

@@ -1,0 +1,31 @@
+"""Models: image towers, BLIP text encoder/decoder, pretraining objectives, tokenizer.
+
+Public API: `build_model`, `VLPModel`, `make_pretrain_collate`, `image_id_key`,
+`build_tokenizer`, `train_tokenizer`, `load_tokenizer`, `save_tokenizer`. Imports are lazy
+(see `__getattr__`) so `import vlp.models` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "VLPModel": "vlp.models.vlp_model",
+    "build_model": "vlp.models.vlp_model",
+    "make_pretrain_collate": "vlp.models.vlp_model",
+    "image_id_key": "vlp.models.vlp_model",
+    "build_tokenizer": "vlp.models.tokenizer",
+    "train_tokenizer": "vlp.models.tokenizer",
+    "load_tokenizer": "vlp.models.tokenizer",
+    "save_tokenizer": "vlp.models.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlp.models' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

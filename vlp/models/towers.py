@@ -1,0 +1,191 @@
+"""Image towers (transformers ResNet / ConvNeXt / ViT) and BLIP text configs, tiny or loaded locally.
+
+Every image tower returns a token sequence [B, 1 + N, H_text]: a global token first (ViT: the
+CLS token; CNN: the average-pooled feature map) and then one token per ViT patch or CNN
+feature-map cell, linearly projected to the text hidden size so the text layers can
+cross-attend to it. CNN cells get a learned 2-D position embedding (interpolated to the
+feature-map size, so any image size works) because spatial relations ("left of") need it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp.errors import ConfigError
+from vlp.models.tokenizer import local_dir
+
+if TYPE_CHECKING:
+    from transformers import BlipTextConfig, PretrainedConfig, PreTrainedModel
+
+    from vlp.config import ModelConfig
+
+IMAGE_TOWERS = ("cnn", "convnext", "vit")
+_POS_GRID = 8  # learned CNN position grid, resized to the actual feature map
+
+
+def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
+    """A tiny from-scratch transformers config for `cfg.image_tower`."""
+    from transformers import ConvNextConfig, ResNetConfig, ViTConfig
+
+    if cfg.image_tower == "cnn":
+        return ResNetConfig(
+            embedding_size=cfg.cnn_channels[0],
+            hidden_sizes=list(cfg.cnn_channels),
+            depths=[1] * len(cfg.cnn_channels),
+            layer_type="basic",
+        )
+    if cfg.image_tower == "convnext":
+        return ConvNextConfig(
+            hidden_sizes=list(cfg.cnn_channels),
+            depths=[1] * len(cfg.cnn_channels),
+            num_stages=len(cfg.cnn_channels),
+        )
+    if cfg.image_tower == "vit":
+        # image_size only sizes the position table; forward interpolates it to the real size
+        return ViTConfig(
+            image_size=64,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_image_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    raise ConfigError(
+        f"model.image_tower: {cfg.image_tower!r} is not one of {', '.join(IMAGE_TOWERS)}"
+    )
+
+
+def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:
+    """Instantiate the bare backbone (no heads) for a ResNet / ConvNeXt / ViT config."""
+    from transformers import AutoModel, ViTModel
+
+    if config.model_type == "vit":
+        return ViTModel(config, add_pooling_layer=False)
+    return AutoModel.from_config(config)
+
+
+def load_backbone(path: str) -> PreTrainedModel:
+    """Load a ResNet / ConvNeXt / ViT backbone saved with `save_pretrained` in a local directory."""
+    from transformers import AutoConfig, AutoModel, ViTModel
+
+    p = local_dir(path, "model.image_pretrained")
+    try:
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.image_pretrained: no transformers config in {p}: {e}") from e
+    if config.model_type not in ("resnet", "convnext", "vit"):
+        raise ConfigError(
+            f"model.image_pretrained: {p} holds a {config.model_type!r} model; "
+            "expected resnet, convnext or vit"
+        )
+    if config.model_type == "vit":
+        return ViTModel.from_pretrained(str(p), add_pooling_layer=False, local_files_only=True)
+    return AutoModel.from_pretrained(str(p), local_files_only=True)
+
+
+def backbone_width(config: PretrainedConfig) -> int:
+    """Channels (CNN, last stage) or hidden size (ViT) of the backbone output."""
+    return config.hidden_size if config.model_type == "vit" else config.hidden_sizes[-1]
+
+
+class ImageTower(nn.Module):
+    """A transformers vision backbone whose output becomes a token sequence in the text width."""
+
+    def __init__(self, backbone: PreTrainedModel, out_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.is_vit = backbone.config.model_type == "vit"
+        width = backbone_width(backbone.config)
+        self.proj = nn.Linear(width, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        if not self.is_vit:
+            # index 0 is the pooled token, the grid the feature-map cells
+            self.pos_global = nn.Parameter(torch.zeros(1, 1, width))
+            self.pos_grid = nn.Parameter(torch.randn(1, width, _POS_GRID, _POS_GRID) * 0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] images -> [B, 1 + N, out_dim] tokens, the global token first."""
+        if self.is_vit:
+            tokens = self.backbone(
+                pixel_values=pixel_values, interpolate_pos_encoding=True
+            ).last_hidden_state
+        else:
+            fmap = self.backbone(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
+            pos = F.interpolate(
+                self.pos_grid, size=fmap.shape[-2:], mode="bilinear", align_corners=False
+            )
+            cells = (fmap + pos).flatten(2).transpose(1, 2)  # [B, h*w, C]
+            pooled = fmap.mean(dim=(2, 3)).unsqueeze(1) + self.pos_global
+            tokens = torch.cat([pooled, cells], dim=1)
+        return self.norm(self.proj(tokens))
+
+
+def build_image_tower(cfg: ModelConfig, out_dim: int) -> ImageTower:
+    """The image tower `cfg` describes (from `image_pretrained` if set, else tiny from scratch)."""
+    if cfg.image_pretrained:
+        backbone = load_backbone(cfg.image_pretrained)
+    else:
+        backbone = backbone_from_config(image_backbone_config(cfg))
+    return ImageTower(backbone, out_dim)
+
+
+def text_config(cfg: ModelConfig, tokenizer: Any) -> BlipTextConfig:
+    """A tiny BlipTextConfig matching `cfg` and the tokenizer's vocabulary and special ids."""
+    from transformers import BlipTextConfig
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(
+            f"model.hidden_size ({cfg.hidden_size}) must be a multiple of model.num_heads ({cfg.num_heads})"
+        )
+    return BlipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        encoder_hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_text_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=max(cfg.max_text_length, 8),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        is_decoder=True,  # builds the cross-attention layers; each forward picks the mask
+    )
+
+
+def text_config_from_pretrained(path: str, cfg: ModelConfig, tokenizer: Any) -> BlipTextConfig:
+    """A BlipTextConfig shaped like the BERT / BLIP-text model saved in a local directory."""
+    from transformers import AutoConfig
+
+    p = local_dir(path, "model.text_pretrained")
+    try:
+        src = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.text_pretrained: no transformers config in {p}: {e}") from e
+    if src.model_type not in ("bert", "blip_text_model"):
+        raise ConfigError(
+            f"model.text_pretrained: {p} holds a {src.model_type!r} model; expected bert or blip_text_model"
+        )
+    out = text_config(cfg, tokenizer)
+    # vocab_size too: the checkpoint's embeddings load as saved, then resize to the tokenizer
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+    ):
+        setattr(out, key, getattr(src, key))
+    out.encoder_hidden_size = src.hidden_size
+    return out

@@ -1,0 +1,215 @@
+"""The `pretrain` stage: tokenizer + VLP model trained with ITC, ITM and captioning LM.
+
+Reads the "pretrain" pairs of `data.root`, writes the model (`save_pretrained`) to
+`pretrain.out_dir`, `metrics/pretrain.json` (loss start/end, zero-shot retrieval on the
+"test" split against chance, throughput) and `plots/pretrain_loss.csv`, and logs an
+MLflow stage run with every step's losses. Under `torchrun` rank 0 does all file I/O and
+logging; training is data parallel across ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlp.config import Config
+from vlp.io import atomic_write_json, atomic_write_text
+from vlp.train.distributed import DistInfo, barrier, distributed
+from vlp.train.loop import TrainResult, TrainSettings, train
+
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
+PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
+
+
+def work_dir(cfg: Config) -> Path:
+    """Checkpoints and the tokenizer of an unfinished run; kept outside the stage output."""
+    out = Path(cfg.pretrain.out_dir)
+    return out.parent / "checkpoints" / out.name
+
+
+def corpus(data_dir: Path) -> list[str]:
+    """Texts the tokenizer learns: pretrain + train captions, train VQA questions and answers.
+
+    Including the downstream train texts gives every finetuning task the same vocabulary.
+    """
+    from vlp.data.manifest import has_vqa, read_pairs, read_vqa
+
+    texts = list(read_pairs(data_dir, ("pretrain", "train"))["caption"])
+    if has_vqa(data_dir):
+        vqa = read_vqa(data_dir, "train")
+        texts += list(vqa["question"])
+        texts += [a for answers in vqa["answers"] for a in answers]
+    return texts
+
+
+def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
+    """Rank 0 trains (or loads) the tokenizer and saves it; the other ranks load that copy."""
+    from vlp.models import build_tokenizer, load_tokenizer, save_tokenizer
+
+    saved = work_dir(cfg) / "tokenizer"
+    if info.is_main:
+        if resume and saved.is_dir():
+            tok = load_tokenizer(saved, str(saved))
+        else:
+            tok = build_tokenizer(cfg.model, corpus(Path(cfg.data.root)))
+            save_tokenizer(tok, saved)
+    barrier()
+    return tok if info.is_main else load_tokenizer(saved, str(saved))
+
+
+def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, float]:
+    """Mean of `key` over the first and the last 10% of steps (at least one step each)."""
+    values = [h[key] for h in history if key in h]
+    n = max(1, len(values) // 10)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def recall_at_k(
+    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """Recall@K in % both ways, VSE++ protocol (an image is found by its best caption).
+
+    `similarity` is [n_images, n_texts]; `text_to_image[j]` the image index of text j.
+    """
+    n_img = similarity.shape[0]
+    # t2i: rank of the true image among all images, for each caption
+    true = similarity[text_to_image, torch.arange(similarity.shape[1])]
+    t2i_rank = (similarity.t() > true[:, None]).sum(1)
+    # i2t: best rank among the image's own captions
+    order = similarity.argsort(dim=1, descending=True)
+    hit = text_to_image[order] == torch.arange(n_img)[:, None]
+    i2t_rank = hit.float().argmax(dim=1)
+    out = {}
+    for k in ks:
+        out[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
+        out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[str, float]:
+    """ITC-only retrieval on `split` with chance levels: R@1/R@5 image->text and text->image."""
+    from torch.utils.data import DataLoader
+
+    from vlp.data.manifest import read_pairs
+    from vlp.data.torch_data import ImagesDataset, collate
+
+    model.eval()
+    device = model.temp.device
+    images = ImagesDataset(cfg.data.root, split, cfg.data.image_size)
+    feats = []
+    for batch in DataLoader(images, batch_size=cfg.evaluate.batch_size, collate_fn=collate):
+        feats.append(model.encode_image(batch["pixel_values"].to(device))[1])
+    image_feat = torch.cat(feats)
+    pairs = read_pairs(cfg.data.root, split)
+    index = {image_id: i for i, image_id in enumerate(images.image_ids)}
+    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
+    captions = list(pairs["caption"])
+    feats = []
+    for start in range(0, len(captions), cfg.evaluate.batch_size):
+        enc = model.tokenize(captions[start : start + cfg.evaluate.batch_size])
+        feats.append(model.encode_text(enc["input_ids"], enc["attention_mask"])[1])
+    text_feat = torch.cat(feats)
+    scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
+    n_img, n_txt = len(images), len(captions)
+    per_image = n_txt / n_img
+    scores.update(
+        chance_t2i_r1=100.0 / n_img,
+        chance_t2i_r5=100.0 * min(5, n_img) / n_img,
+        # an image hits if any of its ~per_image captions lands in the top k
+        chance_i2t_r1=100.0 * min(1.0, per_image / n_txt),
+        chance_i2t_r5=100.0 * min(1.0, 5 * per_image / n_txt),
+        n_images=float(n_img),
+        n_texts=float(n_txt),
+    )
+    return scores
+
+
+def _plot_csv(history: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for h in history:
+        writer.writerow({k: h.get(k, "") for k in PLOT_COLUMNS})
+    return buf.getvalue()
+
+
+def _summary(result: TrainResult, zero_shot: dict[str, float], wall_s: float) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for key in LOSS_KEYS:
+        if any(key in h for h in result.history):
+            first, last = smoothed_ends(result.history, key)
+            metrics[f"{key}_first"], metrics[f"{key}_last"] = first, last
+    metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
+    metrics.update(
+        steps=result.steps,
+        train_samples_per_s=result.samples_per_s,
+        train_s=result.wall_s,
+        wall_s=wall_s,
+        world_size=result.world_size,
+    )
+    return metrics
+
+
+def pretrain(cfg: Config, resume: bool = False) -> Path:
+    """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
+    from vlp.data.torch_data import PairsDataset
+    from vlp.models import build_model, make_pretrain_collate
+
+    t0 = time.perf_counter()
+    p = cfg.pretrain
+    out_dir = Path(p.out_dir)
+    with distributed() as info:
+        dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
+        tokenizer = _tokenizer(cfg, info, resume)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+        model = build_model(cfg.model, tokenizer, temperature=p.temperature)
+        model.loss_weights = {"itc": p.itc_weight, "itm": p.itm_weight, "lm": p.lm_weight}
+        settings = TrainSettings.from_config(p, seed=cfg.seed)
+        collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
+
+        params = {
+            **{f"pretrain.{k}": v for k, v in vars(p).items()},
+            **{f"model.{k}": v for k, v in vars(cfg.model).items()},
+            "num_parameters": model.num_parameters(),
+            "n_pairs": len(dataset),
+            "world_size": info.world_size,
+        }
+        if info.is_main:
+            from vlp.tracking import stage_run
+
+            run_ctx = stage_run(cfg, "pretrain", params=params)
+        else:
+            run_ctx = nullcontext(None)
+        with run_ctx as run:
+            result = train(
+                model,
+                dataset,
+                collate,
+                settings,
+                work_dir(cfg),
+                resume=resume,
+                on_log=run.log_metrics if run else None,
+            )
+            if info.is_main:
+                zero_shot = zero_shot_retrieval(model, cfg)
+                metrics = _summary(result, zero_shot, time.perf_counter() - t0)
+                metrics_path = Path(cfg.evaluate.metrics_dir) / "pretrain.json"
+                plot_path = Path(cfg.evaluate.plots_dir) / "pretrain_loss.csv"
+                model.save_pretrained(out_dir)
+                atomic_write_json(metrics_path, metrics)
+                atomic_write_text(plot_path, _plot_csv(result.history))
+                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+                run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
+                run.log_artifact(metrics_path)
+                run.log_artifact(plot_path)
+                print(json.dumps(metrics, indent=2))
+        barrier()
+    return out_dir

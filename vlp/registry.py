@@ -1,0 +1,341 @@
+"""Register finetuned task models in MLflow and gate `champion` on the primary metric.
+
+Aliases, not stages: every new version gets `challenger`; `promote` moves `champion` to
+it only if its primary metric is higher (same evaluation data, or `force`). Decisions
+are tags on the versions; the champion history is a tag on the registered model, so
+`rollback` can restore the previous champion.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vlp.config import TASKS, Config, tracking_uri
+from vlp.errors import RegistryError, ResultsError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "vlp.champion_history"
+DECISIONS_TAG = "vlp.decisions"
+METRIC_TAG = "vlp.primary_metric_value"
+EVAL_HASH_TAG = "vlp.eval_data_hash"
+KEEP = 30  # entries kept in the JSON history/decision tags (tag values are size-limited)
+
+
+def model_name(cfg: Config, task: str) -> str:
+    """Registered model name of `task`, e.g. `vlp-captioning`."""
+    return f"{cfg.registry.name_prefix}{task}"
+
+
+def _tasks(task: str) -> list[str]:
+    if task == "all":
+        return list(TASKS)
+    if task not in TASKS:
+        raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)} or all")
+    return [task]
+
+
+def _client(cfg: Config) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow.MlflowClient()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _who() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------- metrics and data
+
+
+def primary_metric_value(metrics: dict[str, Any], metric: str, source: str) -> float:
+    """The primary metric from an evaluation metrics mapping.
+
+    Accepts it at the top level, or under `pretrained` (the shipped variant when the
+    metrics file also holds the from-scratch ablation).
+    """
+    for node in (metrics, metrics.get("pretrained")):
+        if isinstance(node, dict) and isinstance(node.get(metric), int | float):
+            value = float(node[metric])
+            if math.isfinite(value):
+                return value
+    raise ResultsError(f"{source}: no finite numeric {metric!r} (top level or under 'pretrained')")
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A metrics JSON file as a mapping; ResultsError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ResultsError(f"{path}: metrics file not found; run `vlp evaluate` first") from e
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path}: expected a JSON object of metrics")
+    return data
+
+
+def _numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}".replace("@", "_at_")
+        if isinstance(v, dict):
+            out.update(_numeric(v, f"{key}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None) -> str:
+    """Identity of the data `task` was evaluated on.
+
+    The metrics file's own `eval_data_hash` if it has one, else the DVC hashes of the
+    `evaluate_<task>` stage's data inputs, else the dataset hash; "none" if unknown.
+    """
+    from vlp.tracking import data_hash, stage_input_hashes
+
+    if metrics and isinstance(metrics.get("eval_data_hash"), str):
+        return metrics["eval_data_hash"]
+    hashes = stage_input_hashes(f"evaluate_{task}")
+    if hashes:
+        return ",".join(f"{p}={h}" for p, h in sorted(hashes.items()))
+    return data_hash(cfg)
+
+
+# ---------------------------------------------------------------- register
+
+
+def register_model(
+    cfg: Config,
+    task: str,
+    model_dir: Path,
+    metrics: dict[str, Any],
+    *,
+    eval_hash: str,
+    loader: str | None = None,
+    extra_code_paths: list[Path] | None = None,
+) -> dict[str, Any]:
+    """Log `model_dir` as a pyfunc in a `register` stage run, register it, tag it `challenger`.
+
+    The first version of a model (no champion yet) also becomes `champion`.
+    """
+    import mlflow
+
+    from vlp.serving import DEFAULT_LOADER, log_task_model
+    from vlp.tracking import log_to_pipeline_run, stage_run
+
+    if not Path(model_dir).is_dir():
+        raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
+    metric = cfg.registry.primary_metric[task]
+    value = primary_metric_value(metrics, metric, f"metrics for {task}")
+    name = model_name(cfg, task)
+    with stage_run(cfg, "register", task=task, tags={EVAL_HASH_TAG: eval_hash}) as run:
+        run.log_metrics(_numeric(metrics))
+        info = log_task_model(
+            task,
+            Path(model_dir),
+            registered_model_name=name,
+            loader=loader or DEFAULT_LOADER,
+            extra_code_paths=extra_code_paths,
+        )
+        parent_id = mlflow.get_run(run.run_id).data.tags.get("mlflow.parentRunId")
+    if parent_id:
+        log_to_pipeline_run(cfg, parent_id, {f"{task}.{metric}": value})
+    client = _client(cfg)
+    version = str(info.registered_model_version)
+    tags = mlflow.get_run(run.run_id).data.tags
+    for key, val in {
+        "vlp.task": task,
+        "vlp.primary_metric": metric,
+        METRIC_TAG: repr(value),
+        EVAL_HASH_TAG: eval_hash,
+        "vlp.run_id": run.run_id,
+        "vlp.git_commit": tags.get("vlp.git_commit", "none"),
+        "vlp.params_hash": tags.get("vlp.params_hash", "none"),
+        "vlp.profile": cfg.profile,
+        "vlp.registered_by": _who(),
+        "vlp.registered_at": _now(),
+    }.items():
+        client.set_model_version_tag(name, version, key, val)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    out = {"task": task, "model": name, "version": version, metric: value, "run_id": run.run_id}
+    if _alias(client, name, CHAMPION) is None:
+        out["promotion"] = promote(cfg, task, reason="first version of the model")
+    return out
+
+
+def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]:
+    """Register the finetuned model of `task` (or of every task) from the pipeline outputs."""
+    results = []
+    for t in _tasks(task):
+        metrics_path = Path(cfg.evaluate.metrics_dir) / f"{t}.json"
+        metrics = read_metrics(metrics_path)
+        primary_metric_value(metrics, cfg.registry.primary_metric[t], str(metrics_path))
+        results.append(
+            register_model(
+                cfg,
+                t,
+                Path(cfg.finetune.out_dir) / t,
+                metrics,
+                eval_hash=eval_data_hash(cfg, t, metrics),
+            )
+        )
+    return results
+
+
+# ---------------------------------------------------------------- promote / rollback
+
+
+def _alias(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _json_tag(tags: dict[str, str], key: str) -> list[dict[str, Any]]:
+    try:
+        value = json.loads(tags.get(key, "[]"))
+    except json.JSONDecodeError:
+        return []
+    return value if isinstance(value, list) else []
+
+
+def _record(client: Any, name: str, version: str, entry: dict[str, Any]) -> None:
+    """Append a decision to the version's log and mirror the latest one as flat tags."""
+    mv = client.get_model_version(name, version)
+    log = [*_json_tag(mv.tags, DECISIONS_TAG), entry][-KEEP:]
+    client.set_model_version_tag(name, version, DECISIONS_TAG, json.dumps(log))
+    for key in ("decision", "by", "at", "why", "metrics"):
+        val = entry[key]
+        client.set_model_version_tag(
+            name, version, f"vlp.last_{key}", val if isinstance(val, str) else json.dumps(val)
+        )
+
+
+def _set_champion(client: Any, name: str, version: str, entry: dict[str, Any]) -> None:
+    model = client.get_registered_model(name)
+    history = [*_json_tag(model.tags, HISTORY_TAG), {"version": version, **entry}][-KEEP:]
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+
+
+def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> dict[str, Any]:
+    """Move `champion` to `challenger` if its primary metric is higher on the same eval data.
+
+    Returns the decision: promoted | rejected | refused (different eval data) | unchanged.
+    `force` promotes regardless; every decision is recorded on the version(s) involved.
+    """
+    if task not in TASKS:
+        raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    name = model_name(cfg, task)
+    client = _client(cfg)
+    challenger = _alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"{name}: no '{CHALLENGER}' version; run `vlp register {task}` first")
+    champion = _alias(client, name, CHAMPION)
+    metric = cfg.registry.primary_metric[task]
+    new = float(challenger.tags.get(METRIC_TAG, "nan"))
+    old = float(champion.tags.get(METRIC_TAG, "nan")) if champion else None
+    metrics = {"metric": metric, "challenger": new, "champion": old}
+    new_hash = challenger.tags.get(EVAL_HASH_TAG)
+    old_hash = champion.tags.get(EVAL_HASH_TAG) if champion else None
+    if champion is None:
+        decision, why = "promoted", "no champion yet"
+    elif champion.version == challenger.version:
+        decision, why = "unchanged", "challenger already is the champion"
+    elif force:
+        decision, why = "promoted", "forced"
+    elif new_hash != old_hash:
+        decision = "refused"
+        why = f"evaluated on different data ({new_hash} vs {old_hash}); use --force to override"
+    elif new > old:
+        decision, why = "promoted", f"{metric} {new:.4g} > {old:.4g}"
+    else:
+        decision, why = "rejected", f"{metric} {new:.4g} <= champion {old:.4g}"
+    if reason:
+        why = f"{why}; {reason}"
+    entry = {"decision": decision, "by": _who(), "at": _now(), "why": why, "metrics": metrics}
+    if decision != "unchanged":
+        _record(client, name, challenger.version, entry)
+        if champion is not None:
+            role = "replaced" if decision == "promoted" else "defended"
+            _record(client, name, champion.version, {**entry, "decision": role})
+    if decision == "promoted":
+        _set_champion(client, name, challenger.version, {k: entry[k] for k in ("by", "at", "why")})
+        client.delete_registered_model_alias(name, CHALLENGER)
+    return {
+        "task": task,
+        "model": name,
+        "decision": decision,
+        "why": why,
+        "challenger": challenger.version,
+        "champion": challenger.version
+        if decision == "promoted"
+        else getattr(champion, "version", None),
+        **metrics,
+    }
+
+
+def promote_all(
+    cfg: Config, force: bool = False, reason: str = "", pipeline: bool = False
+) -> list[dict[str, Any]]:
+    """Run the promotion gate for every task that has a challenger.
+
+    `pipeline` (the pipeline's last stage) skips it when `registry.auto_promote` is off.
+    """
+    out = []
+    client = _client(cfg)
+    for task in TASKS:
+        if pipeline and not cfg.registry.auto_promote:
+            out.append({"task": task, "decision": "skipped", "why": "registry.auto_promote is off"})
+        elif _alias(client, model_name(cfg, task), CHALLENGER) is None:
+            out.append({"task": task, "decision": "unchanged", "why": "no challenger"})
+        else:
+            why = reason or ("pipeline auto-promote" if pipeline else "")
+            out.append(promote(cfg, task, force=force, reason=why))
+    return out
+
+
+def rollback(cfg: Config, task: str, reason: str = "") -> dict[str, Any]:
+    """Restore the previous champion from the model's champion history."""
+    name = model_name(cfg, _tasks(task)[0])
+    client = _client(cfg)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        raise RegistryError(f"{name}: no such registered model") from e
+    history = _json_tag(model.tags, HISTORY_TAG)
+    if len(history) < 2:
+        raise RegistryError(f"{name}: no previous champion to roll back to")
+    current, previous = history[-1], history[-2]
+    why = f"rollback from version {current['version']} to {previous['version']}"
+    entry = {
+        "decision": "rolled back",
+        "by": _who(),
+        "at": _now(),
+        "why": f"{why}; {reason}" if reason else why,
+        "metrics": {},
+    }
+    client.set_registered_model_alias(name, CHAMPION, previous["version"])
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
+    _record(client, name, current["version"], entry)
+    _record(client, name, previous["version"], {**entry, "decision": "restored"})
+    return {"task": task, "model": name, "champion": previous["version"], "was": current["version"]}

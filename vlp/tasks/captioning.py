@@ -1,0 +1,56 @@
+"""Image captioning: finetune the caption decoder with the LM loss, decode with beam search.
+
+Finetuning reuses the pretraining objective with only the LM term switched on
+(`VLPModel.loss_weights = {"lm": 1}`), so the loop, collate and loss are the pretraining
+ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`).
+Results are written in the COCO caption results format, `[{"image_id", "caption"}]`, so
+the same file can be scored by `vlp eval captions` or the official toolkit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import torch
+
+from vlp.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from vlp.models.vlp_model import VLPModel
+
+CAPTION_LOSS_WEIGHTS = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+
+
+def references(pairs: pd.DataFrame) -> dict[int, list[str]]:
+    """Reference captions per image_id from a pairs manifest (manifest order kept)."""
+    return {int(i): list(g) for i, g in pairs.groupby("image_id", sort=True)["caption"]}
+
+
+@torch.no_grad()
+def generate(
+    model: VLPModel,
+    batches: Iterable[tuple[torch.Tensor, list[int]]],
+    num_beams: int,
+    max_length: int,
+) -> dict[int, str]:
+    """Caption every image of `(pixel_values, image_ids)` batches: {image_id: caption}."""
+    device = model.temp.device
+    out: dict[int, str] = {}
+    for pixels, ids in batches:
+        captions = model.generate_captions(
+            pixels.to(device), num_beams=num_beams, max_length=max_length
+        )
+        out.update(zip((int(i) for i in ids), captions, strict=True))
+    return out
+
+
+def write_caption_results(captions: dict[int, str], path: str | os.PathLike) -> Path:
+    """Write COCO caption results JSON: [{"image_id": int, "caption": str}, ...]."""
+    rows = [{"image_id": int(i), "caption": c} for i, c in sorted(captions.items())]
+    path = Path(path)
+    atomic_write_json(path, rows)
+    return path

@@ -1,0 +1,111 @@
+"""Image-text retrieval: ITC top-k candidates re-ranked by ITM, in both directions.
+
+As ALBEF/BLIP: the ITC cosine similarity of every image with every text picks each query's
+k best candidates; the fusion encoder then scores only those k pairs per query, in batches
+of pairs (one fusion forward per batch, never per pair). The re-ranked score of a candidate
+is its ITM "match" logit plus its ITC similarity (BLIP's combination: ITC breaks ties the
+ITM head leaves); candidates outside the top k keep their ITC order below all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vlp.models.vlp_model import VLPModel
+
+# Candidates outside a query's top k sit this far below every re-ranked score.
+_OUTSIDE_TOPK = 1e4
+
+PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RetrievalScores:
+    """Similarity matrices [N_images, N_texts]: plain ITC and ITM-reranked per direction."""
+
+    itc: torch.Tensor
+    i2t: torch.Tensor  # rows re-ranked: image queries
+    t2i: torch.Tensor  # columns re-ranked: text queries
+
+
+def topk_pairs(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_idx, text_idx) [Q*k] of every image query's k most ITC-similar texts."""
+    k = min(k, sim.shape[1])
+    top = sim.topk(k, dim=1).indices  # [Ni, k]
+    rows = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k)
+    return rows, top.reshape(-1)
+
+
+def rerank(sim: torch.Tensor, k: int, score_pairs: PairScorer, batch_size: int) -> torch.Tensor:
+    """Re-rank each row's ITC top-k with `score_pairs(row_idx, col_idx) -> [P]`, batched.
+
+    Returns a matrix of sim's shape: top-k entries = pair score + sim, the rest sim - 1e4.
+    Transpose `sim` (and swap the scorer's arguments) to re-rank columns.
+    """
+    rows, cols = topk_pairs(sim, k)
+    scores = torch.empty(rows.shape[0], dtype=sim.dtype, device=sim.device)
+    for start in range(0, rows.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        scores[sl] = score_pairs(rows[sl], cols[sl]).to(sim.dtype)
+    out = sim - _OUTSIDE_TOPK
+    out[rows, cols] = scores + sim[rows, cols]
+    return out
+
+
+@torch.no_grad()
+def encode_images(
+    model: VLPModel, pixel_batches: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image_embeds [N, L, H], image_feat [N, E]) of all images, batch by batch."""
+    embeds, feats = [], []
+    device = model.temp.device
+    for pixels in pixel_batches:
+        e, f = model.encode_image(pixels.to(device))
+        embeds.append(e)
+        feats.append(f)
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: VLPModel, texts: Sequence[str], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [M, T], attention_mask [M, T], text_feat [M, E]), padded to one length T."""
+    enc = model.tokenize(texts)  # pad all texts together: pairs index rows across batches
+    feats = []
+    for start in range(0, len(texts), batch_size):
+        ids = enc["input_ids"][start : start + batch_size]
+        mask = enc["attention_mask"][start : start + batch_size]
+        feats.append(model.encode_text(ids, mask)[1])
+    return enc["input_ids"], enc["attention_mask"], torch.cat(feats)
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model: VLPModel,
+    image_embeds: torch.Tensor,
+    image_feat: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_feat: torch.Tensor,
+    k: int,
+    batch_size: int,
+) -> RetrievalScores:
+    """ITC similarity and its ITM re-ranking for image->text and text->image retrieval."""
+    sim = image_feat @ text_feat.t()
+
+    def image_text(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        # Trim the pair batch to its longest text: padding columns cost fusion time.
+        mask = attention_mask[txt_idx]
+        t = int(mask.sum(dim=1).max())
+        logits = model.itm_logits(image_embeds[img_idx], input_ids[txt_idx, :t], mask[:, :t])
+        return logits[:, 1].float()
+
+    i2t = rerank(sim, k, image_text, batch_size)
+    t2i = rerank(sim.t().contiguous(), k, lambda t, i: image_text(i, t), batch_size).t()
+    return RetrievalScores(itc=sim, i2t=i2t, t2i=t2i.contiguous())
