@@ -46,3 +46,23 @@ def smoke_data(smoke_cfg: Config) -> Path:
     from vlp.data.shapes import generate_dataset
 
     return generate_dataset(smoke_cfg.data, Path(smoke_cfg.data.root))
+
+
+@pytest.fixture(scope="session")
+def smoke_pretrained(
+    smoke_cfg: Config, smoke_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A smoke-profile pretrained model directory, trained once per session; read-only."""
+    from vlp.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("smoke_pretrained")
+    cfg = dataclasses.replace(
+        smoke_cfg,
+        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(root / "pretrained")),
+        evaluate=dataclasses.replace(
+            smoke_cfg.evaluate, metrics_dir=str(root / "metrics"), plots_dir=str(root / "plots")
+        ),
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        return pretrain(cfg)

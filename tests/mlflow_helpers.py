@@ -5,8 +5,16 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -75,3 +83,55 @@ def png_bytes(size: int = 12) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_process(
+    cmd: list[str], url: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Iterator[subprocess.Popen]:
+    """Run `cmd` until `url` answers 200 (bounded by `timeout`), yield it, always stop it."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"{cmd[:3]} exited {proc.returncode}:\n{log.read().decode()[-3000:]}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not ready after {timeout}s")
+            # readiness poll of an external process; nothing to wait on but the socket
+            time.sleep(0.25)
+        yield proc
+    finally:
+        # the server forks workers: stop its whole process group
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()

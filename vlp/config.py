@@ -137,6 +137,7 @@ class EvaluateConfig:
     results_dir: str = "results"
     batch_size: int = 128
     split: str = "test"  # the manifest split every task is evaluated on
+    data_root: str | None = None  # dataset to evaluate on; None: data.root
     num_examples: int = 8  # qualitative examples logged per task
 
 

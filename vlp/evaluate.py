@@ -66,6 +66,11 @@ def _loader(dataset: Any, cfg: Config) -> Iterator[dict[str, Any]]:
     return iter(DataLoader(dataset, batch_size=cfg.evaluate.batch_size, collate_fn=collate))
 
 
+def eval_data(cfg: Config) -> Path:
+    """The dataset evaluated: `evaluate.data_root`, else the finetuning data `data.root`."""
+    return Path(cfg.evaluate.data_root or cfg.data.root)
+
+
 def _device(cfg: Config) -> torch.device:
     """Evaluation is single-process: the device `pretrain.device` names (auto: CUDA if any)."""
     from vlp.train.distributed import DistInfo
@@ -86,7 +91,7 @@ def evaluate_retrieval(cfg: Config, model_path: Path) -> TaskEval:
     from vlp.models import VLPModel
     from vlp.tasks.retrieval import encode_images, encode_texts, retrieval_scores
 
-    split, data = cfg.evaluate.split, Path(cfg.data.root)
+    split, data = cfg.evaluate.split, eval_data(cfg)
     model = VLPModel.from_pretrained(model_path, device=_device(cfg)).eval()
     images = ImagesDataset(data, split, cfg.data.image_size)
     pairs = read_pairs(data, split)
@@ -153,7 +158,7 @@ def evaluate_captioning(cfg: Config, model_path: Path) -> TaskEval:
     from vlp.models import VLPModel
     from vlp.tasks.captioning import generate, references
 
-    split, data = cfg.evaluate.split, Path(cfg.data.root)
+    split, data = cfg.evaluate.split, eval_data(cfg)
     tcfg = cfg.finetune.captioning
     model = VLPModel.from_pretrained(model_path, device=_device(cfg)).eval()
     images = ImagesDataset(data, split, cfg.data.image_size)
@@ -187,7 +192,7 @@ def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
     from vlp.tasks import read_task_info
     from vlp.tasks.vqa import VQAModel
 
-    split, data = cfg.evaluate.split, Path(cfg.data.root)
+    split, data = cfg.evaluate.split, eval_data(cfg)
     info = read_task_info(model_path)
     vlp = VLPModel.from_pretrained(model_path, device=_device(cfg))
     model = VQAModel.load(vlp, list(info["answers"]), model_path).eval()
@@ -333,7 +338,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         cfg,
         "evaluate",
         task=task,
-        params={"split": cfg.evaluate.split, "inits": ",".join(inits), "data": cfg.data.root},
+        params={"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))},
     ) as run:
         per_init: dict[str, dict[str, float]] = {}
         for init in inits:

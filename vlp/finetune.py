@@ -1,6 +1,6 @@
 """The `finetune` stage: one model per task, from the pretrained checkpoint or from scratch.
 
-`finetune(cfg, task, init)` trains on the "train" split of `data.root` with the shared loop
+`finetune(cfg, task, init)` trains on the "train" (and "restval") split of `data.root` with the shared loop
 (`vlp.train.loop.train`) and writes a finetuned task model directory (see `vlp.tasks`):
 
 - pretrained init -> `finetune.out_dir/<task>`; scratch init -> `finetune.out_dir/<task>_scratch`
@@ -33,6 +33,8 @@ from vlp.io import atomic_dir, atomic_write_text
 INITS = ("pretrained", "scratch")
 RETRIEVAL_LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
 SKIPPED_FILE = "ABLATION_OFF"
+# Karpathy splits put part of COCO val into "restval", which is training data too.
+TRAIN_SPLITS = ("train", "restval")
 
 
 def model_dir(cfg: Config, task: str, init: str = "pretrained") -> Path:
@@ -88,7 +90,7 @@ def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, 
     tcfg = cfg.finetune.task(task)
     if task == "retrieval":
         vlp.loss_weights = dict(RETRIEVAL_LOSS_WEIGHTS)
-        dataset = PairsDataset(data, "train", size)
+        dataset = PairsDataset(data, TRAIN_SPLITS, size)
         return (
             vlp,
             dataset,
@@ -99,7 +101,7 @@ def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, 
         from vlp.tasks.captioning import CAPTION_LOSS_WEIGHTS
 
         vlp.loss_weights = dict(CAPTION_LOSS_WEIGHTS)
-        dataset = PairsDataset(data, "train", size)
+        dataset = PairsDataset(data, TRAIN_SPLITS, size)
         return (
             vlp,
             dataset,
@@ -111,7 +113,7 @@ def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, 
         )
     from vlp.tasks.vqa import VQAModel, build_answer_vocab, make_vqa_collate
 
-    dataset = VQADataset(data, "train", size)
+    dataset = VQADataset(data, TRAIN_SPLITS, size)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
     module = VQAModel(vlp, answers)

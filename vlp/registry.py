@@ -277,18 +277,19 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
             role = "replaced" if decision == "promoted" else "defended"
             _record(client, name, champion.version, {**entry, "decision": role})
     if decision == "promoted":
-        _set_champion(client, name, challenger.version, {k: entry[k] for k in ("by", "at", "why")})
+        _set_champion(
+            client, name, str(challenger.version), {k: entry[k] for k in ("by", "at", "why")}
+        )
         client.delete_registered_model_alias(name, CHALLENGER)
     return {
         "task": task,
         "model": name,
         "decision": decision,
         "why": why,
-        "challenger": challenger.version,
-        "champion": challenger.version
-        if decision == "promoted"
-        else getattr(champion, "version", None),
-        **metrics,
+        "challenger": str(challenger.version),
+        # a missing champion always leads to "promoted"
+        "champion": str(challenger.version if decision == "promoted" else champion.version),
+        "metrics": metrics,
     }
 
 

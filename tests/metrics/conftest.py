@@ -15,7 +15,9 @@ CONFORMANCE = REPO.parent / "shared" / "conformance" / "coco_caption"
 def coco_conformance() -> Path:
     """Folder of the toolkit's demo results, references and official scores."""
     if not (CONFORMANCE / "official_scores.json").exists():
-        pytest.skip(f"COCO caption conformance set not found at {CONFORMANCE} (shared/ not beside the repo)")
+        pytest.skip(
+            f"COCO caption conformance set not found at {CONFORMANCE} (shared/ not beside the repo)"
+        )
     return CONFORMANCE
 
 

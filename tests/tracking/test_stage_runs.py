@@ -38,7 +38,9 @@ def cfg(store_cfg: Config) -> Config:
     """store_cfg with a relative data root described by a dvc.yaml/dvc.lock in cwd."""
     Path("dvc.yaml").write_text(DVC_YAML)
     Path("dvc.lock").write_text(LOCK)
-    return dataclasses.replace(store_cfg, data=dataclasses.replace(store_cfg.data, root="data/shapes"))
+    return dataclasses.replace(
+        store_cfg, data=dataclasses.replace(store_cfg.data, root="data/shapes")
+    )
 
 
 def _run(run_id: str) -> mlflow.entities.Run:

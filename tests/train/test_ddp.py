@@ -51,6 +51,7 @@ def _run(out: Path) -> tuple[torch.nn.Module, list[dict[str, float]]]:
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: 2 ranks share the cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model, history = _run(Path(out))

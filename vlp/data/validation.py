@@ -257,13 +257,13 @@ def _read_frames(data_dir: Path) -> dict[str, pd.DataFrame]:
     for name in (PAIRS_FILE, VQA_FILE):
         path = data_dir / name
         if not path.exists():
-            if name == PAIRS_FILE:
-                raise DataError(f"{path}: manifest not found")
             continue
         try:
             frames[name] = pd.read_parquet(path)
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    if not frames:
+        raise DataError(f"{data_dir}: no manifest ({PAIRS_FILE} or {VQA_FILE}) found")
     return frames
 
 

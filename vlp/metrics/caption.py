@@ -89,49 +89,103 @@ def _rouge_l(hyp: str, refs: list[str]) -> float:
     return (1 + BETA**2) * prec * rec / (rec + BETA**2 * prec)
 
 
-def _cider_d(hyp_ng: list[Counter], ref_ng: list[list[Counter]]) -> np.ndarray:
-    """Per-image CIDEr-D, vectorised over all (image, reference, n-gram) entries."""
-    n_images = len(hyp_ng)
-    doc_freq: Counter = Counter()
-    for refs in ref_ng:
-        doc_freq.update(set().union(*refs))
+def _ngram_entries_dict(hyps: list[list[str]], refs: list[list[list[str]]]):
+    """`_ngram_entries` with tuple n-grams in dicts (for vocabularies too large for int keys)."""
+    sentences = [_ngrams(h) for h in hyps] + [_ngrams(r) for rs in refs for r in rs]
+    sent_image = list(range(len(hyps))) + [i for i, rs in enumerate(refs) for _ in rs]
     vocab: dict[tuple, int] = {}
-    # Flatten sentences: hypotheses first (index i), then every reference.
-    sent_image = list(range(n_images)) + [i for i, refs in enumerate(ref_ng) for _ in refs]
-    sentences = list(hyp_ng) + [ng for refs in ref_ng for ng in refs]
-    ids, orders, counts, owner = [], [], [], []
-    for s, ng in enumerate(sentences):
-        for gram, count in ng.items():
-            ids.append(vocab.setdefault(gram, len(vocab)))
-            orders.append(len(gram) - 1)
-            counts.append(count)
-            owner.append(s)
-    ids_a, order_a, owner_a = np.array(ids), np.array(orders), np.array(owner)
-    counts_a = np.array(counts, dtype=np.float64)
+    rows = [
+        (s, vocab.setdefault(g, len(vocab)), len(g) - 1, c)
+        for s, ng in enumerate(sentences)
+        for g, c in ng.items()
+    ]
+    owner, ids, order, counts = (np.array(col, dtype=np.int64) for col in zip(*rows, strict=True))
     df = np.zeros(len(vocab))
-    for gram, i in vocab.items():
-        df[i] = doc_freq.get(gram, 0)
+    start = len(hyps)
+    for rs in refs:
+        for g in set().union(*sentences[start : start + len(rs)]):
+            df[vocab[g]] += 1
+        start += len(rs)
+    return np.array(sent_image), owner, ids, order, counts.astype(np.float64), df
+
+
+def _ngram_entries(hyps: list[list[str]], refs: list[list[list[str]]]):
+    """Flattened (sentence, n-gram id, order, count) entries and per-n-gram document frequency.
+
+    Sentences are the hypotheses (index = image) followed by every reference. Words become
+    ids 1..V and an n-gram the base-(V+1) number of its ids, so n-grams of different orders
+    never collide; all counting is then done with numpy instead of per-n-gram Python dicts.
+    """
+    n_images = len(hyps)
+    sentences = hyps + [r for rs in refs for r in rs]
+    sent_image = np.concatenate(
+        [np.arange(n_images), np.repeat(np.arange(n_images), [len(rs) for rs in refs])]
+    ).astype(np.int64)
+    vocab: dict[str, int] = {}
+    tokens = np.array(
+        [vocab.setdefault(w, len(vocab) + 1) for sent in sentences for w in sent], dtype=np.int64
+    )
+    base = len(vocab) + 1
+    if base**N >= 2**62:
+        return None  # vocabulary too large for exact integer n-gram keys
+    lengths = np.array([len(sent) for sent in sentences], dtype=np.int64)
+    sid = np.repeat(np.arange(len(sentences)), lengths)
+    keys, owners = [], []
+    for n in range(1, N + 1):
+        valid = len(tokens) - n + 1
+        if valid <= 0:
+            break
+        same = sid[:valid] == sid[n - 1 : n - 1 + valid]
+        key = np.zeros(valid, dtype=np.int64)
+        for k in range(n):
+            key = key * base + tokens[k : k + valid]
+        keys.append(key[same])
+        owners.append(sid[:valid][same])
+    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    ukeys, gram = np.unique(key, return_inverse=True)
+    n_grams = len(ukeys)
+    pair, counts = np.unique(owner * n_grams + gram, return_counts=True)
+    owner_a, ids_a = pair // n_grams, pair % n_grams
+    order_a = np.searchsorted(base ** np.arange(1, N), ukeys[ids_a], side="right")
+    # Document frequency: number of images whose references contain the n-gram.
+    is_ref = owner_a >= n_images
+    image_gram = np.sort(sent_image[owner_a[is_ref]] * n_grams + ids_a[is_ref])
+    # Sort-based distinct (numpy's hash-based np.unique is far slower here).
+    image_gram = image_gram[np.concatenate([[True], image_gram[1:] != image_gram[:-1]])]
+    df = np.bincount(image_gram % n_grams, minlength=n_grams).astype(np.float64)
+    return sent_image, owner_a, ids_a, order_a, counts.astype(np.float64), df
+
+
+def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
+    """Per-image CIDEr-D of token lists, vectorised over all (sentence, n-gram) entries."""
+    n_images = len(hyps)
+    entries = _ngram_entries(hyps, refs)
+    if entries is None:
+        entries = _ngram_entries_dict(hyps, refs)
+    sent_image, owner_a, ids_a, order_a, counts_a, df = entries
+    n_sent = len(sent_image)
     ref_len = math.log(float(n_images))
     weight = counts_a * (ref_len - np.log(np.maximum(1.0, df[ids_a])))
-    n_sent = len(sentences)
     norm = np.sqrt(np.bincount(owner_a * N + order_a, weight**2, minlength=n_sent * N)).reshape(
         n_sent, N
     )
     # The toolkit's "length" is the number of bigrams.
     length = np.bincount(owner_a, counts_a * (order_a == 1), minlength=n_sent)
-    image_a = np.array(sent_image)
+    image_a = np.asarray(sent_image)
     # Look each reference entry's n-gram up in its image's hypothesis.
     is_hyp = owner_a < n_images
-    key = image_a[owner_a] * len(vocab) + ids_a
-    hyp_keys, hyp_w = key[is_hyp], weight[is_hyp]
+    key = image_a[owner_a] * len(df) + ids_a
+    # A sentinel key (-1) keeps the lookup valid when every hypothesis is empty.
+    hyp_keys = np.concatenate([[-1], key[is_hyp]])
+    hyp_w = np.concatenate([[0.0], weight[is_hyp]])
     order_sort = np.argsort(hyp_keys)
     hyp_keys, hyp_w = hyp_keys[order_sort], hyp_w[order_sort]
     ref_idx = np.nonzero(~is_hyp)[0]
-    pos = np.searchsorted(hyp_keys, key[ref_idx])
-    pos_c = np.minimum(pos, max(len(hyp_keys) - 1, 0))
-    found = (pos < len(hyp_keys)) & (hyp_keys[pos_c] == key[ref_idx]) if len(hyp_keys) else pos < 0
+    pos = np.minimum(np.searchsorted(hyp_keys, key[ref_idx]), len(hyp_keys) - 1)
+    found = hyp_keys[pos] == key[ref_idx]
     w_ref = weight[ref_idx]
-    contrib = np.where(found, np.minimum(hyp_w[pos_c], w_ref) * w_ref, 0.0)
+    contrib = np.where(found, np.minimum(hyp_w[pos], w_ref) * w_ref, 0.0)
     val = np.bincount(
         owner_a[ref_idx] * N + order_a[ref_idx], contrib, minlength=n_sent * N
     ).reshape(n_sent, N)[n_images:]
@@ -143,6 +197,11 @@ def _cider_d(hyp_ng: list[Counter], ref_ng: list[list[Counter]]) -> np.ndarray:
     per_ref = val.mean(axis=1)
     n_refs = np.bincount(ref_owner_image, minlength=n_images)
     return np.bincount(ref_owner_image, per_ref, minlength=n_images) / n_refs * 10.0
+
+
+def cider_d(hyps: list[str], refs: list[list[str]]) -> np.ndarray:
+    """Per-image CIDEr-D of tokenised captions (document frequency from these references)."""
+    return _cider_d([h.split() for h in hyps], [[r.split() for r in rs] for rs in refs])
 
 
 def score_tokenized(
@@ -160,7 +219,7 @@ def score_tokenized(
     ref_ng = [[_ngrams(t) for t in rs] for rs in ref_tokens]
     bleu, bleu_per_image = _bleu(hyp_tokens, ref_tokens, hyp_ng, ref_ng)
     rouge = [_rouge_l(h, rs) for h, rs in zip(hyps, refs, strict=True)]
-    cider = _cider_d(hyp_ng, ref_ng)
+    cider = _cider_d(hyp_tokens, ref_tokens)
     corpus = {f"Bleu_{k + 1}": float(bleu[k]) for k in range(N)}
     corpus["ROUGE_L"] = float(np.mean(rouge))
     corpus["CIDEr"] = float(np.mean(cider))

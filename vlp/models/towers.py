@@ -116,12 +116,14 @@ class ImageTower(nn.Module):
                 pixel_values=pixel_values, interpolate_pos_encoding=True
             ).last_hidden_state
         else:
-            fmap = self.backbone(pixel_values=pixel_values).last_hidden_state  # [B, C, h, w]
+            out = self.backbone(pixel_values=pixel_values)
+            fmap = out.last_hidden_state  # [B, C, h, w]
             pos = F.interpolate(
                 self.pos_grid, size=fmap.shape[-2:], mode="bilinear", align_corners=False
             )
             cells = (fmap + pos).flatten(2).transpose(1, 2)  # [B, h*w, C]
-            pooled = fmap.mean(dim=(2, 3)).unsqueeze(1) + self.pos_global
+            # the backbone's own pooler (ResNet: average; ConvNeXt: average + LayerNorm)
+            pooled = out.pooler_output.flatten(1).unsqueeze(1) + self.pos_global
             tokens = torch.cat([pooled, cells], dim=1)
         return self.norm(self.proj(tokens))
 

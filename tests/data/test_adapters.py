@@ -1,0 +1,288 @@
+"""`vlp import`: each real format, written exactly as distributed, becomes valid manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from vlp.cli import main
+from vlp.data.adapters import import_coco, import_karpathy, import_table, import_vqa
+from vlp.data.manifest import read_pairs, read_vqa
+from vlp.data.validation import validate_dataset
+from vlp.errors import DataError
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+def _image(path: Path, color: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix == ".jpg" else "PNG"
+    Image.new("RGB", (24, 20), color).save(path, format=fmt)
+
+
+def _dump(path: Path, obj: object) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _coco_name(image_id: int) -> str:
+    return f"COCO_val2014_{image_id:012d}.jpg"
+
+
+@pytest.fixture
+def coco_images(tmp_path) -> Path:
+    root = tmp_path / "coco" / "val2014"
+    for image_id, color in ((42, (255, 0, 0)), (73, (0, 0, 255))):
+        _image(root / _coco_name(image_id), color)
+    return root
+
+
+def test_coco_captions_with_images_outside_out(smoke_cfg, tmp_path, coco_images):
+    ann = _dump(
+        tmp_path / "captions_val2014.json",
+        {
+            "info": {},
+            "images": [
+                {"id": 42, "file_name": _coco_name(42), "width": 24, "height": 20},
+                {"id": 73, "file_name": _coco_name(73), "width": 24, "height": 20},
+            ],
+            "annotations": [
+                {"id": 1, "image_id": 42, "caption": "A red square on its own.\n"},
+                {"id": 2, "image_id": 42, "caption": " a red picture"},
+                {"id": 3, "image_id": 73, "caption": "A blue picture."},
+            ],
+        },
+    )
+    out = tmp_path / "out"
+    summary = import_coco(ann, coco_images, out, split="val")
+    assert summary["rows"] == 3 and summary["images"] == 2 and "images_link" in summary
+    assert (out / "images").is_symlink()
+    pairs = read_pairs(out)
+    assert list(pairs["caption"]) == [
+        "A red square on its own.",
+        "a red picture",
+        "A blue picture.",
+    ]
+    assert list(pairs["image_path"]) == [f"images/{_coco_name(42)}"] * 2 + [
+        f"images/{_coco_name(73)}"
+    ]
+    assert set(pairs["split"]) == {"val"}
+    assert validate_dataset(out, smoke_cfg.validate)["success"]
+
+
+def test_coco_annotation_of_unknown_image_is_named(tmp_path, coco_images):
+    ann = _dump(
+        tmp_path / "c.json",
+        {"images": [], "annotations": [{"id": 1, "image_id": 5, "caption": "x"}]},
+    )
+    with pytest.raises(DataError, match=r"annotations\[0\]: image_id 5"):
+        import_coco(ann, coco_images, tmp_path / "out")
+
+
+def test_karpathy_coco_and_vqa_into_one_dir(smoke_cfg, tmp_path, coco_images):
+    split_json = _dump(
+        tmp_path / "dataset_coco.json",
+        {
+            "dataset": "coco",
+            "images": [
+                {
+                    "filepath": "val2014",
+                    "filename": _coco_name(42),
+                    "imgid": 0,
+                    "split": "test",
+                    "sentences": [
+                        {
+                            "tokens": ["a", "red", "square"],
+                            "raw": "A red square.",
+                            "imgid": 0,
+                            "sentid": 10,
+                        },
+                        {"tokens": ["red"], "raw": "Red.", "imgid": 0, "sentid": 11},
+                    ],
+                    "cocoid": 42,
+                    "sentids": [10, 11],
+                },
+                {
+                    "filepath": "val2014",
+                    "filename": _coco_name(73),
+                    "imgid": 1,
+                    "split": "restval",
+                    "sentences": [
+                        {"tokens": ["blue"], "raw": "Blue thing", "imgid": 1, "sentid": 12}
+                    ],
+                    "cocoid": 73,
+                    "sentids": [12],
+                },
+            ],
+        },
+    )
+    out = tmp_path / "out"
+    import_karpathy(split_json, coco_images.parent, out)
+    pairs = read_pairs(out)
+    assert list(pairs["caption_id"]) == [10, 11, 12]
+    assert list(pairs["image_id"]) == [42, 42, 73]
+    assert list(pairs["split"]) == ["test", "test", "restval"]
+    assert pairs["image_path"].iloc[0] == f"images/val2014/{_coco_name(42)}"
+
+    answers = [
+        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+        for i, a in enumerate(["2"] * 8 + ["two", "3"])
+    ]
+    questions = _dump(
+        tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json",
+        {
+            "info": {},
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "data_subtype": "val2014",
+            "questions": [
+                {"image_id": 73, "question": "How many things are blue?", "question_id": 73000}
+            ],
+            "license": {},
+        },
+    )
+    annotations = _dump(
+        tmp_path / "v2_mscoco_val2014_annotations.json",
+        {
+            "data_subtype": "val2014",
+            "annotations": [
+                {
+                    "question_type": "how many",
+                    "multiple_choice_answer": "2",
+                    "answers": answers,
+                    "image_id": 73,
+                    "answer_type": "number",
+                    "question_id": 73000,
+                }
+            ],
+        },
+    )
+    # The VQA images live inside the folder that the Karpathy import linked as out/images.
+    import_vqa(questions, annotations, coco_images, out, split="restval")
+    vqa = read_vqa(out)
+    row = vqa.iloc[0]
+    assert row["answers"] == ["2"] * 8 + ["two", "3"]
+    assert row["image_path"] == f"images/val2014/{_coco_name(73)}"
+    assert (row["question_type"], row["answer_type"], row["multiple_choice_answer"]) == (
+        "how many",
+        "number",
+        "2",
+    )
+    assert len(read_pairs(out)) == 3  # the caption manifest is kept
+    summary = validate_dataset(out, smoke_cfg.validate)
+    assert summary["success"], summary["failures"]
+
+
+def test_flickr_karpathy_without_filepath_or_cocoid(tmp_path):
+    images = tmp_path / "out" / "flickr30k-images"
+    _image(images / "1000092795.jpg", (0, 255, 0))
+    split_json = _dump(
+        tmp_path / "dataset_flickr30k.json",
+        {
+            "dataset": "flickr30k",
+            "images": [
+                {
+                    "filename": "1000092795.jpg",
+                    "imgid": 7,
+                    "split": "train",
+                    "sentences": [{"raw": "Two young guys.", "imgid": 7, "sentid": 35}],
+                }
+            ],
+        },
+    )
+    summary = import_karpathy(split_json, images, tmp_path / "out")
+    assert "images_link" not in summary  # images inside --out are referenced in place
+    pairs = read_pairs(tmp_path / "out")
+    assert (pairs.loc[0, "image_id"], pairs.loc[0, "image_path"]) == (
+        7,
+        "flickr30k-images/1000092795.jpg",
+    )
+
+
+def test_vqa_without_subtype_finds_images_by_id(tmp_path, coco_images):
+    q = _dump(
+        tmp_path / "q.json",
+        {"questions": [{"image_id": 42, "question": "Is it red?", "question_id": 1}]},
+    )
+    a = _dump(
+        tmp_path / "a.json",
+        {
+            "annotations": [
+                {
+                    "question_id": 1,
+                    "image_id": 42,
+                    "question_type": "is it",
+                    "answer_type": "yes/no",
+                    "multiple_choice_answer": "yes",
+                    "answers": [
+                        {"answer": "yes", "answer_confidence": "yes", "answer_id": i}
+                        for i in range(10)
+                    ],
+                }
+            ]
+        },
+    )
+    import_vqa(q, a, coco_images, tmp_path / "out", split="val")
+    assert read_vqa(tmp_path / "out").loc[0, "image_path"] == f"images/{_coco_name(42)}"
+
+
+def test_table_csv_and_parquet(smoke_cfg, tmp_path):
+    images = tmp_path / "pics"
+    _image(images / "a.png", (255, 255, 0))
+    _image(images / "sub" / "b.jpg", (0, 255, 255))
+    csv = tmp_path / "pairs.csv"
+    pd.DataFrame(
+        {
+            "image_path": ["a.png", "a.png", "sub/b.jpg"],
+            "caption": ["a yellow square", "yellow", "a cyan one"],
+            "split": ["train", "train", "test"],
+        }
+    ).to_csv(csv, index=False)
+    code = main(
+        [
+            "--params",
+            str(REPO_PARAMS),
+            "import",
+            "table",
+            "--table",
+            str(csv),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "csv_out"),
+        ]
+    )
+    assert code == 0
+    pairs = read_pairs(tmp_path / "csv_out")
+    assert list(pairs["image_id"]) == [0, 0, 1]
+    assert list(pairs["image_path"]) == ["images/a.png", "images/a.png", "images/sub/b.jpg"]
+    assert validate_dataset(tmp_path / "csv_out", smoke_cfg.validate)["success"]
+
+    pq = tmp_path / "pairs.parquet"
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["yellow"]}).to_parquet(pq)
+    import_table(pq, images, tmp_path / "pq_out", split="val")
+    assert list(read_pairs(tmp_path / "pq_out")["split"]) == ["val"]
+
+
+@pytest.mark.parametrize("bad", ["../a.png", "/etc/passwd"])
+def test_table_path_escaping_the_image_folder_is_named(tmp_path, bad):
+    (tmp_path / "pics").mkdir()
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["ok.png", bad], "caption": ["x", "y"]}).to_csv(csv, index=False)
+    with pytest.raises(DataError, match="row 1"):
+        import_table(csv, tmp_path / "pics", tmp_path / "out")
+
+
+def test_existing_images_link_elsewhere_is_refused(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        _image(tmp_path / name / "a.png", (1, 2, 3))
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["x y z"]}).to_csv(csv, index=False)
+    import_table(csv, tmp_path / "one", tmp_path / "out")
+    with pytest.raises(DataError, match="points elsewhere"):
+        import_table(csv, tmp_path / "two", tmp_path / "out")

@@ -1,0 +1,96 @@
+"""Recall@K follows the VSE++ protocol, chunked, with ties counted in the ground truth's favour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlp.errors import ResultsError
+from vlp.metrics import retrieval
+from vlp.metrics.retrieval import RetrievalRecall, recall_at_k
+
+
+def _vse_reference(sim: np.ndarray) -> dict[str, float]:
+    """The VSE++ evaluation loop (argsort per query, 5 texts per image)."""
+    n = sim.shape[0]
+    i2t = np.array(
+        [
+            min(np.where(np.argsort(sim[i])[::-1] == k)[0][0] for k in range(5 * i, 5 * i + 5))
+            for i in range(n)
+        ]
+    )
+    t2i = np.array([np.where(np.argsort(sim[:, j])[::-1] == j // 5)[0][0] for j in range(5 * n)])
+    out = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in (1, 5, 10):
+            out[f"{name}_R@{k}"] = 100.0 * np.mean(ranks < k)
+        out[f"{name}_medr"] = np.floor(np.median(ranks)) + 1
+        out[f"{name}_meanr"] = ranks.mean() + 1
+    return out
+
+
+def test_equals_vse_loop_on_random_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = np.random.default_rng(0).standard_normal((24, 120)) + np.repeat(np.eye(24), 5, axis=1)
+    expected = _vse_reference(sim)
+    got = recall_at_k(sim)
+    monkeypatch.setattr(retrieval, "_CHUNK_ELEMENTS", 7)  # many tiny chunks, same answer
+    assert recall_at_k(sim) == got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+    assert got["rsum"] == pytest.approx(sum(v for k, v in expected.items() if "_R@" in k))
+
+
+def test_hand_case_with_custom_mapping_and_ties() -> None:
+    # 3 images; texts 0,1 -> image 0, text 2 -> image 1, text 3 -> image 2.
+    sim = np.array(
+        [
+            [0.1, 0.9, 0.5, 0.2],  # image 0: best own text (0.9) ranks 1
+            [0.3, 0.0, 0.2, 0.2],  # image 1: own 0.2 ties with text 3, beaten by 0.3 -> rank 2
+            [0.9, 0.9, 0.9, 0.1],  # image 2: own 0.1 beaten by 3 texts -> rank 4
+        ]
+    )
+    out = recall_at_k(sim, np.array([0, 0, 1, 2]))
+    # i2t ranks [1, 2, 4]; t2i ranks: text0 3 (0.3, 0.9 above 0.1), text1 1 (tie), text2 3, text3 3
+    assert out["i2t_R@1"] == pytest.approx(100 / 3)
+    assert out["i2t_R@5"] == 100.0
+    assert out["i2t_medr"] == 2.0
+    assert out["i2t_meanr"] == pytest.approx(7 / 3)
+    assert out["t2i_R@1"] == 25.0
+    assert out["t2i_meanr"] == pytest.approx((3 + 1 + 3 + 3) / 4)
+    assert out["t2i_medr"] == 3.0
+
+
+def test_all_equal_scores_rank_first() -> None:
+    out = recall_at_k(np.zeros((4, 20)))
+    assert out["i2t_R@1"] == out["t2i_R@1"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("sim", "mapping", "message"),
+    [
+        (np.zeros((2, 9)), None, "exactly 5 texts per image"),
+        (np.zeros(10), None, "2-D"),
+        (np.zeros((2, 3)), np.array([0, 1]), r"expected \(3,\)"),
+        (np.zeros((2, 3)), np.array([0, 1, 2]), "outside 0..1"),
+        (np.full((1, 5), np.nan), None, r"NaN at \[0, 0\]"),
+    ],
+)
+def test_bad_input_is_named(sim, mapping, message) -> None:
+    with pytest.raises(ResultsError, match=message):
+        recall_at_k(sim, mapping)
+
+
+def test_metric_deduplicates_images_and_matches_function() -> None:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 8, generator=gen)
+    texts = images.repeat_interleave(5, dim=0) + 0.8 * torch.randn(30, 8, generator=gen)
+    metric = RetrievalRecall()
+    for start in range(0, 30, 7):  # pair batches: each text comes with (a copy of) its image
+        rows = torch.arange(start, min(start + 7, 30)) // 5
+        metric.update(images[rows], rows + 100, texts[start : start + 7], rows + 100)
+    assert metric.compute() == recall_at_k(images @ texts.T)
+    metric.reset()
+    metric.update(images[:1], torch.tensor([1]), texts[:1], torch.tensor([2]))
+    with pytest.raises(ResultsError, match="no image embedding"):
+        metric.compute()

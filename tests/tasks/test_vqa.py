@@ -1,0 +1,93 @@
+"""VQA task pieces: answer vocabulary, soft-score targets, the answer head, results JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlp.errors import ConfigError
+from vlp.tasks.vqa import (
+    AnswerHead,
+    build_answer_vocab,
+    make_vqa_collate,
+    soft_targets,
+    write_vqa_results,
+)
+
+
+def test_vocab_counts_normalised_answers_most_frequent_first() -> None:
+    answers = [["two", "2", "2", "3"], ["yes", "Yes", "no"], ["a circle", "circle"]]
+    vocab = build_answer_vocab(answers, max_answers=3)
+    # "two" is "2" under the official normalisation; articles are dropped; ties alphabetical
+    assert vocab == ["2", "circle", "yes"]
+    assert build_answer_vocab(answers, max_answers=10) == ["2", "circle", "yes", "3", "no"]
+
+
+def test_soft_targets_are_min_one_count_over_three() -> None:
+    index = {"red": 0, "blue": 1, "green": 2}
+    answers = [
+        ["red"] * 8 + ["blue"] * 2,
+        ["blue"] * 3 + ["green"] * 7,
+        ["purple"] * 10,  # outside the vocabulary: an all-zero row
+    ]
+    t = soft_targets(answers, index)
+    expected = torch.tensor([[1.0, 2 / 3, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(t, expected)
+
+
+def test_collate_tokenises_questions_and_builds_targets(tiny_tokenizer) -> None:
+    items = [
+        {"pixel_values": torch.zeros(3, 8, 8), "question": "what color?", "answers": ["red"] * 10},
+        {"pixel_values": torch.ones(3, 8, 8), "question": "is it?", "answers": ["no"] * 2},
+    ]
+    batch = make_vqa_collate(tiny_tokenizer, 16, ["red", "no"])(items)
+    assert batch["pixel_values"].shape == (2, 3, 8, 8)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    torch.testing.assert_close(batch["targets"], torch.tensor([[1.0, 0.0], [0.0, 2 / 3]]))
+
+
+def test_answer_head_maps_hidden_state_to_one_logit_per_answer() -> None:
+    head = AnswerHead(hidden_size=16, num_answers=7)
+    assert head(torch.randn(4, 16)).shape == (4, 7)
+
+
+def test_empty_vocab_is_a_config_error(tiny_vlp) -> None:
+    from vlp.tasks.vqa import VQAModel
+
+    with pytest.raises(ConfigError, match="vocabulary is empty"):
+        VQAModel(tiny_vlp, [])
+
+
+def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
+    from vlp.tasks.vqa import VQAModel
+
+    torch.manual_seed(0)
+    model = VQAModel(tiny_vlp, ["yes", "no", "2"])
+    enc = tiny_vlp.tokenize(["is there a red circle?", "how many shapes are there?"])
+    batch = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        **enc,
+        "targets": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+    }
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = model(**batch)["loss"].item()
+    for _ in range(15):
+        opt.zero_grad()
+        model(**batch)["loss"].backward()
+        opt.step()
+    assert model(**batch)["loss"].item() < first / 2
+    assert model.predict(batch["pixel_values"], enc["input_ids"], enc["attention_mask"]) == [
+        "yes",
+        "2",
+    ]
+
+
+def test_results_json_is_the_official_layout(tmp_path: Path) -> None:
+    path = write_vqa_results({7: "yes", 3: "2"}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == [
+        {"answer": "2", "question_id": 3},
+        {"answer": "yes", "question_id": 7},
+    ]

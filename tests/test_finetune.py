@@ -1,0 +1,231 @@
+"""Finetune + evaluate each task end to end on the smoke profile: models, files, MLflow runs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow_helpers import empty_store  # noqa: F401
+from PIL import Image
+
+from vlp.config import Config
+from vlp.errors import ConfigError
+from vlp.evaluate import evaluate
+from vlp.finetune import base_model, finetune, is_skipped, model_dir
+from vlp.tasks import load_predictor
+
+
+@pytest.fixture
+def cfg(
+    smoke_cfg: Config,
+    smoke_data: Path,
+    smoke_pretrained: Path,
+    empty_store: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Config:
+    """smoke_cfg writing into tmp_path, tracking into a fresh SQLite store via the env."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    return dataclasses.replace(
+        smoke_cfg,
+        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(smoke_pretrained)),
+        finetune=dataclasses.replace(smoke_cfg.finetune, out_dir=str(tmp_path / "finetuned")),
+        evaluate=dataclasses.replace(
+            smoke_cfg.evaluate,
+            metrics_dir=str(tmp_path / "metrics"),
+            plots_dir=str(tmp_path / "plots"),
+            results_dir=str(tmp_path / "results"),
+            num_examples=3,
+        ),
+        tracking=dataclasses.replace(
+            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
+        ),
+    )
+
+
+def _runs(tmp_path: Path) -> dict[str, object]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_name: r for r in client.search_runs(exps)}
+
+
+def _artifacts(run_id: str, path: str) -> list[str]:
+    import mlflow
+
+    return [Path(a.path).name for a in mlflow.MlflowClient().list_artifacts(run_id, path)]
+
+
+def _images(cfg: Config, n: int) -> list[Image.Image]:
+    from vlp.data.manifest import read_pairs
+
+    paths = read_pairs(cfg.data.root, "test").drop_duplicates("image_id")["image_path"][:n]
+    return [Image.open(Path(cfg.data.root) / p) for p in paths]
+
+
+PRIMARY = {"retrieval": "rsum", "captioning": "CIDEr", "vqa": "overall"}
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
+    cfg: Config, task: str, tmp_path: Path
+) -> None:
+    for init in ("pretrained", "scratch"):
+        out = finetune(cfg, task, init=init)
+        assert out == model_dir(cfg, task, init)
+        info = json.loads((out / "task.json").read_text())
+        assert info["task"] == task and info["init"] == init
+        assert info["steps"] == cfg.finetune.task(task).max_steps
+        curve = list(csv.DictReader((tmp_path / "plots" / f"finetune_{task}_{init}.csv").open()))
+        assert [int(r["step"]) for r in curve] == [1, 2, 3]
+        assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no work dirs left
+
+    doc = evaluate(cfg, task)
+    on_disk = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())
+    assert on_disk == doc
+    primary = PRIMARY[task]
+    assert doc[primary] == doc["pretrained"][primary]
+    assert doc["delta"][primary] == pytest.approx(
+        doc["pretrained"][primary] - doc["scratch"][primary]
+    )
+
+    results = json.loads((tmp_path / "results" / task / "pretrained.json").read_text())
+    if task == "retrieval":
+        for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+            assert 0.0 <= doc["pretrained"][key] <= 100.0
+        assert doc["pretrained"]["rsum"] == pytest.approx(
+            sum(
+                doc["pretrained"][k]
+                for k in doc["pretrained"]
+                if k[:4] in ("i2t_", "t2i_") and "R@" in k
+            )
+        )
+        assert len(results["i2t"]) == cfg.data.n_test
+        assert len(results["t2i"]) == cfg.data.n_test * cfg.data.captions_per_image
+        plot = list(csv.DictReader((tmp_path / "plots" / "retrieval_recall_pretrained.csv").open()))
+        assert [int(r["k"]) for r in plot] == [1, 5, 10]
+    elif task == "captioning":
+        assert set(doc["pretrained"]) >= {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"}
+        assert len(results) == cfg.data.n_test
+        assert set(results[0]) == {"image_id", "caption"}
+    else:
+        assert set(doc["pretrained"]) >= {"overall", "type_yes/no", "type_number", "type_other"}
+        answers = set(json.loads((model_dir(cfg, task) / "task.json").read_text())["answers"])
+        assert set(results[0]) == {"question_id", "answer"}
+        assert {r["answer"] for r in results} <= answers
+        plot = list(csv.DictReader((tmp_path / "plots" / "vqa_accuracy_scratch.csv").open()))
+        assert plot[0]["answer_type"] == "overall"
+    examples = json.loads((tmp_path / "results" / task / "examples_pretrained.json").read_text())
+    assert len(examples) == 3 and all(e["prediction"] for e in examples)
+    assert (
+        "data:image/png;base64,"
+        in (tmp_path / "results" / task / "examples_scratch.html").read_text()
+    )
+
+    runs = _runs(tmp_path)
+    assert {f"finetune-{task}-pretrained", f"finetune-{task}-scratch", f"evaluate-{task}"} <= set(
+        runs
+    )
+    ev = runs[f"evaluate-{task}"]
+    assert ev.data.metrics[primary] == pytest.approx(doc[primary])
+    assert f"scratch.{primary}" in ev.data.metrics
+    assert ev.data.tags["vlp.task"] == task
+    assert ev.data.tags.get("mlflow.parentRunId")  # nested under the pipeline run
+    assert {"examples_pretrained.html", "examples_scratch.json"} <= set(
+        _artifacts(ev.info.run_id, "examples")
+    )
+    assert len(_artifacts(ev.info.run_id, "plots")) == 2
+    ft = runs[f"finetune-{task}-pretrained"]
+    assert ft.data.tags["vlp.init"] == "pretrained"
+    assert "loss" in ft.data.metrics
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+def test_load_predictor_serves_each_task(cfg: Config, task: str) -> None:
+    predictor = load_predictor(finetune(cfg, task))
+    assert predictor.task == task
+    images = _images(cfg, 3)
+    texts = ["a red circle", "two shapes", "a blue square at the top"]
+    assert predictor.embed_images(images).shape == (3, cfg.model.embed_dim)
+    feats = predictor.embed_texts(texts)
+    assert feats.shape == (3, cfg.model.embed_dim)
+    assert abs(float((feats**2).sum(axis=1).mean()) - 1.0) < 1e-4
+    assert predictor.score(images, texts).shape == (3, 3)
+    if task == "captioning":
+        captions = predictor.caption(images)
+        assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    if task == "vqa":
+        answers = predictor.answer(images, ["is there a red circle?"] * 3)
+        assert len(answers) == 3 and set(answers) <= set(predictor.vqa.answers)
+        with pytest.raises(ConfigError):
+            predictor.answer(images, ["one question"])
+
+
+def test_retrieval_predictor_score_matches_the_evaluated_reranking(cfg: Config) -> None:
+    from vlp.tasks.retrieval import retrieval_scores
+
+    predictor = load_predictor(finetune(cfg, "retrieval"))
+    images, texts = _images(cfg, 4), ["a red circle", "a blue square", "two shapes"]
+    score = predictor.score(images, texts)
+    model = predictor.model
+    with torch.no_grad():
+        pixels = predictor._pixels(images)
+        embeds, feat = model.encode_image(pixels)
+        enc = model.tokenize(texts)
+        _, text_feat = model.encode_text(enc["input_ids"], enc["attention_mask"])
+    s = retrieval_scores(
+        model, embeds, feat, enc["input_ids"], enc["attention_mask"], text_feat,
+        k=cfg.finetune.retrieval.rerank_k, batch_size=7,
+    )  # fmt: skip
+    # each image's ranking of texts is the i2t re-ranking the evaluation measures
+    assert (score.argmax(axis=1) == s.i2t.argmax(dim=1).numpy()).all()
+
+
+def test_pretrained_init_loads_the_pretrained_weights_and_scratch_does_not(
+    cfg: Config, smoke_pretrained: Path
+) -> None:
+    from vlp.models import VLPModel
+
+    ref = VLPModel.from_pretrained(smoke_pretrained).state_dict()
+    pre = base_model(cfg, "pretrained").state_dict()
+    scratch = base_model(cfg, "scratch").state_dict()
+    assert all(torch.equal(pre[k], ref[k]) for k in ref)
+    assert not all(torch.equal(scratch[k], ref[k]) for k in ref)
+    assert (
+        base_model(cfg, "scratch").tokenizer.get_vocab()
+        == VLPModel.from_pretrained(smoke_pretrained).tokenizer.get_vocab()
+    )
+
+
+def test_ablation_off_writes_a_placeholder_and_evaluates_pretrained_only(
+    cfg: Config, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, ablation=False))
+    finetune(cfg, "vqa")
+    assert is_skipped(finetune(cfg, "vqa", init="scratch"))
+    assert (tmp_path / "plots" / "finetune_vqa_scratch.csv").read_text() == "step,loss\n"
+    doc = evaluate(cfg, "vqa")
+    assert set(doc) == {"overall", "pretrained"}
+    assert (tmp_path / "plots" / "vqa_accuracy_scratch.csv").read_text() == "answer_type,accuracy\n"
+
+
+def test_errors_name_the_missing_input(cfg: Config, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="finetuned/captioning"):
+        evaluate(cfg, "captioning")
+    with pytest.raises(ConfigError, match="unknown init"):
+        finetune(cfg, "vqa", init="imagenet")
+    missing = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, out_dir=str(tmp_path / "nope"))
+    )
+    with pytest.raises(ConfigError, match="nope"):
+        finetune(missing, "retrieval")
