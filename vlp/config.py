@@ -167,10 +167,13 @@ class RegistryConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Prefect deployment schedule."""
+    """Prefect deployment schedule and retries of a failed stage (transient errors)."""
 
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
+    deployment: str = "vlp-nightly"
+    retries: int = 2
+    retry_delay_s: float = 30.0
 
 
 @dataclass

@@ -32,6 +32,17 @@ def test_per_image_scores_equal_official(coco_captions) -> None:
             assert got[key] == pytest.approx(expected[key], abs=1e-9), (expected["image_id"], key)
 
 
+def test_dict_fallback_for_huge_vocabularies_gives_the_same_cider(
+    coco_captions, monkeypatch
+) -> None:
+    from vlp.metrics import caption
+
+    results, references, official = coco_captions
+    monkeypatch.setattr(caption, "_ngram_entries", lambda hyps, refs: None)
+    scores = score_captions(results, references)
+    assert scores["CIDEr"] == pytest.approx(official["corpus"]["CIDEr"], abs=1e-9)
+
+
 def test_perfect_caption_and_empty_caption() -> None:
     refs = {1: ["a red car on a road", "a car that is red"], 2: ["two dogs play in snow"]}
     perfect = score_captions({1: "a red car on a road", 2: "two dogs play in snow"}, refs)

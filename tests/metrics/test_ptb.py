@@ -38,6 +38,8 @@ def test_toolkit_examples(coco_conformance: Path) -> None:
         ("refrigerator/freezer combo", "refrigerator/freezer combo"),
         ("A man\u2014with a hat\u2013runs \u201cfast\u201d", "a man with a hat runs fast"),
         ("It's 3 o'clock. Y'all'd like it.", "it 's 3 o'clock y' all 'd like it"),
+        ("platform 9 3/4 #hashtag #12", "platform 9\u00a03/4 #hashtag # 12"),
+        ("a hot dog :) and :D", "a hot dog :-rrb- and :d"),
     ],
 )
 def test_matches_java_tokenizer(raw: str, expected: str) -> None:

@@ -17,8 +17,11 @@ from vlp.train import TrainSettings, train
 
 # ITC gathers features across ranks with gradients; with a ViT tower (LayerNorm only, no
 # BatchNorm statistics that depend on the per-rank batch) 2 ranks equal 1 process up to
-# float summation order.
+# float summation order: losses agree to 1e-5. Adam divides each gradient by its running
+# RMS, which turns summation noise on near-zero gradients into up to ~lr-sized steps, so
+# weights are compared to 1e-4 (5% of lr=2e-3; measured worst case 2e-5 after 3 steps).
 ITC_TOLERANCE = 1e-5
+WEIGHT_TOLERANCE = 1e-4
 
 
 def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: dict[str, float]):
@@ -109,7 +112,7 @@ def test_vlp_itc_two_processes_match_one(
     _spawn(tmp_path / "ddp", smoke_data, mcfg, tok_dir, ITC_ONLY)
     ddp = _load(mcfg, smoke_data, tok_dir, tmp_path / "ddp" / "rank0.safetensors")
     for (name, a), (_, b) in zip(model.state_dict().items(), ddp.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=ITC_TOLERANCE, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a, b, atol=WEIGHT_TOLERANCE, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     hist = torch.load(tmp_path / "ddp" / "history.pt", weights_only=True)
     assert [h["loss_itc"] for h in hist] == pytest.approx(
         [h["loss_itc"] for h in single.history[:3]], abs=ITC_TOLERANCE

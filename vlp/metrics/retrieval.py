@@ -37,7 +37,7 @@ def recall_at_k(
     `text_to_image[j]` is the row of text j's image; by default j // 5 (5 captions per image).
     """
     sim = (
-        similarity.detach().cpu().numpy()
+        similarity.detach().float().cpu().numpy()
         if isinstance(similarity, torch.Tensor)
         else np.asarray(similarity)
     )
