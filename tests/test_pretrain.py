@@ -14,16 +14,24 @@ from vlp.pretrain import pretrain, recall_at_k
 
 
 @pytest.fixture
-def cfg(smoke_cfg: Config, smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+def cfg(
+    smoke_cfg: Config, smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Config:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)  # lineage reads dvc.yaml / dvc.lock from the working dir
     return dataclasses.replace(
         smoke_cfg,
-        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(tmp_path / "models" / "pretrained")),
-        evaluate=dataclasses.replace(
-            smoke_cfg.evaluate, metrics_dir=str(tmp_path / "metrics"), plots_dir=str(tmp_path / "plots")
+        pretrain=dataclasses.replace(
+            smoke_cfg.pretrain, out_dir=str(tmp_path / "models" / "pretrained")
         ),
-        tracking=dataclasses.replace(smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")),
+        evaluate=dataclasses.replace(
+            smoke_cfg.evaluate,
+            metrics_dir=str(tmp_path / "metrics"),
+            plots_dir=str(tmp_path / "plots"),
+        ),
+        tracking=dataclasses.replace(
+            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
+        ),
     )
 
 
@@ -64,7 +72,9 @@ def test_pretrain_resume_continues_from_checkpoint(cfg: Config, tmp_path: Path) 
     from vlp.train.checkpoint import list_checkpoints
 
     pretrain(cfg)
-    ckpts = list_checkpoints(Path(cfg.pretrain.out_dir).parent / "checkpoints" / "pretrained" / "checkpoints")
+    ckpts = list_checkpoints(
+        Path(cfg.pretrain.out_dir).parent / "checkpoints" / "pretrained" / "checkpoints"
+    )
     assert [c.name for c in ckpts] == ["step-00000002", "step-00000004"]
     longer = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, max_steps=6))
     with pytest.raises(Exception, match="max_steps"):  # a changed schedule cannot resume

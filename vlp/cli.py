@@ -79,13 +79,17 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.registry import register_task_models
 
-    _print_json(register_task_models(cfg, args.task), None)
+    _print_json(register_task_models(cfg, args.task), args.out)
 
 
 def _cmd_promote(cfg: Config, args: argparse.Namespace) -> None:
-    from vlp.registry import promote
+    from vlp.registry import promote, promote_all
 
-    _print_json(promote(cfg, args.task, force=args.force, reason=args.reason), None)
+    if args.task == "all":
+        out = promote_all(cfg, force=args.force, reason=args.reason, pipeline=args.pipeline)
+    else:
+        out = promote(cfg, args.task, force=args.force, reason=args.reason)
+    _print_json(out, args.out)
 
 
 def _cmd_rollback(cfg: Config, args: argparse.Namespace) -> None:
@@ -98,7 +102,10 @@ def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
     from flows import pipeline
 
     if args.action == "run":
-        pipeline.vlp_pipeline(params=str(args.params_path), profile=cfg.profile)
+        # profile and --set overrides are written into params.yaml, as `dvc exp run -S` does
+        pipeline.vlp_pipeline(
+            params=str(args.params_path), profile=args.profile, overrides=args.overrides
+        )
     else:
         pipeline.serve(cfg)
 
@@ -181,12 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("register", help="register finetuned task models in the MLflow registry")
     s.add_argument("task", choices=(*TASKS, "all"), nargs="?", default="all")
+    s.add_argument("--out", default=None, help="also write the result JSON here")
     s.set_defaults(func=_cmd_register)
 
     s = sub.add_parser("promote", help="move `champion` to `challenger` if it is better")
-    s.add_argument("task", choices=TASKS)
+    s.add_argument("task", choices=(*TASKS, "all"))
     s.add_argument("--force", action="store_true", help="promote even if not better")
     s.add_argument("--reason", default="", help="recorded on the version")
+    s.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="the pipeline's gate: do nothing unless registry.auto_promote is true",
+    )
+    s.add_argument("--out", default=None, help="also write the decisions JSON here")
     s.set_defaults(func=_cmd_promote)
 
     s = sub.add_parser("rollback", help="restore the previous champion")

@@ -108,7 +108,7 @@ class TaskConfig:
     warmup_steps: int = 20
     rerank_k: int = 16  # retrieval: ITC candidates per query re-ranked by ITM
     beam_size: int = 3  # captioning
-    max_length: int = 20  # captioning: generated tokens at most
+    max_length: int = 30  # captioning: generated tokens at most
     max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
 
 

@@ -63,11 +63,12 @@ def _check(task: str, init: str) -> None:
 def base_model(cfg: Config, init: str) -> Any:
     """The starting VLPModel: the pretrained one, or fresh weights with its tokenizer.
 
-    The scratch model keeps the pretrained model's tokenizer so that the two differ only
-    in their weights, which is what the ablation measures.
+    The scratch model keeps the pretrained model's architecture and tokenizer so that the
+    two differ only in their weights, which is what the ablation measures.
     """
+    from vlp.config import ModelConfig
     from vlp.models import VLPModel, build_model, load_tokenizer
-    from vlp.models.vlp_model import TOKENIZER_DIR
+    from vlp.models.vlp_model import CONFIG_NAME, TOKENIZER_DIR
 
     src = Path(cfg.pretrain.out_dir)
     if not src.is_dir():
@@ -77,8 +78,9 @@ def base_model(cfg: Config, init: str) -> Any:
     if init == "pretrained":
         return VLPModel.from_pretrained(src)
     tokenizer = load_tokenizer(src / TOKENIZER_DIR, f"{src}/{TOKENIZER_DIR}")
+    model_cfg = ModelConfig(**json.loads((src / CONFIG_NAME).read_text())["model"])
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
+    return build_model(model_cfg, tokenizer, temperature=cfg.pretrain.temperature)
 
 
 def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, Any, dict]:

@@ -26,6 +26,7 @@ from vlp.train.loop import TrainResult, TrainSettings, train
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
+LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
 
 
 def work_dir(cfg: Config) -> Path:
@@ -134,7 +135,9 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
 
 def _plot_csv(history: list[dict[str, float]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for h in history:
         writer.writerow({k: h.get(k, "") for k in PLOT_COLUMNS})
@@ -189,15 +192,27 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         else:
             run_ctx = nullcontext(None)
         with run_ctx as run:
-            result = train(
-                model,
-                dataset,
-                collate,
-                settings,
-                work_dir(cfg),
-                resume=resume,
-                on_log=run.log_metrics if run else None,
-            )
+            pending: list[tuple[int, dict[str, float]]] = []
+
+            def on_log(metrics: dict[str, float], step: int) -> None:
+                pending.append((step, metrics))
+                if len(pending) >= LOG_FLUSH_STEPS:
+                    run.log_steps(pending)
+                    pending.clear()
+
+            try:
+                result = train(
+                    model,
+                    dataset,
+                    collate,
+                    settings,
+                    work_dir(cfg),
+                    resume=resume,
+                    on_log=on_log if run else None,
+                )
+            finally:
+                if run and pending:
+                    run.log_steps(pending)  # also when training failed: keep what it logged
             if info.is_main:
                 zero_shot = zero_shot_retrieval(model, cfg)
                 metrics = _summary(result, zero_shot, time.perf_counter() - t0)

@@ -109,7 +109,12 @@ def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None
 
     if metrics and isinstance(metrics.get("eval_data_hash"), str):
         return metrics["eval_data_hash"]
-    hashes = stage_input_hashes(f"evaluate_{task}")
+    root = cfg.data.root.rstrip("/")
+    hashes = {
+        p: h
+        for p, h in stage_input_hashes(f"evaluate_{task}").items()
+        if p == root or p.startswith(root + "/")
+    }
     if hashes:
         return ",".join(f"{p}={h}" for p, h in sorted(hashes.items()))
     return data_hash(cfg)

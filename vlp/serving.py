@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 
 from vlp.config import TASKS
@@ -64,8 +65,9 @@ def _decode_images(values: pd.Series) -> list[Any]:
 class VLPTaskModel(mlflow.pyfunc.PythonModel):
     """Pyfunc over a task predictor loaded from the `model_dir` artifact.
 
-    `model_config` holds `task` and `loader` ("module:function"), which returns an object
-    with `captions(images)`, `answers(images, questions)` and `scores(images, texts)`.
+    `model_config` holds `task` and `loader` ("module:function", default
+    `vlp.tasks.load_predictor`), which returns an object with `caption(images)`,
+    `answer(images, questions)` and `score(images, texts) -> [N, M]` as the task needs.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -83,12 +85,13 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         images = _decode_images(model_input["image"])
         if self.task == "captioning":
-            return pd.DataFrame({"caption": list(self.predictor.captions(images))})
+            return pd.DataFrame({"caption": list(self.predictor.caption(images))})
         if self.task == "vqa":
-            answers = self.predictor.answers(images, list(model_input["question"]))
+            answers = self.predictor.answer(images, list(model_input["question"]))
             return pd.DataFrame({"answer": list(answers)})
-        scores = self.predictor.scores(images, list(model_input["text"]))
-        return pd.DataFrame({"score": [float(s) for s in scores]})
+        # one (image, text) pair per row: the diagonal of the image x text score matrix
+        scores = np.asarray(self.predictor.score(images, list(model_input["text"])))
+        return pd.DataFrame({"score": np.diagonal(scores).astype(float)})
 
 
 def pip_requirements() -> list[str]:

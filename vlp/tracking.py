@@ -47,6 +47,23 @@ class StageRun:
 
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Log many steps' metrics at once: one store round trip per 1000 values.
+
+        A per-step `log_metrics` costs ~40 ms on a sqlite store; training loops buffer
+        steps and flush them here.
+        """
+        import time
+
+        import mlflow
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()]
+        client = mlflow.MlflowClient()
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
 

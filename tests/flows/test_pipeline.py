@@ -47,11 +47,9 @@ def test_flow_runs_stages_in_dvc_order_and_leaves_dvc_up_to_date(dvc_repo: Path)
     stages = [r for r in runs if r.data.tags.get("vlp.kind") == "stage"]
     assert parent.data.tags["vlp.driver"] == "prefect" and parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.lr"] == "0.002"
-    assert [r.info.run_name for r in stages] == ["generate", "train", "flaky"]
-    flow_ids = {r.data.tags["vlp.prefect_flow_run_id"] for r in stages}
-    assert len(flow_ids) == 1 and flow_ids != {""}
-    assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {parent.info.run_id}
-    assert list((dvc_repo / "mlartifacts").parent.glob("mlartifacts")) or True
+    assert [r.info.run_name for r in stages] == ["train"]
+    assert stages[0].data.tags["vlp.prefect_flow_run_id"] not in ("", None)
+    assert stages[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
 
     again = vlp_pipeline(repo=str(dvc_repo))
     assert not any(r["ran"] for r in again)

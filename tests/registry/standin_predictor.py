@@ -17,14 +17,14 @@ class StandinPredictor:
     def __init__(self, model_dir: str) -> None:
         self.spec = json.loads((Path(model_dir) / "standin.json").read_text())
 
-    def captions(self, images: list[Any]) -> list[str]:
+    def caption(self, images: list[Any]) -> list[str]:
         return [f"{self.spec['word']} {im.size[0]}x{im.size[1]}" for im in images]
 
-    def answers(self, images: list[Any], questions: list[str]) -> list[str]:
+    def answer(self, images: list[Any], questions: list[str]) -> list[str]:
         return [f"{self.spec['word']} {len(q)}" for q in questions]
 
-    def scores(self, images: list[Any], texts: list[str]) -> list[float]:
-        return [float(im.size[0] + len(t)) for im, t in zip(images, texts, strict=True)]
+    def score(self, images: list[Any], texts: list[str]) -> list[list[float]]:
+        return [[float(im.size[0] + len(t)) for t in texts] for im in images]
 
 
 def load_predictor(model_dir: str) -> StandinPredictor:

@@ -21,7 +21,9 @@ class Deterministic(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
@@ -39,7 +41,13 @@ def _collate(items: list) -> dict[str, torch.Tensor]:
 
 
 SETTINGS = TrainSettings(
-    epochs=2, batch_size=16, grad_accum_steps=2, lr=5e-2, warmup_steps=1, device="cpu"
+    epochs=2,
+    batch_size=16,
+    grad_accum_steps=2,
+    lr=5e-2,
+    warmup_steps=1,
+    device="cpu",
+    precision="fp32",
 )
 
 
@@ -68,7 +76,9 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
     ddp = Deterministic()
     safetensors.torch.load_model(ddp, str(tmp_path / "ddp" / "final.safetensors"))
-    for (name, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        single.state_dict().items(), ddp.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=0, msg=name)
     torch.manual_seed(0)
     assert not torch.equal(single.net[0].weight, Deterministic().net[0].weight)  # it trained
@@ -77,6 +87,4 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     for a, b in zip(single_hist, ddp_hist, strict=True):
         assert abs(a["loss"] - b["loss"]) < TOLERANCE  # logged loss is the rank average
     # only rank 0 wrote checkpoints, and only once per step
-    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
-        "step-00000004"
-    ]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step-00000004"]

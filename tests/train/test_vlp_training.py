@@ -77,12 +77,16 @@ def test_vlp_resume_mid_epoch_is_exact(
         assert torch.equal(a, b), name
 
 
-def _worker(rank: int, store: str, out: str, data: str, mcfg: dict, tok: str, w: dict) -> None:
+def _worker(
+    rank: int, store: str, out: str, data: str, mcfg: dict, tok: str, w: dict, precision: str
+) -> None:
     torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: 2 ranks share the cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         model, dataset, collate = _parts(Path(data), ModelConfig(**mcfg), Path(tok), w)
-        settings = dataclasses.replace(SETTINGS, max_steps=3, checkpoint_every=0)
+        settings = dataclasses.replace(
+            SETTINGS, max_steps=3, checkpoint_every=0, precision=precision
+        )
         res = train(model, dataset, collate, settings, Path(out))
         safetensors.torch.save_model(model, str(Path(out) / f"rank{rank}.safetensors"))
         if rank == 0:
@@ -91,9 +95,19 @@ def _worker(rank: int, store: str, out: str, data: str, mcfg: dict, tok: str, w:
         dist.destroy_process_group()
 
 
-def _spawn(tmp: Path, data: Path, mcfg: ModelConfig, tok: Path, w: dict) -> None:
+def _spawn(
+    tmp: Path, data: Path, mcfg: ModelConfig, tok: Path, w: dict, precision: str = "auto"
+) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
-    args = (str(tmp / "store"), str(tmp), str(data), dataclasses.asdict(mcfg), str(tok), w)
+    args = (
+        str(tmp / "store"),
+        str(tmp),
+        str(data),
+        dataclasses.asdict(mcfg),
+        str(tok),
+        w,
+        precision,
+    )
     mp.spawn(_worker, args=args, nprocs=2)
 
 
@@ -108,11 +122,19 @@ def test_vlp_itc_two_processes_match_one(
 ) -> None:
     mcfg = dataclasses.replace(smoke_cfg.model, image_tower="vit", patch_size=8)
     model, data, collate = _parts(smoke_data, mcfg, tok_dir, ITC_ONLY)
-    single = train(model, data, collate, dataclasses.replace(SETTINGS, max_steps=3), tmp_path / "one")
-    _spawn(tmp_path / "ddp", smoke_data, mcfg, tok_dir, ITC_ONLY)
+    single = train(
+        model,
+        data,
+        collate,
+        dataclasses.replace(SETTINGS, max_steps=3, precision="fp32"),
+        tmp_path / "one",
+    )
+    _spawn(tmp_path / "ddp", smoke_data, mcfg, tok_dir, ITC_ONLY, precision="fp32")
     ddp = _load(mcfg, smoke_data, tok_dir, tmp_path / "ddp" / "rank0.safetensors")
     for (name, a), (_, b) in zip(model.state_dict().items(), ddp.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, atol=WEIGHT_TOLERANCE, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            a, b, atol=WEIGHT_TOLERANCE, rtol=0, msg=lambda m, n=name: f"{n}: {m}"
+        )
     hist = torch.load(tmp_path / "ddp" / "history.pt", weights_only=True)
     assert [h["loss_itc"] for h in hist] == pytest.approx(
         [h["loss_itc"] for h in single.history[:3]], abs=ITC_TOLERANCE
@@ -125,7 +147,9 @@ def test_vlp_full_objective_runs_on_two_processes(
     _spawn(tmp_path, smoke_data, smoke_cfg.model, tok_dir, ALL)
     hist = torch.load(tmp_path / "history.pt", weights_only=True)
     assert len(hist) == 3
-    assert all(math.isfinite(h[k]) for h in hist for k in ("loss", "loss_itc", "loss_itm", "loss_lm"))
+    assert all(
+        math.isfinite(h[k]) for h in hist for k in ("loss", "loss_itc", "loss_itm", "loss_lm")
+    )
     assert {"loss_itc", "loss_itm", "loss_lm"} <= set(hist[0])
     r0 = _load(smoke_cfg.model, smoke_data, tok_dir, tmp_path / "rank0.safetensors")
     r1 = _load(smoke_cfg.model, smoke_data, tok_dir, tmp_path / "rank1.safetensors")

@@ -413,7 +413,8 @@ class VLPModel(nn.Module):
                 f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
         meta = json.loads((p / CONFIG_NAME).read_text())
-        cfg = ModelConfig(**meta["model"])
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
