@@ -65,9 +65,7 @@ def main() -> int:
         flow_repo = copy_repo(tmp / "flow", args.profile)
 
         t0 = time.perf_counter()
-        subprocess.run(
-            [str(VENV_BIN / "dvc"), "repro", "-q"], cwd=dvc_repo, env=env(), check=True
-        )
+        subprocess.run([str(VENV_BIN / "dvc"), "repro", "-q"], cwd=dvc_repo, env=env(), check=True)
         dvc_s = time.perf_counter() - t0
 
         os.environ.clear()
@@ -92,7 +90,9 @@ def main() -> int:
         print(f"dvc repro             {dvc_s:8.1f} s")
         print(f"prefect flow          {flow_s:8.1f} s  (server already running)")
         print(f"prefect server start  {server_s:8.1f} s  (once per server, not per run)")
-        print(f"flow overhead         {flow_s - dvc_s:8.1f} s  ratio flow/dvc = {flow_s / dvc_s:.3f}")
+        print(
+            f"flow overhead         {flow_s - dvc_s:8.1f} s  ratio flow/dvc = {flow_s / dvc_s:.3f}"
+        )
     finally:
         if args.keep:
             print(f"repos kept in {tmp}")

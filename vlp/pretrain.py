@@ -72,35 +72,14 @@ def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, flo
     return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
-def recall_at_k(
-    similarity: torch.Tensor, text_to_image: torch.Tensor, ks: tuple[int, ...] = (1, 5)
-) -> dict[str, float]:
-    """Recall@K in % both ways, VSE++ protocol (an image is found by its best caption).
-
-    `similarity` is [n_images, n_texts]; `text_to_image[j]` the image index of text j.
-    """
-    n_img = similarity.shape[0]
-    # t2i: rank of the true image among all images, for each caption
-    true = similarity[text_to_image, torch.arange(similarity.shape[1])]
-    t2i_rank = (similarity.t() > true[:, None]).sum(1)
-    # i2t: best rank among the image's own captions
-    order = similarity.argsort(dim=1, descending=True)
-    hit = text_to_image[order] == torch.arange(n_img)[:, None]
-    i2t_rank = hit.float().argmax(dim=1)
-    out = {}
-    for k in ks:
-        out[f"t2i_r{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-        out[f"i2t_r{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-    return out
-
-
 @torch.no_grad()
 def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[str, float]:
-    """ITC-only retrieval on `split` with chance levels: R@1/R@5 image->text and text->image."""
+    """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
     from torch.utils.data import DataLoader
 
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, collate
+    from vlp.metrics.retrieval import recall_at_k
 
     model.eval()
     device = model.temp.device
@@ -121,15 +100,12 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
     scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
     n_img, n_txt = len(images), len(captions)
     per_image = n_txt / n_img
-    scores.update(
-        chance_t2i_r1=100.0 / n_img,
-        chance_t2i_r5=100.0 * min(5, n_img) / n_img,
-        # an image hits if any of its ~per_image captions lands in the top k
-        chance_i2t_r1=100.0 * min(1.0, per_image / n_txt),
-        chance_i2t_r5=100.0 * min(1.0, 5 * per_image / n_txt),
-        n_images=float(n_img),
-        n_texts=float(n_txt),
-    )
+    for k in (1, 5, 10):
+        # a random ranking finds the image in the top k with chance k/n; an image finds
+        # one of its ~per_image captions in the top k with chance ~k*per_image/n_txt
+        scores[f"chance_t2i_R@{k}"] = 100.0 * min(k, n_img) / n_img
+        scores[f"chance_i2t_R@{k}"] = 100.0 * min(1.0, k * per_image / n_txt)
+    scores.update(n_images=float(n_img), n_texts=float(n_txt))
     return scores
 
 
@@ -221,7 +197,14 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 model.save_pretrained(out_dir)
                 atomic_write_json(metrics_path, metrics)
                 atomic_write_text(plot_path, _plot_csv(result.history))
-                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+                # MLflow rejects "@" in metric names: i2t_R@1 -> i2t_R_at_1 (as evaluate does)
+                run.log_metrics(
+                    {
+                        k.replace("@", "_at_"): v
+                        for k, v in metrics.items()
+                        if isinstance(v, int | float)
+                    }
+                )
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
                 run.log_artifact(metrics_path)
                 run.log_artifact(plot_path)

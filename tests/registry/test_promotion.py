@@ -134,3 +134,23 @@ def test_register_reports_missing_pipeline_outputs(store_cfg: Config) -> None:
         register_task_models(store_cfg, "vqa")
     with pytest.raises(RegistryError, match="no 'challenger'"):
         promote(store_cfg, "vqa")
+
+
+def test_cli_promote_and_rollback(
+    store_cfg: Config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from vlp.cli import main
+
+    params = str(Path(__file__).resolve().parents[2] / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_cfg.tracking.uri)
+    assert main(["--params", params, "rollback", "vqa"]) == 2
+    assert "vlp-vqa: no such registered model" in capsys.readouterr().err
+    _register(store_cfg, "vqa", "a", 0.2)
+    _register(store_cfg, "vqa", "b", 0.1)
+    out = Path("decisions.json")
+    assert main(["--params", params, "promote", "all", "--pipeline", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[2]["decision"] == "rejected"
+    assert main(["--params", params, "promote", "vqa", "--force", "--reason", "try b"]) == 0
+    assert _aliases("vlp-vqa")["champion"] == "2"
+    assert main(["--params", params, "rollback", "vqa"]) == 0
+    assert _aliases("vlp-vqa")["champion"] == "1"

@@ -152,7 +152,8 @@ def text_config(cfg: ModelConfig, tokenizer: Any) -> BlipTextConfig:
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_text_layers,
         num_attention_heads=cfg.num_heads,
-        max_position_embeddings=max(cfg.max_text_length, 8),
+        # headroom beyond max_text_length for decoding longer outputs than training texts
+        max_position_embeddings=max(cfg.max_text_length, 64),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         bos_token_id=tokenizer.bos_token_id,

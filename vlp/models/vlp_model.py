@@ -231,6 +231,9 @@ class VLPModel(nn.Module):
         Greedy when num_beams == 1, else beam search; `max_length` counts generated tokens
         ([DEC] excluded, the closing [SEP] included). Special tokens are stripped.
         """
+        limit = self.text_decoder.config.max_position_embeddings - 1
+        if max_length > limit:
+            raise ConfigError(f"max_length={max_length} exceeds the decoder's {limit} positions")
         b = cond_embeds.shape[0]
         if cond_mask is None:
             cond_mask = torch.ones(
