@@ -43,39 +43,54 @@ def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def write_overrides(params: Path, profile: str | None, overrides: list[str]) -> None:
-    """Write `profile` and `section.key=value` overrides into params.yaml, keeping comments.
+    """Write `profile` and `section.key=value` overrides into params.yaml.
 
     Checked against the config schema first: a bad key raises ConfigError and leaves
-    the file untouched.
+    the file untouched. A round-trip YAML edit keeps comments, quotes and layout.
     """
-    from dvc.utils.serialize import modify_yaml
+    import io
+
+    from ruamel.yaml import YAML
+
+    from vlp.io import atomic_write_text
 
     load_config(params, profile, overrides)
     if not profile and not overrides:
         return
-    with modify_yaml(params) as data:
-        if profile:
-            data["profile"] = profile
-        for item in overrides:
-            dotted, text = item.split("=", 1)
-            *parents, leaf = dotted.split(".")
-            node = data
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = yaml.safe_load(text)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap long lines
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    data = rt.load(params.read_text())
+    if profile:
+        data["profile"] = profile
+    for item in overrides:
+        dotted, text = item.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(text)
+    buf = io.StringIO()
+    rt.dump(data, buf)
+    atomic_write_text(params, buf.getvalue())
 
 
 def pipeline_stages(repo: Path) -> list[str]:
-    """Names of the dvc.yaml stages of `repo`, upstream first (DVC's own graph)."""
+    """Names of the dvc.yaml stages of `repo`, upstream first, else in dvc.yaml order."""
     import networkx as nx
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
     # stage addresses are relative to the working directory
     with chdir(repo), Repo(".") as dvc_repo:
-        graph = dvc_repo.index.graph
-        # edges point from a stage to the stages it depends on
-        order = reversed(list(nx.topological_sort(graph)))
+        position = {s.addressing: i for i, s in enumerate(dvc_repo.index.stages)}
+        # DVC's edges point from a stage to the stages it depends on: reverse them
+        order = nx.lexicographical_topological_sort(
+            dvc_repo.index.graph.reverse(copy=True), key=lambda s: position.get(s.addressing, -1)
+        )
         return [s.addressing for s in order if isinstance(s, PipelineStage)]
 
 
@@ -120,14 +135,17 @@ def vlp_pipeline(
     write_overrides(params_path, profile, overrides or [])
     with chdir(root):
         cfg = load_config(params_path)
-        parent = start_pipeline_run(cfg, driver="prefect")
+        flow_run_id = str(flow_run.id or "")
+        parent = start_pipeline_run(
+            cfg, driver="prefect", tags={"vlp.prefect_flow_run_id": flow_run_id}
+        )
         uri = _absolute_uri(tracking_uri(cfg), root)
     stages = pipeline_stages(root)
     log.info("profile %s; MLflow run %s; stages: %s", cfg.profile, parent, ", ".join(stages))
     env = {
         **os.environ,
         PARENT_RUN_ENV: parent,
-        FLOW_RUN_ENV: str(flow_run.id or ""),
+        FLOW_RUN_ENV: flow_run_id,
         "MLFLOW_TRACKING_URI": uri,
     }
     retrying = run_stage.with_options(

@@ -99,6 +99,11 @@ def _cmd_rollback(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
+    import os
+
+    # Without PREFECT_API_URL a run starts a temporary server; Prefect's 20 s startup
+    # limit is too tight on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows import pipeline
 
     if args.action == "run":

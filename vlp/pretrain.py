@@ -32,7 +32,7 @@ LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many st
 def work_dir(cfg: Config) -> Path:
     """Checkpoints and the tokenizer of an unfinished run; kept outside the stage output."""
     out = Path(cfg.pretrain.out_dir)
-    return out.parent / "checkpoints" / out.name
+    return out.with_name(f"{out.name}.work")
 
 
 def corpus(data_dir: Path) -> list[str]:

@@ -253,13 +253,21 @@ def pipeline_run_name(cfg: Config, commit: str, key: str) -> str:
     return f"pipeline-{cfg.profile}-{commit[:7]}-{key[:6]}"
 
 
-def start_pipeline_run(cfg: Config, driver: str, key: str | None = None) -> str:
+def start_pipeline_run(
+    cfg: Config, driver: str, key: str | None = None, tags: dict[str, str] | None = None
+) -> str:
     """Create a new parent run (status RUNNING) with the whole config as params; return its id."""
     import mlflow
 
     exp_id = setup_mlflow(cfg)
     key = key or pipeline_key(cfg)
-    tags = {**lineage_tags(cfg), TAG_KIND: "pipeline", TAG_PIPELINE_KEY: key, "vlp.driver": driver}
+    tags = {
+        **lineage_tags(cfg),
+        TAG_KIND: "pipeline",
+        TAG_PIPELINE_KEY: key,
+        "vlp.driver": driver,
+        **(tags or {}),
+    }
     client = mlflow.MlflowClient()
     run = client.create_run(
         exp_id, run_name=pipeline_run_name(cfg, tags["vlp.git_commit"], key), tags=tags
