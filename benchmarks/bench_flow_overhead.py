@@ -31,8 +31,15 @@ def copy_repo(dest: Path, profile: str) -> Path:
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        # pipeline outputs are rebuilt, never copied (some are kept in git, e.g. reports)
+        outs = [Path(o.fs_path).relative_to(ROOT).as_posix() for o in repo.index.outs]
     for name in filter(None, (f.decode() for f in files)):
         src = ROOT / name
+        if any(name == o or name.startswith(o + "/") for o in outs):
+            continue
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
@@ -65,8 +72,16 @@ def main() -> int:
         flow_repo = copy_repo(tmp / "flow", args.profile)
 
         t0 = time.perf_counter()
-        subprocess.run([str(VENV_BIN / "dvc"), "repro", "-q"], cwd=dvc_repo, env=env(), check=True)
+        proc = subprocess.run(
+            [str(VENV_BIN / "dvc"), "repro"],
+            cwd=dvc_repo,
+            env=env(),
+            capture_output=True,
+            text=True,
+        )
         dvc_s = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
         os.environ.clear()
         os.environ.update(env())

@@ -77,7 +77,7 @@ def pipeline_runs(uri: str, experiment: str, n: int = 2) -> tuple[str, list[str]
 def page_url(base: str, exp_id: str, run_ids: list[str], view: str) -> str:
     """The MLflow UI address of the comparison page (or the experiment's runs table)."""
     if view == "runs":
-        return f"{base}/#/experiments/{exp_id}"
+        return f"{base}/#/experiments/{exp_id}/runs"
     query = urllib.parse.urlencode(
         {"runs": json.dumps(run_ids), "experiments": json.dumps([exp_id])}
     )

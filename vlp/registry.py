@@ -100,24 +100,27 @@ def _numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None) -> str:
-    """Identity of the data `task` was evaluated on.
+    """Identity of the data `task` was evaluated on: `<split>:<DVC hashes>`.
 
-    The metrics file's own `eval_data_hash` if it has one, else the DVC hashes of the
-    `evaluate_<task>` stage's data inputs, else the dataset hash; "none" if unknown.
+    The metrics file's own `eval_data_hash` if it has one; else the evaluation split
+    and the DVC hashes of the `evaluate_<task>` stage's inputs inside the evaluated
+    dataset (`evaluate.data_root`, else `data.root`), falling back to the dataset hash.
     """
     from vlp.tracking import data_hash, stage_input_hashes
 
     if metrics and isinstance(metrics.get("eval_data_hash"), str):
         return metrics["eval_data_hash"]
-    root = cfg.data.root.rstrip("/")
+    root = (cfg.evaluate.data_root or cfg.data.root).rstrip("/")
     hashes = {
         p: h
         for p, h in stage_input_hashes(f"evaluate_{task}").items()
         if p == root or p.startswith(root + "/")
     }
     if hashes:
-        return ",".join(f"{p}={h}" for p, h in sorted(hashes.items()))
-    return data_hash(cfg)
+        digest = ",".join(f"{p}={h}" for p, h in sorted(hashes.items()))
+    else:
+        digest = data_hash(cfg) if root == cfg.data.root.rstrip("/") else f"{root}=unknown"
+    return f"{cfg.evaluate.split}:{digest}"
 
 
 # ---------------------------------------------------------------- register

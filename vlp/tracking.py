@@ -102,9 +102,13 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> tuple[str, bool]:
-    """(commit sha or "none", dirty?) of the working tree; untracked files do not count."""
+    """(commit sha or "none", dirty?) of the working tree.
+
+    Untracked files do not count, nor dvc.lock, which `dvc repro` itself rewrites
+    between stages (the data hashes are recorded separately).
+    """
     commit = _git("rev-parse", "HEAD") or "none"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock")
     return commit, bool(status)
 
 
