@@ -5,7 +5,8 @@
 Copies the working tree (tracked and unignored files) into two fresh git + DVC repos,
 runs the whole pipeline once with `dvc repro` in one and once with the Prefect flow in
 the other (against a local temporary Prefect server, started beforehand and timed
-separately), and prints wall times and their ratio. Each repo gets its own MLflow store.
+separately), and prints wall times and their ratio; then repeats both with nothing to do,
+which isolates the orchestration cost. Each repo gets its own MLflow store.
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def main() -> int:
             t0 = time.perf_counter()
             results = vlp_pipeline(repo=str(flow_repo))
             flow_s = time.perf_counter() - t0
+            # nothing to do: what remains is pure orchestration cost
+            t0 = time.perf_counter()
+            vlp_pipeline(repo=str(flow_repo))
+            flow_noop_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run([str(VENV_BIN / "dvc"), "repro"], cwd=dvc_repo, env=env(), check=True,
+                       capture_output=True)  # fmt: skip
+        dvc_noop_s = time.perf_counter() - t0
         ran = sum(r["ran"] for r in results)
         clean = subprocess.run(
             [str(VENV_BIN / "dvc"), "status"], cwd=flow_repo, env=env(), capture_output=True,
@@ -108,6 +117,8 @@ def main() -> int:
         print(
             f"flow overhead         {flow_s - dvc_s:8.1f} s  ratio flow/dvc = {flow_s / dvc_s:.3f}"
         )
+        print(f"no-op dvc repro       {dvc_noop_s:8.1f} s")
+        print(f"no-op prefect flow    {flow_noop_s:8.1f} s  (= orchestration cost of one run)")
     finally:
         if args.keep:
             print(f"repos kept in {tmp}")

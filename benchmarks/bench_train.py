@@ -64,7 +64,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from vlp.config import load_config
     from vlp.data.shapes import generate_dataset
@@ -111,7 +114,10 @@ def main() -> None:
             device=device.type,
             checkpoint_every=0,
         )
+        cpu0 = time.process_time()
         res = train(model, dataset, collate, settings, tmp / f"run-{precision}")
+        # CPU seconds per step: far less sensitive than wall time to other load on the box
+        cpu_per_step = (time.process_time() - cpu0) / res.steps
         # skip the first steps (allocator / kernel warm-up)
         sps = statistics.median(h["samples_per_s"] for h in res.history[2:] or res.history)
         achieved = flops / bs * sps
@@ -120,6 +126,7 @@ def main() -> None:
             f"{flops / 1e9:7.2f} GFLOP/step  {sps:7.1f} samples/s  "
             f"{achieved / 1e9:7.1f} GFLOP/s  MFU {100 * achieved / peaks[precision]:5.1f}% "
             f"of {precision} peak  ({100 * achieved / peaks['fp32']:5.1f}% of fp32 peak)  "
+            f"{cpu_per_step:.3f} CPU-s/step  "
             f"loss {res.history[0]['loss']:.3f}->{res.final['loss']:.3f}"
         )
 

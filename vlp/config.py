@@ -77,7 +77,7 @@ class PretrainConfig:
     """Pretraining loop and objective weights (a weight of 0 switches an objective off)."""
 
     out_dir: str = "models/pretrained"
-    epochs: int = 3
+    epochs: int = 2
     max_steps: int = -1
     batch_size: int = 64
     grad_accum_steps: int = 1
@@ -110,6 +110,7 @@ class TaskConfig:
     beam_size: int = 3  # captioning
     max_length: int = 30  # captioning: generated tokens at most
     max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
+    answer_state: str = "decoder"  # vqa: head reads the "decoder" or "fusion" encoder state
 
 
 @dataclass

@@ -154,3 +154,24 @@ def test_cli_promote_and_rollback(
     assert _aliases("vlp-vqa")["champion"] == "2"
     assert main(["--params", params, "rollback", "vqa"]) == 0
     assert _aliases("vlp-vqa")["champion"] == "1"
+
+
+def test_eval_data_hash_covers_the_evaluated_data_and_split_only(store_cfg: Config) -> None:
+    from vlp.registry import eval_data_hash
+
+    Path("dvc.yaml").write_text(
+        "stages:\n  evaluate_vqa:\n    cmd: vlp evaluate vqa\n"
+        "    deps: [data/shapes, models/finetuned/vqa]\n"
+    )
+    Path("dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n"
+        "  generate:\n    cmd: g\n    outs:\n    - {path: data/shapes, md5: d1.dir}\n"
+        "  finetune_vqa:\n    cmd: f\n    outs:\n    - {path: models/finetuned/vqa, md5: m1.dir}\n"
+    )
+    cfg = dataclasses.replace(
+        store_cfg, data=dataclasses.replace(store_cfg.data, root="data/shapes")
+    )
+    assert eval_data_hash(cfg, "vqa") == "test:data/shapes=d1.dir"  # the model is not data
+    val = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split="val"))
+    assert eval_data_hash(val, "vqa") == "val:data/shapes=d1.dir"
+    assert eval_data_hash(cfg, "vqa", {"eval_data_hash": "given"}) == "given"

@@ -49,5 +49,5 @@ def test_batched_rerank_equals_one_pair_at_a_time(tiny_vlp) -> None:
                     logit = model.itm_logits(
                         image_embeds[i : i + 1], ids[t : t + 1, :n], mask[t : t + 1, :n]
                     )
-                expected = logit[0, 1] + s.itc[i, t]
+                expected = logit[0, 1] - logit[0, 0] + s.itc[i, t] / model.temp
                 torch.testing.assert_close(scores[q, c], expected, rtol=1e-4, atol=1e-4)

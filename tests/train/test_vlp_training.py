@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ import torch.multiprocessing as mp
 
 from vlp.config import Config, ModelConfig
 from vlp.train import TrainSettings, train
+
+# a collective that one rank never joins fails the test instead of hanging it
+DEADLOCK = timedelta(seconds=120)
 
 # ITC gathers features across ranks with gradients; with a ViT tower (LayerNorm only, no
 # BatchNorm statistics that depend on the per-rank batch) 2 ranks equal 1 process up to
@@ -81,7 +85,9 @@ def _worker(
     rank: int, store: str, out: str, data: str, mcfg: dict, tok: str, w: dict, precision: str
 ) -> None:
     torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: 2 ranks share the cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", timeout=DEADLOCK, rank=rank, world_size=2
+    )
     try:
         model, dataset, collate = _parts(Path(data), ModelConfig(**mcfg), Path(tok), w)
         settings = dataclasses.replace(

@@ -92,10 +92,10 @@ class RetrievalPredictor(Predictor):
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
-        """[N, M] scores: ITM + ITC for pairs in either direction's top k, ITC - 1e4 elsewhere.
+        """[N, M] scores: ITM log-odds + ITC logit for pairs in either direction's top k.
 
-        A pair re-ranked in both directions gets the same score from both; a query's order
-        over its own top k is exactly the one `vlp evaluate retrieval` measures.
+        Pairs in neither top k get their ITC logit - 1e4 (ranked below every candidate).
+        Both directions give a re-ranked pair the same score, so one matrix serves both.
         """
         from vlp.tasks.retrieval import retrieval_scores
 
@@ -175,4 +175,5 @@ def load(model_dir: Path, device: str = "cpu") -> Predictor:
     answers = info.get("answers")
     if not isinstance(answers, list) or not answers:
         raise ConfigError(f"{model_dir}/task.json: a VQA model needs a non-empty 'answers' list")
-    return VQAPredictor(VQAModel.load(model, [str(a) for a in answers], model_dir), info)
+    state = str(info.get("answer_state", "fusion"))
+    return VQAPredictor(VQAModel.load(model, [str(a) for a in answers], model_dir, state), info)
