@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow_helpers import empty_store  # noqa: F401
+from tests.mlflow_helpers import empty_store  # noqa: F401
 from PIL import Image
 
 from vlp.config import Config

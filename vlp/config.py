@@ -110,7 +110,6 @@ class TaskConfig:
     beam_size: int = 3  # captioning
     max_length: int = 30  # captioning: generated tokens at most
     max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
-    answer_state: str = "decoder"  # vqa: head reads the "decoder" or "fusion" encoder state
 
 
 @dataclass

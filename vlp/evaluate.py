@@ -195,8 +195,7 @@ def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
     split, data = cfg.evaluate.split, eval_data(cfg)
     info = read_task_info(model_path)
     vlp = VLPModel.from_pretrained(model_path, device=_device(cfg))
-    state = info.get("answer_state", "fusion")
-    model = VQAModel.load(vlp, list(info["answers"]), model_path, state).eval()
+    model = VQAModel.load(vlp, list(info["answers"]), model_path).eval()
     dataset = VQADataset(data, split, cfg.data.image_size)
     predictions: dict[int, str] = {}
     for batch in _loader(dataset, cfg):

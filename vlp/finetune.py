@@ -118,9 +118,8 @@ def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, 
     dataset = VQADataset(data, TRAIN_SPLITS, size)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
-    module = VQAModel(vlp, answers, tcfg.answer_state)
-    extra = {"answers": answers, "answer_state": tcfg.answer_state}
-    return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), extra
+    module = VQAModel(vlp, answers)
+    return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), {"answers": answers}
 
 
 def loss_csv(history: list[dict[str, float]]) -> str:

@@ -1,3 +1,3 @@
 """Shared MLflow fixtures (see tests/mlflow_helpers.py)."""
 
-from mlflow_helpers import empty_store, store_cfg  # noqa: F401
+from tests.mlflow_helpers import empty_store, store_cfg  # noqa: F401

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
+from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
 
 from vlp.config import TASKS, Config
 from vlp.errors import RegistryError, ResultsError

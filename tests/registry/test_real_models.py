@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from mlflow_helpers import free_port, http_process
+from tests.mlflow_helpers import free_port, http_process
 from PIL import Image
 
 from vlp.config import TASKS, Config

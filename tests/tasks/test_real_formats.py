@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mlflow_helpers import empty_store  # noqa: F401
+from tests.mlflow_helpers import empty_store  # noqa: F401
 from PIL import Image
 
 from vlp.config import Config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow_helpers import STANDIN, STANDIN_LOADER, free_port, http_process, make_standin_model
+from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, free_port, http_process, make_standin_model
 
 from vlp.config import Config
 from vlp.registry import promote, register_model

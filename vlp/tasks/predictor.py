@@ -175,5 +175,4 @@ def load(model_dir: Path, device: str = "cpu") -> Predictor:
     answers = info.get("answers")
     if not isinstance(answers, list) or not answers:
         raise ConfigError(f"{model_dir}/task.json: a VQA model needs a non-empty 'answers' list")
-    state = str(info.get("answer_state", "fusion"))
-    return VQAPredictor(VQAModel.load(model, [str(a) for a in answers], model_dir, state), info)
+    return VQAPredictor(VQAModel.load(model, [str(a) for a in answers], model_dir), info)

@@ -92,53 +92,24 @@ class AnswerHead(nn.Module):
         return self.net(cls_state)
 
 
-ANSWER_STATES = ("fusion", "decoder")
-
-
 class VQAModel(nn.Module):
-    """A VLPModel plus an answer head; `forward(**batch)` returns the soft-score BCE loss.
+    """A VLPModel plus an answer head; `forward(**batch)` returns the soft-score BCE loss."""
 
-    `state` picks what the head reads: "fusion", the image-grounded encoder's [ENC] state;
-    or "decoder", the caption decoder's state at the question's last token (causal, so it
-    has read the whole question while cross-attending to the image).
-    """
-
-    def __init__(self, vlp: VLPModel, answers: list[str], state: str = "fusion") -> None:
+    def __init__(self, vlp: VLPModel, answers: list[str]) -> None:
         super().__init__()
         if not answers:
             raise ConfigError("VQA answer vocabulary is empty: the train split has no answers")
-        if state not in ANSWER_STATES:
-            raise ConfigError(f"VQA answer state {state!r} is not one of {ANSWER_STATES}")
         self.vlp = vlp
         self.answers = list(answers)
-        self.state = state
         self.head = AnswerHead(vlp.text_encoder.config.hidden_size, len(self.answers))
-
-    def question_state(
-        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """[B, H] image-grounded summary of each question (see `state`)."""
-        if self.state == "fusion":
-            return self.vlp.fuse(image_embeds, input_ids, attention_mask)[:, 0]
-        ids = input_ids.clone()
-        ids[:, 0] = self.vlp.dec_token_id
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=ids.device)
-        hidden = self.vlp.text_decoder.bert(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_mask,
-            is_decoder=True,
-        ).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        return hidden[torch.arange(len(ids), device=ids.device), last]
 
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Answer logits [B, A] for (image, question) pairs."""
+        """Answer logits [B, A] for (image, question) pairs, from the fused [ENC] state."""
         image_embeds, _ = self.vlp.encode_image(pixel_values)
-        return self.head(self.question_state(image_embeds, input_ids, attention_mask))
+        fused = self.vlp.fuse(image_embeds, input_ids, attention_mask)
+        return self.head(fused[:, 0])
 
     def forward(
         self,
@@ -168,16 +139,14 @@ class VQAModel(nn.Module):
         save_model(self.head, str(Path(model_dir) / HEAD_FILE))
 
     @classmethod
-    def load(
-        cls, vlp: VLPModel, answers: list[str], model_dir: Path, state: str = "fusion"
-    ) -> VQAModel:
+    def load(cls, vlp: VLPModel, answers: list[str], model_dir: Path) -> VQAModel:
         """Rebuild a VQAModel from a VLPModel, its answer list and `model_dir/answer_head`."""
         from safetensors.torch import load_model
 
         path = Path(model_dir) / HEAD_FILE
         if not path.exists():
             raise ConfigError(f"{path}: not found; {model_dir} is not a finetuned VQA model")
-        model = cls(vlp, answers, state)
+        model = cls(vlp, answers)
         load_model(model.head, str(path), strict=True, device=str(vlp.temp.device))
         return model
 
