@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.mlflow_helpers import empty_store  # noqa: F401
 from PIL import Image
 
+from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.evaluate import evaluate

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tests.mlflow_helpers import empty_store, git_init  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
 
+from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
 from vlp.config import TASKS, Config
 from vlp.errors import RegistryError, ResultsError
 from vlp.registry import promote, promote_all, register_model, register_task_models, rollback

@@ -15,9 +15,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from tests.mlflow_helpers import free_port, http_process
 from PIL import Image
 
+from tests.mlflow_helpers import free_port, http_process
 from vlp.config import TASKS, Config
 from vlp.registry import register_model
 

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.mlflow_helpers import empty_store  # noqa: F401
 from PIL import Image
 
+from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.config import Config
 from vlp.data.adapters import import_karpathy, import_vqa
 from vlp.evaluate import evaluate

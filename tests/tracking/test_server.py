@@ -9,8 +9,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, free_port, http_process, make_standin_model
 
+from tests.mlflow_helpers import (
+    STANDIN,
+    STANDIN_LOADER,
+    free_port,
+    http_process,
+    make_standin_model,
+)
 from vlp.config import Config
 from vlp.registry import promote, register_model
 from vlp.tracking import stage_run
