@@ -116,7 +116,10 @@ def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlp", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="vlp",
+        description="vlp: pretrain, finetune, evaluate and promote vision-language models.",
+    )
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     p.add_argument("--profile", default=None, help="profile overlay, e.g. smoke")
     p.add_argument(

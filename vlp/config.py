@@ -234,6 +234,17 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {
+            "int": "an integer",
+            "float": "a number",
+            "str": "a string",
+            "bool": "true/false",
+        }.get(tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "")
+
+
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
@@ -251,7 +262,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if tp is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not _type_ok(value, tp):
-                raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+                raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
             kwargs[name] = value
     return cls(**kwargs)
 
