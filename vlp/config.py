@@ -110,6 +110,7 @@ class TaskConfig:
     beam_size: int = 3  # captioning
     max_length: int = 30  # captioning: generated tokens at most
     max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
+    head_lr_multiplier: float = 1.0  # vqa: answer head lr = lr * this
 
 
 @dataclass

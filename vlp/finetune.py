@@ -83,7 +83,9 @@ def base_model(cfg: Config, init: str) -> Any:
     return build_model(model_cfg, tokenizer, temperature=cfg.pretrain.temperature)
 
 
-def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, Any, dict]:
+def task_setup(
+    cfg: Config, task: str, vlp: Any, init: str = "pretrained"
+) -> tuple[torch.nn.Module, Any, Any, dict]:
     """(trainable module, train dataset, collate_fn, extra task.json fields) for a task."""
     from vlp.data.torch_data import PairsDataset, VQADataset
     from vlp.models import make_pretrain_collate
@@ -118,7 +120,12 @@ def task_setup(cfg: Config, task: str, vlp: Any) -> tuple[torch.nn.Module, Any, 
     dataset = VQADataset(data, TRAIN_SPLITS, size)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
-    module = VQAModel(vlp, answers)
+    module = VQAModel(
+        vlp,
+        answers,
+        head_lr_multiplier=tcfg.head_lr_multiplier,
+        freeze_image_norm=init == "pretrained",
+    )
     return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), {"answers": answers}
 
 
@@ -155,7 +162,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     t0 = time.perf_counter()
     tcfg = cfg.finetune.task(task)
     vlp = base_model(cfg, init)
-    module, dataset, collate, extra = task_setup(cfg, task, vlp)
+    module, dataset, collate, extra = task_setup(cfg, task, vlp, init)
     p = cfg.pretrain
     settings = TrainSettings.from_config(
         tcfg,

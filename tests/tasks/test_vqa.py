@@ -85,6 +85,17 @@ def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
     ]
 
 
+def test_answer_logits_depend_on_the_image(tiny_vlp) -> None:
+    from vlp.tasks.vqa import VQAModel
+
+    torch.manual_seed(0)
+    model = VQAModel(tiny_vlp, ["yes", "no"]).eval()
+    enc = tiny_vlp.tokenize(["is there a red circle?"] * 2)
+    images = torch.stack([torch.full((3, 32, 32), -1.0), torch.full((3, 32, 32), 1.0)])
+    logits = model.logits(images, enc["input_ids"], enc["attention_mask"])
+    assert not torch.allclose(logits[0], logits[1])
+
+
 def test_results_json_is_the_official_layout(tmp_path: Path) -> None:
     path = write_vqa_results({7: "yes", 3: "2"}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == [

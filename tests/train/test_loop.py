@@ -162,10 +162,25 @@ def test_warmup_cosine_schedule_and_decay_groups(tmp_path: Path) -> None:
     assert lrs[:3] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3])  # linear warmup
     progress = [(i - 3) / (total - 3) for i in range(3, total)]
     assert lrs[3:] == pytest.approx([0.05 * (1 + math.cos(math.pi * p)) for p in progress])
-    decayed, plain = param_groups(model, 0.1)
+    decayed, plain = param_groups(model, 0.1, 0.2)
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert decayed["lr"] == plain["lr"] == 0.2
     assert {p.ndim for p in decayed["params"]} == {2}
     assert any(p is model.temp for p in plain["params"])
+
+
+def test_lr_multipliers_give_a_module_its_own_rate(tmp_path: Path) -> None:
+    model = fresh_model()
+    model.lr_multipliers = {"net.0.": 10.0}
+    groups = param_groups(model, 0.1, 0.2)
+    fast = [g for g in groups if g["lr"] == pytest.approx(2.0)]
+    assert {id(p) for g in fast for p in g["params"]} == {
+        id(model.net[0].weight),
+        id(model.net[0].bias),
+    }
+    assert groups[0]["lr"] == 0.2  # the base group comes first: its lr is the one logged
+    res = train(model, make_data(), collate, settings(epochs=1), tmp_path)
+    assert res.steps > 0
 
 
 def test_losses_fall_and_history_is_complete(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """VQA as multi-label classification over the training answer vocabulary.
 
-Design: an MLP answer head on the fused [ENC] state (image-grounded question encoding),
+Design: an MLP answer head on the fused [ENC] state (image-grounded question encoding)
+concatenated with the image tower's global token,
 trained with binary cross-entropy against VQA soft scores min(1, count/3) of each
 candidate answer among the 10 annotator answers (UNITER/ALBEF-style classifier). A
 generative answer decoder (BLIP) was not chosen: the answer space here is closed and small,
@@ -77,7 +78,7 @@ def soft_targets(
 
 
 class AnswerHead(nn.Module):
-    """Two-layer MLP from the fused [ENC] state to one logit per vocabulary answer."""
+    """Two-layer MLP from a pair feature (`hidden_size` wide) to one logit per vocabulary answer."""
 
     def __init__(self, hidden_size: int, num_answers: int) -> None:
         super().__init__()
@@ -95,21 +96,46 @@ class AnswerHead(nn.Module):
 class VQAModel(nn.Module):
     """A VLPModel plus an answer head; `forward(**batch)` returns the soft-score BCE loss."""
 
-    def __init__(self, vlp: VLPModel, answers: list[str]) -> None:
+    def __init__(
+        self,
+        vlp: VLPModel,
+        answers: list[str],
+        head_lr_multiplier: float = 1.0,
+        freeze_image_norm: bool = False,
+    ) -> None:
         super().__init__()
         if not answers:
             raise ConfigError("VQA answer vocabulary is empty: the train split has no answers")
         self.vlp = vlp
         self.answers = list(answers)
-        self.head = AnswerHead(vlp.text_encoder.config.hidden_size, len(self.answers))
+        # The head starts from random weights and needs a much larger step than the
+        # pretrained body, which a single learning rate would either overwrite or starve.
+        self.lr_multipliers = {"head.": head_lr_multiplier}
+        self.freeze_image_norm = freeze_image_norm
+        # Input: fused [ENC] state + global image token. The fused state alone is dominated
+        # by the question (cross-attention contributes little after pretraining), so the
+        # head would learn answer priors; the direct image token gives it the scene too.
+        self.head = AnswerHead(2 * vlp.text_encoder.config.hidden_size, len(self.answers))
+
+    def train(self, mode: bool = True) -> VQAModel:
+        """Train mode; with `freeze_image_norm` the image tower's BatchNorm keeps its statistics."""
+        super().train(mode)
+        if self.freeze_image_norm:
+            # Six questions per image make VQA batches repeat images: re-estimating the
+            # pretrained BatchNorm statistics from them shifts the image tokens the fusion
+            # encoder was pretrained on.
+            for module in self.vlp.image_tower.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(False)
+        return self
 
     def logits(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Answer logits [B, A] for (image, question) pairs, from the fused [ENC] state."""
+        """Answer logits [B, A] for (image, question) pairs: fused [ENC] + global image token."""
         image_embeds, _ = self.vlp.encode_image(pixel_values)
         fused = self.vlp.fuse(image_embeds, input_ids, attention_mask)
-        return self.head(fused[:, 0])
+        return self.head(torch.cat([fused[:, 0], image_embeds[:, 0]], dim=-1))
 
     def forward(
         self,

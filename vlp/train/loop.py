@@ -139,18 +139,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if supported else None
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only, never biases, norms or a learned temperature."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only, never biases, norms or a learned temperature.
+
+    A model may set `lr_multipliers = {"name.prefix.": factor}` to train some parameters
+    (e.g. a freshly initialised task head on a pretrained body) at `factor * lr`.
+    """
+    multipliers: dict[str, float] = dict(getattr(model, "lr_multipliers", {}) or {})
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # Biases and norm weights are 1-D, a temperature / logit scale is 0-D.
         skip = p.ndim < 2 or "temp" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
+        factor = next((f for pre, f in multipliers.items() if name.startswith(pre)), 1.0)
+        groups.setdefault((float(factor), skip), []).append(p)
+    # The first group is the base rate: the loop logs its lr.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": ps, "weight_decay": 0.0 if skip else weight_decay, "lr": lr * factor}
+        for (factor, skip), ps in groups.items()
     ]
 
 
@@ -227,7 +234,7 @@ def train(
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(s.seed + rank)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=s.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr), lr=s.lr)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
