@@ -490,18 +490,26 @@ def make_pretrain_collate(
     """
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(
-            [it["caption"] for it in items],
-            padding="longest",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "image_ids": torch.tensor([image_id_key(it["image_id"]) for it in items]),
-        }
+        batch = collate_images_and_texts(items, "caption", tokenizer, max_length)
+        batch["image_ids"] = torch.tensor([image_id_key(it["image_id"]) for it in items])
+        return batch
 
     return collate
+
+
+def collate_images_and_texts(
+    items: list[dict[str, Any]], text_key: str, tokenizer: Any, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Stack items' pixel_values and tokenize their `text_key` texts, padded to the longest."""
+    enc = tokenizer(
+        [it[text_key] for it in items],
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+    }

@@ -187,19 +187,11 @@ def make_vqa_collate(
     index = {a: i for i, a in enumerate(answers)}
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(
-            [it["question"] for it in items],
-            padding="longest",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "targets": soft_targets([it["answers"] for it in items], index, normalize),
-        }
+        from vlp.models.vlp_model import collate_images_and_texts
+
+        batch = collate_images_and_texts(items, "question", tokenizer, max_length)
+        batch["targets"] = soft_targets([it["answers"] for it in items], index, normalize)
+        return batch
 
     return collate
 
