@@ -120,6 +120,11 @@ def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
         assert set(results[0]) == {"image_id", "caption"}
     else:
         assert set(doc["pretrained"]) >= {"overall", "type_yes/no", "type_number", "type_other"}
+        from vlp.data.manifest import read_vqa
+
+        test_types = set(read_vqa(cfg.data.root, "test")["question_type"])
+        qtypes = {k for k in doc["pretrained"] if k.startswith("qtype_")}
+        assert qtypes == {"qtype_" + "_".join(t.split()) for t in test_types}
         answers = set(json.loads((model_dir(cfg, task) / "task.json").read_text())["answers"])
         assert set(results[0]) == {"question_id", "answer"}
         assert {r["answer"] for r in results} <= answers

@@ -184,7 +184,7 @@ def evaluate_captioning(cfg: Config, model_path: Path) -> TaskEval:
 
 @torch.no_grad()
 def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
-    """Official VQA accuracy (overall and per answer type) of the answer head's predictions."""
+    """Official VQA accuracy (overall, per answer type, per question type) of the answer head."""
     from vlp.data.manifest import resolve_image
     from vlp.data.torch_data import VQADataset
     from vlp.metrics.vqa import vqa_accuracy
@@ -218,6 +218,11 @@ def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
     )
     metrics = {"overall": float(scores["overall"])}
     metrics.update({f"type_{k}": float(v) for k, v in scores["perAnswerType"].items()})
+    # per question type ("what color is the" -> qtype_what_color_is_the), as the official
+    # script's perQuestionType: shows which skills (colour, shape, counting) a model lacks
+    metrics.update(
+        {f"qtype_{'_'.join(k.split())}": float(v) for k, v in scores["perQuestionType"].items()}
+    )
     results = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
     rows = [{"answer_type": "overall", "accuracy": metrics["overall"]}] + [
         {"answer_type": k, "accuracy": float(v)} for k, v in sorted(scores["perAnswerType"].items())
