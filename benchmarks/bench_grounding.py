@@ -36,11 +36,22 @@ WORD_GROUPS = {
 
 @torch.no_grad()
 def attribute_accuracy(
-    model: VLPModel, data_dir: Path, image_size: int, batch_size: int = 256
+    model: VLPModel,
+    data_dir: Path,
+    image_size: int,
+    batch_size: int = 256,
+    first_only: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """{group: {"accuracy", "chance", "n"}} of teacher-forced next-token predictions."""
+    """{group: {"accuracy", "chance", "n"}} of teacher-forced next-token predictions.
+
+    `first_only` reads only each test image's first caption (lowest caption_id).
+    """
     model.eval()
     pairs = PairsDataset(data_dir, "test", image_size)
+    rows = range(len(pairs))
+    if first_only:
+        frame = pairs.frame.reset_index(drop=True)
+        rows = sorted(int(i) for i in frame.groupby("image_id")["caption_id"].idxmin())
     group_ids = {}
     for group, words in WORD_GROUPS.items():
         ids = model.tokenizer.convert_tokens_to_ids(words)
@@ -49,8 +60,8 @@ def attribute_accuracy(
         group_ids[group] = torch.tensor(ids)
     hits = {g: 0 for g in WORD_GROUPS}
     totals = {g: 0 for g in WORD_GROUPS}
-    for start in range(0, len(pairs), batch_size):
-        items = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
+    for start in range(0, len(rows), batch_size):
+        items = [pairs[i] for i in rows[start : start + batch_size]]
         image_embeds, _ = model.encode_image(torch.stack([it["pixel_values"] for it in items]))
         enc = model.tokenize([it["caption"] for it in items])
         ids = enc["input_ids"].clone()
