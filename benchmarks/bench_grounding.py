@@ -34,6 +34,12 @@ WORD_GROUPS = {
 }
 
 
+def first_caption_rows(frame) -> list[int]:
+    """Row positions of each image's first caption (lowest caption_id) in a pairs frame."""
+    first = frame.reset_index(drop=True).groupby("image_id")["caption_id"].idxmin()
+    return sorted(int(i) for i in first)
+
+
 @torch.no_grad()
 def attribute_accuracy(
     model: VLPModel,
@@ -48,10 +54,7 @@ def attribute_accuracy(
     """
     model.eval()
     pairs = PairsDataset(data_dir, "test", image_size)
-    rows = range(len(pairs))
-    if first_only:
-        frame = pairs.frame.reset_index(drop=True)
-        rows = sorted(int(i) for i in frame.groupby("image_id")["caption_id"].idxmin())
+    rows = first_caption_rows(pairs.frame) if first_only else range(len(pairs))
     group_ids = {}
     for group, words in WORD_GROUPS.items():
         ids = model.tokenizer.convert_tokens_to_ids(words)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_grounding import attribute_accuracy
+from bench_grounding import attribute_accuracy, first_caption_rows
 from torch.utils.data import Subset
 
 from vlp.config import load_config
@@ -39,12 +39,6 @@ from vlp.pretrain import corpus
 from vlp.train.loop import TrainSettings, train
 
 LM_ONLY = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
-
-
-def first_caption_rows(frame) -> list[int]:
-    """Row positions of each image's first caption (lowest caption_id)."""
-    first = frame.reset_index(drop=True).groupby("image_id")["caption_id"].idxmin()
-    return sorted(int(i) for i in first)
 
 
 def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
