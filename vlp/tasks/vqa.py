@@ -184,11 +184,11 @@ def make_vqa_collate(
     normalize: Callable[[str], str] = normalize_answer,
 ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """Collate VQADataset items into {pixel_values, input_ids, attention_mask, targets}."""
+    from vlp.models.vlp_model import collate_images_and_texts
+
     index = {a: i for i, a in enumerate(answers)}
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from vlp.models.vlp_model import collate_images_and_texts
-
         batch = collate_images_and_texts(items, "question", tokenizer, max_length)
         batch["targets"] = soft_targets([it["answers"] for it in items], index, normalize)
         return batch
