@@ -34,12 +34,6 @@ WORD_GROUPS = {
 }
 
 
-def first_caption_rows(frame) -> list[int]:
-    """Row positions of each image's first caption (lowest caption_id) in a pairs frame."""
-    first = frame.reset_index(drop=True).groupby("image_id")["caption_id"].idxmin()
-    return sorted(int(i) for i in first)
-
-
 @torch.no_grad()
 def attribute_accuracy(
     model: VLPModel,
@@ -50,11 +44,11 @@ def attribute_accuracy(
 ) -> dict[str, dict[str, float]]:
     """{group: {"accuracy", "chance", "n"}} of teacher-forced next-token predictions.
 
-    `first_only` reads only each test image's first caption (lowest caption_id).
+    `first_only` reads only each test image's first caption (in manifest order).
     """
     model.eval()
-    pairs = PairsDataset(data_dir, "test", image_size)
-    rows = first_caption_rows(pairs.frame) if first_only else range(len(pairs))
+    pairs = PairsDataset(data_dir, "test", image_size, first_caption_only=first_only)
+    rows = range(len(pairs))
     group_ids = {}
     for group, words in WORD_GROUPS.items():
         ids = model.tokenizer.convert_tokens_to_ids(words)

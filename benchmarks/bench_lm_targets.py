@@ -29,8 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_grounding import attribute_accuracy, first_caption_rows
-from torch.utils.data import Subset
+from bench_grounding import attribute_accuracy
 
 from vlp.config import load_config
 from vlp.data.torch_data import PairsDataset
@@ -42,8 +41,8 @@ LM_ONLY = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
 
 
 def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
-    pairs = PairsDataset(data, "pretrain", cfg.data.image_size)
-    dataset = pairs if arm == "all" else Subset(pairs, first_caption_rows(pairs.frame))
+    # "first" is what pretrain.caption_warmup_steps trains on
+    dataset = PairsDataset(data, "pretrain", cfg.data.image_size, first_caption_only=arm == "first")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
     model.loss_weights = dict(LM_ONLY)

@@ -45,7 +45,11 @@ def test_pretrain_writes_model_metrics_plots_and_run(cfg: Config, tmp_path: Path
     assert model.loss_weights == {"itc": 1.0, "itm": 1.0, "lm": 1.0}
 
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
-    assert metrics["steps"] == cfg.pretrain.max_steps
+    warm, joint = cfg.pretrain.caption_warmup_steps, cfg.pretrain.max_steps
+    assert warm > 0  # the smoke profile runs both phases
+    assert metrics["steps"] == joint
+    assert metrics["caption_warmup_steps"] == warm
+    assert metrics["caption_warmup_loss_lm_first"] > 0
     for key in ("loss", "loss_itc", "loss_itm", "loss_lm"):
         assert metrics[f"{key}_first"] > 0 and metrics[f"{key}_last"] > 0
     for key in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@5"):
@@ -53,8 +57,11 @@ def test_pretrain_writes_model_metrics_plots_and_run(cfg: Config, tmp_path: Path
     assert metrics["zeroshot_chance_t2i_R@1"] == pytest.approx(100 / cfg.data.n_test)
 
     rows = list(csv.DictReader((tmp_path / "plots" / "pretrain_loss.csv").open()))
-    assert [int(r["step"]) for r in rows] == list(range(1, cfg.pretrain.max_steps + 1))
+    assert [int(r["step"]) for r in rows] == list(range(1, warm + joint + 1))
     assert set(rows[0]) == {"step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr"}
+    # the caption warm-up trains the LM alone; the joint phase all three objectives
+    assert all(r["loss_itc"] == "" and r["loss"] == r["loss_lm"] for r in rows[:warm])
+    assert all(float(r["loss_itc"]) > 0 for r in rows[warm:])
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = [
@@ -63,7 +70,9 @@ def test_pretrain_writes_model_metrics_plots_and_run(cfg: Config, tmp_path: Path
         if r.data.tags.get("vlp.stage") == "pretrain"
     ]
     history = client.get_metric_history(run.info.run_id, "loss_itc")
-    assert [m.step for m in history] == list(range(1, cfg.pretrain.max_steps + 1))
+    assert [m.step for m in history] == list(range(warm + 1, warm + joint + 1))
+    history = client.get_metric_history(run.info.run_id, "loss_lm")
+    assert [m.step for m in history] == list(range(1, warm + joint + 1))
     assert run.data.params["pretrain.lr"] == str(cfg.pretrain.lr)
     assert "vlp.git_commit" in run.data.tags
     assert "zeroshot_t2i_R_at_1" in run.data.metrics
@@ -90,4 +99,26 @@ def test_pretrain_resume_after_kill_matches_uninterrupted(cfg: Config, tmp_path:
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     rows = (tmp_path / "plots" / "pretrain_loss.csv").read_text().splitlines()
-    assert len(rows) == 1 + cfg.pretrain.max_steps  # history of steps 1-2 came from the checkpoint
+    # the warm-up's and steps 1-2's history came from the checkpoints
+    assert len(rows) == 1 + cfg.pretrain.caption_warmup_steps + cfg.pretrain.max_steps
+
+
+def test_warmup_sees_one_caption_per_image(smoke_data: Path) -> None:
+    from vlp.data.manifest import read_pairs
+    from vlp.data.torch_data import PairsDataset
+
+    pairs = read_pairs(smoke_data, "pretrain")
+    firsts = PairsDataset(smoke_data, "pretrain", 32, first_caption_only=True)
+    assert len(firsts) == pairs["image_id"].nunique() < len(pairs)
+    first_of = pairs.groupby("image_id", sort=False)["caption"].first()
+    assert [it["caption"] for it in firsts] == [first_of[it["image_id"]] for it in firsts]
+
+
+def test_negative_warmup_is_a_config_error(cfg: Config) -> None:
+    from vlp.errors import ConfigError
+
+    bad = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, caption_warmup_steps=-1)
+    )
+    with pytest.raises(ConfigError, match="caption_warmup_steps: must be >= 0"):
+        pretrain(bad)

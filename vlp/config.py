@@ -94,6 +94,9 @@ class PretrainConfig:
     checkpoint_every: int = 200
     num_workers: int = 0
     log_every: int = 10
+    # Steps of a captioning-only phase before the joint one: the LM alone, on each image's
+    # first caption (0 = none). It teaches the image tower what the objects are quickly.
+    caption_warmup_steps: int = 0
 
 
 @dataclass
@@ -110,7 +113,10 @@ class TaskConfig:
     beam_size: int = 3  # captioning
     max_length: int = 30  # captioning: generated tokens at most
     max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
-    head_lr_multiplier: float = 1.0  # vqa: answer head lr = lr * this
+    head_lr_multiplier: float = 1.0  # vqa: answer decoder + classifier lr = lr * this
+    freeze_encoders: bool = False  # vqa: keep the image tower and text encoder as given
+    answer_layers: int = 2  # vqa: layers of the answer decoder
+    answer_heads: int = 8  # vqa: attention heads of the answer decoder
 
 
 @dataclass

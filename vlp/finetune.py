@@ -125,8 +125,12 @@ def task_setup(
         answers,
         head_lr_multiplier=tcfg.head_lr_multiplier,
         freeze_image_norm=init == "pretrained",
+        freeze_encoders=tcfg.freeze_encoders,
+        answer_layers=tcfg.answer_layers,
+        answer_heads=tcfg.answer_heads,
     )
-    return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), {"answers": answers}
+    extra = {"answers": answers, "freeze_encoders": tcfg.freeze_encoders, **module.architecture()}
+    return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), extra
 
 
 def loss_csv(history: list[dict[str, float]]) -> str:

@@ -3,7 +3,14 @@
 Reads the "pretrain" pairs of `data.root`, writes the model (`save_pretrained`) to
 `pretrain.out_dir`, `metrics/pretrain.json` (loss start/end, zero-shot retrieval on the
 "test" split against chance, throughput) and `plots/pretrain_loss.csv`, and logs an
-MLflow stage run with every step's losses. Under `torchrun` rank 0 does all file I/O and
+MLflow stage run with every step's losses.
+
+With `pretrain.caption_warmup_steps` > 0 a captioning-only phase comes first: the LM
+alone, on each image's first caption. One caption per image, always the same, gives the
+decoder a fixed target to read the image for, and the image tower learns what the objects
+are several times faster than from all captions with all objectives. The joint ITC + ITM +
+LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
+the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's. Under `torchrun` rank 0 does all file I/O and
 logging; training is data parallel across ranks.
 """
 
@@ -20,6 +27,7 @@ from typing import Any
 import torch
 
 from vlp.config import Config
+from vlp.errors import ConfigError
 from vlp.io import atomic_write_json, atomic_write_text
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
@@ -120,8 +128,21 @@ def _plot_csv(history: list[dict[str, float]]) -> str:
     return buf.getvalue()
 
 
-def _summary(result: TrainResult, zero_shot: dict[str, float], wall_s: float) -> dict[str, Any]:
+def _summary(
+    result: TrainResult,
+    zero_shot: dict[str, float],
+    wall_s: float,
+    warmup: TrainResult | None = None,
+) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
+    if warmup is not None:
+        first, last = smoothed_ends(warmup.history, "loss_lm")
+        metrics.update(
+            caption_warmup_steps=warmup.steps,
+            caption_warmup_s=warmup.wall_s,
+            caption_warmup_loss_lm_first=first,
+            caption_warmup_loss_lm_last=last,
+        )
     for key in LOSS_KEYS:
         if any(key in h for h in result.history):
             first, last = smoothed_ends(result.history, key)
@@ -144,13 +165,17 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
 
     t0 = time.perf_counter()
     p = cfg.pretrain
+    if p.caption_warmup_steps < 0:
+        raise ConfigError(
+            f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
+        )
     out_dir = Path(p.out_dir)
     with distributed() as info:
         dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
         tokenizer = _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        model.loss_weights = {"itc": p.itc_weight, "itm": p.itm_weight, "lm": p.lm_weight}
+        joint_weights = {"itc": p.itc_weight, "itm": p.itm_weight, "lm": p.lm_weight}
         settings = TrainSettings.from_config(p, seed=cfg.seed)
         collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 
@@ -169,14 +194,34 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             run_ctx = nullcontext(None)
         with run_ctx as run:
             pending: list[tuple[int, dict[str, float]]] = []
+            offset = 0  # MLflow steps continue across the two phases
 
             def on_log(metrics: dict[str, float], step: int) -> None:
-                pending.append((step, metrics))
+                pending.append((offset + step, metrics))
                 if len(pending) >= LOG_FLUSH_STEPS:
                     run.log_steps(pending)
                     pending.clear()
 
+            warmup: TrainResult | None = None
             try:
+                if p.caption_warmup_steps > 0:
+                    firsts = PairsDataset(
+                        cfg.data.root, "pretrain", cfg.data.image_size, first_caption_only=True
+                    )
+                    model.loss_weights = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+                    warmup = train(
+                        model,
+                        firsts,
+                        collate,
+                        TrainSettings.from_config(
+                            p, seed=cfg.seed, max_steps=p.caption_warmup_steps
+                        ),
+                        work_dir(cfg) / "caption_warmup",
+                        resume=resume,
+                        on_log=on_log if run else None,
+                    )
+                    offset = warmup.steps
+                model.loss_weights = joint_weights
                 result = train(
                     model,
                     dataset,
@@ -191,12 +236,17 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     run.log_steps(pending)  # also when training failed: keep what it logged
             if info.is_main:
                 zero_shot = zero_shot_retrieval(model, cfg)
-                metrics = _summary(result, zero_shot, time.perf_counter() - t0)
+                metrics = _summary(result, zero_shot, time.perf_counter() - t0, warmup)
+                history = result.history
+                if warmup is not None:
+                    history = warmup.history + [
+                        {**h, "step": warmup.steps + h["step"]} for h in result.history
+                    ]
                 metrics_path = Path(cfg.evaluate.metrics_dir) / "pretrain.json"
                 plot_path = Path(cfg.evaluate.plots_dir) / "pretrain_loss.csv"
                 model.save_pretrained(out_dir)
                 atomic_write_json(metrics_path, metrics)
-                atomic_write_text(plot_path, _plot_csv(result.history))
+                atomic_write_text(plot_path, _plot_csv(history))
                 # MLflow rejects "@" in metric names: i2t_R@1 -> i2t_R_at_1 (as evaluate does)
                 run.log_metrics(
                     {

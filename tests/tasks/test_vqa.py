@@ -49,9 +49,33 @@ def test_collate_tokenises_questions_and_builds_targets(tiny_tokenizer) -> None:
     torch.testing.assert_close(batch["targets"], torch.tensor([[1.0, 0.0], [0.0, 2 / 3]]))
 
 
-def test_answer_head_maps_hidden_state_to_one_logit_per_answer() -> None:
-    head = AnswerHead(hidden_size=16, num_answers=7)
-    assert head(torch.randn(4, 16)).shape == (4, 7)
+def test_answer_head_reads_a_square_token_grid_and_gives_one_logit_per_answer() -> None:
+    head = AnswerHead(hidden_size=16, num_answers=7, num_layers=2, num_heads=4)
+    question, mask = torch.randn(4, 5, 16), torch.ones(4, 5, dtype=torch.long)
+    for grid in (2, 3, 4):  # any image size: the position grid is resized
+        assert head(torch.randn(4, 1 + grid * grid, 16), question, mask).shape == (4, 7)
+    with pytest.raises(ConfigError, match="square grid; got 6 tokens"):
+        head(torch.randn(4, 6, 16), question, mask)
+
+
+def test_answer_head_ignores_question_padding() -> None:
+    torch.manual_seed(0)
+    head = AnswerHead(hidden_size=16, num_answers=3, num_heads=4).eval()
+    image, question = torch.randn(1, 10, 16), torch.randn(1, 4, 16)
+    padded = torch.cat([question, torch.randn(1, 3, 16)], dim=1)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0]])
+    torch.testing.assert_close(
+        head(image, question, torch.ones(1, 4, dtype=torch.long)), head(image, padded, mask)
+    )
+
+
+@pytest.mark.parametrize(
+    ("layers", "heads", "message"),
+    [(0, 4, "answer_layers: must be >= 1"), (2, 5, "answer_heads: 5 does not divide")],
+)
+def test_bad_answer_decoder_shape_is_a_config_error(layers: int, heads: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AnswerHead(hidden_size=16, num_answers=3, num_layers=layers, num_heads=heads)
 
 
 def test_empty_vocab_is_a_config_error(tiny_vlp) -> None:
@@ -102,3 +126,51 @@ def test_results_json_is_the_official_layout(tmp_path: Path) -> None:
         {"answer": "2", "question_id": 3},
         {"answer": "yes", "question_id": 7},
     ]
+
+
+def _batch(vlp) -> dict[str, torch.Tensor]:
+    enc = vlp.tokenize(["is there a red circle?", "how many shapes are there?"])
+    return {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        **enc,
+        "targets": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+    }
+
+
+def test_frozen_encoders_stay_as_given_while_the_answer_decoder_learns(tiny_vlp) -> None:
+    from vlp.tasks.vqa import VQAModel
+
+    torch.manual_seed(0)
+    model = VQAModel(tiny_vlp, ["yes", "no", "2"], freeze_encoders=True).train()
+    before = {k: v.clone() for k, v in tiny_vlp.state_dict().items()}  # BatchNorm stats too
+    head_before = [p.detach().clone() for p in model.head.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.head.parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**_batch(tiny_vlp))["loss"].backward()
+        opt.step()
+    for key, value in tiny_vlp.state_dict().items():
+        torch.testing.assert_close(value, before[key], msg=key)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters(), strict=True)
+    )
+
+
+def test_saved_answer_decoder_loads_with_its_architecture(tiny_vlp, tmp_path: Path) -> None:
+    from vlp.tasks.vqa import VQAModel, architecture_from_info
+
+    torch.manual_seed(0)
+    model = VQAModel(tiny_vlp, ["yes", "no"], answer_layers=1, answer_heads=4).eval()
+    model.save_head(tmp_path)
+    arch = architecture_from_info(model.architecture(), tmp_path)
+    assert arch == {"answer_layers": 1, "answer_heads": 4}
+    loaded = VQAModel.load(tiny_vlp, ["yes", "no"], tmp_path, **arch).eval()
+    batch = _batch(tiny_vlp)
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(loaded.logits(*args), model.logits(*args))
+    with pytest.raises(ConfigError, match="does not match the answer decoder"):
+        VQAModel.load(tiny_vlp, ["yes", "no"], tmp_path, answer_layers=2, answer_heads=4)
+    with pytest.raises(ConfigError, match="answer_heads must be an integer"):
+        architecture_from_info({"answer_heads": "4"}, tmp_path)

@@ -66,11 +66,22 @@ class _ImageCache:
 
 
 class PairsDataset(Dataset):
-    """One item per caption: pixel_values, caption, image_id, caption_id."""
+    """One item per caption: pixel_values, caption, image_id, caption_id.
 
-    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+    With `first_caption_only`, one item per image: its first caption in manifest order.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: Splits,
+        image_size: int,
+        first_caption_only: bool = False,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.frame: pd.DataFrame = read_pairs(self.data_dir, split)
+        if first_caption_only:
+            self.frame = self.frame.drop_duplicates("image_id").reset_index(drop=True)
         if self.frame.empty:
             raise DataError(f"{self.data_dir}: no caption pairs in split {split!r}")
         self._images = _ImageCache(self.data_dir, image_size)

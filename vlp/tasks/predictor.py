@@ -170,9 +170,11 @@ def load(model_dir: Path, device: str = "cpu") -> Predictor:
         return RetrievalPredictor(model, info)
     if info["task"] == "captioning":
         return CaptioningPredictor(model, info)
-    from vlp.tasks.vqa import VQAModel
+    from vlp.tasks.vqa import VQAModel, architecture_from_info
 
     answers = info.get("answers")
     if not isinstance(answers, list) or not answers:
         raise ConfigError(f"{model_dir}/task.json: a VQA model needs a non-empty 'answers' list")
-    return VQAPredictor(VQAModel.load(model, [str(a) for a in answers], model_dir), info)
+    arch = architecture_from_info(info, model_dir)
+    vqa = VQAModel.load(model, [str(a) for a in answers], model_dir, **arch)
+    return VQAPredictor(vqa, info)
