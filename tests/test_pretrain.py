@@ -103,6 +103,32 @@ def test_pretrain_resume_after_kill_matches_uninterrupted(cfg: Config, tmp_path:
     assert len(rows) == 1 + cfg.pretrain.caption_warmup_steps + cfg.pretrain.max_steps
 
 
+def test_resume_after_kill_in_the_caption_warmup_matches_uninterrupted(
+    cfg: Config, tmp_path: Path
+) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vlp.pretrain import work_dir
+
+    cfg = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, caption_warmup_steps=4)
+    )
+    out = pretrain(cfg)
+    full = load_file(out / "model.safetensors")
+    warm = work_dir(cfg) / "caption_warmup" / "checkpoints"
+    assert sorted(c.name for c in warm.iterdir()) == ["step-00000002", "step-00000004"]
+    # a kill between warm-up steps 2 and 4: the joint phase never started
+    shutil.rmtree(warm / "step-00000004")
+    shutil.rmtree(work_dir(cfg) / "checkpoints")
+    shutil.rmtree(out)
+    pretrain(cfg, resume=True)
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_warmup_sees_one_caption_per_image(smoke_data: Path) -> None:
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import PairsDataset
