@@ -10,8 +10,10 @@ alone, on each image's first caption. One caption per image, always the same, gi
 decoder a fixed target to read the image for, and the image tower learns what the objects
 are several times faster than from all captions with all objectives. The joint ITC + ITM +
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
-the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's. Under `torchrun` rank 0 does all file I/O and
-logging; training is data parallel across ranks.
+the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's.
+
+Under `torchrun` rank 0 does all file I/O and logging; training is data parallel across
+ranks.
 """
 
 from __future__ import annotations
