@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Subset
 
 from vlp.config import load_config
 from vlp.data.torch_data import VQADataset
+from vlp.finetune import task_setup
 from vlp.metrics.vqa import vqa_accuracy
 from vlp.models import VLPModel
-from vlp.tasks.vqa import VQAModel, build_answer_vocab, make_vqa_collate
+from vlp.tasks.vqa import VQAModel
 from vlp.train.loop import TrainSettings, train
 
 
@@ -76,27 +77,16 @@ def accuracy(model: VQAModel, dataset, collate, limit: int | None = None) -> dic
 
 def run_arm(arm: str, args: argparse.Namespace, cfg) -> dict:
     tcfg = cfg.finetune.vqa
-    size, data = cfg.data.image_size, cfg.data.root
-    train_set = VQADataset(data, ("train",), size)
-    test_set = VQADataset(data, "test", size)
-    answers = build_answer_vocab(train_set.frame["answers"], tcfg.max_answers)
     vlp = VLPModel.from_pretrained(args.model)
-    torch.manual_seed(cfg.seed + 1)
+    # the training set, answer vocabulary and collate of `vlp finetune vqa`
+    model, train_set, collate, _ = task_setup(cfg, "vqa", vlp)
+    lr = tcfg.lr
     if arm == "fusion":
-        model: VQAModel = FusionHeadVQA(vlp, answers, head_lr_multiplier=15.0)
+        vlp.requires_grad_(True)  # task_setup froze the encoders for the answer decoder
+        torch.manual_seed(cfg.seed + 1)
+        model = FusionHeadVQA(vlp, model.answers, head_lr_multiplier=15.0)
         lr = args.lr_fusion
-    else:
-        model = VQAModel(
-            vlp,
-            answers,
-            head_lr_multiplier=tcfg.head_lr_multiplier,
-            freeze_image_norm=True,
-            freeze_encoders=tcfg.freeze_encoders,
-            answer_layers=tcfg.answer_layers,
-            answer_heads=tcfg.answer_heads,
-        )
-        lr = tcfg.lr
-    collate = make_vqa_collate(vlp.tokenizer, cfg.model.max_text_length, answers)
+    test_set = VQADataset(cfg.data.root, "test", cfg.data.image_size)
     settings = TrainSettings.from_config(
         tcfg,
         seed=cfg.seed,

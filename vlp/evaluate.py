@@ -190,13 +190,12 @@ def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
     from vlp.metrics.vqa import vqa_accuracy
     from vlp.models import VLPModel
     from vlp.tasks import read_task_info
-    from vlp.tasks.vqa import VQAModel, architecture_from_info
+    from vlp.tasks.vqa import load_vqa_model
 
     split, data = cfg.evaluate.split, eval_data(cfg)
     info = read_task_info(model_path)
     vlp = VLPModel.from_pretrained(model_path, device=_device(cfg))
-    arch = architecture_from_info(info, model_path)
-    model = VQAModel.load(vlp, list(info["answers"]), model_path, **arch).eval()
+    model = load_vqa_model(vlp, info, model_path).eval()
     dataset = VQADataset(data, split, cfg.data.image_size)
     predictions: dict[int, str] = {}
     for batch in _loader(dataset, cfg):

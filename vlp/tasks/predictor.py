@@ -170,11 +170,7 @@ def load(model_dir: Path, device: str = "cpu") -> Predictor:
         return RetrievalPredictor(model, info)
     if info["task"] == "captioning":
         return CaptioningPredictor(model, info)
-    from vlp.tasks.vqa import VQAModel, architecture_from_info
+    from vlp.tasks.vqa import load_vqa_model
 
-    answers = info.get("answers")
-    if not isinstance(answers, list) or not answers:
-        raise ConfigError(f"{model_dir}/task.json: a VQA model needs a non-empty 'answers' list")
-    arch = architecture_from_info(info, model_dir)
-    vqa = VQAModel.load(model, [str(a) for a in answers], model_dir, **arch)
+    vqa = load_vqa_model(model, info, model_dir)
     return VQAPredictor(vqa, info)

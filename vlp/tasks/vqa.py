@@ -271,6 +271,15 @@ def architecture_from_info(info: dict[str, Any], where: str | os.PathLike) -> di
     return arch
 
 
+def load_vqa_model(vlp: VLPModel, info: dict[str, Any], model_dir: Path) -> VQAModel:
+    """The VQAModel of a finetuned model directory, given its task.json `info`."""
+    answers = info.get("answers")
+    if not isinstance(answers, list) or not answers:
+        raise ConfigError(f"{model_dir}/task.json: a VQA model needs a non-empty 'answers' list")
+    arch = architecture_from_info(info, model_dir)
+    return VQAModel.load(vlp, [str(a) for a in answers], model_dir, **arch)
+
+
 def make_vqa_collate(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
