@@ -234,3 +234,28 @@ def test_errors_name_the_missing_input(cfg: Config, tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="nope"):
         finetune(missing, "retrieval")
+
+
+@pytest.mark.parametrize("protocol", ["official", "lavis"])
+def test_vqa_evaluation_scores_and_records_its_protocol(
+    cfg: Config, protocol: str, tmp_path: Path
+) -> None:
+    from vlp.data.manifest import read_vqa
+    from vlp.metrics.vqa import vqa_accuracy
+
+    cfg = dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, ablation=False),
+        evaluate=dataclasses.replace(cfg.evaluate, vqa_protocol=protocol),
+    )
+    finetune(cfg, "vqa")
+    doc = evaluate(cfg, "vqa")
+    results = json.loads((tmp_path / "results" / "vqa" / "pretrained.json").read_text())
+    frame = read_vqa(cfg.data.root, cfg.evaluate.split)
+    expected = vqa_accuracy(
+        {r["question_id"]: r["answer"] for r in results},
+        {int(q): list(a) for q, a in zip(frame["question_id"], frame["answers"], strict=True)},
+        protocol=protocol,
+    )
+    assert doc["overall"] == expected["overall"]
+    assert _runs(tmp_path)["evaluate-vqa"].data.params["vqa_protocol"] == protocol

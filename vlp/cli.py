@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlp.config import TASKS, Config, load_config
+from vlp.config import TASKS, VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
 
 
@@ -67,7 +67,7 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
         scores = files.score_caption_files(Path(args.results), Path(args.annotations))
     elif args.kind == "vqa":
         scores = files.score_vqa_files(
-            Path(args.results), Path(args.questions), Path(args.annotations)
+            Path(args.results), Path(args.questions), Path(args.annotations), args.protocol
         )
     else:
         scores = files.score_retrieval_files(
@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--results", required=True)
     k.add_argument("--questions", required=True)
     k.add_argument("--annotations", required=True)
+    k.add_argument(
+        "--protocol",
+        choices=VQA_PROTOCOLS,
+        default="official",
+        help="answer normalisation: the official VQA v2 script today (default) or the copy "
+        "LAVIS/BLIP/ALBEF ship",
+    )
     k.add_argument("--out", default=None)
     k = kind.add_parser("retrieval", help="recall@K from an image x text similarity matrix")
     k.add_argument("--similarity", required=True)

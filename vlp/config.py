@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -135,6 +135,11 @@ class FinetuneConfig:
         return getattr(self, name)
 
 
+# The VQA accuracy protocols of vlp.metrics.vqa (kept here so the CLI need not import torch).
+VQAProtocol = Literal["official", "lavis"]
+VQA_PROTOCOLS: tuple[str, ...] = typing.get_args(VQAProtocol)
+
+
 @dataclass
 class EvaluateConfig:
     """Where evaluation writes metrics, plots and results files."""
@@ -146,6 +151,7 @@ class EvaluateConfig:
     split: str = "test"  # the manifest split every task is evaluated on
     data_root: str | None = None  # dataset to evaluate on; None: data.root
     num_examples: int = 8  # qualitative examples logged per task
+    vqa_protocol: VQAProtocol = "official"  # answer normalisation (vlp.metrics.vqa)
 
 
 @dataclass
@@ -222,6 +228,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
@@ -242,6 +250,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if isinstance(tp, type):
         return {
             "int": "an integer",

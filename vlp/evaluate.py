@@ -215,6 +215,7 @@ def evaluate_vqa(cfg: Config, model_path: Path) -> TaskEval:
             int(q): str(t)
             for q, t in zip(frame["question_id"], frame["question_type"], strict=True)
         },
+        protocol=cfg.evaluate.vqa_protocol,
     )
     metrics = {"overall": float(scores["overall"])}
     metrics.update({f"type_{k}": float(v) for k, v in scores["perAnswerType"].items()})
@@ -339,12 +340,10 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
                 f"run `vlp finetune {task}{' --init scratch' if init == 'scratch' else ''}`"
             )
     results_dir = Path(cfg.evaluate.results_dir) / task
-    with stage_run(
-        cfg,
-        "evaluate",
-        task=task,
-        params={"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))},
-    ) as run:
+    params = {"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))}
+    if task == "vqa":
+        params["vqa_protocol"] = cfg.evaluate.vqa_protocol
+    with stage_run(cfg, "evaluate", task=task, params=params) as run:
         per_init: dict[str, dict[str, float]] = {}
         for init in inits:
             t0 = time.perf_counter()

@@ -99,15 +99,33 @@ def vqa_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def test_vqa_via_cli(vqa_files, capsys) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "number"),
+    [
+        ([], 0.0),  # official (default): "two" is compared raw against ten identical "2"
+        (["--protocol", "official"], 0.0),
+        (["--protocol", "lavis"], 100.0),  # the prediction is always normalised: "2"
+    ],
+)
+def test_vqa_via_cli(vqa_files, protocol: list[str], number: float, capsys) -> None:
     res, q, a = vqa_files
     _write(res, [{"question_id": 1, "answer": "two"}, {"question_id": 2, "answer": "yes"}])
-    assert _eval("vqa", "--results", str(res), "--questions", str(q), "--annotations", str(a)) == 0
+    args = ["--results", str(res), "--questions", str(q), "--annotations", str(a), *protocol]
+    assert _eval("vqa", *args) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "overall": 80.0,
-        "perAnswerType": {"number": 100.0, "yes/no": 60.0},
-        "perQuestionType": {"how many": 100.0, "is the": 60.0},
+        "overall": (number + 60.0) / 2,
+        "perAnswerType": {"number": number, "yes/no": 60.0},
+        "perQuestionType": {"how many": number, "is the": 60.0},
     }
+
+
+def test_vqa_unknown_protocol_is_refused(vqa_files, capsys) -> None:
+    res, q, a = vqa_files
+    args = ["--results", str(res), "--questions", str(q), "--annotations", str(a)]
+    with pytest.raises(SystemExit) as exc:
+        _eval("vqa", *args, "--protocol", "blip")
+    assert exc.value.code == 2
+    assert "invalid choice: 'blip'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -170,6 +188,8 @@ def test_retrieval_via_cli(tmp_path: Path, capsys) -> None:
     [
         (np.zeros((2, 7), np.float32), "5 texts per image"),
         (np.full((1, 5), np.nan), "NaN at [0, 0]"),
+        (np.full((100, 500), np.inf), "+inf at [0, 0]"),
+        (np.concatenate([np.zeros((1, 10)), np.full((1, 10), -np.inf)]), "-inf at [1, 0]"),
     ],
 )
 def test_bad_similarity(tmp_path: Path, sim, message, capsys) -> None:
@@ -177,6 +197,22 @@ def test_bad_similarity(tmp_path: Path, sim, message, capsys) -> None:
     assert _eval("retrieval", "--similarity", str(tmp_path / "s.npy")) == 2
     err = capsys.readouterr().err
     assert message in err and "s.npy" in err
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -3.5])
+def test_collapsed_similarity_scores_last_and_warns(tmp_path: Path, value: float, capsys) -> None:
+    np.save(tmp_path / "s.npy", np.full((100, 500), value, np.float32))
+    assert _eval("retrieval", "--similarity", str(tmp_path / "s.npy")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["i2t_R@1"] == printed["t2i_R@1"] == printed["rsum"] == 0.0
+    assert printed["i2t_medr"] == 496.0 and printed["t2i_medr"] == 100.0  # ranked last
+    assert printed["warning"].startswith("100 of 100 images score every text the same")
+
+
+def test_no_warning_when_rows_vary(tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).standard_normal((4, 20)))
+    assert _eval("retrieval", "--similarity", str(tmp_path / "s.npy")) == 0
+    assert "warning" not in json.loads(capsys.readouterr().out)
 
 
 def test_not_an_npy_file(tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Recall@K follows the VSE++ protocol, chunked, with ties counted in the ground truth's favour."""
+"""Recall@K follows the VSE++ protocol, chunked, with ties counted against the ground truth."""
 
 from __future__ import annotations
 
@@ -46,24 +46,60 @@ def test_hand_case_with_custom_mapping_and_ties() -> None:
     sim = np.array(
         [
             [0.1, 0.9, 0.5, 0.2],  # image 0: best own text (0.9) ranks 1
-            [0.3, 0.0, 0.2, 0.2],  # image 1: own 0.2 ties with text 3, beaten by 0.3 -> rank 2
+            [0.3, 0.0, 0.2, 0.2],  # image 1: own 0.2 beaten by 0.3, tied by text 3 -> rank 3
             [0.9, 0.9, 0.9, 0.1],  # image 2: own 0.1 beaten by 3 texts -> rank 4
         ]
     )
     out = recall_at_k(sim, np.array([0, 0, 1, 2]))
-    # i2t ranks [1, 2, 4]; t2i ranks: text0 3 (0.3, 0.9 above 0.1), text1 1 (tie), text2 3, text3 3
+    # i2t ranks [1, 3, 4]; t2i ranks: text0 3 (0.3, 0.9 >= 0.1), text1 2 (image 2 ties 0.9),
+    # text2 3, text3 3 (both other images tie or beat 0.1)
     assert out["i2t_R@1"] == pytest.approx(100 / 3)
     assert out["i2t_R@5"] == 100.0
-    assert out["i2t_medr"] == 2.0
-    assert out["i2t_meanr"] == pytest.approx(7 / 3)
-    assert out["t2i_R@1"] == 25.0
-    assert out["t2i_meanr"] == pytest.approx((3 + 1 + 3 + 3) / 4)
+    assert out["i2t_medr"] == 3.0
+    assert out["i2t_meanr"] == pytest.approx(8 / 3)
+    assert out["t2i_R@1"] == 0.0
+    assert out["t2i_R@5"] == 100.0
+    assert out["t2i_meanr"] == pytest.approx((3 + 2 + 3 + 3) / 4)
     assert out["t2i_medr"] == 3.0
 
 
-def test_all_equal_scores_rank_first() -> None:
-    out = recall_at_k(np.zeros((4, 20)))
-    assert out["i2t_R@1"] == out["t2i_R@1"] == 100.0
+def test_own_texts_tied_at_the_best_do_not_compete() -> None:
+    sim = np.array(
+        [
+            [0.7, 0.7, 0.2],  # image 0: both own texts at 0.7, nothing else reaches it -> rank 1
+            [0.4, 0.3, 0.4],  # image 1: own text 2 (0.4) tied by text 0 -> rank 2
+        ]
+    )
+    out = recall_at_k(sim, np.array([0, 0, 1]))
+    assert out["i2t_R@1"] == 50.0 and out["i2t_meanr"] == 1.5
+
+
+@pytest.mark.parametrize("shape", [(4, 20), (100, 500)])
+def test_all_equal_scores_rank_last(shape: tuple[int, int]) -> None:
+    n_images, n_texts = shape
+    for value in (0.0, 1.0, -2.5):
+        out = recall_at_k(np.full(shape, value))
+        assert out["i2t_R@1"] == out["t2i_R@1"] == 0.0
+        assert out["i2t_medr"] == n_texts - 5 + 1  # behind every other image's texts
+        assert out["t2i_medr"] == n_images
+
+
+def test_untied_scores_rank_as_before_ties_counted() -> None:
+    """Without ties, >= and > give the same ranks: the VSE++ results are unchanged."""
+    sim = np.random.default_rng(3).standard_normal((30, 150))
+    out = recall_at_k(sim)
+    strict_i2t = [1 + int((sim[i] > sim[i, 5 * i : 5 * i + 5].max()).sum()) for i in range(30)]
+    strict_t2i = [1 + int((sim[:, j] > sim[j // 5, j]).sum()) for j in range(150)]
+    assert out["i2t_meanr"] == pytest.approx(np.mean(strict_i2t))
+    assert out["t2i_meanr"] == pytest.approx(np.mean(strict_t2i))
+
+
+def test_constant_rows_are_counted() -> None:
+    sim = np.random.default_rng(0).standard_normal((6, 30))
+    assert retrieval.constant_rows(sim) == 0
+    sim[[1, 4]] = 0.25
+    assert retrieval.constant_rows(sim) == 2
+    assert retrieval.constant_rows(torch.zeros(3, 15)) == 3
 
 
 @pytest.mark.parametrize(
@@ -74,6 +110,8 @@ def test_all_equal_scores_rank_first() -> None:
         (np.zeros((2, 3)), np.array([0, 1]), r"expected \(3,\)"),
         (np.zeros((2, 3)), np.array([0, 1, 2]), "outside 0..1"),
         (np.full((1, 5), np.nan), None, r"NaN at \[0, 0\]"),
+        (np.full((1, 5), np.inf), None, r"\+inf at \[0, 0\]"),
+        (np.array([[0.0, 1, 2, 3, -np.inf]]), None, r"-inf at \[0, 4\]"),
     ],
 )
 def test_bad_input_is_named(sim, mapping, message) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 
 from vlp.errors import ResultsError
 from vlp.metrics.caption import score_captions
-from vlp.metrics.retrieval import recall_at_k
-from vlp.metrics.vqa import vqa_accuracy
+from vlp.metrics.retrieval import constant_rows, recall_at_k
+from vlp.metrics.vqa import VQAProtocol, vqa_accuracy
 
 
 def _load_json(path: Path) -> Any:
@@ -70,8 +70,13 @@ def score_caption_files(results: Path, annotations: Path) -> dict[str, float]:
     return score_captions(captions, references)
 
 
-def score_vqa_files(results: Path, questions: Path, annotations: Path) -> dict:
-    """VQA v2 accuracy (overall, per answer type, per question type) of a results file."""
+def score_vqa_files(
+    results: Path, questions: Path, annotations: Path, protocol: VQAProtocol = "official"
+) -> dict:
+    """VQA v2 accuracy (overall, per answer type, per question type) of a results file.
+
+    `protocol`: `official` (the VQA v2 script today) or `lavis` (vlp.metrics.vqa).
+    """
     res = _records(results, _load_json(results), None, {"question_id": int, "answer": str})
     qs = _records(questions, _load_json(questions), "questions", {"question_id": int})
     ann = _records(
@@ -112,7 +117,7 @@ def score_vqa_files(results: Path, questions: Path, annotations: Path) -> dict:
     extra = [q for q in predictions if q not in answers]
     if extra:
         raise ResultsError(f"{results}: question_id {extra[0]} is not in {annotations}")
-    return vqa_accuracy(predictions, answers, answer_types, question_types)
+    return vqa_accuracy(predictions, answers, answer_types, question_types, protocol)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -125,8 +130,11 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ResultsError(f"{path}: not a readable .npy array ({e})") from None
 
 
-def score_retrieval_files(similarity: Path, text_image: Path | None) -> dict[str, float]:
-    """Recall@K of an [images, texts] similarity .npy; text_image .npy maps texts to image rows."""
+def score_retrieval_files(similarity: Path, text_image: Path | None) -> dict[str, Any]:
+    """Recall@K of an [images, texts] similarity .npy; text_image .npy maps texts to image rows.
+
+    Rows that score every text the same (a collapsed model) add a `warning` to the result.
+    """
     sim = _load_npy(similarity)
     mapping = _load_npy(text_image) if text_image is not None else None
     try:
@@ -135,4 +143,11 @@ def score_retrieval_files(similarity: Path, text_image: Path | None) -> dict[str
         raise ResultsError(f"{similarity}: {e}") from None
     if not all(math.isfinite(v) for v in scores.values()):
         raise ResultsError(f"{similarity}: scores are not finite")
+    constant = constant_rows(sim)
+    if constant:
+        return {
+            **scores,
+            "warning": f"{constant} of {sim.shape[0]} images score every text the same "
+            "(a collapsed model?); ties rank against the ground truth",
+        }
     return scores

@@ -1,11 +1,12 @@
 """Recall@K for image-text retrieval, VSE++ protocol, computed in chunks.
 
-Similarity is [n_images, n_texts]; each text belongs to one image (`text_to_image`). The rank
-of a ground truth is 1 + the number of candidates scoring strictly higher, so ties are
-resolved in the ground truth's favour. i2t: an image's rank is the best rank of any of its
-texts; t2i: a text's rank is the rank of its image. Recall in percent, median rank as VSE++
+Similarity is [n_images, n_texts]; each text belongs to one image (`text_to_image`). A query's
+rank is 1 + the number of non-matching candidates scoring greater than or equal to its
+best-scoring match: ties count against the model, so a collapsed model whose scores are all
+equal ranks every ground truth last, not first. Untied rankings are those of VSE++. i2t: an
+image's rank is the best rank of any of its texts; t2i: a text's rank is the rank of its image. Recall in percent, median rank as VSE++
 (floor of the median 0-based rank, plus one), mean rank 1-based. Images with no text are
-distractors for t2i only.
+distractors for t2i only. NaN and infinite scores are errors.
 """
 
 from __future__ import annotations
@@ -29,6 +30,30 @@ def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
+def _check_finite(block: np.ndarray, col_offset: int = 0) -> None:
+    """ResultsError naming the first NaN or infinite entry of a column block of the similarity."""
+    finite = np.isfinite(block)
+    if not finite.all():
+        i, j = np.argwhere(~finite)[0]
+        value = block[i, j]
+        name = "NaN" if np.isnan(value) else ("+inf" if value > 0 else "-inf")
+        raise ResultsError(f"similarity has {name} at [{i}, {col_offset + j}]")
+
+
+def constant_rows(similarity: np.ndarray | torch.Tensor) -> int:
+    """How many images score every text the same (a collapsed model's signature)."""
+    sim = _as_numpy(similarity)
+    step = max(1, _CHUNK_ELEMENTS // max(1, sim.shape[1]))
+    return sum(
+        int((block.max(axis=1) == block.min(axis=1)).sum())
+        for block in (sim[start : start + step] for start in range(0, sim.shape[0], step))
+    )
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def recall_at_k(
     similarity: np.ndarray | torch.Tensor, text_to_image: np.ndarray | torch.Tensor | None = None
 ) -> dict[str, float]:
@@ -36,11 +61,7 @@ def recall_at_k(
 
     `text_to_image[j]` is the row of text j's image; by default j // 5 (5 captions per image).
     """
-    sim = (
-        similarity.detach().float().cpu().numpy()
-        if isinstance(similarity, torch.Tensor)
-        else np.asarray(similarity)
-    )
+    sim = _as_numpy(similarity)
     if sim.ndim != 2 or 0 in sim.shape:
         raise ResultsError(
             f"similarity must be a non-empty 2-D [images, texts] array, got shape {sim.shape}"
@@ -75,25 +96,27 @@ def recall_at_k(
             )
     cols = np.arange(n_texts)
     gt_score = sim[gt, cols]  # each text's score with its own image
-    # NaN anywhere would make comparisons silently false; check chunk-wise, no full copy.
+    # A non-finite score would make comparisons meaningless; check chunk-wise, no full copy.
+    # t2i: every image scoring >= the text's own image counts, its own image included (+1).
     t2i = np.empty(n_texts, dtype=np.int64)
     step = max(1, _CHUNK_ELEMENTS // n_images)
     for start in range(0, n_texts, step):
         block = sim[:, start : start + step]
-        if np.isnan(block).any():
-            bad = np.argwhere(np.isnan(block))[0]
-            raise ResultsError(f"similarity has NaN at [{bad[0]}, {start + bad[1]}]")
-        t2i[start : start + step] = (block > gt_score[None, start : start + step]).sum(axis=0) + 1
-    # An image's best text is its highest-scoring own text.
+        _check_finite(block, col_offset=start)
+        t2i[start : start + step] = (block >= gt_score[None, start : start + step]).sum(axis=0)
+    # i2t: an image's best text is its highest-scoring own text; its own texts tied with that
+    # one are matches, not competitors, so they are taken out of the count.
     best = np.full(n_images, -np.inf)
     np.maximum.at(best, gt, gt_score)
-    has_text = np.zeros(n_images, dtype=bool)
-    has_text[gt] = True
+    own_at_best = np.zeros(n_images, dtype=np.int64)
+    np.add.at(own_at_best, gt, gt_score >= best[gt])
+    has_text = own_at_best > 0
     i2t = np.empty(n_images, dtype=np.int64)
     step = max(1, _CHUNK_ELEMENTS // n_texts)
     for start in range(0, n_images, step):
         block = sim[start : start + step]
-        i2t[start : start + step] = (block > best[start : start + step, None]).sum(axis=1) + 1
+        at_least_best = (block >= best[start : start + step, None]).sum(axis=1)
+        i2t[start : start + step] = at_least_best - own_at_best[start : start + step] + 1
     out = {**_summary(i2t[has_text], "i2t"), **_summary(t2i, "t2i")}
     out["rsum"] = float(sum(out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in KS))
     return out

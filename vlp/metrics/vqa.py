@@ -1,9 +1,18 @@
 """VQA accuracy as the official VQA v2 evaluation script computes it (GT-Vision-Lab/VQA, vqaEval.py).
 
-A predicted answer has its newlines/tabs turned into spaces, is stripped, then goes through
-punctuation handling and digit/article handling. Ground-truth answers are left as they are
-unless the 10 answers of a question are not all identical; then (only then) each goes through
-punctuation handling alone (no lower-casing, no number words, no articles), as the script does.
+Two protocols, differing only in how answers are normalised before they are compared:
+
+- `official`: the script as it is today. Newlines/tabs become spaces and the ends are stripped,
+  in the prediction and in every ground-truth answer. Then, only if the question's 10
+  ground-truth answers are not all identical, every ground-truth answer and the prediction go
+  through punctuation handling and then digit/article handling. Against 10 identical answers
+  nothing else is applied to either side, so `Yes.` scores 0 against ten `yes`.
+- `lavis`: the script's earlier revision, the copy LAVIS, BLIP and ALBEF ship
+  (`lavis/common/vqa_tools/vqa_eval.py`) and computed their published numbers with. The
+  prediction always goes through whitespace clean-up, punctuation and digit/article handling;
+  ground-truth answers are left as they are unless the 10 differ, and then get punctuation
+  handling alone (no lower-casing, number words or articles).
+
 Accuracy of a question = mean over annotators of min(1, matches among the other annotators / 3).
 Aggregates are percentages rounded to 2 decimals.
 """
@@ -12,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Literal, get_args
 
 import torch
 from torchmetrics import Metric
@@ -82,25 +92,50 @@ def process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_prediction(answer: str) -> str:
-    """A predicted answer as the script compares it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(answer))
+VQAProtocol = Literal["official", "lavis"]
+PROTOCOLS: tuple[str, ...] = get_args(VQAProtocol)
 
 
-def normalize_ground_truth(answers: list[str]) -> list[str]:
-    """A question's ground-truth answers as the script compares them (punctuation only if they differ)."""
+def check_protocol(protocol: str) -> None:
+    """Raise ValueError unless `protocol` is one of PROTOCOLS."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(
+            f"unknown VQA protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}"
+        )
+
+
+def _clean_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """An answer with every normalisation step: whitespace, punctuation, digits and articles."""
+    return process_digit_article(process_punctuation(_clean_whitespace(answer)))
+
+
+def compared_answers(
+    prediction: str, answers: list[str], protocol: VQAProtocol = "official"
+) -> tuple[str, list[str]]:
+    """(prediction, ground-truth answers) of one question as `protocol` compares them."""
+    if protocol == "official":
+        pred, gts = _clean_whitespace(prediction), [_clean_whitespace(a) for a in answers]
+        if len(set(gts)) > 1:
+            return normalize_answer(pred), [normalize_answer(g) for g in gts]
+        return pred, gts
+    check_protocol(protocol)
+    pred = normalize_answer(prediction)  # lavis
     if len(set(answers)) > 1:
-        return [process_punctuation(a) for a in answers]
-    return list(answers)
+        return pred, [process_punctuation(a) for a in answers]
+    return pred, list(answers)
 
 
-def question_accuracy(prediction: str, answers: list[str]) -> float:
+def question_accuracy(
+    prediction: str, answers: list[str], protocol: VQAProtocol = "official"
+) -> float:
     """Accuracy in [0, 1] of one raw prediction: mean over annotators of min(1, others matching / 3)."""
     if not answers:
         raise ResultsError("a question has no ground-truth answers")
-    pred = normalize_prediction(prediction)
-    gts = normalize_ground_truth(answers)
+    pred, gts = compared_answers(prediction, answers, protocol)
     matches = sum(g == pred for g in gts)
     return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
 
@@ -127,12 +162,13 @@ def vqa_accuracy(
     answers: dict[int, list[str]],
     answer_types: dict[int, str] | None = None,
     question_types: dict[int, str] | None = None,
+    protocol: VQAProtocol = "official",
 ) -> dict:
     """VQA v2 accuracy of predicted answers keyed by question id.
 
     `answers` maps every question id to its (10) ground-truth answers; the results must cover
     exactly those ids. Types default to "all". Returns {"overall", "perAnswerType",
-    "perQuestionType"} in percent.
+    "perQuestionType"} in percent, under `protocol` (module docstring).
     """
     missing = [q for q in answers if q not in results]
     extra = [q for q in results if q not in answers]
@@ -142,22 +178,28 @@ def vqa_accuracy(
         raise ResultsError(f"question_id {extra[0]} is not in the annotations ({len(extra)} ids)")
     if not answers:
         raise ResultsError("no questions to score")
+    check_protocol(protocol)
     ids = list(answers)
-    accs = [question_accuracy(results[q], answers[q]) for q in ids]
+    accs = [question_accuracy(results[q], answers[q], protocol) for q in ids]
     ats = [(answer_types or {}).get(q, "all") for q in ids]
     qts = [(question_types or {}).get(q, "all") for q in ids]
     return _aggregate(accs, ats, qts)
 
 
 class VQAAccuracy(Metric):
-    """VQA v2 accuracy over batches; per-question accuracies plus type names as byte tensors."""
+    """VQA v2 accuracy over batches; per-question accuracies plus type names as byte tensors.
+
+    `protocol` picks the answer normalisation (module docstring): `official` or `lavis`.
+    """
 
     full_state_update = False
     is_differentiable = False
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, protocol: VQAProtocol = "official", **kwargs) -> None:
         super().__init__(**kwargs)
+        check_protocol(protocol)
+        self.protocol = protocol
         self.add_state("accuracy", default=[], dist_reduce_fx="cat")
         self.add_state("answer_type_bytes", default=[], dist_reduce_fx="cat")
         self.add_state("question_type_bytes", default=[], dist_reduce_fx="cat")
@@ -172,7 +214,7 @@ class VQAAccuracy(Metric):
         """Add predicted answers with their ground-truth answers (and optional types)."""
         if len(preds) != len(answers):
             raise ValueError(f"{len(preds)} predictions but {len(answers)} answer lists")
-        accs = [question_accuracy(p, a) for p, a in zip(preds, answers, strict=True)]
+        accs = [question_accuracy(p, a, self.protocol) for p, a in zip(preds, answers, strict=True)]
         self.accuracy.append(torch.tensor(accs, dtype=torch.float64, device=self.device))
         self.answer_type_bytes.append(
             encode_strings(answer_types or ["all"] * len(preds), self.device)

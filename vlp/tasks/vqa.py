@@ -54,9 +54,9 @@ POS_GRID = 8  # learned image-token position grid, resized to the image's token 
 
 def normalize_answer(answer: str) -> str:
     """An answer as the official VQA evaluation compares predictions (digits, no articles)."""
-    from vlp.metrics.vqa import normalize_prediction
+    from vlp.metrics.vqa import normalize_answer as normalize
 
-    return normalize_prediction(answer)
+    return normalize(answer)
 
 
 def build_answer_vocab(
