@@ -179,6 +179,14 @@ class RegistryConfig:
 
 
 @dataclass
+class ServingConfig:
+    """Request limits of the served pyfunc; recorded in the model when it is registered."""
+
+    max_image_pixels: int = 16_777_216  # 4096 x 4096: a 12-megapixel photo passes
+    max_rows: int = 64  # the predictors' batch size: one request, one forward batch
+
+
+@dataclass
 class ScheduleConfig:
     """Prefect deployment schedule and retries of a failed stage (transient errors)."""
 
@@ -201,6 +209,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,3 +23,7 @@ class ResultsError(VlpError):
 
 class RegistryError(VlpError):
     """A registry operation cannot proceed (no such model, alias or version)."""
+
+
+class RequestError(VlpError):
+    """A request to a served model is malformed or over a limit; the message names the row."""

@@ -157,6 +157,7 @@ def register_model(
             Path(model_dir),
             registered_model_name=name,
             loader=loader or DEFAULT_LOADER,
+            limits=cfg.serving,
             extra_code_paths=extra_code_paths,
         )
         parent_id = mlflow.get_run(run.run_id).data.tags.get("mlflow.parentRunId")

@@ -10,10 +10,18 @@ and the `vlp` package as code, and answers one row per request item:
 | retrieval  | image (binary), text (str)      | score (double)    |
 
 Over REST, binary columns travel base64-encoded; MLflow decodes them using the signature.
+
+Requests are bounded by the `serving` limits recorded in the model at registration: at
+most `max_rows` rows, and images of at most `max_image_pixels` pixels, checked from the
+image header before any pixel is decoded. Images are decoded one at a time and shrunk to
+the model's input size straight away. A request that breaks a limit, lacks a column or
+holds bytes that are not an image is refused with MLflow's HTTP 400 and a one-line reason
+naming the row, without a stack trace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 from importlib import metadata
@@ -24,8 +32,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from vlp.config import TASKS
-from vlp.errors import RegistryError
+from vlp.config import TASKS, ServingConfig
+from vlp.errors import RegistryError, RequestError
 
 DEFAULT_LOADER = "vlp.tasks:load_predictor"
 VLP_PACKAGE_DIR = Path(__file__).resolve().parent
@@ -56,22 +64,60 @@ def task_signature(task: str) -> Any:
     )
 
 
-def _decode_images(values: pd.Series) -> list[Any]:
+def check_request(task: str, model_input: pd.DataFrame, limits: ServingConfig) -> None:
+    """RequestError unless `model_input` has `task`'s columns and at most `max_rows` rows."""
+    missing = [name for name, _ in INPUTS[task] if name not in model_input.columns]
+    if missing:
+        expected = ", ".join(name for name, _ in INPUTS[task])
+        raise RequestError(f"request lacks column {missing[0]!r} ({task} expects: {expected})")
+    if len(model_input) > limits.max_rows:
+        raise RequestError(
+            f"request has {len(model_input)} rows, over the limit of {limits.max_rows} "
+            "(serving.max_rows)"
+        )
+
+
+def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) -> Any:
+    """One request image as an RGB PIL image, `size` x `size` when given.
+
+    The pixel count comes from the header, before any pixel is decoded: a few KB of
+    compressed PNG can hold gigabytes of pixels. RequestError names the row otherwise.
+    """
     from PIL import Image
 
-    return [Image.open(io.BytesIO(bytes(v))).convert("RGB") for v in values]
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise RequestError(f"row {row}: image must be binary, got {type(data).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RequestError(
+                    f"row {row}: image is {width}x{height} = {width * height} pixels, over the "
+                    f"limit of {max_pixels} (serving.max_image_pixels)"
+                )
+            if size is None:
+                return img.convert("RGB")
+            from vlp.tasks.predictor import fit_image
+
+            return fit_image(img, size)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        # PIL's messages may name internal objects; the row and the kind of failure suffice
+        raise RequestError(f"row {row}: image is not a decodable image") from e
 
 
 class VLPTaskModel(mlflow.pyfunc.PythonModel):
     """Pyfunc over a task predictor loaded from the `model_dir` artifact.
 
-    `model_config` holds `task` and `loader` ("module:function", default
-    `vlp.tasks.load_predictor`), which returns an object with `caption(images)`,
-    `answer(images, questions)` and `score(images, texts) -> [N, M]` as the task needs.
+    `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`;
+    ServingConfig's defaults for models registered without them) and `loader`
+    ("module:function", default `vlp.tasks.load_predictor`), which returns an object with
+    `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
+    the task needs. A predictor with an `image_size` gets images already at that size.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.task = context.model_config["task"]
+        self.limits = serving_limits(context.model_config)
         module, func = context.model_config.get("loader", DEFAULT_LOADER).split(":")
         self.predictor = getattr(importlib.import_module(module), func)(
             context.artifacts["model_dir"]
@@ -83,7 +129,17 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
-        images = _decode_images(model_input["image"])
+        """One prediction per row of `model_input`.
+
+        A bad request raises MLflow's INVALID_PARAMETER_VALUE (HTTP 400 when served) with
+        the one-line reason and no stack trace.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            images = self._images(model_input)
+        except RequestError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
         if self.task == "captioning":
             return pd.DataFrame({"caption": list(self.predictor.caption(images))})
         if self.task == "vqa":
@@ -92,6 +148,23 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         # one (image, text) pair per row: the diagonal of the image x text score matrix
         scores = np.asarray(self.predictor.score(images, list(model_input["text"])))
         return pd.DataFrame({"score": np.diagonal(scores).astype(float)})
+
+    def _images(self, model_input: pd.DataFrame) -> list[Any]:
+        check_request(self.task, model_input, self.limits)
+        size = getattr(self.predictor, "image_size", None)
+        return [
+            decode_image(data, row, self.limits.max_image_pixels, size)
+            for row, data in enumerate(model_input["image"])
+        ]
+
+
+def serving_limits(model_config: dict[str, Any]) -> ServingConfig:
+    """The request limits recorded in a logged model's `model_config`."""
+    default = ServingConfig()
+    return ServingConfig(
+        max_image_pixels=int(model_config.get("max_image_pixels", default.max_image_pixels)),
+        max_rows=int(model_config.get("max_rows", default.max_rows)),
+    )
 
 
 def pip_requirements() -> list[str]:
@@ -112,18 +185,24 @@ def log_task_model(
     *,
     registered_model_name: str | None = None,
     loader: str = DEFAULT_LOADER,
+    limits: ServingConfig | None = None,
     extra_code_paths: list[Path] | None = None,
 ) -> Any:
     """Log `model_dir` as a pyfunc in the active run (and register it); return ModelInfo.
 
     `vlp` travels as code (`code_paths`), so the model loads and serves with
-    `--env-manager local` in any environment that has vlp's dependencies.
+    `--env-manager local` in any environment that has vlp's dependencies. The request
+    `limits` (default: ServingConfig's) travel in `model_config`.
     """
     code_paths = [str(VLP_PACKAGE_DIR), *(str(p) for p in extra_code_paths or [])]
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(VLP_PACKAGE_DIR / "pyfunc_entry.py"),
-        model_config={"task": task, "loader": loader},
+        model_config={
+            "task": task,
+            "loader": loader,
+            **dataclasses.asdict(limits or ServingConfig()),
+        },
         artifacts={"model_dir": str(model_dir)},
         code_paths=code_paths,
         signature=task_signature(task),

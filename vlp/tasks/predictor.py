@@ -18,18 +18,21 @@ if TYPE_CHECKING:
     from vlp.tasks.vqa import VQAModel
 
 
-def pixels_from_pil(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """[N, 3, size, size] float pixels, preprocessed exactly as the torch datasets do."""
+def fit_image(img: Image.Image, size: int) -> Image.Image:
+    """`img` as RGB at the model's `size` x `size` input, resized as the torch datasets do."""
     from PIL import Image
 
+    rgb = img.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def pixels_from_pil(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """[N, 3, size, size] float pixels, preprocessed exactly as the torch datasets do."""
     from vlp.data.torch_data import PIXEL_MEAN, PIXEL_STD
 
-    arrays = []
-    for img in images:
-        rgb = img.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(rgb, dtype=np.uint8))
+    arrays = [np.asarray(fit_image(img, size), dtype=np.uint8) for img in images]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     return (pixels - PIXEL_MEAN) / PIXEL_STD
 
