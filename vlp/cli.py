@@ -19,9 +19,13 @@ def _print_json(obj: object, out: str | None) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False)
     print(text)
     if out:
+        from vlp.errors import OutputError
         from vlp.io import atomic_write_text
 
-        atomic_write_text(Path(out), text + "\n")
+        try:
+            atomic_write_text(Path(out), text + "\n")
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot write it ({e.strerror or e})") from None
 
 
 def _cmd_generate(cfg: Config, args: argparse.Namespace) -> None:

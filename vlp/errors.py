@@ -27,3 +27,7 @@ class RegistryError(VlpError):
 
 class RequestError(VlpError):
     """A request to a served model is malformed or over a limit; the message names the row."""
+
+
+class OutputError(VlpError):
+    """An output location (a params path, `--out`, the tracking store) cannot be written."""

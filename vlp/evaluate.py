@@ -327,10 +327,18 @@ def metrics_document(
 
 def evaluate(cfg: Config, task: str) -> dict[str, Any]:
     """Run the evaluate stage for `task`; return the metrics document it wrote."""
-    from vlp.tracking import stage_run
+    from vlp.tracking import check_stage_outputs, stage_run
 
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    check_stage_outputs(
+        cfg,
+        {
+            "evaluate.results_dir": Path(cfg.evaluate.results_dir) / task,
+            "evaluate.metrics_dir": Path(cfg.evaluate.metrics_dir),
+            "evaluate.plots_dir": Path(cfg.evaluate.plots_dir),
+        },
+    )
     inits = [i for i in INITS if i == "pretrained" or cfg.finetune.ablation]
     paths = {init: model_dir(cfg, task, init) for init in inits}
     for init, path in paths.items():

@@ -156,11 +156,18 @@ def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
 
 def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
-    from vlp.tracking import stage_run
+    from vlp.tracking import check_stage_outputs, stage_run
     from vlp.train.loop import TrainSettings, train
 
     _check(task, init)
     out = model_dir(cfg, task, init)
+    check_stage_outputs(
+        cfg,
+        {
+            "finetune.out_dir": out.parent,
+            "evaluate.plots_dir": loss_curve_path(cfg, task, init).parent,
+        },
+    )
     if init == "scratch" and not cfg.finetune.ablation:
         return _write_skipped(cfg, out, task)
     t0 = time.perf_counter()

@@ -54,3 +54,45 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_json(path: Path, error: type[Exception]) -> Any:
+    """Parsed JSON of `path`; `error` naming the file if it is missing, unreadable or not JSON.
+
+    JSON nested deeper than Python's recursion limit counts as not JSON.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply to read)") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def check_writable(locations: dict[str, Path]) -> None:
+    """OutputError naming the first folder (label -> path) in which a file cannot be created.
+
+    A folder that does not exist yet is judged by its nearest existing parent (creating
+    it would need that). The test creates and removes a file rather than reading
+    permission bits, which root ignores.
+    """
+    from vlp.errors import OutputError
+
+    for label, path in locations.items():
+        path = Path(path)
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"{label}: cannot write in {path} ({existing} is not a folder)")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".vlp-write-check.", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise OutputError(f"{label}: cannot write in {existing} ({e.strerror or e})") from None

@@ -164,6 +164,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.torch_data import PairsDataset
     from vlp.models import build_model, make_pretrain_collate
+    from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
     p = cfg.pretrain
@@ -172,6 +173,14 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
         )
     out_dir = Path(p.out_dir)
+    check_stage_outputs(
+        cfg,
+        {
+            "pretrain.out_dir": out_dir.parent,  # replaced as a whole: a sibling is built first
+            "evaluate.metrics_dir": Path(cfg.evaluate.metrics_dir),
+            "evaluate.plots_dir": Path(cfg.evaluate.plots_dir),
+        },
+    )
     with distributed() as info:
         dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
         tokenizer = _tokenizer(cfg, info, resume)

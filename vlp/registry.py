@@ -188,6 +188,9 @@ def register_model(
 
 def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]:
     """Register the finetuned model of `task` (or of every task) from the pipeline outputs."""
+    from vlp.tracking import check_stage_outputs
+
+    check_stage_outputs(cfg, {})
     results = []
     for t in _tasks(task):
         metrics_path = Path(cfg.evaluate.metrics_dir) / f"{t}.json"

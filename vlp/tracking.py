@@ -20,10 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
 from vlp.config import Config, tracking_uri
+from vlp.errors import OutputError
+from vlp.io import check_writable
 
 PARENT_RUN_ENV = "VLP_PARENT_RUN_ID"
 FLOW_RUN_ENV = "VLP_PREFECT_FLOW_RUN_ID"
@@ -223,6 +226,41 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- runs
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local tracking store (`sqlite:///x.db`, `file:...`, a path)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path)
+    if "://" not in uri and not uri.startswith("databricks"):
+        return Path(uri)
+    return None
+
+
+def check_stage_outputs(cfg: Config, outputs: dict[str, Path]) -> None:
+    """OutputError unless every output folder and the local tracking store can be written.
+
+    Called by each stage before it trains or evaluates, so that no work is lost to a
+    read-only folder at the end. `outputs` maps a label (the params key) to a folder.
+    """
+    locations = dict(outputs)
+    uri = tracking_uri(cfg)
+    store = _local_store(uri)
+    if store is not None:
+        # a SQLite database also needs its folder for journal files; a file store is a folder
+        locations[f"tracking store {uri}"] = store.parent if uri.startswith("sqlite:") else store
+        locations["tracking.artifact_root"] = Path(cfg.tracking.artifact_root)
+    check_writable(locations)
+    if store is not None and uri.startswith("sqlite:") and store.exists():
+        try:
+            with open(store, "r+b"):
+                pass
+        except OSError as e:
+            raise OutputError(
+                f"tracking store {store}: cannot write it ({e.strerror or e})"
+            ) from None
 
 
 def setup_mlflow(cfg: Config) -> str:

@@ -286,3 +286,59 @@ def test_existing_images_link_elsewhere_is_refused(tmp_path):
     import_table(csv, tmp_path / "one", tmp_path / "out")
     with pytest.raises(DataError, match="points elsewhere"):
         import_table(csv, tmp_path / "two", tmp_path / "out")
+
+
+def _coco_doc(image_id: object = 42, caption_id: object = 1) -> dict:
+    return {
+        "images": [{"id": 42, "file_name": _coco_name(42)}],
+        "annotations": [{"id": caption_id, "image_id": image_id, "caption": "a red square"}],
+    }
+
+
+@pytest.mark.parametrize("bad", ["abc", None, "x0", 1.9, 3.0, True])
+def test_coco_non_integer_ids_are_named(tmp_path, coco_images, bad):
+    ann = _dump(tmp_path / "c.json", _coco_doc(caption_id=bad))
+    with pytest.raises(DataError, match=rf"c\.json: annotations\[0\]: id {bad!r} is not an integer"):
+        import_coco(ann, coco_images, tmp_path / "out")
+    ann = _dump(tmp_path / "c.json", _coco_doc(image_id=bad))
+    with pytest.raises(DataError, match=rf"annotations\[0\]: image_id {bad!r} is not an integer"):
+        import_coco(ann, coco_images, tmp_path / "out")
+    assert not (tmp_path / "out" / "pairs.parquet").exists()
+
+
+@pytest.mark.parametrize(("cell", "shown"), [("x0", "'x0'"), ("1.9", "'1.9'"), ("3.0", "'3.0'"), ("", "is empty")])
+def test_table_non_integer_ids_are_named(tmp_path, cell, shown):
+    _image(tmp_path / "pics" / "a.png", (1, 2, 3))
+    csv = tmp_path / "t.csv"
+    csv.write_text(f"image_path,caption,caption_id\na.png,a thing,7\na.png,a thing,{cell}\n")
+    with pytest.raises(DataError, match=rf"t\.csv: row 1: caption_id {shown}"):
+        import_table(csv, tmp_path / "pics", tmp_path / "out")
+
+
+def test_deeply_nested_annotations_are_named(tmp_path, coco_images):
+    ann = tmp_path / "deep.json"
+    ann.write_text("[" * 100_000 + "]" * 100_000)
+    code = main(
+        ["--params", str(REPO_PARAMS), "import", "coco", "--annotations", str(ann),
+         "--images", str(coco_images), "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 2
+    with pytest.raises(DataError, match=rf"{ann}: not valid JSON \(nested too deeply"):
+        import_coco(ann, coco_images, tmp_path / "out")
+
+
+def test_symlink_out_of_the_images_folder_is_named(tmp_path):
+    images = tmp_path / "pics"
+    _image(images / "a.png", (1, 2, 3))
+    _image(tmp_path / "private" / "secret.png", (4, 5, 6))  # decodes fine: only the link is wrong
+    (images / "b.png").symlink_to(tmp_path / "private" / "secret.png")
+    csv = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["a.png", "b.png"], "caption": ["x y", "z w"]}).to_csv(
+        csv, index=False
+    )
+    with pytest.raises(DataError, match=r"row 1: image_path 'images/b.png' leads through a symlink"):
+        import_table(csv, images, tmp_path / "out")
+    # the declared folder itself is reached through the importer's own `OUT/images` link
+    csv.write_text("image_path,caption\na.png,x y\n")
+    assert import_table(csv, images, tmp_path / "out")["rows"] == 1
+    assert (tmp_path / "out" / "images").is_symlink()

@@ -73,3 +73,15 @@ def test_images_are_decoded_once(smoke_cfg, smoke_data, tmp_path):
 def test_empty_split_is_an_error(smoke_cfg, smoke_data):
     with pytest.raises(DataError, match="restval"):
         PairsDataset(smoke_data, "restval", smoke_cfg.data.image_size)
+
+
+def test_symlink_out_of_the_dataset_is_refused(smoke_cfg, smoke_data, tmp_path):
+    data = shutil.copytree(smoke_data, tmp_path / "shapes")
+    ds = PairsDataset(data, "train", smoke_cfg.data.image_size)
+    rel = ds.frame.loc[0, "image_path"]
+    outside = tmp_path / "outside.png"
+    shutil.copy(data / rel, outside)
+    (data / rel).unlink()
+    (data / rel).symlink_to(outside)
+    with pytest.raises(DataError, match=f"{rel}' leads through a symlink to {outside}"):
+        PairsDataset(data, "train", smoke_cfg.data.image_size)[0]

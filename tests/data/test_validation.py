@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -142,3 +144,71 @@ def test_cli_failure_exits_nonzero_and_writes_docs_beside_manifests(data, capsys
 def test_missing_dataset_dir_is_a_data_error(smoke_cfg, tmp_path):
     with pytest.raises(DataError, match="not found"):
         validate_stage(smoke_cfg, tmp_path / "nope")
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height pixels but carries almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [20_000, 5_000])  # past PIL's own bomb limit, and under it
+def test_decompression_bomb_png_is_named_not_decoded(smoke_cfg, data, side):
+    rel = _train_path(data)
+    _png_header(data / rel, side, side)
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_be_null(image_problem)" in report
+    assert f"image_path={rel!r}" in report and "caption_id=" in report
+    assert f"{rel}: image too large to open" in report or f"{rel}: size {side}x{side}" in report
+
+
+def test_symlink_to_a_file_outside_the_dataset_is_named(smoke_cfg, data, tmp_path):
+    rel = _train_path(data)
+    outside = tmp_path / "outside.png"
+    shutil.copy(data / rel, outside)  # a good image: only its location is wrong
+    (data / rel).unlink()
+    (data / rel).symlink_to(outside)
+    report = _failures(data, smoke_cfg)
+    assert "expect_column_values_to_be_null(image_problem)" in report
+    assert f"image_path={rel!r}" in report and f"leads through a symlink to {outside}" in report
+
+
+def _validate_cli(*args: str) -> int:
+    return main(["--params", str(REPO_PARAMS), "--profile", "smoke", *args])
+
+
+def test_unwritable_report_still_shows_the_failures(data, tmp_path, capsys):
+    rel = _train_path(data)
+    (data / rel).unlink()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the report folder should go\n")
+    code = _validate_cli(
+        "--set", f"data.root={data}", "--set", f"validate.report_dir={blocker}/validation",
+        "validate",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "expectations failed" in err and f"{rel}: file not found" in err
+    assert f"report: cannot write the report to {blocker}/validation" in err
+
+
+def test_unwritable_report_of_valid_data_is_one_line(smoke_data, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    code = _validate_cli(
+        "--set", f"data.root={smoke_data}", "--set", f"validate.report_dir={blocker}/validation",
+        "validate",
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "expectations passed" in captured.out
+    assert f"cannot write the report to {blocker}/validation" in captured.err
+    assert captured.err.count("\n") == 1

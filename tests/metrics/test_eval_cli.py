@@ -219,3 +219,39 @@ def test_not_an_npy_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "s.npy").write_text("hello")
     assert _eval("retrieval", "--similarity", str(tmp_path / "s.npy")) == 2
     assert "not a readable .npy array" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["abc", None, "x0", 1.9, 3.0])
+def test_non_integer_caption_ids_are_named(caption_files, bad, capsys) -> None:
+    res, ann = caption_files
+    _write(res, [{"image_id": 1, "caption": "a car"}, {"image_id": bad, "caption": "a dog"}])
+    assert _eval("captions", "--results", str(res), "--annotations", str(ann)) == 2
+    err = capsys.readouterr().err
+    assert f'{res}: record 1 "image_id" {bad!r} is not an integer' in err
+    assert err.count("\n") == 1
+    _write(res, [{"image_id": 1, "caption": "a car"}])
+    _write(ann, {"annotations": [{"image_id": bad, "id": 1, "caption": "A car."}]})
+    assert _eval("captions", "--results", str(res), "--annotations", str(ann)) == 2
+    assert f'{ann}: record 0 "image_id" {bad!r} is not an integer' in capsys.readouterr().err
+
+
+def test_deeply_nested_vqa_results_are_named(vqa_files, capsys) -> None:
+    res, q, a = vqa_files
+    res.write_text("[" * 100_000 + "]" * 100_000)
+    assert _eval("vqa", "--results", str(res), "--questions", str(q), "--annotations", str(a)) == 2
+    err = capsys.readouterr().err
+    assert f"{res}: not valid JSON (nested too deeply" in err and err.count("\n") == 1
+
+
+def test_unwritable_out_is_named(caption_files, tmp_path, capsys) -> None:
+    res, ann = caption_files
+    _write(res, [{"image_id": 1, "caption": "a car"}])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected\n")
+    out = blocker / "scores.json"
+    rc = _eval("captions", "--results", str(res), "--annotations", str(ann), "--out", str(out))
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert "CIDEr" in captured.out  # the scores are still shown
+    assert f"--out {out}: cannot write it" in captured.err and captured.err.count("\n") == 1
+    assert blocker.read_text() == "a file where a folder is expected\n"

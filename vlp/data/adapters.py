@@ -5,12 +5,14 @@ questions + annotations, and CSV/Parquet tables of (image_path, caption[, split]
 Images stay where they are: a folder inside the output directory is referenced
 directly; a folder elsewhere is symlinked as `OUT/images` so manifest paths stay
 relative to OUT. Importing a second format into the same OUT keeps the other manifest.
+Ids must be integers (JSON numbers without a fraction, integer table cells); an image
+file that leads through a symlink out of OUT (other than the `OUT/images` link) is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -23,20 +25,17 @@ from vlp.data.manifest import (
     PAIRS_FILE,
     SPLITS,
     VQA_FILE,
+    image_roots,
+    locate_image,
     resolve_image,
     write_manifest,
 )
 from vlp.errors import DataError
+from vlp.io import load_json
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: file not found") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
+    return load_json(path, DataError)
 
 
 def _field(record: Any, key: str, where: str) -> Any:
@@ -50,6 +49,17 @@ def _records(doc: Any, key: str, path: Path) -> list[Any]:
     if not isinstance(items, list):
         raise DataError(f"{path}: {key!r} must be a list")
     return items
+
+
+def _id(value: Any, key: str, where: str) -> int:
+    """`value` as an id; DataError naming it unless it is an integer (3.0, "3" and True are not)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise DataError(f"{where}: {key} {value!r} is not an integer")
+
+
+def _id_field(record: Any, key: str, where: str) -> int:
+    return _id(_field(record, key, where), key, where)
 
 
 def _check_split(split: str, where: str) -> str:
@@ -89,14 +99,19 @@ def link_images(images: Path, out: Path) -> tuple[str, str | None]:
     return IMAGES_DIR, f"linked {link} -> {real_images}"
 
 
-def _join(prefix: str, rel: str, where: str) -> str:
-    """Manifest image_path for `rel` inside the image folder; rejects escaping paths."""
+def _join(out: Path, prefix: str, rel: str, where: str) -> str:
+    """Manifest image_path for `rel` inside the image folder; rejects escaping paths.
+
+    Escaping by text or through a symlink out of OUT and its image folder are both refused.
+    """
     rel = str(rel).replace(os.sep, "/")
     try:
         resolve_image(".", rel)
+        path = os.path.normpath(f"{prefix}/{rel}" if prefix not in ("", ".") else rel)
+        locate_image(out, path, image_roots(out))
     except DataError as e:
         raise DataError(f"{where}: {e}") from e
-    return os.path.normpath(f"{prefix}/{rel}" if prefix not in ("", ".") else rel)
+    return path
 
 
 def import_coco(annotations: Path, images: Path, out: Path, split: str = "train") -> dict:
@@ -106,19 +121,19 @@ def import_coco(annotations: Path, images: Path, out: Path, split: str = "train"
     files = {}
     for i, img in enumerate(_records(doc, "images", annotations)):
         where = f"{annotations}: images[{i}]"
-        files[int(_field(img, "id", where))] = str(_field(img, "file_name", where))
+        files[_id_field(img, "id", where)] = str(_field(img, "file_name", where))
     prefix, note = link_images(images, out)
     rows = []
     for i, ann in enumerate(_records(doc, "annotations", annotations)):
         where = f"{annotations}: annotations[{i}]"
-        image_id = int(_field(ann, "image_id", where))
+        image_id = _id_field(ann, "image_id", where)
         if image_id not in files:
             raise DataError(f"{where}: image_id {image_id} is not in images[]")
         rows.append(
             dict(
-                caption_id=int(_field(ann, "id", where)),
+                caption_id=_id_field(ann, "id", where),
                 image_id=image_id,
-                image_path=_join(prefix, files[image_id], where),
+                image_path=_join(out, prefix, files[image_id], where),
                 caption=str(_field(ann, "caption", where)).strip(),
                 split=split,
             )
@@ -136,7 +151,7 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
     rows = []
     for i, img in enumerate(_records(doc, "images", split_json)):
         where = f"{split_json}: images[{i}]"
-        image_id = int(img["cocoid"] if "cocoid" in img else _field(img, "imgid", where))
+        image_id = _id_field(img, "cocoid" if "cocoid" in img else "imgid", where)
         name = str(_field(img, "filename", where))
         rel = f"{img['filepath']}/{name}" if img.get("filepath") else name
         split = _check_split(str(_field(img, "split", where)), where)
@@ -144,9 +159,9 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
             swhere = f"{where}.sentences[{j}]"
             rows.append(
                 dict(
-                    caption_id=int(sent["sentid"]) if "sentid" in sent else len(rows),
+                    caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else len(rows),
                     image_id=image_id,
-                    image_path=_join(prefix, rel, swhere),
+                    image_path=_join(out, prefix, rel, swhere),
                     caption=str(_field(sent, "raw", swhere)).strip(),
                     split=split,
                 )
@@ -176,15 +191,15 @@ def import_vqa(
     qdoc, adoc = _load_json(questions), _load_json(annotations)
     anns = {}
     for i, ann in enumerate(_records(adoc, "annotations", annotations)):
-        anns[int(_field(ann, "question_id", f"{annotations}: annotations[{i}]"))] = (i, ann)
+        anns[_id_field(ann, "question_id", f"{annotations}: annotations[{i}]")] = (i, ann)
     subtype = qdoc.get("data_subtype") if isinstance(qdoc, dict) else None
     by_id = None if subtype else _coco_image_names(images)
     prefix, note = link_images(images, out)
     rows = []
     for i, q in enumerate(_records(qdoc, "questions", questions)):
         where = f"{questions}: questions[{i}]"
-        qid = int(_field(q, "question_id", where))
-        image_id = int(_field(q, "image_id", where))
+        qid = _id_field(q, "question_id", where)
+        image_id = _id_field(q, "image_id", where)
         if qid not in anns:
             raise DataError(f"{where}: question_id {qid} has no entry in {annotations}")
         j, ann = anns[qid]
@@ -200,7 +215,7 @@ def import_vqa(
             dict(
                 question_id=qid,
                 image_id=image_id,
-                image_path=_join(prefix, name, where),
+                image_path=_join(out, prefix, name, where),
                 question=str(_field(q, "question", where)).strip(),
                 question_type=str(_field(ann, "question_type", awhere)),
                 answers=answers,
@@ -215,6 +230,14 @@ def import_vqa(
     return _report(out, VQA_FILE, len(rows), len({r["image_id"] for r in rows}), note)
 
 
+def _table_id(rec: dict[str, Any], key: str, where: str) -> int:
+    """An id cell of a table: an integer, or CSV text of one ("7"; not "7.0" or "x7")."""
+    value = rec[key]
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        return int(value)
+    return _id(value, key, where)
+
+
 def import_table(table: Path, images: Path, out: Path, split: str = "train") -> dict:
     """CSV or Parquet with image_path (relative to --images), caption[, split] -> pairs.
 
@@ -225,12 +248,20 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
     if not table.exists():
         raise DataError(f"{table}: file not found")
     try:
-        df = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
+        if table.suffix == ".parquet":
+            df = pd.read_parquet(table)
+        else:  # ids as text: pandas would turn "7" into 7.0 in a column with a "1.9"
+            df = pd.read_csv(table, dtype={"image_id": str, "caption_id": str})
     except Exception as e:  # pandas/pyarrow raise many types for a malformed table
         raise DataError(f"{table}: cannot read table: {e}") from e
     for col in ("image_path", "caption"):
         if col not in df.columns:
             raise DataError(f"{table}: missing column {col!r}")
+    for col in ("image_id", "caption_id"):
+        # checked first: one empty cell turns a Parquet column of integers into floats
+        empty = df[col].isna().to_numpy().nonzero()[0] if col in df.columns else []
+        if len(empty):
+            raise DataError(f"{table}: row {empty[0]}: {col} is empty")
     prefix, note = link_images(images, out)
     if "split" not in df.columns:
         _check_split(split, "--split")
@@ -241,11 +272,15 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         where = f"{table}: row {i}"
         if pd.isna(rec["image_path"]) or pd.isna(rec["caption"]):
             raise DataError(f"{where}: empty image_path or caption")
-        path = _join(prefix, str(rec["image_path"]), where)
-        image_id = int(rec["image_id"]) if "image_id" in rec else ids.setdefault(path, len(ids))
+        path = _join(out, prefix, str(rec["image_path"]), where)
+        image_id = (
+            _table_id(rec, "image_id", where)
+            if "image_id" in rec
+            else ids.setdefault(path, len(ids))
+        )
         rows.append(
             dict(
-                caption_id=int(rec["caption_id"]) if "caption_id" in rec else i,
+                caption_id=_table_id(rec, "caption_id", where) if "caption_id" in rec else i,
                 image_id=image_id,
                 image_path=path,
                 caption=str(rec["caption"]).strip(),

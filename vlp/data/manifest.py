@@ -2,7 +2,8 @@
 
 A dataset directory DIR holds `DIR/pairs.parquet` (image-caption pairs),
 optionally `DIR/vqa.parquet` (questions with 10 answers each, VQA v2 layout), and
-images under `DIR/images/`. Every `image_path` is relative to DIR and may not escape it.
+images under `DIR/images/`. Every `image_path` is relative to DIR and may not escape it,
+neither by its text nor through a symlink (see `locate_image`).
 """
 
 from __future__ import annotations
@@ -130,3 +131,35 @@ def resolve_image(data_dir: str | os.PathLike, rel: str) -> Path:
     if norm == ".." or norm.startswith("../") or norm == ".":
         raise DataError(f"image_path {text!r} escapes the data root {data_dir}")
     return Path(data_dir) / norm
+
+
+def image_roots(data_dir: str | os.PathLike) -> tuple[Path, ...]:
+    """Real folders the images of DIR may lie in: DIR, and the target of `DIR/images` if a link.
+
+    `vlp import` references an image folder outside DIR by that one link; any other
+    symlink that leads out of DIR is refused.
+    """
+    data_dir = Path(data_dir)
+    roots = [data_dir.resolve()]
+    link = data_dir / IMAGES_DIR
+    if link.is_symlink():
+        roots.append(link.resolve())
+    return tuple(roots)
+
+
+def locate_image(
+    data_dir: str | os.PathLike, rel: str, roots: tuple[Path, ...] | None = None
+) -> Path:
+    """`resolve_image`, and DataError if the file, symlinks followed, lies outside image_roots.
+
+    Pass `roots` (from `image_roots`) when locating many images of one dataset.
+    """
+    path = resolve_image(data_dir, rel)
+    real = path.resolve()
+    for root in roots if roots is not None else image_roots(data_dir):
+        if real == root or root in real.parents:
+            return path
+    raise DataError(
+        f"image_path {str(rel)!r} leads through a symlink to {real}, outside the data root "
+        f"{data_dir}"
+    )

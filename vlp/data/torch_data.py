@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlp.data.manifest import Splits, read_pairs, read_vqa, resolve_image
+from vlp.data.manifest import Splits, image_roots, locate_image, read_pairs, read_vqa
 from vlp.errors import DataError
 
 PIXEL_MEAN = 0.5
@@ -35,6 +35,8 @@ def _decode(path: Path, size: int) -> torch.Tensor:
             arr = np.asarray(img, dtype=np.uint8).copy()
     except FileNotFoundError as e:
         raise DataError(f"{path}: image not found") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to open: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image: {e}") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
@@ -50,17 +52,21 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
 
 
 class _ImageCache:
-    """Decoded uint8 images of one dataset, keyed by manifest image_path."""
+    """Decoded uint8 images of one dataset, keyed by manifest image_path.
+
+    A path that leads through a symlink out of the dataset is refused (`locate_image`).
+    """
 
     def __init__(self, data_dir: Path, image_size: int) -> None:
         self.data_dir = data_dir
         self.image_size = image_size
+        self._roots = image_roots(data_dir)
         self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, rel: str) -> torch.Tensor:
         pixels = self._cache.get(rel)
         if pixels is None:
-            pixels = _decode(resolve_image(self.data_dir, rel), self.image_size)
+            pixels = _decode(locate_image(self.data_dir, rel, self._roots), self.image_size)
             self._cache[rel] = pixels
         return _normalise(pixels)
 

@@ -24,9 +24,10 @@ from vlp.data.manifest import (
     SPLITS,
     VQA_FILE,
     VQA_SCHEMA,
-    resolve_image,
+    image_roots,
+    locate_image,
 )
-from vlp.errors import DataError
+from vlp.errors import DataError, OutputError
 from vlp.io import atomic_dir, atomic_write_json
 
 DOCS_SITE = "vlp"
@@ -64,23 +65,31 @@ class Failure:
         return head + "".join(f"\n      {e}" for e in self.examples)
 
 
-def _image_problem(data_dir: Path, rel: Any, vcfg: ValidateConfig) -> str | None:
-    """Why the image at a manifest path is unusable, or None if it is fine."""
+def _image_problem(
+    data_dir: Path, rel: Any, vcfg: ValidateConfig, roots: tuple[Path, ...]
+) -> str | None:
+    """Why the image at a manifest path is unusable, or None if it is fine.
+
+    The size the header declares is checked before decoding, so a decompression bomb
+    is reported, never decoded.
+    """
     try:
-        path = resolve_image(data_dir, rel)
+        path = locate_image(data_dir, rel, roots)
     except DataError as e:
         return str(e)
     if not path.is_file():
         return f"{rel}: file not found"
+    lo, hi = vcfg.min_image_side, vcfg.max_image_side
     try:
         with Image.open(path) as img:
-            img.load()  # a full decode: truncated or corrupt files fail here
             w, h = img.size
+            if not (lo <= w <= hi and lo <= h <= hi):
+                return f"{rel}: size {w}x{h} outside [{lo}, {hi}]"
+            img.load()  # a full decode: truncated or corrupt files fail here
+    except Image.DecompressionBombError as e:  # PIL refuses to even open it
+        return f"{rel}: image too large to open ({e})"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"{rel}: cannot decode image ({e})"
-    lo, hi = vcfg.min_image_side, vcfg.max_image_side
-    if not (lo <= w <= hi and lo <= h <= hi):
-        return f"{rel}: size {w}x{h} outside [{lo}, {hi}]"
     return None
 
 
@@ -100,11 +109,12 @@ def _add_derived_columns(
         splits_by_id = both.groupby("image_id")["split"].agg(lambda s: sorted(set(s)))
         paths_by_id = both.groupby("image_id")["image_path"].nunique()
     problems: dict[Any, str | None] = {}
+    roots = image_roots(data_dir)
     for df in frames.values():
         if "image_path" in df.columns:
             for rel in df["image_path"].unique():
                 if rel not in problems:
-                    problems[rel] = _image_problem(data_dir, rel, vcfg)
+                    problems[rel] = _image_problem(data_dir, rel, vcfg, roots)
             df["image_problem"] = df["image_path"].map(problems)
         if not both.empty and {"image_id", "image_path", "split"} <= set(df.columns):
             sp = df["image_path"].astype(str).map(splits_by_path)
@@ -278,7 +288,8 @@ def validate_dataset(
 
     `summary["failures"]` lists readable lines (empty when everything passed). With
     `docs_dir`, GX Data Docs HTML of the run replaces that directory (on success too
-    unless `docs_on_success` is False).
+    unless `docs_on_success` is False); if that directory cannot be written,
+    `summary["docs_error"]` says why and the findings are returned all the same.
     """
     import great_expectations as gx
 
@@ -316,15 +327,22 @@ def validate_dataset(
             "expectations": len(result.results),
             "failed": len(found),
         }
-    if docs_dir is not None and (failures or docs_on_success):
-        _build_docs(context, docs_dir)
     summary.update(
         success=not failures,
         expectations=evaluated,
         failed_expectations=len(failures),
         failures=[f.line() for f in failures],
     )
+    if docs_dir is not None and (failures or docs_on_success):
+        try:
+            _build_docs(context, docs_dir)
+        except OSError as e:
+            summary["docs_error"] = _write_error(docs_dir, e)
     return summary
+
+
+def _write_error(path: Path, e: OSError) -> str:
+    return f"cannot write the report to {path} ({e.strerror or e})"
 
 
 def _error_message(summary: dict[str, Any], docs: Path | None) -> str:
@@ -333,7 +351,9 @@ def _error_message(summary: dict[str, Any], docs: Path | None) -> str:
         f"{summary['expectations']} expectations failed"
     ]
     lines += [f"  - {line}" for line in summary["failures"]]
-    if docs is not None:
+    if "docs_error" in summary:
+        lines.append(f"  report: {summary['docs_error']}")
+    elif docs is not None:
         lines.append(f"  report: {docs / 'index.html'}")
     return "\n".join(lines)
 
@@ -344,6 +364,8 @@ def validate_stage(cfg: Config, data_dir: Path | None) -> dict[str, Any]:
     As the pipeline stage (no data_dir) it always writes `summary.json` and Data Docs
     (`data_docs/`) to `cfg.validate.report_dir`, leaving the dataset untouched. With an
     explicit data_dir, Data Docs and the summary go to `DIR/validation_docs/`, only on failure.
+    The findings are reported even when the report cannot be written (OutputError if the
+    data passed, one more line of the DataError otherwise).
     """
     if data_dir is None:
         target, report_dir = Path(cfg.data.root), Path(cfg.validate.report_dir)
@@ -358,8 +380,11 @@ def validate_stage(cfg: Config, data_dir: Path | None) -> dict[str, Any]:
         )
     summary = validate_dataset(target, cfg.validate, docs_dir, docs_on_success=on_success)
     wrote = on_success or not summary["success"]
-    if wrote:
-        atomic_write_json(report_dir / "summary.json", summary)
+    if wrote and "docs_error" not in summary:
+        try:
+            atomic_write_json(report_dir / "summary.json", summary)
+        except OSError as e:
+            summary["docs_error"] = _write_error(report_dir, e)
     passed = summary["expectations"] - summary["failed_expectations"]
     sizes = "".join(
         f"; {name}: {m['rows']} rows, {m['images']} images"
@@ -368,4 +393,6 @@ def validate_stage(cfg: Config, data_dir: Path | None) -> dict[str, Any]:
     print(f"vlp validate: {target}: {passed}/{summary['expectations']} expectations passed{sizes}")
     if not summary["success"]:
         raise DataError(_error_message(summary, docs_dir if wrote else None))
+    if "docs_error" in summary:
+        raise OutputError(summary["docs_error"])
     return summary

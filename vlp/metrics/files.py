@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,19 +9,14 @@ from typing import Any
 import numpy as np
 
 from vlp.errors import ResultsError
+from vlp.io import load_json
 from vlp.metrics.caption import score_captions
 from vlp.metrics.retrieval import constant_rows, recall_at_k
 from vlp.metrics.vqa import VQAProtocol, vqa_accuracy
 
 
 def _load_json(path: Path) -> Any:
-    """Parsed JSON of `path`, or a ResultsError naming the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from None
+    return load_json(path, ResultsError)
 
 
 def _records(path: Path, data: Any, key: str | None, fields: dict[str, type | tuple]) -> list[dict]:
@@ -39,6 +33,9 @@ def _records(path: Path, data: Any, key: str | None, fields: dict[str, type | tu
         for name, typ in fields.items():
             if name not in rec:
                 raise ResultsError(f'{path}: record {i} has no "{name}"')
+            if typ is int and (not isinstance(rec[name], int) or isinstance(rec[name], bool)):
+                # ids: 3.0, "3" and null are refused, not rounded or parsed
+                raise ResultsError(f'{path}: record {i} "{name}" {rec[name]!r} is not an integer')
             if not isinstance(rec[name], typ) or isinstance(rec[name], bool):
                 raise ResultsError(
                     f'{path}: record {i} "{name}" has the wrong type ({type(rec[name]).__name__})'
