@@ -225,6 +225,33 @@ def flat_params(cfg: Config) -> dict[str, str]:
 # ---------------------------------------------------------------- runs
 
 
+_READY_STORES: set[str] = set()  # tracking URIs this process has already connected to
+
+
+def connect(cfg: Config) -> str:
+    """Point MLflow at the configured tracking store; return its URI.
+
+    MLflow creates and migrates a fresh SQLite database on its first connection without
+    any lock, so two processes starting at once on a new database both migrate it and one
+    fails ("duplicate column name"). The first connection of each process is therefore
+    made under a file lock beside the database: one process migrates, the others wait
+    and find the tables ready.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if uri not in _READY_STORES and uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+    return uri
+
+
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
@@ -233,8 +260,7 @@ def setup_mlflow(cfg: Config) -> str:
     """
     import mlflow
 
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    uri = connect(cfg)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
@@ -288,7 +314,7 @@ def end_pipeline_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None
     """Mark a parent run finished (or FAILED)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    connect(cfg)
     mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
@@ -315,7 +341,7 @@ def log_to_pipeline_run(cfg: Config, run_id: str, metrics: dict[str, float]) -> 
     """Log summary metrics (e.g. each task's primary metric) on the parent run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    connect(cfg)
     client = mlflow.MlflowClient()
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
