@@ -34,6 +34,8 @@ DVC_STAGE_ENV = "DVC_STAGE"
 
 TAG_KIND = "vlp.kind"
 TAG_PIPELINE_KEY = "vlp.pipeline_key"
+TAG_RESUMED_FROM = "vlp.resumed_from_run_id"
+TAG_RESUMED_BY = "vlp.resumed_by_run_id"
 
 
 class StageRun:
@@ -347,6 +349,26 @@ def log_to_pipeline_run(cfg: Config, run_id: str, metrics: dict[str, float]) -> 
         client.log_metric(run_id, k, float(v))
 
 
+def link_resumed(earlier_id: str, run_id: str) -> None:
+    """Tag a resumed run and the interrupted one with each other's id.
+
+    An interrupted run still RUNNING belongs to a process that died without closing it
+    (killed): it is marked KILLED. An id this store does not know is left alone.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        earlier = client.get_run(earlier_id)
+    except MlflowException:
+        return
+    if earlier.info.status == "RUNNING":
+        client.set_terminated(earlier_id, status="KILLED")
+    client.set_tag(earlier_id, TAG_RESUMED_BY, run_id)
+    client.set_tag(run_id, TAG_RESUMED_FROM, earlier_id)
+
+
 @contextmanager
 def stage_run(
     cfg: Config,
@@ -356,10 +378,12 @@ def stage_run(
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     init: str | None = None,
+    resumes: str | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for `stage` (optionally one `task`), nested under the pipeline run.
 
     `init` ("pretrained" | "scratch") is recorded as `vlp.init` and in the run name.
+    `resumes` is the id of an interrupted run this one continues (see `link_resumed`).
     """
     import mlflow
 
@@ -385,6 +409,8 @@ def stage_run(
     status = "FAILED"
     try:
         with mlflow.start_run(run_name=name, parent_run_id=parent_id, tags=all_tags) as run:
+            if resumes:
+                link_resumed(resumes, run.info.run_id)
             if params:
                 mlflow.log_params(params)
             yield StageRun(run.info.run_id)

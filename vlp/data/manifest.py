@@ -7,6 +7,7 @@ images under `DIR/images/`. Every `image_path` is relative to DIR and may not es
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -130,3 +131,25 @@ def resolve_image(data_dir: str | os.PathLike, rel: str) -> Path:
     if norm == ".." or norm.startswith("../") or norm == ".":
         raise DataError(f"image_path {text!r} escapes the data root {data_dir}")
     return Path(data_dir) / norm
+
+
+def dataset_hash(data_dir: str | os.PathLike) -> str:
+    """Identity of a dataset directory's contents: its manifests and the images they name.
+
+    Manifests count byte for byte, images by path and size: a dataset directory's images
+    are never rewritten in place (imports add files), and reading every image of a large
+    dataset would cost minutes each time the hash is taken.
+    """
+    root = Path(data_dir)
+    digest = hashlib.sha256()
+    images: set[str] = set()
+    for name in (PAIRS_FILE, VQA_FILE):
+        path = root / name
+        if path.is_file():
+            digest.update(f"{name}\n".encode() + path.read_bytes())
+            images.update(_read(path, {"image_path": "str"}, None)["image_path"])
+    for rel in sorted(images):
+        image = resolve_image(root, rel)
+        size = image.stat().st_size if image.is_file() else -1
+        digest.update(f"{rel}\0{size}\n".encode())
+    return digest.hexdigest()[:16]
