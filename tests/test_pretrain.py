@@ -5,12 +5,68 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vlp.config import Config
 from vlp.pretrain import pretrain
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Runs pretrain(cfg) fresh and SIGKILLs its own process after caption warm-up step 3
+# (the step-2 warm-up checkpoint is on disk): a kill that leaves no chance to clean up.
+KILLED_IN_WARMUP = """
+import os, pickle, signal, sys
+from pathlib import Path
+import vlp.pretrain
+
+cfg = pickle.loads(Path(sys.argv[1]).read_bytes())
+real_train = vlp.pretrain.train
+
+def train(model, dataset, collate, settings, out_dir, **kw):
+    if Path(out_dir).name == "caption_warmup":
+        on_log = kw["on_log"]
+
+        def log_then_die(metrics, step):
+            on_log(metrics, step)
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        kw["on_log"] = log_then_die
+    return real_train(model, dataset, collate, settings, out_dir, **kw)
+
+vlp.pretrain.train = train
+vlp.pretrain.pretrain(cfg)
+"""
+
+
+def pretrain_killed_in_warmup(cfg: Config, tmp_path: Path) -> None:
+    """Run a fresh pretrain(cfg) in a subprocess that is SIGKILLed during its warm-up."""
+    assert cfg.pretrain.caption_warmup_steps > 3 and cfg.pretrain.checkpoint_every == 2
+    cfg_file = tmp_path / "killed_cfg.pkl"
+    cfg_file.write_bytes(pickle.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_WARMUP, str(cfg_file)],
+        cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _stage_runs(tmp_path: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r for r in runs if r.data.tags.get("vlp.stage") == "pretrain"]
 
 
 @pytest.fixture
@@ -148,3 +204,80 @@ def test_negative_warmup_is_a_config_error(cfg: Config) -> None:
     )
     with pytest.raises(ConfigError, match="caption_warmup_steps: must be >= 0"):
         pretrain(bad)
+
+
+def test_resume_never_continues_checkpoints_of_an_earlier_run(cfg: Config, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from vlp.pretrain import work_dir
+
+    out = pretrain(cfg)  # run A completes: its joint-phase checkpoints stay on disk
+    model_a = load_file(out / "model.safetensors")
+    other = dataclasses.replace(
+        cfg,
+        pretrain=dataclasses.replace(cfg.pretrain, lr=cfg.pretrain.lr / 2, caption_warmup_steps=4),
+    )
+    pretrain_killed_in_warmup(other, tmp_path)  # run B, other params, killed in warm-up
+    assert not (work_dir(cfg) / "checkpoints").exists()  # A's were cleared when B started
+
+    pretrain(other, resume=True)
+    model_b = load_file(out / "model.safetensors")
+    assert not all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["caption_warmup_steps"] == 4 and metrics["steps"] == cfg.pretrain.max_steps
+    rows = list(csv.DictReader((tmp_path / "plots" / "pretrain_loss.csv").open()))
+    # the joint phase ran, at B's learning rate
+    joint_lrs = [float(r["lr"]) for r in rows if r["loss_itc"]]
+    assert len(joint_lrs) == cfg.pretrain.max_steps
+    assert max(joint_lrs) == pytest.approx(other.pretrain.lr)
+
+
+def test_resume_marks_the_killed_mlflow_run_and_links_the_two(cfg: Config, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        cfg, pretrain=dataclasses.replace(cfg.pretrain, caption_warmup_steps=4)
+    )
+    pretrain_killed_in_warmup(cfg, tmp_path)
+    (killed,) = _stage_runs(tmp_path)
+    assert killed.info.status == "RUNNING"  # the process died without closing it
+
+    pretrain(cfg, resume=True)
+    runs = {r.info.run_id: r for r in _stage_runs(tmp_path)}
+    killed = runs.pop(killed.info.run_id)
+    (resumed,) = runs.values()
+    assert killed.info.status == "KILLED" and resumed.info.status == "FINISHED"
+    assert killed.data.tags["vlp.resumed_by_run_id"] == resumed.info.run_id
+    assert resumed.data.tags["vlp.resumed_from_run_id"] == killed.info.run_id
+
+
+def test_resume_with_other_params_is_refused(cfg: Config) -> None:
+    from vlp.errors import ResumeError
+
+    out = pretrain(cfg)
+    before = (out / "model.safetensors").read_bytes()
+    other = dataclasses.replace(
+        cfg, seed=cfg.seed + 1, pretrain=dataclasses.replace(cfg.pretrain, lr=0.5)
+    )
+    with pytest.raises(ResumeError, match=r"other params \(pretrain.lr .* seed 0 -> 1\)"):
+        pretrain(other, resume=True)
+    assert (out / "model.safetensors").read_bytes() == before
+    # where and how often progress is saved or shown is not part of what was trained
+    cosmetic = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, log_every=3))
+    pretrain(cosmetic, resume=True)
+
+
+def test_resume_with_other_data_is_refused(cfg: Config, smoke_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from vlp.data.manifest import read_pairs, write_manifest
+    from vlp.errors import ResumeError
+
+    data = tmp_path / "data"
+    shutil.copytree(smoke_data, data)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data)))
+    pretrain(cfg)
+    pairs = read_pairs(data)
+    pairs.loc[0, "caption"] = "a caption that was not there before"
+    write_manifest(pairs, data / "pairs.parquet")
+    with pytest.raises(ResumeError, match=r"other data \("):
+        pretrain(cfg, resume=True)

@@ -21,6 +21,10 @@ class ResultsError(VlpError):
     """A results/annotations/similarity file handed to an evaluator is malformed."""
 
 
+class ResumeError(VlpError):
+    """`--resume` found checkpoints written with other params or data than the current ones."""
+
+
 class RegistryError(VlpError):
     """A registry operation cannot proceed (no such model, alias or version)."""
 

@@ -12,6 +12,11 @@ are several times faster than from all captions with all objectives. The joint I
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
 the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's.
 
+The work folder (`work_dir`: both phases' checkpoints, the tokenizer) belongs to one run:
+a fresh run empties it before anything trains, and `resume` continues it only if it was
+written with the same `fingerprint` (training params and data hash); the resumed MLflow
+run is linked to the interrupted one.
+
 Under `torchrun` rank 0 does all file I/O and logging; training is data parallel across
 ranks.
 """
@@ -19,6 +24,7 @@ ranks.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import time
@@ -31,18 +37,39 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_json, atomic_write_text
+from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
+# pretrain params that decide where and how often progress is saved or shown, not what is
+# learned: a resumed run may change them.
+UNFINGERPRINTED = ("out_dir", "checkpoint_every", "log_every")
 
 
 def work_dir(cfg: Config) -> Path:
     """Checkpoints and the tokenizer of an unfinished run; kept outside the stage output."""
     out = Path(cfg.pretrain.out_dir)
     return out.with_name(f"{out.name}.work")
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """What the trained model depends on: the params this stage trains with and the data hash."""
+    from vlp.data.manifest import dataset_hash
+
+    params = {
+        "seed": cfg.seed,
+        "data.image_size": cfg.data.image_size,
+        **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
+        **{
+            f"pretrain.{k}": v
+            for k, v in dataclasses.asdict(cfg.pretrain).items()
+            if k not in UNFINGERPRINTED
+        },
+    }
+    return {"params": params, "data": dataset_hash(cfg.data.root)}
 
 
 def corpus(data_dir: Path) -> list[str]:
@@ -183,6 +210,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     )
     with distributed() as info:
         dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
+        if info.is_main:
+            record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
+        barrier()
         tokenizer = _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_model(cfg.model, tokenizer, temperature=p.temperature)
@@ -200,10 +230,13 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             from vlp.tracking import stage_run
 
-            run_ctx = stage_run(cfg, "pretrain", params=params)
+            run_ctx = stage_run(cfg, "pretrain", params=params, resumes=record.get("mlflow_run_id"))
         else:
             run_ctx = nullcontext(None)
         with run_ctx as run:
+            if run:
+                # the run a later --resume marks as interrupted and links to its own
+                update_run_record(work_dir(cfg), mlflow_run_id=run.run_id)
             pending: list[tuple[int, dict[str, float]]] = []
             offset = 0  # MLflow steps continue across the two phases
 

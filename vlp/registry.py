@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlp.config import TASKS, Config, tracking_uri
+from vlp.config import TASKS, Config
 from vlp.errors import RegistryError, ResultsError
 
 CHAMPION = "champion"
@@ -43,7 +43,9 @@ def _tasks(task: str) -> list[str]:
 def _client(cfg: Config) -> Any:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    from vlp.tracking import connect
+
+    connect(cfg)
     return mlflow.MlflowClient()
 
 

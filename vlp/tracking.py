@@ -37,6 +37,8 @@ DVC_STAGE_ENV = "DVC_STAGE"
 
 TAG_KIND = "vlp.kind"
 TAG_PIPELINE_KEY = "vlp.pipeline_key"
+TAG_RESUMED_FROM = "vlp.resumed_from_run_id"
+TAG_RESUMED_BY = "vlp.resumed_by_run_id"
 
 
 class StageRun:
@@ -263,6 +265,33 @@ def check_stage_outputs(cfg: Config, outputs: dict[str, Path]) -> None:
             ) from None
 
 
+_READY_STORES: set[str] = set()  # tracking URIs this process has already connected to
+
+
+def connect(cfg: Config) -> str:
+    """Point MLflow at the configured tracking store; return its URI.
+
+    MLflow creates and migrates a fresh SQLite database on its first connection without
+    any lock, so two processes starting at once on a new database both migrate it and one
+    fails ("duplicate column name"). The first connection of each process is therefore
+    made under a file lock beside the database: one process migrates, the others wait
+    and find the tables ready.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    if uri not in _READY_STORES and uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        db = _local_store(uri.split("?")[0])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock"):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+    return uri
+
+
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
@@ -271,8 +300,7 @@ def setup_mlflow(cfg: Config) -> str:
     """
     import mlflow
 
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
+    uri = connect(cfg)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
@@ -326,7 +354,7 @@ def end_pipeline_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None
     """Mark a parent run finished (or FAILED)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    connect(cfg)
     mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
@@ -353,10 +381,30 @@ def log_to_pipeline_run(cfg: Config, run_id: str, metrics: dict[str, float]) -> 
     """Log summary metrics (e.g. each task's primary metric) on the parent run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    connect(cfg)
     client = mlflow.MlflowClient()
     for k, v in metrics.items():
         client.log_metric(run_id, k, float(v))
+
+
+def link_resumed(earlier_id: str, run_id: str) -> None:
+    """Tag a resumed run and the interrupted one with each other's id.
+
+    An interrupted run still RUNNING belongs to a process that died without closing it
+    (killed): it is marked KILLED. An id this store does not know is left alone.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        earlier = client.get_run(earlier_id)
+    except MlflowException:
+        return
+    if earlier.info.status == "RUNNING":
+        client.set_terminated(earlier_id, status="KILLED")
+    client.set_tag(earlier_id, TAG_RESUMED_BY, run_id)
+    client.set_tag(run_id, TAG_RESUMED_FROM, earlier_id)
 
 
 @contextmanager
@@ -368,10 +416,12 @@ def stage_run(
     params: dict[str, Any] | None = None,
     tags: dict[str, str] | None = None,
     init: str | None = None,
+    resumes: str | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for `stage` (optionally one `task`), nested under the pipeline run.
 
     `init` ("pretrained" | "scratch") is recorded as `vlp.init` and in the run name.
+    `resumes` is the id of an interrupted run this one continues (see `link_resumed`).
     """
     import mlflow
 
@@ -397,6 +447,8 @@ def stage_run(
     status = "FAILED"
     try:
         with mlflow.start_run(run_name=name, parent_run_id=parent_id, tags=all_tags) as run:
+            if resumes:
+                link_resumed(resumes, run.info.run_id)
             if params:
                 mlflow.log_params(params)
             yield StageRun(run.info.run_id)

@@ -8,6 +8,7 @@ neither by its text nor through a symlink (see `locate_image`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -163,3 +164,25 @@ def locate_image(
         f"image_path {str(rel)!r} leads through a symlink to {real}, outside the data root "
         f"{data_dir}"
     )
+
+
+def dataset_hash(data_dir: str | os.PathLike) -> str:
+    """Identity of a dataset directory's contents: its manifests and the images they name.
+
+    Manifests count byte for byte, images by path and size: a dataset directory's images
+    are never rewritten in place (imports add files), and reading every image of a large
+    dataset would cost minutes each time the hash is taken.
+    """
+    root = Path(data_dir)
+    digest = hashlib.sha256()
+    images: set[str] = set()
+    for name in (PAIRS_FILE, VQA_FILE):
+        path = root / name
+        if path.is_file():
+            digest.update(f"{name}\n".encode() + path.read_bytes())
+            images.update(_read(path, {"image_path": "str"}, None)["image_path"])
+    for rel in sorted(images):
+        image = resolve_image(root, rel)
+        size = image.stat().st_size if image.is_file() else -1
+        digest.update(f"{rel}\0{size}\n".encode())
+    return digest.hexdigest()[:16]
