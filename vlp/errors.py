@@ -23,3 +23,7 @@ class ResultsError(VlpError):
 
 class RegistryError(VlpError):
     """A registry operation cannot proceed (no such model, alias or version)."""
+
+
+class OutputError(VlpError):
+    """An output location holds files vlp did not write; vlp will not replace or delete them."""

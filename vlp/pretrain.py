@@ -30,7 +30,7 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_json, atomic_write_text
+from vlp.io import atomic_write_json, atomic_write_text, check_replaceable, claim_dir
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
 
@@ -173,6 +173,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         )
     out_dir = Path(p.out_dir)
     with distributed() as info:
+        if info.is_main:  # refuse foreign folders before training, not after
+            check_replaceable(out_dir)
+            claim_dir(work_dir(cfg), "pretrain-work")
         dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
         tokenizer = _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run

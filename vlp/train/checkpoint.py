@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.torch
 import torch
+
+from vlp.io import atomic_dir, claim_dir, remove_dir
+from vlp.models.weights import save_weights
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -62,20 +63,13 @@ def save_checkpoint(
     ckpt_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2
 ) -> Path:
     """Write model weights and `state` as `ckpt_dir/step-<step>` atomically; prune old ones."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(ckpt_dir, "checkpoints")
     final = ckpt_dir / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir))
-    try:
-        # save_model (not save_file) copes with tied weights such as a shared LM head.
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+    with atomic_dir(final, "checkpoint") as tmp:
+        save_weights(model, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 
