@@ -37,6 +37,19 @@ def _fresh_beside(path: Path, create: Callable[[Path], None]) -> Path:
             continue
 
 
+def umask() -> int:
+    """The process umask (read without changing it where the OS allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _new_file(path: Path) -> None:
     # O_EXCL and mode 0666: created like any file (umask applies), never reusing one.
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
