@@ -286,3 +286,25 @@ def test_existing_images_link_elsewhere_is_refused(tmp_path):
     import_table(csv, tmp_path / "one", tmp_path / "out")
     with pytest.raises(DataError, match="points elsewhere"):
         import_table(csv, tmp_path / "two", tmp_path / "out")
+
+
+def test_import_replaces_its_own_manifest_but_no_other_file(tmp_path, capsys):
+    out = tmp_path / "mine"
+    _image(out / "pics" / "a.png", (1, 2, 3))
+    (out / "notes.txt").write_text("keep me\n")
+    (out / "pairs.parquet").write_text("my own file, not a manifest\n")
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["x y z"]}).to_csv(table, index=False)
+    args = ["--params", str(REPO_PARAMS), "import", "table", "--table", str(table)]
+    args += ["--images", str(out / "pics"), "--split", "train", "--out", str(out)]
+    assert main(args) == 2
+    assert str(out / "pairs.parquet") in capsys.readouterr().err
+    assert (out / "pairs.parquet").read_text() == "my own file, not a manifest\n"
+
+    (out / "pairs.parquet").unlink()
+    assert main(args) == 0
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["new words"]}).to_csv(table, index=False)
+    assert main(args) == 0  # a re-import replaces the earlier manifest
+    assert list(read_pairs(out)["caption"]) == ["new words"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "pairs.parquet", "pics"]
+    assert (out / "notes.txt").read_text() == "keep me\n"
