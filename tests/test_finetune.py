@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.config import Config
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, OutputError
 from vlp.evaluate import evaluate
 from vlp.finetune import base_model, finetune, is_skipped, model_dir
 from vlp.tasks import load_predictor
@@ -259,3 +259,40 @@ def test_vqa_evaluation_scores_and_records_its_protocol(
     )
     assert doc["overall"] == expected["overall"]
     assert _runs(tmp_path)["evaluate-vqa"].data.params["vqa_protocol"] == protocol
+
+
+def test_finetune_and_evaluate_refuse_foreign_output_folders(cfg: Config, tmp_path: Path) -> None:
+    out = model_dir(cfg, "retrieval")
+    (out / "notes").mkdir(parents=True)
+    (out / "important.txt").write_text("keep me\n")
+    with pytest.raises(OutputError, match=f"{out}: not empty and not written by vlp"):
+        finetune(cfg, "retrieval")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["important.txt", "notes"]
+    assert not (tmp_path / "plots").exists()  # refused before training
+
+    results = Path(cfg.evaluate.results_dir) / "retrieval"
+    results.mkdir(parents=True)
+    (results / "pretrained.json").write_text("my own results\n")
+    shutil.rmtree(out)
+    finetune(cfg, "retrieval")
+    finetune(cfg, "retrieval", init="scratch")
+    with pytest.raises(OutputError, match=str(results)):
+        evaluate(cfg, "retrieval")
+    assert (results / "pretrained.json").read_text() == "my own results\n"
+
+
+def test_identical_finetune_runs_write_byte_identical_model_dirs(cfg: Config) -> None:
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    first = files(finetune(cfg, "vqa"))
+    again = dataclasses.replace(
+        cfg, finetune=dataclasses.replace(cfg.finetune, out_dir=cfg.finetune.out_dir + "_again")
+    )
+    second = files(finetune(again, "vqa"))
+    assert {"model.safetensors", "answer_head.safetensors", "task.json", "vlp_config.json"} <= set(
+        first
+    )
+    assert any(name.startswith("tokenizer/") for name in first)
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vlp.config import Config
+from vlp.errors import OutputError
 from vlp.pretrain import pretrain
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,11 @@ def test_resume_after_kill_in_the_caption_warmup_matches_uninterrupted(
     out = pretrain(cfg)
     full = load_file(out / "model.safetensors")
     warm = work_dir(cfg) / "caption_warmup" / "checkpoints"
-    assert sorted(c.name for c in warm.iterdir()) == ["step-00000002", "step-00000004"]
+    assert sorted(c.name for c in warm.iterdir()) == [
+        ".vlp-output",
+        "step-00000002",
+        "step-00000004",
+    ]
     # a kill between warm-up steps 2 and 4: the joint phase never started
     shutil.rmtree(warm / "step-00000004")
     shutil.rmtree(work_dir(cfg) / "checkpoints")
@@ -281,3 +286,16 @@ def test_resume_with_other_data_is_refused(cfg: Config, smoke_data: Path, tmp_pa
     write_manifest(pairs, data / "pairs.parquet")
     with pytest.raises(ResumeError, match=r"other data \("):
         pretrain(cfg, resume=True)
+
+
+def test_pretrain_refuses_foreign_output_and_work_folders(cfg: Config, tmp_path: Path) -> None:
+    from vlp.pretrain import work_dir
+
+    for folder in (Path(cfg.pretrain.out_dir), work_dir(cfg)):
+        folder.mkdir(parents=True)
+        (folder / "weights.bin").write_bytes(b"someone else's")
+        with pytest.raises(OutputError, match=f"{folder}: not empty and not written by vlp"):
+            pretrain(cfg)
+        assert [p.name for p in folder.iterdir()] == ["weights.bin"]
+        (folder / "weights.bin").unlink()  # empty folders are fine to write into
+    assert not (tmp_path / "metrics").exists()  # refused before training

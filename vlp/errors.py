@@ -34,4 +34,5 @@ class RequestError(VlpError):
 
 
 class OutputError(VlpError):
-    """An output location (a params path, `--out`, the tracking store) cannot be written."""
+    """An output location cannot be written, or holds files vlp did not write and so will not
+    replace or delete (a params path, `--out`, the tracking store)."""

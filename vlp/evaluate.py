@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from vlp.config import TASKS, Config
 from vlp.errors import ConfigError
 from vlp.finetune import INITS, is_skipped, model_dir
-from vlp.io import atomic_write_json, atomic_write_text
+from vlp.io import atomic_write_json, atomic_write_text, claim_dir
 
 EXAMPLE_IMAGE_SIDE = 128  # px; shapes images are tiny, upscale them for the eye
 
@@ -347,7 +347,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
                 f"{path}: no finetuned {task} model ({init} init); "
                 f"run `vlp finetune {task}{' --init scratch' if init == 'scratch' else ''}`"
             )
-    results_dir = Path(cfg.evaluate.results_dir) / task
+    results_dir = claim_dir(Path(cfg.evaluate.results_dir) / task, "results")
     params = {"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))}
     if task == "vqa":
         params["vqa_protocol"] = cfg.evaluate.vqa_protocol

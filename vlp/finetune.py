@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ import torch
 
 from vlp.config import TASKS, Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_dir, atomic_write_text
+from vlp.io import atomic_dir, atomic_write_text, check_replaceable, scratch_dir
 
 INITS = ("pretrained", "scratch")
 RETRIEVAL_LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
@@ -148,7 +146,7 @@ def loss_csv(history: list[dict[str, float]]) -> str:
 def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
     # The DVC stage declares these outputs whatever the params say: write placeholders.
     atomic_write_text(loss_curve_path(cfg, task, "scratch"), "step,loss\n")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "finetuned-model") as tmp:
         (tmp / SKIPPED_FILE).write_text("finetune.ablation is false: no scratch model trained\n")
         (tmp / "task.json").write_text(json.dumps({"task": task, "init": "scratch"}) + "\n")
     return out
@@ -168,6 +166,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             "evaluate.plots_dir": loss_curve_path(cfg, task, init).parent,
         },
     )
+    check_replaceable(out)  # before training, not after
     if init == "scratch" and not cfg.finetune.ablation:
         return _write_skipped(cfg, out, task)
     t0 = time.perf_counter()
@@ -192,11 +191,9 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         "n_train": len(dataset),
         "num_parameters": sum(x.numel() for x in module.parameters()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Checkpoints only live for the run: the stage output is the final model alone.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work.", dir=out.parent))
     curve = loss_curve_path(cfg, task, init)
-    try:
+    with scratch_dir(out.with_name(f"{out.name}.work")) as work:
         with stage_run(cfg, "finetune", task=task, init=init, params=params) as run:
             log_every = max(p.log_every, 1)
 
@@ -211,11 +208,10 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 "image_size": cfg.data.image_size,
                 "data": str(cfg.data.root),
                 "steps": result.steps,
-                "train_s": round(result.wall_s, 2),
                 "final_loss": result.final.get("loss"),
                 **extra,
             }
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, "finetuned-model") as tmp:
                 vlp.cpu().save_pretrained(tmp)
                 if task == "vqa":
                     module.save_head(tmp)
@@ -231,7 +227,5 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             run.log_metrics(summary)
             run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
             run.log_artifact(curve)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"task": task, "init": init, "model_dir": str(out), **summary}, indent=2))
     return out

@@ -1,25 +1,65 @@
-"""Atomic file writes: a reader never sees a half-written file, a failure keeps the old one."""
+"""Atomic writes and owned output directories.
+
+A reader never sees a half-written file; a failure keeps the old one. Temp files and
+folders are created with the modes of ordinary ones (0666 / 0777 less the umask), so what
+vlp writes is as readable as anything else the user creates.
+
+A directory that vlp may later replace or delete wholesale holds an `OUTPUT_MARKER` file
+naming what wrote it. vlp replaces or deletes only missing or empty directories and those
+holding the marker; anything else raises `OutputError` and stays as it is.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from vlp.errors import OutputError
+
+OUTPUT_MARKER = ".vlp-output"
+
+
+def _fresh_beside(path: Path, create: Callable[[Path], None]) -> Path:
+    """Create a new hidden temp entry beside `path` with `create`; return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            create(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def umask() -> int:
+    """The process umask (read without changing it where the OS allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file(path: Path) -> None:
+    # O_EXCL and mode 0666: created like any file (umask applies), never reusing one.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _fresh_beside(path, _new_file)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -36,24 +76,80 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temp directory beside `path`; swap it in for `path` on success."""
+def _marker_text(kind: str) -> str:
+    return f"vlp output: {kind}\nvlp may delete and rewrite this directory.\n"
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise OutputError unless `path` is missing, an empty directory or one vlp wrote."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(
+            f"{path}: exists and is not a directory vlp wrote; move it away or choose "
+            f"another output path"
+        )
+    if (path / OUTPUT_MARKER).is_file() or not any(path.iterdir()):
+        return
+    raise OutputError(
+        f"{path}: not empty and not written by vlp (no {OUTPUT_MARKER} file); vlp will not "
+        f"replace it: move its contents away or choose another output path"
+    )
+
+
+def claim_dir(path: Path, kind: str) -> Path:
+    """Create `path` as a vlp output directory of `kind` (or keep one); return `path`.
+
+    An existing empty directory is adopted; a non-empty one without the marker raises
+    OutputError, since vlp may later write into or delete it.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / OUTPUT_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, _marker_text(kind))
+    return path
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory vlp wrote (nothing if it is missing); OutputError for any other."""
+    path = Path(path)
+    check_replaceable(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+@contextmanager
+def scratch_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh hidden directory beside `path`, deleted with its contents afterwards."""
+    tmp = _fresh_beside(Path(path), os.mkdir)
     try:
         yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: Path, kind: str) -> Iterator[Path]:
+    """Yield a fresh temp directory beside `path`; swap it in for `path` on success.
+
+    `path` must be missing, empty or a directory vlp wrote (OutputError otherwise, raised
+    before the block runs); the new directory gets the marker naming `kind`.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    with scratch_dir(path) as tmp:
+        yield tmp
+        (tmp / OUTPUT_MARKER).write_text(_marker_text(kind))
+        check_replaceable(path)  # again: the block may have run for minutes
         old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        remove_dir(old)  # left by a swap that was interrupted
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_json(path: Path, error: type[Exception]) -> Any:
@@ -81,8 +177,6 @@ def check_writable(locations: dict[str, Path]) -> None:
     it would need that). The test creates and removes a file rather than reading
     permission bits, which root ignores.
     """
-    from vlp.errors import OutputError
-
     for label, path in locations.items():
         path = Path(path)
         existing = path
@@ -91,8 +185,6 @@ def check_writable(locations: dict[str, Path]) -> None:
         if not existing.is_dir():
             raise OutputError(f"{label}: cannot write in {path} ({existing} is not a folder)")
         try:
-            fd, probe = tempfile.mkstemp(prefix=".vlp-write-check.", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
+            _fresh_beside(existing / ".vlp-write-check", _new_file).unlink()
         except OSError as e:
             raise OutputError(f"{label}: cannot write in {existing} ({e.strerror or e})") from None

@@ -36,7 +36,7 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_json, atomic_write_text
+from vlp.io import atomic_write_json, atomic_write_text, check_replaceable
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
@@ -209,6 +209,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         },
     )
     with distributed() as info:
+        if info.is_main:  # refuse a foreign output folder before training, not after
+            check_replaceable(out_dir)
         dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)

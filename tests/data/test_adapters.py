@@ -342,3 +342,25 @@ def test_symlink_out_of_the_images_folder_is_named(tmp_path):
     csv.write_text("image_path,caption\na.png,x y\n")
     assert import_table(csv, images, tmp_path / "out")["rows"] == 1
     assert (tmp_path / "out" / "images").is_symlink()
+
+
+def test_import_replaces_its_own_manifest_but_no_other_file(tmp_path, capsys):
+    out = tmp_path / "mine"
+    _image(out / "pics" / "a.png", (1, 2, 3))
+    (out / "notes.txt").write_text("keep me\n")
+    (out / "pairs.parquet").write_text("my own file, not a manifest\n")
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["x y z"]}).to_csv(table, index=False)
+    args = ["--params", str(REPO_PARAMS), "import", "table", "--table", str(table)]
+    args += ["--images", str(out / "pics"), "--split", "train", "--out", str(out)]
+    assert main(args) == 2
+    assert str(out / "pairs.parquet") in capsys.readouterr().err
+    assert (out / "pairs.parquet").read_text() == "my own file, not a manifest\n"
+
+    (out / "pairs.parquet").unlink()
+    assert main(args) == 0
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["new words"]}).to_csv(table, index=False)
+    assert main(args) == 0  # a re-import replaces the earlier manifest
+    assert list(read_pairs(out)["caption"]) == ["new words"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "pairs.parquet", "pics"]
+    assert (out / "notes.txt").read_text() == "keep me\n"

@@ -21,6 +21,7 @@ from vlp.data.shapes import (
     scene_questions,
 )
 from vlp.errors import DataError
+from vlp.io import OUTPUT_MARKER
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -151,3 +152,39 @@ def test_render_puts_colours_in_their_cells(size):
 def test_impossible_sizes_are_rejected(smoke_cfg, tmp_path):
     with pytest.raises(DataError, match="image_size"):
         generate_dataset(dataclasses.replace(smoke_cfg.data, image_size=8), tmp_path / "x")
+
+
+def _generate_cli(out: Path) -> int:
+    from vlp.cli import main
+
+    repo = Path(__file__).resolve().parents[2]
+    return main(
+        ["--params", str(repo / "params.yaml"), "--profile", "smoke", "generate", "--out", str(out)]
+    )
+
+
+def test_generate_refuses_a_foreign_folder_and_keeps_every_file(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "notes").mkdir(parents=True)
+    (out / "important.txt").write_text("keep me\n")
+    (out / "notes" / "todo.md").write_text("mine\n")
+    assert _generate_cli(out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and OUTPUT_MARKER in err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "important.txt",
+        "notes",
+        "notes/todo.md",
+    ]
+    assert (out / "important.txt").read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp dirs left
+
+
+def test_generate_replaces_its_own_output(smoke_data, tmp_path):
+    out = tmp_path / "shapes"
+    assert _generate_cli(out) == 0
+    assert (out / OUTPUT_MARKER).is_file()
+    (out / "stale.txt").write_text("from an older run\n")
+    assert _generate_cli(out) == 0
+    assert not (out / "stale.txt").exists()
+    assert _digest(out) == _digest(smoke_data)

@@ -196,6 +196,7 @@ def test_save_load_round_trip(model, batch, tmp_path):
     model.eval()
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        ".vlp-output",
         "model.safetensors",
         "tokenizer",
         "vlp_config.json",
@@ -214,6 +215,21 @@ def test_save_load_round_trip(model, batch, tmp_path):
     # tied LM head stays tied after loading
     dec = loaded.text_decoder
     assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+
+
+def test_saved_model_dir_is_readable_by_others_under_umask_022(model, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    paths = [tmp_path / "m", *(tmp_path / "m").rglob("*")]
+    assert len(paths) > 4  # the tokenizer files too
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    assert modes == {k: 0o755 if (tmp_path / k).is_dir() else 0o644 for k in modes}
 
 
 def test_from_pretrained_rejects_missing_or_foreign_dirs(tmp_path):

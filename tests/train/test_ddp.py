@@ -96,4 +96,4 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
     # rank 0 wrote each checkpoint once; the final one is not written twice (a rank
     # disagreeing about it would deadlock in the RNG-state gather)
     names = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())
-    assert names == ["step-00000002", "step-00000004"]
+    assert names == [".vlp-output", "step-00000002", "step-00000004"]

@@ -23,6 +23,7 @@ import pandas as pd
 from vlp.data.manifest import (
     IMAGES_DIR,
     PAIRS_FILE,
+    SCHEMAS,
     SPLITS,
     VQA_FILE,
     image_roots,
@@ -30,7 +31,7 @@ from vlp.data.manifest import (
     resolve_image,
     write_manifest,
 )
-from vlp.errors import DataError
+from vlp.errors import DataError, OutputError
 from vlp.io import load_json
 
 
@@ -226,7 +227,7 @@ def import_vqa(
         )
     if not rows:
         raise DataError(f"{questions}: no questions")
-    write_manifest(pd.DataFrame(rows), Path(out) / VQA_FILE)
+    _write_import(rows, Path(out) / VQA_FILE)
     return _report(out, VQA_FILE, len(rows), len({r["image_id"] for r in rows}), note)
 
 
@@ -290,10 +291,27 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
     return _write_pairs(rows, out, note)
 
 
+def _write_import(rows: list[dict], path: Path) -> None:
+    """Write a manifest; an earlier import's may be replaced, any other file of that name not."""
+    import pyarrow.parquet as pq
+
+    if path.exists() or path.is_symlink():
+        try:
+            columns = set(pq.read_schema(path).names)
+        except (OSError, ValueError):  # not Parquet, a folder, a dangling link
+            columns = set()
+        if not set(SCHEMAS[path.name]) <= columns:
+            raise OutputError(
+                f"{path}: exists and is not a vlp manifest; vlp will not replace it: "
+                f"move it away or choose another --out"
+            )
+    write_manifest(pd.DataFrame(rows), path)
+
+
 def _write_pairs(rows: list[dict], out: Path, note: str | None) -> dict:
     if not rows:
         raise DataError(f"nothing to import into {out}: no captions found")
-    write_manifest(pd.DataFrame(rows), Path(out) / PAIRS_FILE)
+    _write_import(rows, Path(out) / PAIRS_FILE)
     return _report(out, PAIRS_FILE, len(rows), len({r["image_id"] for r in rows}), note)
 
 

@@ -433,8 +433,7 @@ def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
     vqa: list[dict] = []
     image_id = 0
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is meant to be shared
+    with atomic_dir(out_dir, "dataset") as tmp:
         (tmp / IMAGES_DIR).mkdir()
         for split, n in _split_plan(cfg):
             split_captions: set[str] = set()

@@ -198,8 +198,7 @@ def _context() -> Any:
 
 def _build_docs(context: Any, docs_dir: Path) -> None:
     """Render the context's validation results as Data Docs HTML, replacing docs_dir."""
-    with atomic_dir(docs_dir) as tmp:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the report is meant to be read
+    with atomic_dir(docs_dir, "data-docs") as tmp:
         site = {
             "class_name": "SiteBuilder",
             "store_backend": {

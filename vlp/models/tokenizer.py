@@ -104,7 +104,7 @@ def ensure_special_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 
 def save_tokenizer(tok: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
     """Save as a standard HF tokenizer directory, atomically."""
-    with atomic_dir(Path(path)) as tmp:
+    with atomic_dir(Path(path), "tokenizer") as tmp:
         tok.save_pretrained(str(tmp))
 
 

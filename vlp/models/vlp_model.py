@@ -387,7 +387,7 @@ class VLPModel(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically."""
-        from safetensors.torch import save_model
+        from vlp.models.weights import save_weights
 
         meta = {
             "model": dataclasses.asdict(self.cfg),
@@ -395,8 +395,8 @@ class VLPModel(nn.Module):
             "image_config": self.image_tower.backbone.config.to_dict(),
             "loss_weights": self.loss_weights,
         }
-        with atomic_dir(Path(path)) as tmp:
-            save_model(self, str(tmp / WEIGHTS_NAME))
+        with atomic_dir(Path(path), "model") as tmp:
+            save_weights(self, tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
 

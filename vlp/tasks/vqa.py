@@ -235,9 +235,9 @@ class VQAModel(nn.Module):
 
     def save_head(self, model_dir: Path) -> None:
         """Write the answer decoder weights (safetensors) into a model directory being assembled."""
-        from safetensors.torch import save_model
+        from vlp.models.weights import save_weights
 
-        save_model(self.head, str(Path(model_dir) / HEAD_FILE))
+        save_weights(self.head, Path(model_dir) / HEAD_FILE)
 
     @classmethod
     def load(

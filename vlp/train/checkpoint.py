@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,15 @@ import safetensors.torch
 import torch
 
 from vlp.errors import ResumeError
-from vlp.io import atomic_dir, atomic_write_json
+from vlp.io import (
+    OUTPUT_MARKER,
+    atomic_dir,
+    atomic_write_json,
+    check_replaceable,
+    claim_dir,
+    remove_dir,
+)
+from vlp.models.weights import save_weights
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -72,20 +78,13 @@ def save_checkpoint(
     ckpt_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 2
 ) -> Path:
     """Write model weights and `state` as `ckpt_dir/step-<step>` atomically; prune old ones."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    claim_dir(ckpt_dir, "checkpoints")
     final = ckpt_dir / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=ckpt_dir))
-    try:
-        # save_model (not save_file) copes with tied weights such as a shared LM head.
-        safetensors.torch.save_model(model, str(tmp / WEIGHTS))
+    with atomic_dir(final, "checkpoint") as tmp:
+        save_weights(model, tmp / WEIGHTS)
         torch.save(state, tmp / STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return final
 
 
@@ -135,7 +134,8 @@ def claim_work_dir(work: Path, fingerprint: dict[str, Any], resume: bool) -> dic
     """
     work = Path(work)
     record_path = work / RUN_RECORD
-    if resume and work.is_dir() and any(work.iterdir()):
+    if resume and work.is_dir() and any(p.name != OUTPUT_MARKER for p in work.iterdir()):
+        check_replaceable(work)
         if not record_path.is_file():
             raise ResumeError(
                 f"{work}: no {RUN_RECORD} records which run wrote these checkpoints; "
@@ -149,7 +149,7 @@ def claim_work_dir(work: Path, fingerprint: dict[str, Any], resume: bool) -> dic
             )
         return record
     record = {"fingerprint": fingerprint}
-    with atomic_dir(work) as tmp:
+    with atomic_dir(work, "pretrain-work") as tmp:
         atomic_write_json(tmp / RUN_RECORD, record)
     return json.loads(record_path.read_text())
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from vlp.errors import ConfigError
+from vlp.io import claim_dir, remove_dir
 from vlp.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -242,6 +242,10 @@ def train(
     ckpt_dir = Path(out_dir) / "checkpoints"
     step, epoch, micro_done = 0, 0, 0  # micro_done: micro-batches consumed in this epoch
     history: list[dict[str, float]] = []
+    if info.is_main and resume:
+        claim_dir(ckpt_dir, "checkpoints")  # a foreign folder fails now, not at a checkpoint
+    elif info.is_main:
+        remove_dir(ckpt_dir)  # stale checkpoints of an older run
     found = list_checkpoints(ckpt_dir) if resume else []
     if found:
         state = load_checkpoint(found[-1], model)
@@ -259,8 +263,6 @@ def train(
         history = list(state["history"])
         rngs = state["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-    elif info.is_main and not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # stale checkpoints of an older run
 
     net: torch.nn.Module = model
     if world > 1:
