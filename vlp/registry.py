@@ -31,6 +31,15 @@ EVAL_HASH_TAG = "vlp.eval_data_hash"
 MODEL_HASH_TAG = "vlp.model_sha256"  # content hash of the registered model directory
 EVALUATED_HASH_TAG = "vlp.evaluated_model_sha256"  # hash of the model the metrics scored
 MODEL_HASH_KEY = "model_sha256"  # its key in metrics/<task>.json (written by `vlp evaluate`)
+# what a decision means for the champion; `outcome` reports the most severe one
+OUTCOMES = {
+    "promoted": "promoted",
+    "rejected": "kept",
+    "unchanged": "kept",
+    "skipped": "kept",
+    "refused": "refused",
+}
+SEVERITY = ("promoted", "kept", "refused")
 KEEP = 30  # entries kept in the JSON history/decision tags (tag values are size-limited)
 
 
@@ -380,6 +389,14 @@ def promote_all(
             why = reason or ("pipeline auto-promote" if pipeline else "")
             out.append(promote(cfg, task, force=force, reason=why))
     return out
+
+
+def outcome(decisions: list[dict[str, Any]]) -> str:
+    """The most severe outcome of promotion decisions: refused > kept > promoted.
+
+    Kept: rejected (not better), unchanged or skipped; `champion` stayed where it was.
+    """
+    return max((OUTCOMES[d["decision"]] for d in decisions), key=SEVERITY.index, default="kept")
 
 
 def rollback(cfg: Config, task: str, reason: str = "") -> dict[str, Any]:

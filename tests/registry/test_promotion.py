@@ -248,3 +248,34 @@ def test_promote_refuses_a_challenger_whose_scores_are_not_of_its_model_unless_f
     forced = promote(store_cfg, "captioning", force=True, reason="checked by hand")
     assert forced["decision"] == "promoted" and "forced although" in forced["why"]
     assert _aliases("vlp-captioning") == {"champion": "2"}
+
+
+def test_cli_promote_exit_status_tells_promoted_kept_and_refused(
+    store_cfg: Config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from vlp.cli import main
+
+    params = str(Path(__file__).resolve().parents[2] / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_cfg.tracking.uri)
+
+    def promote_cli(*args: str) -> int:
+        return main(["--params", params, "promote", *args])
+
+    _register(store_cfg, "vqa", "a", 0.2)
+    _register(store_cfg, "vqa", "b", 0.1)
+    assert promote_cli("vqa") == 3  # rejected: kept
+    assert promote_cli("all") == 3
+    assert promote_cli("all", "--pipeline") == 0  # the pipeline's gate kept the champion
+
+    _register(store_cfg, "vqa", "c", 0.9)
+    _set_tag("vlp-vqa", "3", "vlp.evaluated_model_sha256", None)
+    capsys.readouterr()
+    assert promote_cli("vqa") == 4
+    assert "vlp promote: error: vlp-vqa version 3 refused" in capsys.readouterr().err
+    assert promote_cli("all", "--pipeline") == 4  # refused is most severe: the stage fails
+    assert _aliases("vlp-vqa")["champion"] == "1"
+
+    _register(store_cfg, "vqa", "d", 0.8)
+    assert promote_cli("vqa") == 0
+    assert _aliases("vlp-vqa") == {"champion": "4"}
+    assert promote_cli("vqa") == 2  # no challenger left: a user error
