@@ -25,7 +25,8 @@ from vlp.config import Config, load_config, tracking_uri
 from vlp.errors import ConfigError
 from vlp.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, end_pipeline_run, start_pipeline_run
 
-# `vlp` exits with 2 on a user error (bad params, bad data): retrying cannot help.
+# `vlp` marks what retrying cannot fix with this in its message: a user error (bad params,
+# bad data; exit 2) or a promotion refused for a person to resolve (exit 4).
 USER_ERROR_MARK = ": error: "
 
 

@@ -17,7 +17,7 @@ from vlp.config import Config
 from vlp.errors import ConfigError, OutputError
 from vlp.evaluate import evaluate
 from vlp.finetune import base_model, finetune, is_skipped, model_dir
-from vlp.tasks import load_predictor
+from vlp.tasks import load_predictor, model_sha256
 
 
 @pytest.fixture
@@ -98,6 +98,9 @@ def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
     assert doc["delta"][primary] == pytest.approx(
         doc["pretrained"][primary] - doc["scratch"][primary]
     )
+    for init in ("pretrained", "scratch"):  # each score names the model it measured
+        assert doc[init]["model_sha256"] == model_sha256(model_dir(cfg, task, init))
+    assert "model_sha256" not in doc["delta"]
 
     results = json.loads((tmp_path / "results" / task / "pretrained.json").read_text())
     if task == "retrieval":

@@ -14,6 +14,9 @@ from pathlib import Path
 from vlp.config import TASKS, VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
 
+# `vlp promote` exit status by outcome (2 stays "user error"); see README "Registry and promotion"
+PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}
+
 
 def _print_json(obj: object, out: str | None) -> None:
     text = json.dumps(obj, indent=2, sort_keys=False)
@@ -86,14 +89,25 @@ def _cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     _print_json(register_task_models(cfg, args.task), args.out)
 
 
-def _cmd_promote(cfg: Config, args: argparse.Namespace) -> None:
-    from vlp.registry import promote, promote_all
+def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from vlp.registry import outcome, promote, promote_all
 
     if args.task == "all":
         out = promote_all(cfg, force=args.force, reason=args.reason, pipeline=args.pipeline)
+        decisions = out
     else:
         out = promote(cfg, args.task, force=args.force, reason=args.reason)
+        decisions = [out]
     _print_json(out, args.out)
+    for d in decisions:
+        if d["decision"] == "refused":
+            print(
+                f"vlp promote: error: {d['model']} version {d['challenger']} refused: {d['why']}",
+                file=sys.stderr,
+            )
+    result = outcome(decisions)
+    # the pipeline's gate succeeds when it keeps the champion; a refusal needs a person
+    return 0 if args.pipeline and result == "kept" else PROMOTE_EXIT[result]
 
 
 def _cmd_rollback(cfg: Config, args: argparse.Namespace) -> None:
@@ -210,14 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="also write the result JSON here")
     s.set_defaults(func=_cmd_register)
 
-    s = sub.add_parser("promote", help="move `champion` to `challenger` if it is better")
+    s = sub.add_parser(
+        "promote",
+        help="move `champion` to `challenger` if it is better",
+        description="Exit status: 0 promoted, 3 kept (not better, or nothing to promote), "
+        "4 refused (scores not of this model, or different eval data); for `all` the most "
+        "severe over the tasks. 2: user error.",
+    )
     s.add_argument("task", choices=(*TASKS, "all"))
     s.add_argument("--force", action="store_true", help="promote even if not better")
     s.add_argument("--reason", default="", help="recorded on the version")
     s.add_argument(
         "--pipeline",
         action="store_true",
-        help="the pipeline's gate: do nothing unless registry.auto_promote is true",
+        help="the pipeline's gate: do nothing unless registry.auto_promote is true; "
+        "exit 0 when the champion is kept",
     )
     s.add_argument("--out", default=None, help="also write the decisions JSON here")
     s.set_defaults(func=_cmd_promote)
@@ -238,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     args.params_path = Path(args.params)
     try:
         cfg = load_config(args.params_path, args.profile, args.overrides)
-        args.func(cfg, args)
+        status = args.func(cfg, args)
     except VlpError as e:
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ on, the scratch-init one, then writes:
 - `metrics/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
   "delta": {...}}` where `<primary>` is `registry.primary_metric[task]` (retrieval `rsum`,
   captioning `CIDEr`, vqa `overall`) of the pretrained-init model and `delta` is
-  pretrained minus scratch for every metric;
+  pretrained minus scratch for every metric; each init's block also names the model it
+  scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`);
 - `results/<task>/<init>.json`: COCO caption results, VQA results, or retrieval rankings;
 - `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows;
 - plots: `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
@@ -36,6 +37,7 @@ from vlp.config import TASKS, Config
 from vlp.errors import ConfigError
 from vlp.finetune import INITS, is_skipped, model_dir
 from vlp.io import atomic_write_json, atomic_write_text, claim_dir
+from vlp.tasks import model_sha256
 
 EXAMPLE_IMAGE_SIDE = 128  # px; shapes images are tiny, upscale them for the eye
 
@@ -307,16 +309,25 @@ def mlflow_key(name: str) -> str:
 
 
 def metrics_document(
-    cfg: Config, task: str, per_init: dict[str, dict[str, float]]
+    cfg: Config,
+    task: str,
+    per_init: dict[str, dict[str, float]],
+    model_hashes: dict[str, str],
 ) -> dict[str, Any]:
-    """`metrics/<task>.json`: primary metric on top, both inits and their difference."""
+    """`metrics/<task>.json`: primary metric on top, both inits and their difference.
+
+    Each init's block carries `model_sha256`, the hash of the model directory it scored.
+    """
     primary = cfg.registry.primary_metric.get(task)
     pre = per_init["pretrained"]
     if primary not in pre:
         raise ConfigError(
             f"registry.primary_metric.{task}: {primary!r} is not one of {', '.join(pre)}"
         )
-    doc: dict[str, Any] = {primary: pre[primary], **per_init}
+    doc: dict[str, Any] = {
+        primary: pre[primary],
+        **{init: {**m, "model_sha256": model_hashes[init]} for init, m in per_init.items()},
+    }
     if "scratch" in per_init:
         scratch = per_init["scratch"]
         doc["delta"] = {
@@ -353,6 +364,8 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         params["vqa_protocol"] = cfg.evaluate.vqa_protocol
     with stage_run(cfg, "evaluate", task=task, params=params) as run:
         per_init: dict[str, dict[str, float]] = {}
+        # hashed before loading: the scores belong to exactly these bytes
+        hashes = {init: model_sha256(path) for init, path in paths.items()}
         for init in inits:
             t0 = time.perf_counter()
             ev = EVALUATORS[task](cfg, paths[init])
@@ -376,15 +389,17 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
             )
         if "scratch" not in inits:  # the DVC stage declares the scratch plot anyway
             atomic_write_text(plot_path(cfg, task, "scratch"), _csv(PLOT_FILES[task][1], []))
-        doc = metrics_document(cfg, task, per_init)
+        doc = metrics_document(cfg, task, per_init, hashes)
         metrics_path = Path(cfg.evaluate.metrics_dir) / f"{task}.json"
         atomic_write_json(metrics_path, doc)
 
         flat = {mlflow_key(k): v for k, v in doc.items() if isinstance(v, int | float)}
         for group in (*inits, "delta"):
             for k, v in doc.get(group, {}).items():
-                flat[mlflow_key(f"{group}.{k}")] = v
+                if isinstance(v, int | float):
+                    flat[mlflow_key(f"{group}.{k}")] = v
         run.log_metrics(flat)
+        run.set_tags({"vlp.model_sha256": hashes["pretrained"]})
         run.log_artifact(metrics_path)
         for init in inits:
             run.log_artifact(plot_path(cfg, task, init), "plots")

@@ -1,9 +1,12 @@
 """Register finetuned task models in MLflow and gate `champion` on the primary metric.
 
 Aliases, not stages: every new version gets `challenger`; `promote` moves `champion` to
-it only if its primary metric is higher (same evaluation data, or `force`). Decisions
-are tags on the versions; the champion history is a tag on the registered model, so
-`rollback` can restore the previous champion.
+it only if its primary metric is higher (same evaluation data, or `force`). Scores count
+only for the model they were measured on: registration needs metrics whose recorded
+`model_sha256` is the registered directory's content hash, and `promote` refuses a
+version whose tags do not show that match. Decisions are tags on the versions; the
+champion history is a tag on the registered model, so `rollback` can restore the
+previous champion.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from vlp.config import TASKS, Config
 from vlp.errors import RegistryError, ResultsError
+from vlp.tasks import model_sha256
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -24,6 +28,18 @@ HISTORY_TAG = "vlp.champion_history"
 DECISIONS_TAG = "vlp.decisions"
 METRIC_TAG = "vlp.primary_metric_value"
 EVAL_HASH_TAG = "vlp.eval_data_hash"
+MODEL_HASH_TAG = "vlp.model_sha256"  # content hash of the registered model directory
+EVALUATED_HASH_TAG = "vlp.evaluated_model_sha256"  # hash of the model the metrics scored
+MODEL_HASH_KEY = "model_sha256"  # its key in metrics/<task>.json (written by `vlp evaluate`)
+# what a decision means for the champion; `outcome` reports the most severe one
+OUTCOMES = {
+    "promoted": "promoted",
+    "rejected": "kept",
+    "unchanged": "kept",
+    "skipped": "kept",
+    "refused": "refused",
+}
+SEVERITY = ("promoted", "kept", "refused")
 KEEP = 30  # entries kept in the JSON history/decision tags (tag values are size-limited)
 
 
@@ -75,6 +91,19 @@ def primary_metric_value(metrics: dict[str, Any], metric: str, source: str) -> f
             if math.isfinite(value):
                 return value
     raise ResultsError(f"{source}: no finite numeric {metric!r} (top level or under 'pretrained')")
+
+
+def evaluated_model_hash(metrics: dict[str, Any]) -> str | None:
+    """The `model_sha256` of the model a metrics mapping scored (top level or under
+    `pretrained`, like the primary metric), None if it records none."""
+    for node in (metrics, metrics.get("pretrained")):
+        if isinstance(node, dict) and isinstance(node.get(MODEL_HASH_KEY), str):
+            return node[MODEL_HASH_KEY]
+    return None
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "none"
 
 
 def read_metrics(path: Path) -> dict[str, Any]:
@@ -135,12 +164,16 @@ def register_model(
     metrics: dict[str, Any],
     *,
     eval_hash: str,
+    source: str | None = None,
     loader: str | None = None,
     extra_code_paths: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Log `model_dir` as a pyfunc in a `register` stage run, register it, tag it `challenger`.
 
-    The first version of a model (no champion yet) also becomes `champion`.
+    `metrics` must record the content hash of `model_dir` as `model_sha256` (what
+    `vlp evaluate` writes): scores of another model are refused with a RegistryError
+    naming `source` (the metrics file). The first version of a model (no champion yet)
+    also becomes `champion`.
     """
     import mlflow
 
@@ -149,8 +182,22 @@ def register_model(
 
     if not Path(model_dir).is_dir():
         raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
+    source = source or f"metrics for {task}"
     metric = cfg.registry.primary_metric[task]
-    value = primary_metric_value(metrics, metric, f"metrics for {task}")
+    value = primary_metric_value(metrics, metric, source)
+    model_hash, evaluated = model_sha256(model_dir), evaluated_model_hash(metrics)
+    if evaluated is None:
+        raise RegistryError(
+            f"{source}: records no '{MODEL_HASH_KEY}' of the evaluated model, so its scores "
+            f"cannot be tied to {model_dir} (model {_short(model_hash)}); "
+            f"run `vlp evaluate {task}`, then register"
+        )
+    if evaluated != model_hash:
+        raise RegistryError(
+            f"{source}: scores are of model {_short(evaluated)}, but {model_dir} is "
+            f"{_short(model_hash)} (changed since it was evaluated); "
+            f"run `vlp evaluate {task}`, then register"
+        )
     name = model_name(cfg, task)
     with stage_run(cfg, "register", task=task, tags={EVAL_HASH_TAG: eval_hash}) as run:
         run.log_metrics(_numeric(metrics))
@@ -173,6 +220,8 @@ def register_model(
         "vlp.primary_metric": metric,
         METRIC_TAG: repr(value),
         EVAL_HASH_TAG: eval_hash,
+        MODEL_HASH_TAG: model_hash,
+        EVALUATED_HASH_TAG: evaluated,
         "vlp.run_id": run.run_id,
         "vlp.git_commit": tags.get("vlp.git_commit", "none"),
         "vlp.params_hash": tags.get("vlp.params_hash", "none"),
@@ -205,6 +254,7 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
                 Path(cfg.finetune.out_dir) / t,
                 metrics,
                 eval_hash=eval_data_hash(cfg, t, metrics),
+                source=str(metrics_path),
             )
         )
     return results
@@ -249,11 +299,25 @@ def _set_champion(client: Any, name: str, version: str, entry: dict[str, Any]) -
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
 
 
+def _unproven(version: Any) -> str | None:
+    """Why a version's scores may not be of its model (hash tags missing or different)."""
+    model_hash = version.tags.get(MODEL_HASH_TAG)
+    evaluated = version.tags.get(EVALUATED_HASH_TAG)
+    if model_hash and evaluated == model_hash:
+        return None
+    return (
+        f"version {version.version}: its scores are not proven to be of its model "
+        f"(evaluated {_short(evaluated)}, model {_short(model_hash)})"
+    )
+
+
 def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> dict[str, Any]:
     """Move `champion` to `challenger` if its primary metric is higher on the same eval data.
 
-    Returns the decision: promoted | rejected | refused (different eval data) | unchanged.
-    `force` promotes regardless; every decision is recorded on the version(s) involved.
+    Returns the decision: promoted | rejected | refused | unchanged. Refused: the
+    challenger's tags do not show its metrics were measured on its own model (content
+    hashes), or it was evaluated on different data than the champion. `force` promotes
+    regardless; every decision is recorded on the version(s) involved.
     """
     if task not in TASKS:
         raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -269,10 +333,14 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
     metrics = {"metric": metric, "challenger": new, "champion": old}
     new_hash = challenger.tags.get(EVAL_HASH_TAG)
     old_hash = champion.tags.get(EVAL_HASH_TAG) if champion else None
-    if champion is None:
-        decision, why = "promoted", "no champion yet"
-    elif champion.version == challenger.version:
+    unproven = _unproven(challenger)
+    if champion is not None and champion.version == challenger.version:
         decision, why = "unchanged", "challenger already is the champion"
+    elif unproven and not force:
+        decision = "refused"
+        why = f"{unproven}; evaluate and register it again, or use --force to override"
+    elif champion is None:
+        decision, why = "promoted", "no champion yet"
     elif force:
         decision, why = "promoted", "forced"
     elif new_hash != old_hash:
@@ -282,6 +350,8 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
         decision, why = "promoted", f"{metric} {new:.4g} > {old:.4g}"
     else:
         decision, why = "rejected", f"{metric} {new:.4g} <= champion {old:.4g}"
+    if unproven and decision == "promoted":
+        why = f"{why}; forced although {unproven}"
     if reason:
         why = f"{why}; {reason}"
     entry = {"decision": decision, "by": _who(), "at": _now(), "why": why, "metrics": metrics}
@@ -325,6 +395,14 @@ def promote_all(
             why = reason or ("pipeline auto-promote" if pipeline else "")
             out.append(promote(cfg, task, force=force, reason=why))
     return out
+
+
+def outcome(decisions: list[dict[str, Any]]) -> str:
+    """The most severe outcome of promotion decisions: refused > kept > promoted.
+
+    Kept: rejected (not better), unchanged or skipped; `champion` stayed where it was.
+    """
+    return max((OUTCOMES[d["decision"]] for d in decisions), key=SEVERITY.index, default="kept")
 
 
 def rollback(cfg: Config, task: str, reason: str = "") -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, pn
 from vlp.config import TASKS, Config
 from vlp.errors import RegistryError, ResultsError
 from vlp.registry import promote, promote_all, register_model, register_task_models, rollback
+from vlp.tasks import model_sha256
 
 
 def _register(cfg: Config, task: str, word: str, value: float, eval_hash: str = "h1") -> str:
@@ -23,7 +25,7 @@ def _register(cfg: Config, task: str, word: str, value: float, eval_hash: str = 
         cfg,
         task,
         model_dir,
-        {metric: value, "extra": {"B@4": 0.1}},
+        {metric: value, "extra": {"B@4": 0.1}, "model_sha256": model_sha256(model_dir)},
         eval_hash=eval_hash,
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
@@ -175,3 +177,105 @@ def test_eval_data_hash_covers_the_evaluated_data_and_split_only(store_cfg: Conf
     val = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split="val"))
     assert eval_data_hash(val, "vqa") == "val:data/shapes=d1.dir"
     assert eval_data_hash(cfg, "vqa", {"eval_data_hash": "given"}) == "given"
+
+
+def _set_tag(name: str, version: str, key: str, value: str | None) -> None:
+    """Edit a version's tag as someone registering by hand (or older code) would leave it."""
+    client = mlflow.MlflowClient()
+    if value is None:
+        client.delete_model_version_tag(name, version, key)
+    else:
+        client.set_model_version_tag(name, version, key, value)
+
+
+def test_register_refuses_metrics_not_measured_on_the_registered_model(
+    store_cfg: Config,
+) -> None:
+    cfg = dataclasses.replace(
+        store_cfg,
+        finetune=dataclasses.replace(store_cfg.finetune, out_dir="finetuned"),
+        evaluate=dataclasses.replace(store_cfg.evaluate, metrics_dir="metrics"),
+    )
+    model_dir = make_standin_model(Path("finetuned/vqa"), "new")
+    other = make_standin_model(Path("finetuned/old"), "old")
+    metrics_file = Path("metrics/vqa.json")
+    metrics_file.parent.mkdir()
+    metrics_file.write_text(json.dumps({"overall": 50.0}))
+    with pytest.raises(RegistryError, match=r"metrics/vqa\.json: records no 'model_sha256'"):
+        register_task_models(cfg, "vqa")
+    metrics_file.write_text(
+        json.dumps({"overall": 50.0, "pretrained": {"model_sha256": model_sha256(other)}})
+    )
+    with pytest.raises(RegistryError) as err:
+        register_task_models(cfg, "vqa")
+    message = str(err.value)
+    assert message.startswith("metrics/vqa.json: scores are of model ")
+    assert model_sha256(other)[:12] in message and model_sha256(model_dir)[:12] in message
+    assert mlflow.MlflowClient(cfg.tracking.uri).search_registered_models() == []
+
+    version = _register(cfg, "vqa", "a", 0.3)
+    tags = _tags("vlp-vqa", version)
+    expected = model_sha256(Path("models/vqa-a"))
+    assert tags["vlp.model_sha256"] == tags["vlp.evaluated_model_sha256"] == expected
+
+
+def test_model_hash_changes_with_any_file_and_not_with_the_location(tmp_path: Path) -> None:
+    a = make_standin_model(tmp_path / "a", "w")
+    (a / "tokenizer").mkdir()
+    (a / "tokenizer" / "vocab.txt").write_text("x\ny\n")
+    b = shutil.copytree(a, tmp_path / "elsewhere" / "a")
+    assert model_sha256(a) == model_sha256(b)
+    (b / "tokenizer" / "vocab.txt").write_text("x\nz\n")
+    assert model_sha256(a) != model_sha256(b)
+    (b / "tokenizer" / "vocab.txt").write_text("x\ny\n")
+    (b / "tokenizer" / "vocab.txt").rename(b / "tokenizer" / "vocab2.txt")
+    assert model_sha256(a) != model_sha256(b)
+
+
+@pytest.mark.parametrize("tampered", [None, "0" * 64])
+def test_promote_refuses_a_challenger_whose_scores_are_not_of_its_model_unless_forced(
+    store_cfg: Config, tampered: str | None
+) -> None:
+    _register(store_cfg, "captioning", "a", 0.1)
+    _register(store_cfg, "captioning", "b", 0.9)
+    _set_tag("vlp-captioning", "2", "vlp.model_sha256", tampered)
+    refused = promote(store_cfg, "captioning")
+    assert refused["decision"] == "refused"
+    assert "not proven to be of its model" in refused["why"]
+    assert f"model {(tampered or 'none')[:12]}" in refused["why"]
+    assert _aliases("vlp-captioning") == {"champion": "1", "challenger": "2"}
+    assert _tags("vlp-captioning", "2")["vlp.last_decision"] == "refused"
+    forced = promote(store_cfg, "captioning", force=True, reason="checked by hand")
+    assert forced["decision"] == "promoted" and "forced although" in forced["why"]
+    assert _aliases("vlp-captioning") == {"champion": "2"}
+
+
+def test_cli_promote_exit_status_tells_promoted_kept_and_refused(
+    store_cfg: Config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from vlp.cli import main
+
+    params = str(Path(__file__).resolve().parents[2] / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_cfg.tracking.uri)
+
+    def promote_cli(*args: str) -> int:
+        return main(["--params", params, "promote", *args])
+
+    _register(store_cfg, "vqa", "a", 0.2)
+    _register(store_cfg, "vqa", "b", 0.1)
+    assert promote_cli("vqa") == 3  # rejected: kept
+    assert promote_cli("all") == 3
+    assert promote_cli("all", "--pipeline") == 0  # the pipeline's gate kept the champion
+
+    _register(store_cfg, "vqa", "c", 0.9)
+    _set_tag("vlp-vqa", "3", "vlp.evaluated_model_sha256", None)
+    capsys.readouterr()
+    assert promote_cli("vqa") == 4
+    assert "vlp promote: error: vlp-vqa version 3 refused" in capsys.readouterr().err
+    assert promote_cli("all", "--pipeline") == 4  # refused is most severe: the stage fails
+    assert _aliases("vlp-vqa")["champion"] == "1"
+
+    _register(store_cfg, "vqa", "d", 0.8)
+    assert promote_cli("vqa") == 0
+    assert _aliases("vlp-vqa") == {"champion": "4"}
+    assert promote_cli("vqa") == 2  # no challenger left: a user error

@@ -20,6 +20,7 @@ from PIL import Image
 from tests.mlflow_helpers import free_port, http_process
 from vlp.config import TASKS, Config
 from vlp.registry import register_model
+from vlp.tasks import model_sha256
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -68,7 +69,8 @@ def test_every_real_task_model_loads_and_predicts(
     }
     for task in TASKS:
         metric = store_cfg.registry.primary_metric[task]
-        register_model(store_cfg, task, finetuned[task], {metric: 1.0}, eval_hash="h")
+        metrics = {metric: 1.0, "model_sha256": model_sha256(finetuned[task])}
+        register_model(store_cfg, task, finetuned[task], metrics, eval_hash="h")
         model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")
         out = model.predict(frames[task])
         column = {"captioning": "caption", "vqa": "answer", "retrieval": "score"}[task]
@@ -86,7 +88,8 @@ def test_served_champion_captions_an_image(
     store_cfg: Config, finetuned: dict[str, Path], tmp_path: Path
 ) -> None:
     model_dir = shutil.copytree(finetuned["captioning"], tmp_path / "captioning")
-    register_model(store_cfg, "captioning", model_dir, {"CIDEr": 1.0}, eval_hash="h")
+    metrics = {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)}
+    register_model(store_cfg, "captioning", model_dir, metrics, eval_hash="h")
     image = _image_bytes(store_cfg)
     expected = mlflow.pyfunc.load_model("models:/vlp-captioning@champion").predict(
         pd.DataFrame({"image": [image]})

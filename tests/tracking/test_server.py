@@ -19,6 +19,7 @@ from tests.mlflow_helpers import (
 )
 from vlp.config import Config
 from vlp.registry import promote, register_model
+from vlp.tasks import model_sha256
 from vlp.tracking import stage_run
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -43,11 +44,12 @@ def test_pipeline_against_an_mlflow_server(
         with stage_run(store_cfg, "pretrain", params={"lr": 0.1}) as run:
             run.log_metrics({"loss": 1.5}, step=0)
         for word, value in (("a", 0.5), ("b", 0.7)):
+            model_dir = make_standin_model(tmp_path / word, word)
             register_model(
                 store_cfg,
                 "captioning",
-                make_standin_model(tmp_path / word, word),
-                {"CIDEr": value},
+                model_dir,
+                {"CIDEr": value, "model_sha256": model_sha256(model_dir)},
                 eval_hash="h",
                 loader=STANDIN_LOADER,
                 extra_code_paths=[STANDIN],

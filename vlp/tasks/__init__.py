@@ -14,10 +14,14 @@ a directory into a `Predictor`, the one inference API the registry's pyfunc wrap
 
 Images are `PIL.Image`s of any size and mode; they are converted to RGB and resized to the
 model's training resolution exactly as the torch datasets do.
+
+`model_sha256(model_dir)` is the directory's content hash: evaluation records it beside
+the scores, and the registry only accepts scores measured on the directory it registers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -46,6 +50,22 @@ def read_task_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def model_sha256(model_dir: str | os.PathLike) -> str:
+    """Content hash (hex sha256) of a task model directory: weights, configs, tokenizer, task.json.
+
+    The sha256 of the `sha256sum`-style listing `<file sha256>  <relative path>` of every
+    file, in sorted path order: it changes with any byte or file name, not with the
+    directory's location or the files' timestamps.
+    """
+    root = Path(model_dir)
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    listing = hashlib.sha256()
+    for rel, path in files:
+        with path.open("rb") as f:
+            listing.update(f"{hashlib.file_digest(f, 'sha256').hexdigest()}  {rel}\n".encode())
+    return listing.hexdigest()
+
+
 def load_predictor(model_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
     """Load a finetuned task model directory as a `Predictor` for its task."""
     from vlp.tasks.predictor import load
@@ -53,4 +73,4 @@ def load_predictor(model_dir: str | os.PathLike, device: str = "cpu") -> Predict
     return load(Path(model_dir), device=device)
 
 
-__all__ = ["TASK_FILE", "load_predictor", "read_task_info"]
+__all__ = ["TASK_FILE", "load_predictor", "model_sha256", "read_task_info"]
