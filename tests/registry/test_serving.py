@@ -32,6 +32,7 @@ from tests.mlflow_helpers import (
 from vlp.config import Config, ServingConfig
 from vlp.registry import register_model
 from vlp.serving import VLPTaskModel
+from vlp.tasks import model_sha256
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 GARBAGE = b"\x89PNG\r\n\x1a\n but not really a PNG"
@@ -124,7 +125,7 @@ def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
         cfg,
         "captioning",
         model_dir,
-        {"CIDEr": 1.0},
+        {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)},
         eval_hash="h",
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
@@ -164,7 +165,7 @@ def test_served_model_answers_bad_requests_with_a_400_and_no_trace(
         cfg,
         "captioning",
         model_dir,
-        {"CIDEr": 1.0},
+        {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)},
         eval_hash="h",
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
