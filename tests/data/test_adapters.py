@@ -60,15 +60,15 @@ def test_coco_captions_with_images_outside_out(smoke_cfg, tmp_path, coco_images)
     out = tmp_path / "out"
     summary = import_coco(ann, coco_images, out, split="val")
     assert summary["rows"] == 3 and summary["images"] == 2 and "images_link" in summary
-    assert (out / "images").is_symlink()
+    assert (out / "images" / "val2014").is_symlink()
     pairs = read_pairs(out)
     assert list(pairs["caption"]) == [
         "A red square on its own.",
         "a red picture",
         "A blue picture.",
     ]
-    assert list(pairs["image_path"]) == [f"images/{_coco_name(42)}"] * 2 + [
-        f"images/{_coco_name(73)}"
+    assert list(pairs["image_path"]) == [f"images/val2014/{_coco_name(42)}"] * 2 + [
+        f"images/val2014/{_coco_name(73)}"
     ]
     assert set(pairs["split"]) == {"val"}
     assert validate_dataset(out, smoke_cfg.validate)["success"]
@@ -126,7 +126,7 @@ def test_karpathy_coco_and_vqa_into_one_dir(smoke_cfg, tmp_path, coco_images):
     assert list(pairs["caption_id"]) == [10, 11, 12]
     assert list(pairs["image_id"]) == [42, 42, 73]
     assert list(pairs["split"]) == ["test", "test", "restval"]
-    assert pairs["image_path"].iloc[0] == f"images/val2014/{_coco_name(42)}"
+    assert pairs["image_path"].iloc[0] == f"images/coco/val2014/{_coco_name(42)}"
 
     answers = [
         {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
@@ -161,12 +161,12 @@ def test_karpathy_coco_and_vqa_into_one_dir(smoke_cfg, tmp_path, coco_images):
             ],
         },
     )
-    # The VQA images live inside the folder that the Karpathy import linked as out/images.
+    # The VQA images live inside the folder that the Karpathy import linked as out/images/coco.
     import_vqa(questions, annotations, coco_images, out, split="restval")
     vqa = read_vqa(out)
     row = vqa.iloc[0]
     assert row["answers"] == ["2"] * 8 + ["two", "3"]
-    assert row["image_path"] == f"images/val2014/{_coco_name(73)}"
+    assert row["image_path"] == f"images/coco/val2014/{_coco_name(73)}"
     assert (row["question_type"], row["answer_type"], row["multiple_choice_answer"]) == (
         "how many",
         "number",
@@ -227,7 +227,7 @@ def test_vqa_without_subtype_finds_images_by_id(tmp_path, coco_images):
         },
     )
     import_vqa(q, a, coco_images, tmp_path / "out", split="val")
-    assert read_vqa(tmp_path / "out").loc[0, "image_path"] == f"images/{_coco_name(42)}"
+    assert read_vqa(tmp_path / "out").loc[0, "image_path"] == f"images/val2014/{_coco_name(42)}"
 
 
 def test_table_csv_and_parquet(smoke_cfg, tmp_path):
@@ -259,7 +259,11 @@ def test_table_csv_and_parquet(smoke_cfg, tmp_path):
     assert code == 0
     pairs = read_pairs(tmp_path / "csv_out")
     assert list(pairs["image_id"]) == [0, 0, 1]
-    assert list(pairs["image_path"]) == ["images/a.png", "images/a.png", "images/sub/b.jpg"]
+    assert list(pairs["image_path"]) == [
+        "images/pics/a.png",
+        "images/pics/a.png",
+        "images/pics/sub/b.jpg",
+    ]
     assert validate_dataset(tmp_path / "csv_out", smoke_cfg.validate)["success"]
 
     pq = tmp_path / "pairs.parquet"
@@ -277,15 +281,31 @@ def test_table_path_escaping_the_image_folder_is_named(tmp_path, bad):
         import_table(csv, tmp_path / "pics", tmp_path / "out")
 
 
-def test_existing_images_link_elsewhere_is_refused(tmp_path):
+def test_image_folders_of_two_imports_are_both_linked(smoke_cfg, tmp_path):
     for name in ("one", "two"):
-        (tmp_path / name).mkdir()
-        _image(tmp_path / name / "a.png", (1, 2, 3))
+        (tmp_path / "x" / name).mkdir(parents=True)
+        _image(tmp_path / "x" / name / "a.png", (1, 2, 3))
+    (tmp_path / "y" / "one").mkdir(parents=True)
+    _image(tmp_path / "y" / "one" / "a.png", (3, 2, 1))
     csv = tmp_path / "t.csv"
     pd.DataFrame({"image_path": ["a.png"], "caption": ["x y z"]}).to_csv(csv, index=False)
-    import_table(csv, tmp_path / "one", tmp_path / "out")
-    with pytest.raises(DataError, match="points elsewhere"):
-        import_table(csv, tmp_path / "two", tmp_path / "out")
+    out = tmp_path / "out"
+    for folder in ("x/one", "x/two", "y/one"):
+        import_table(csv, tmp_path / folder, out)
+    links = {p.name: p.resolve() for p in (out / "images").iterdir()}
+    assert links == {
+        "one": tmp_path / "x" / "one",
+        "two": tmp_path / "x" / "two",
+        "one-2": tmp_path / "y" / "one",
+    }
+    pairs = read_pairs(out)
+    assert list(pairs["image_path"]) == [
+        "images/one/a.png",
+        "images/two/a.png",
+        "images/one-2/a.png",
+    ]
+    assert list(pairs["image_id"]) == list(pairs["caption_id"]) == [0, 1, 2]
+    assert validate_dataset(out, smoke_cfg.validate)["success"]
 
 
 def _coco_doc(image_id: object = 42, caption_id: object = 1) -> dict:
@@ -298,7 +318,9 @@ def _coco_doc(image_id: object = 42, caption_id: object = 1) -> dict:
 @pytest.mark.parametrize("bad", ["abc", None, "x0", 1.9, 3.0, True])
 def test_coco_non_integer_ids_are_named(tmp_path, coco_images, bad):
     ann = _dump(tmp_path / "c.json", _coco_doc(caption_id=bad))
-    with pytest.raises(DataError, match=rf"c\.json: annotations\[0\]: id {bad!r} is not an integer"):
+    with pytest.raises(
+        DataError, match=rf"c\.json: annotations\[0\]: id {bad!r} is not an integer"
+    ):
         import_coco(ann, coco_images, tmp_path / "out")
     ann = _dump(tmp_path / "c.json", _coco_doc(image_id=bad))
     with pytest.raises(DataError, match=rf"annotations\[0\]: image_id {bad!r} is not an integer"):
@@ -306,7 +328,9 @@ def test_coco_non_integer_ids_are_named(tmp_path, coco_images, bad):
     assert not (tmp_path / "out" / "pairs.parquet").exists()
 
 
-@pytest.mark.parametrize(("cell", "shown"), [("x0", "'x0'"), ("1.9", "'1.9'"), ("3.0", "'3.0'"), ("", "is empty")])
+@pytest.mark.parametrize(
+    ("cell", "shown"), [("x0", "'x0'"), ("1.9", "'1.9'"), ("3.0", "'3.0'"), ("", "is empty")]
+)
 def test_table_non_integer_ids_are_named(tmp_path, cell, shown):
     _image(tmp_path / "pics" / "a.png", (1, 2, 3))
     csv = tmp_path / "t.csv"
@@ -336,12 +360,15 @@ def test_symlink_out_of_the_images_folder_is_named(tmp_path):
     pd.DataFrame({"image_path": ["a.png", "b.png"], "caption": ["x y", "z w"]}).to_csv(
         csv, index=False
     )
-    with pytest.raises(DataError, match=r"row 1: image_path 'images/b.png' leads through a symlink"):
+    with pytest.raises(
+        DataError, match=r"row 1: image_path 'images/pics/b.png' leads through a symlink"
+    ):
         import_table(csv, images, tmp_path / "out")
-    # the declared folder itself is reached through the importer's own `OUT/images` link
+    assert not (tmp_path / "out" / "images").exists()  # refused before anything was written
+    # the declared folder itself is reached through the importer's own `OUT/images/pics` link
     csv.write_text("image_path,caption\na.png,x y\n")
     assert import_table(csv, images, tmp_path / "out")["rows"] == 1
-    assert (tmp_path / "out" / "images").is_symlink()
+    assert (tmp_path / "out" / "images" / "pics").is_symlink()
 
 
 def test_import_replaces_its_own_manifest_but_no_other_file(tmp_path, capsys):
@@ -360,7 +387,148 @@ def test_import_replaces_its_own_manifest_but_no_other_file(tmp_path, capsys):
     (out / "pairs.parquet").unlink()
     assert main(args) == 0
     pd.DataFrame({"image_path": ["a.png"], "caption": ["new words"]}).to_csv(table, index=False)
-    assert main(args) == 0  # a re-import replaces the earlier manifest
-    assert list(read_pairs(out)["caption"]) == ["new words"]
+    assert main(args) == 0  # a second import adds to the earlier manifest
+    assert list(read_pairs(out)["caption"]) == ["x y z", "new words"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "pairs.parquet", "pics"]
     assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+def _coco_captions(path: Path, subtype: str, ids: list[int], first_caption_id: int) -> Path:
+    name = lambda i: f"COCO_{subtype}_{i:012d}.jpg"  # noqa: E731
+    return _dump(
+        path,
+        {
+            "images": [{"id": i, "file_name": name(i)} for i in ids],
+            "annotations": [
+                {"id": first_caption_id + k, "image_id": i, "caption": f"picture {i}"}
+                for k, i in enumerate(ids)
+            ],
+        },
+    )
+
+
+@pytest.fixture
+def coco_train_val(tmp_path) -> tuple[Path, Path]:
+    for subtype, ids in (("train2014", (1, 2)), ("val2014", (42, 73))):
+        for i in ids:
+            _image(tmp_path / "coco" / subtype / f"COCO_{subtype}_{i:012d}.jpg", (i, 0, 0))
+    return tmp_path / "coco" / "train2014", tmp_path / "coco" / "val2014"
+
+
+def test_imports_merge_and_reimports_change_nothing(smoke_cfg, tmp_path, coco_train_val):
+    train, val = coco_train_val
+    out = tmp_path / "out"
+    train_ann = _coco_captions(tmp_path / "train.json", "train2014", [1, 2], 100)
+    val_ann = _coco_captions(tmp_path / "val.json", "val2014", [42, 73], 200)
+    assert import_coco(train_ann, train, out, split="train")["added"] == 2
+    assert import_coco(val_ann, val, out, split="val")["added"] == 2
+    pairs = read_pairs(out)
+    assert list(pairs["image_id"]) == [1, 2, 42, 73]  # train2014 was not replaced by val2014
+    assert list(pairs["split"]) == ["train", "train", "val", "val"]
+    manifest = (out / "pairs.parquet").read_bytes()
+    assert import_coco(val_ann, val, out, split="val")["added"] == 0  # idempotent
+    assert (out / "pairs.parquet").read_bytes() == manifest
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["train2014", "val2014"]
+    assert validate_dataset(out, smoke_cfg.validate)["success"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        # caption id 200 already names another caption of image 42
+        (
+            {
+                "images": [{"id": 42, "file_name": "COCO_val2014_000000000042.jpg"}],
+                "annotations": [{"id": 200, "image_id": 42, "caption": "another text"}],
+            },
+            r"caption_id 200 is already in .*pairs\.parquet with another caption "
+            r"\('picture 42' vs 'another text'\)",
+        ),
+        # caption id 200 reused for another image
+        (
+            {
+                "images": [{"id": 73, "file_name": "COCO_val2014_000000000073.jpg"}],
+                "annotations": [{"id": 200, "image_id": 73, "caption": "picture 42"}],
+            },
+            r"caption_id 200 is already in .*with another image_id \(42 vs 73\)",
+        ),
+        # the same image under a second file name
+        (
+            {
+                "images": [{"id": 42, "file_name": "COCO_val2014_000000000073.jpg"}],
+                "annotations": [{"id": 300, "image_id": 42, "caption": "x"}],
+            },
+            r"image_id 42 would have two paths",
+        ),
+    ],
+)
+def test_conflicting_import_is_named_and_changes_nothing(tmp_path, coco_train_val, doc, message):
+    _, val = coco_train_val
+    out = tmp_path / "out"
+    import_coco(_coco_captions(tmp_path / "val.json", "val2014", [42], 200), val, out, "val")
+    before = (out / "pairs.parquet").read_bytes()
+    with pytest.raises(DataError, match=message):
+        import_coco(_dump(tmp_path / "bad.json", doc), val, out, split="val")
+    assert (out / "pairs.parquet").read_bytes() == before
+
+
+def test_an_image_in_a_second_split_is_refused_and_no_link_is_left(tmp_path, coco_train_val):
+    train, val = coco_train_val
+    out = tmp_path / "out"
+    import_coco(_coco_captions(tmp_path / "val.json", "val2014", [42], 200), val, out, "test")
+    table = tmp_path / "t.csv"
+    # image 42 again, now from another folder and claimed for train
+    table.write_text(
+        "image_path,caption,image_id,split\nCOCO_train2014_000000000001.jpg,x,42,train\n"
+    )
+    before = (out / "pairs.parquet").read_bytes()
+    with pytest.raises(DataError, match=r"image_id 42 would have two (paths|splits)"):
+        import_table(table, train, out)
+    assert (out / "pairs.parquet").read_bytes() == before
+    assert [p.name for p in (out / "images").iterdir()] == ["val2014"]  # no new link
+
+
+def test_vqa_questions_take_the_split_of_their_image(smoke_cfg, tmp_path, coco_train_val):
+    """VQA v2 val2014 laid onto Karpathy splits in one command: val/test/restval images."""
+    _, val = coco_train_val
+    _image(val / "COCO_val2014_000000000099.jpg", (9, 9, 9))
+    out = tmp_path / "out"
+    karpathy = {
+        "images": [
+            {"filepath": "val2014", "filename": f"COCO_val2014_{i:012d}.jpg", "cocoid": i,
+             "split": split, "sentences": [{"raw": f"image {i}", "sentid": i}]}
+            for i, split in ((42, "test"), (73, "restval"))
+        ]
+    }  # fmt: skip
+    import_karpathy(_dump(tmp_path / "k.json", karpathy), val.parent, out)
+    qids = {42: 1, 73: 2, 99: 3}  # image 99 is not in the Karpathy file
+    questions = _dump(
+        tmp_path / "q.json",
+        {
+            "data_subtype": "val2014",
+            "questions": [
+                {"image_id": i, "question": "what is it?", "question_id": q}
+                for i, q in qids.items()
+            ],
+        },
+    )
+    annotations = _dump(
+        tmp_path / "a.json",
+        {
+            "annotations": [
+                {"question_id": q, "image_id": i, "question_type": "what is",
+                 "answer_type": "other", "multiple_choice_answer": "red",
+                 "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": k + 1}
+                             for k in range(10)]}
+                for i, q in qids.items()
+            ]
+        },
+    )  # fmt: skip
+    summary = import_vqa(questions, annotations, val, out, split="val")
+    assert summary["added"] == 3
+    vqa = read_vqa(out).set_index("image_id")
+    assert dict(vqa["split"]) == {42: "test", 73: "restval", 99: "val"}
+    assert vqa.loc[42, "image_path"] == read_pairs(out).set_index("image_id").loc[42, "image_path"]
+    assert vqa.loc[99, "image_path"] == "images/coco/val2014/COCO_val2014_000000000099.jpg"
+    assert validate_dataset(out, smoke_cfg.validate)["success"]
+    assert import_vqa(questions, annotations, val, out, split="val")["added"] == 0

@@ -2,11 +2,19 @@
 
 Readers for COCO captions annotations, Karpathy split JSON (COCO, Flickr30k), VQA v2
 questions + annotations, and CSV/Parquet tables of (image_path, caption[, split]).
-Images stay where they are: a folder inside the output directory is referenced
-directly; a folder elsewhere is symlinked as `OUT/images` so manifest paths stay
-relative to OUT. Importing a second format into the same OUT keeps the other manifest.
-Ids must be integers (JSON numbers without a fraction, integer table cells); an image
-file that leads through a symlink out of OUT (other than the `OUT/images` link) is refused.
+
+Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
+`OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
+with other content, an image given a second path, or an image put in a second split is an
+error naming it, and the dataset stays as it was. Splits belong to images: `--split` applies
+to images not yet in the dataset, an image already there keeps its split (so VQA v2
+questions land on the Karpathy split of their image).
+
+Images stay where they are: a folder inside OUT is referenced directly; a folder elsewhere
+is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), so manifest
+paths stay relative to OUT. Ids must be
+integers (JSON numbers without a fraction, integer table cells); an image file that leads
+through a symlink out of OUT (other than those links) is refused.
 """
 
 from __future__ import annotations
@@ -15,24 +23,29 @@ import argparse
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from vlp.data.manifest import (
+    IMAGE_FOLDERS_FILE,
     IMAGES_DIR,
     PAIRS_FILE,
     SCHEMAS,
     SPLITS,
     VQA_FILE,
+    conform,
+    image_folders,
     image_roots,
-    locate_image,
+    read_pairs,
+    read_vqa,
     resolve_image,
     write_manifest,
 )
 from vlp.errors import DataError, OutputError
-from vlp.io import load_json
+from vlp.io import atomic_write_json, load_json
 
 
 def _load_json(path: Path) -> Any:
@@ -73,57 +86,134 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def link_images(images: Path, out: Path) -> tuple[str, str | None]:
-    """Make `images` reachable from `out`; returns (manifest path prefix, note for the user).
+@dataclass
+class ImageFolder:
+    """Where an imported image folder's files are found, before anything is written.
 
-    A folder inside `out` (or inside an existing `out/images`) is used as is; any other
-    folder is symlinked as `out/images`.
+    `prefix`: manifest path of the folder relative to OUT; `real`: the folder itself;
+    `link`: the link `OUT/images/<name>` to create for it (None if it is reachable already).
     """
+
+    prefix: str
+    real: Path
+    link: Path | None = None
+    used: bool = False  # whether any imported row lies in it (else no link is made)
+
+    def note(self) -> str | None:
+        return f"linked {self.link} -> {self.real}" if self.link else None
+
+
+def plan_image_folder(images: Path, out: Path) -> ImageFolder:
+    """How `images` is reached from `out`: inside it, through an existing link, or a new link."""
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise DataError(f"{images}: image folder not found")
-    out.mkdir(parents=True, exist_ok=True)
-    real_images, real_out = images.resolve(), out.resolve()
-    if _is_within(real_images, real_out):
-        return real_images.relative_to(real_out).as_posix(), None
-    link = out / IMAGES_DIR
-    if link.exists() or link.is_symlink():
-        target = link.resolve()
-        if _is_within(real_images, target):
-            rel = real_images.relative_to(target).as_posix()
-            return (IMAGES_DIR if rel == "." else f"{IMAGES_DIR}/{rel}"), None
+    real, real_out = images.resolve(), out.resolve()
+    if _is_within(real, real_out):
+        return ImageFolder(real.relative_to(real_out).as_posix(), real)
+    base = out / IMAGES_DIR
+    if base.is_symlink() or (base.exists() and not base.is_dir()):
+        # a dataset imported from one folder by an earlier version: OUT/images is the link
+        target = base.resolve()
+        if _is_within(real, target):
+            rel = real.relative_to(target).as_posix()
+            return ImageFolder(IMAGES_DIR if rel == "." else f"{IMAGES_DIR}/{rel}", real)
         raise DataError(
-            f"{link} already exists and points elsewhere ({target}); "
-            f"choose another --out or put the images under it"
+            f"{base} already links to {target}; import images from under it or choose another --out"
         )
-    link.symlink_to(real_images, target_is_directory=True)
-    return IMAGES_DIR, f"linked {link} -> {real_images}"
+    links = [e for e in base.iterdir() if e.is_symlink()] if base.is_dir() else []
+    for link in sorted(links):
+        target = link.resolve()
+        if _is_within(real, target):
+            rel = real.relative_to(target).as_posix()
+            prefix = f"{IMAGES_DIR}/{link.name}"
+            return ImageFolder(prefix if rel == "." else f"{prefix}/{rel}", real)
+    name, n = real.name or "images", 1
+    while (base / name).exists() or (base / name).is_symlink():
+        n += 1
+        name = f"{real.name}-{n}"
+    return ImageFolder(f"{IMAGES_DIR}/{name}", real, base / name)
 
 
-def _join(out: Path, prefix: str, rel: str, where: str) -> str:
+def _join(out: Path, folder: ImageFolder, rel: str, where: str) -> str:
     """Manifest image_path for `rel` inside the image folder; rejects escaping paths.
 
-    Escaping by text or through a symlink out of OUT and its image folder are both refused.
+    Escaping by text or through a symlink out of the folder's dataset roots are both refused.
     """
     rel = str(rel).replace(os.sep, "/")
     try:
         resolve_image(".", rel)
-        path = os.path.normpath(f"{prefix}/{rel}" if prefix not in ("", ".") else rel)
-        locate_image(out, path, image_roots(out))
+        path = os.path.normpath(f"{folder.prefix}/{rel}" if folder.prefix not in ("", ".") else rel)
+        real = (folder.real / rel).resolve()
+        roots = (*image_roots(out), folder.real)
+        if not any(_is_within(real, root) for root in roots):
+            raise DataError(
+                f"image_path {path!r} leads through a symlink to {real}, outside the data root {out}"
+            )
     except DataError as e:
         raise DataError(f"{where}: {e}") from e
+    folder.used = True
     return path
 
 
+@dataclass
+class Dataset:
+    """What a dataset directory already holds: its manifests and each image's path and split."""
+
+    out: Path
+    manifests: dict[str, pd.DataFrame]
+    images: dict[int, tuple[str, str]]  # image_id -> (image_path, split)
+
+    @classmethod
+    def read(cls, out: Path) -> Dataset:
+        manifests = {}
+        for name in (PAIRS_FILE, VQA_FILE):
+            path = Path(out) / name
+            if path.exists() or path.is_symlink():
+                _check_is_manifest(path)
+                manifests[name] = read_pairs(out) if name == PAIRS_FILE else read_vqa(out)
+        images: dict[int, tuple[str, str]] = {}
+        for df in manifests.values():
+            for image_id, path, split in zip(
+                df["image_id"], df["image_path"], df["split"], strict=True
+            ):
+                images.setdefault(int(image_id), (str(path), str(split)))
+        return cls(Path(out), manifests, images)
+
+    def split_of(self, image_id: int, default: str) -> str:
+        """The split an image already has, else `default` (the import's --split)."""
+        known = self.images.get(image_id)
+        return known[1] if known else default
+
+    def path_of(self, image_id: int) -> str | None:
+        known = self.images.get(image_id)
+        return known[0] if known else None
+
+
+def _check_is_manifest(path: Path) -> None:
+    """OutputError unless `path` is a vlp manifest (an import may replace only those)."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = set(pq.read_schema(path).names)
+    except (OSError, ValueError):  # not Parquet, a folder, a dangling link
+        columns = set()
+    if not set(SCHEMAS[path.name]) <= columns:
+        raise OutputError(
+            f"{path}: exists and is not a vlp manifest; vlp will not replace it: "
+            f"move it away or choose another --out"
+        )
+
+
 def import_coco(annotations: Path, images: Path, out: Path, split: str = "train") -> dict:
-    """COCO captions (`captions_*.json`: images[], annotations[]) -> OUT/pairs.parquet."""
+    """COCO captions (`captions_*.json`: images[], annotations[]) added to OUT/pairs.parquet."""
     _check_split(split, "--split")
     doc = _load_json(annotations)
     files = {}
     for i, img in enumerate(_records(doc, "images", annotations)):
         where = f"{annotations}: images[{i}]"
         files[_id_field(img, "id", where)] = str(_field(img, "file_name", where))
-    prefix, note = link_images(images, out)
+    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
     rows = []
     for i, ann in enumerate(_records(doc, "annotations", annotations)):
         where = f"{annotations}: annotations[{i}]"
@@ -134,21 +224,22 @@ def import_coco(annotations: Path, images: Path, out: Path, split: str = "train"
             dict(
                 caption_id=_id_field(ann, "id", where),
                 image_id=image_id,
-                image_path=_join(out, prefix, files[image_id], where),
+                image_path=_join(out, folder, files[image_id], where),
                 caption=str(_field(ann, "caption", where)).strip(),
-                split=split,
+                split=dataset.split_of(image_id, split),
             )
         )
-    return _write_pairs(rows, out, note)
+    return _add(dataset, PAIRS_FILE, rows, folder, str(annotations))
 
 
 def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
-    """Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json) -> OUT/pairs.parquet.
+    """Karpathy split JSON (dataset_coco.json / dataset_flickr30k.json) added to OUT/pairs.parquet.
 
-    image_id is `cocoid` when present (COCO), else `imgid`; caption_id is `sentid`.
+    image_id is `cocoid` when present (COCO), else `imgid`; caption_id is `sentid`. The
+    file's splits are the images' splits.
     """
     doc = _load_json(split_json)
-    prefix, note = link_images(images, out)
+    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
     rows = []
     for i, img in enumerate(_records(doc, "images", split_json)):
         where = f"{split_json}: images[{i}]"
@@ -160,14 +251,14 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
             swhere = f"{where}.sentences[{j}]"
             rows.append(
                 dict(
-                    caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else len(rows),
+                    caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else None,
                     image_id=image_id,
-                    image_path=_join(out, prefix, rel, swhere),
+                    image_path=_join(out, folder, rel, swhere),
                     caption=str(_field(sent, "raw", swhere)).strip(),
                     split=split,
                 )
             )
-    return _write_pairs(rows, out, note)
+    return _add(dataset, PAIRS_FILE, rows, folder, str(split_json))
 
 
 def _coco_image_names(images: Path) -> dict[int, str]:
@@ -183,10 +274,11 @@ def _coco_image_names(images: Path) -> dict[int, str]:
 def import_vqa(
     questions: Path, annotations: Path, images: Path, out: Path, split: str = "train"
 ) -> dict:
-    """VQA v2 questions + annotations JSON -> OUT/vqa.parquet (answers: the 10 strings).
+    """VQA v2 questions + annotations JSON added to OUT/vqa.parquet (answers: the 10 strings).
 
-    Image files are COCO_{data_subtype}_{image_id:012d}.jpg when the questions file
-    names its data_subtype, else found in the folder by the id at the end of the name.
+    A question about an image already in the dataset takes that image's path and split;
+    other images are COCO_{data_subtype}_{image_id:012d}.jpg when the questions file names
+    its data_subtype, else found in the folder by the id at the end of the name.
     """
     _check_split(split, "--split")
     qdoc, adoc = _load_json(questions), _load_json(annotations)
@@ -195,7 +287,7 @@ def import_vqa(
         anns[_id_field(ann, "question_id", f"{annotations}: annotations[{i}]")] = (i, ann)
     subtype = qdoc.get("data_subtype") if isinstance(qdoc, dict) else None
     by_id = None if subtype else _coco_image_names(images)
-    prefix, note = link_images(images, out)
+    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
     rows = []
     for i, q in enumerate(_records(qdoc, "questions", questions)):
         where = f"{questions}: questions[{i}]"
@@ -205,30 +297,32 @@ def import_vqa(
             raise DataError(f"{where}: question_id {qid} has no entry in {annotations}")
         j, ann = anns[qid]
         awhere = f"{annotations}: annotations[{j}]"
-        if by_id is None:
-            name = f"COCO_{subtype}_{image_id:012d}.jpg"
-        elif image_id in by_id:
-            name = by_id[image_id]
-        else:
-            raise DataError(f"{where}: no image file for image_id {image_id} in {images}")
+        path = dataset.path_of(image_id)
+        if path is None:
+            if by_id is None:
+                name = f"COCO_{subtype}_{image_id:012d}.jpg"
+            elif image_id in by_id:
+                name = by_id[image_id]
+            else:
+                raise DataError(f"{where}: no image file for image_id {image_id} in {images}")
+            path = _join(out, folder, name, where)
         answers = [str(_field(a, "answer", awhere)) for a in _field(ann, "answers", awhere)]
         rows.append(
             dict(
                 question_id=qid,
                 image_id=image_id,
-                image_path=_join(out, prefix, name, where),
+                image_path=path,
                 question=str(_field(q, "question", where)).strip(),
                 question_type=str(_field(ann, "question_type", awhere)),
                 answers=answers,
                 answer_type=str(_field(ann, "answer_type", awhere)),
                 multiple_choice_answer=str(_field(ann, "multiple_choice_answer", awhere)),
-                split=split,
+                split=dataset.split_of(image_id, split),
             )
         )
     if not rows:
         raise DataError(f"{questions}: no questions")
-    _write_import(rows, Path(out) / VQA_FILE)
-    return _report(out, VQA_FILE, len(rows), len({r["image_id"] for r in rows}), note)
+    return _add(dataset, VQA_FILE, rows, folder, str(questions))
 
 
 def _table_id(rec: dict[str, Any], key: str, where: str) -> int:
@@ -242,8 +336,9 @@ def _table_id(rec: dict[str, Any], key: str, where: str) -> int:
 def import_table(table: Path, images: Path, out: Path, split: str = "train") -> dict:
     """CSV or Parquet with image_path (relative to --images), caption[, split] -> pairs.
 
-    Optional `image_id` / `caption_id` columns are kept; otherwise ids are assigned in
-    order of first appearance.
+    Optional `image_id` / `caption_id` columns are kept. Without them, an image already in
+    the dataset keeps its id and new images get new ones; likewise a caption already there
+    for that image keeps its id, so importing the same table twice changes nothing.
     """
     table = Path(table)
     if not table.exists():
@@ -263,62 +358,146 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         empty = df[col].isna().to_numpy().nonzero()[0] if col in df.columns else []
         if len(empty):
             raise DataError(f"{table}: row {empty[0]}: {col} is empty")
-    prefix, note = link_images(images, out)
+    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
     if "split" not in df.columns:
         _check_split(split, "--split")
-        df["split"] = split
-    ids: dict[str, int] = {}
+    image_ids = {path: image_id for image_id, (path, _) in dataset.images.items()}
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
         where = f"{table}: row {i}"
         if pd.isna(rec["image_path"]) or pd.isna(rec["caption"]):
             raise DataError(f"{where}: empty image_path or caption")
-        path = _join(out, prefix, str(rec["image_path"]), where)
-        image_id = (
-            _table_id(rec, "image_id", where)
-            if "image_id" in rec
-            else ids.setdefault(path, len(ids))
-        )
+        path = _join(out, folder, str(rec["image_path"]), where)
+        if "image_id" in rec:
+            image_id = _table_id(rec, "image_id", where)
+        else:
+            image_id = image_ids.setdefault(path, _next_id(image_ids.values()))
+        given = _check_split(str(rec["split"]), where) if "split" in rec else split
         rows.append(
             dict(
-                caption_id=_table_id(rec, "caption_id", where) if "caption_id" in rec else i,
+                caption_id=_table_id(rec, "caption_id", where) if "caption_id" in rec else None,
                 image_id=image_id,
                 image_path=path,
                 caption=str(rec["caption"]).strip(),
-                split=_check_split(str(rec["split"]), where),
+                split=given if "split" in rec else dataset.split_of(image_id, split),
             )
         )
-    return _write_pairs(rows, out, note)
+    return _add(dataset, PAIRS_FILE, rows, folder, str(table))
 
 
-def _write_import(rows: list[dict], path: Path) -> None:
-    """Write a manifest; an earlier import's may be replaced, any other file of that name not."""
-    import pyarrow.parquet as pq
+def _next_id(ids: Any) -> int:
+    return max(ids, default=-1) + 1
 
-    if path.exists() or path.is_symlink():
-        try:
-            columns = set(pq.read_schema(path).names)
-        except (OSError, ValueError):  # not Parquet, a folder, a dangling link
-            columns = set()
-        if not set(SCHEMAS[path.name]) <= columns:
-            raise OutputError(
-                f"{path}: exists and is not a vlp manifest; vlp will not replace it: "
-                f"move it away or choose another --out"
+
+def _assign_caption_ids(rows: list[dict], existing: pd.DataFrame | None) -> None:
+    """Give rows without a caption_id the id of the same caption of the same image, or a new one."""
+    known: dict[tuple[int, str], int] = {}
+    taken = set()
+    if existing is not None:
+        for cid, iid, text in zip(
+            existing["caption_id"], existing["image_id"], existing["caption"], strict=True
+        ):
+            known.setdefault((int(iid), str(text)), int(cid))
+            taken.add(int(cid))
+    taken |= {r["caption_id"] for r in rows if r["caption_id"] is not None}
+    nxt = _next_id(taken)
+    for row in rows:
+        if row["caption_id"] is None:
+            key = (row["image_id"], row["caption"])
+            if key not in known:
+                known[key], nxt = nxt, nxt + 1
+            row["caption_id"] = known[key]
+
+
+def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.DataFrame:
+    """The manifest `name` with `rows` added; DataError naming the first conflict.
+
+    A row whose id is already there with the same content is dropped (re-imports change
+    nothing); the same id with other content, and an image with a second path or split
+    (in either manifest), are conflicts.
+    """
+    key = "caption_id" if name == PAIRS_FILE else "question_id"
+    schema = SCHEMAS[name]
+    new = conform(pd.DataFrame(rows), schema, source)
+    old = dataset.manifests.get(name)
+    both = new if old is None else pd.concat([old, new], ignore_index=True)
+    # one comparable text per row: lists (answers) as tuples
+    content = both.apply(
+        lambda r: repr(tuple(tuple(v) if isinstance(v, list) else v for v in r)), axis=1
+    )
+    unique = ~content.duplicated()
+    both, content = both[unique].reset_index(drop=True), content[unique].reset_index(drop=True)
+    clash = both[key].duplicated(keep=False)
+    if clash.any():
+        ident = int(both.loc[clash, key].iloc[0])
+        rows_of = both[both[key] == ident]
+        a, b = rows_of.iloc[0], rows_of.iloc[1]
+        differs = [c for c in schema if repr(a[c]) != repr(b[c])]
+        where = f"{dataset.out / name}" if old is not None and ident in set(old[key]) else source
+        raise DataError(
+            f"{source}: {key} {ident} is already in {where} with another "
+            + ", ".join(f"{c} ({_plain(a[c])!r} vs {_plain(b[c])!r})" for c in differs)
+        )
+    others = [df for n, df in dataset.manifests.items() if n != name]
+    _check_images(pd.concat([*others, both], ignore_index=True), source)
+    return both.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def _plain(value: Any) -> Any:
+    """A manifest cell as plain Python (numpy scalars print as their value)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _check_images(df: pd.DataFrame, source: str) -> None:
+    """DataError naming the first image with two paths or two splits across the manifests."""
+    for column, what in (("image_path", "path"), ("split", "split")):
+        values = df.groupby("image_id")[column].unique()
+        bad = values[values.map(len) > 1]
+        if len(bad):
+            image_id, found = int(bad.index[0]), sorted(bad.iloc[0])
+            raise DataError(
+                f"{source}: image_id {image_id} would have two {what}s: "
+                + " and ".join(repr(_plain(v)) for v in found)
             )
-    write_manifest(pd.DataFrame(rows), path)
 
 
-def _write_pairs(rows: list[dict], out: Path, note: str | None) -> dict:
+def _add(dataset: Dataset, name: str, rows: list[dict], folder: ImageFolder, source: str) -> dict:
+    """Merge `rows` into the manifest `name` of the dataset, linking the image folder if new.
+
+    Everything is checked before anything is written; the link and the manifest are
+    written last, and the link is taken back if the manifest cannot be written.
+    """
     if not rows:
-        raise DataError(f"nothing to import into {out}: no captions found")
-    _write_import(rows, Path(out) / PAIRS_FILE)
-    return _report(out, PAIRS_FILE, len(rows), len({r["image_id"] for r in rows}), note)
-
-
-def _report(out: Path, manifest: str, rows: int, images: int, note: str | None) -> dict:
-    summary = {"manifest": str(Path(out) / manifest), "rows": rows, "images": images}
-    if note:
-        summary["images_link"] = note
+        raise DataError(f"{source}: nothing to import into {dataset.out}: no rows found")
+    if name == PAIRS_FILE:
+        _assign_caption_ids(rows, dataset.manifests.get(name))
+    merged = _merged(dataset, name, rows, source)
+    if not folder.used:
+        folder.link = None
+    if folder.link is not None:
+        folders = image_folders(dataset.out)
+        folder.link.parent.mkdir(parents=True, exist_ok=True)
+        folder.link.symlink_to(folder.real, target_is_directory=True)
+    try:
+        if folder.link is not None:
+            folders[folder.link.name] = str(folder.real)
+            atomic_write_json(dataset.out / IMAGE_FOLDERS_FILE, folders)
+        write_manifest(merged, dataset.out / name)
+    except BaseException:
+        if folder.link is not None:
+            folder.link.unlink(missing_ok=True)
+            folders.pop(folder.link.name)
+            atomic_write_json(dataset.out / IMAGE_FOLDERS_FILE, folders)
+        raise
+    before = dataset.manifests.get(name)
+    summary = {
+        "manifest": str(dataset.out / name),
+        "rows": len(merged),
+        "added": len(merged) - (0 if before is None else len(before)),
+        "images": int(merged["image_id"].nunique()),
+    }
+    if folder.note():
+        summary["images_link"] = folder.note()
     return summary
 
 
@@ -337,7 +516,7 @@ def run_import(args: argparse.Namespace) -> dict:
         raise DataError(f"unknown import format {args.format!r}")
     note = f" ({summary['images_link']})" if "images_link" in summary else ""
     print(
-        f"vlp import {args.format}: {summary['rows']} rows, {summary['images']} images "
-        f"-> {summary['manifest']}{note}"
+        f"vlp import {args.format}: {summary['added']} rows added -> {summary['manifest']} "
+        f"({summary['rows']} rows, {summary['images']} images){note}"
     )
     return summary

@@ -9,6 +9,7 @@ neither by its text nor through a symlink (see `locate_image`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,7 @@ from vlp.io import atomic_path
 PAIRS_FILE = "pairs.parquet"
 VQA_FILE = "vqa.parquet"
 IMAGES_DIR = "images"
+IMAGE_FOLDERS_FILE = "image_folders.json"  # the folders `vlp import` linked as images/<name>
 
 SPLITS = ("pretrain", "train", "val", "test", "restval")
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -135,17 +137,38 @@ def resolve_image(data_dir: str | os.PathLike, rel: str) -> Path:
 
 
 def image_roots(data_dir: str | os.PathLike) -> tuple[Path, ...]:
-    """Real folders the images of DIR may lie in: DIR, and the target of `DIR/images` if a link.
+    """Real folders the images of DIR may lie in: DIR and the image folders `vlp import` linked.
 
-    `vlp import` references an image folder outside DIR by that one link; any other
-    symlink that leads out of DIR is refused.
+    `vlp import` references each image folder outside DIR by one link, `DIR/images/<name>`
+    (or, in datasets imported from a single folder by earlier versions, `DIR/images` itself);
+    any other symlink that leads out of DIR is refused.
     """
     data_dir = Path(data_dir)
     roots = [data_dir.resolve()]
-    link = data_dir / IMAGES_DIR
-    if link.is_symlink():
-        roots.append(link.resolve())
+    images = data_dir / IMAGES_DIR
+    if images.is_symlink():
+        roots.append(images.resolve())
+    else:
+        for name, target in image_folders(data_dir).items():
+            link = images / name
+            # a link re-pointed since the import no longer counts as declared
+            if link.is_symlink() and str(link.resolve()) == target:
+                roots.append(Path(target))
     return tuple(roots)
+
+
+def image_folders(data_dir: str | os.PathLike) -> dict[str, str]:
+    """The image folders `vlp import` linked into DIR: link name -> real folder."""
+    path = Path(data_dir) / IMAGE_FOLDERS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(record, dict) or not all(isinstance(v, str) for v in record.values()):
+        raise DataError(f"{path}: expected an object of link name -> folder")
+    return record
 
 
 def locate_image(
