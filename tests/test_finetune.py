@@ -180,7 +180,7 @@ def test_load_predictor_serves_each_task(cfg: Config, task: str) -> None:
 
 
 def test_retrieval_predictor_score_matches_the_evaluated_reranking(cfg: Config) -> None:
-    from vlp.tasks.retrieval import retrieval_scores
+    from vlp.tasks.retrieval.ranking import retrieval_scores
 
     predictor = load_predictor(finetune(cfg, "retrieval"))
     images, texts = _images(cfg, 4), ["a red circle", "a blue square", "two shapes"]
