@@ -259,14 +259,6 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]} in params")
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in raw]
-    if missing:
-        raise ConfigError(f"missing key {where + '.' if where else ''}{missing[0]} in params")
     kwargs = {}
     for name in names & set(raw):
         tp, value, key = hints[name], raw[name], f"{where}.{name}" if where else name
@@ -278,6 +270,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if not _type_ok(value, tp):
                 raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
             kwargs[name] = value
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ConfigError(f"missing key {where + '.' if where else ''}{missing[0]} in params")
     return cls(**kwargs)
 
 
