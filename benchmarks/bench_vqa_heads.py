@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, Subset
 
 from vlp.config import load_config
 from vlp.data.torch_data import VQADataset
-from vlp.finetune import task_setup
 from vlp.metrics.vqa import vqa_accuracy
 from vlp.models import VLPModel
-from vlp.tasks.vqa import VQAModel
+from vlp.tasks.vqa.model import VQAModel
+from vlp.tasks.vqa.task import setup
 from vlp.train.loop import TrainSettings, train
 
 
@@ -79,10 +79,11 @@ def run_arm(arm: str, args: argparse.Namespace, cfg) -> dict:
     tcfg = cfg.finetune.vqa
     vlp = VLPModel.from_pretrained(args.model)
     # the training set, answer vocabulary and collate of `vlp finetune vqa`
-    model, train_set, collate, _ = task_setup(cfg, "vqa", vlp)
+    vqa = setup(cfg, vlp, "pretrained")
+    model, train_set, collate = vqa.module, vqa.dataset, vqa.collate
     lr = tcfg.lr
     if arm == "fusion":
-        vlp.requires_grad_(True)  # task_setup froze the encoders for the answer decoder
+        vlp.requires_grad_(True)  # setup froze the encoders for the answer decoder
         torch.manual_seed(cfg.seed + 1)
         model = FusionHeadVQA(vlp, model.answers, head_lr_multiplier=15.0)
         lr = args.lr_fusion

@@ -34,6 +34,14 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         (["pretrain.nope=1"], None, "unknown key pretrain.nope"),
         (["finetune.vqa.epochs=1.5"], None, "finetune.vqa.epochs: expected an integer"),
         (["pretrain.lr"], None, "must look like section.key=value"),
+        # a task's section holds only what means something for that task
+        (
+            ["finetune.retrieval.freeze_encoders=true"],
+            None,
+            "unknown key finetune.retrieval.freeze_encoders",
+        ),
+        (["finetune.captioning.rerank_k=4"], None, "unknown key finetune.captioning.rerank_k"),
+        (["finetune.vqa.beam_size=2"], None, "unknown key finetune.vqa.beam_size"),
         ([], "huge", "profile 'huge' is not defined"),
     ],
 )
@@ -49,3 +57,14 @@ def test_cli_turns_config_errors_into_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "vlp generate: error: data.n_train: expected an integer, got 'many'"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_task_section_without_one_of_its_keys_names_it(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    del raw["finetune"]["captioning"]["max_length"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="missing key finetune.captioning.max_length"):
+        load_config(params)

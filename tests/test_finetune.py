@@ -180,7 +180,7 @@ def test_load_predictor_serves_each_task(cfg: Config, task: str) -> None:
 
 
 def test_retrieval_predictor_score_matches_the_evaluated_reranking(cfg: Config) -> None:
-    from vlp.tasks.retrieval import retrieval_scores
+    from vlp.tasks.retrieval.ranking import retrieval_scores
 
     predictor = load_predictor(finetune(cfg, "retrieval"))
     images, texts = _images(cfg, 4), ["a red circle", "a blue square", "two shapes"]
@@ -299,3 +299,88 @@ def test_identical_finetune_runs_write_byte_identical_model_dirs(cfg: Config) ->
     assert any(name.startswith("tokenizer/") for name in first)
     assert first.keys() == second.keys()
     assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_evaluate_uses_the_models_task_json_settings_not_params(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlp.models.vlp_model import VLPModel
+
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, ablation=False))
+    out = finetune(cfg, "captioning")
+    info = json.loads((out / "task.json").read_text())
+    assert (info["image_size"], info["max_length"]) == (32, 8)  # what params say
+    info.update(image_size=24, max_length=3, beam_size=1)
+    (out / "task.json").write_text(json.dumps(info))
+    seen = []
+    generate = VLPModel.generate_captions
+
+    def spy(self: VLPModel, pixel_values: torch.Tensor, **kwargs: int) -> list[str]:
+        seen.append((tuple(pixel_values.shape[-2:]), kwargs["num_beams"], kwargs["max_length"]))
+        return generate(self, pixel_values, **kwargs)
+
+    monkeypatch.setattr(VLPModel, "generate_captions", spy)
+    doc = evaluate(cfg, "captioning")
+    assert seen and set(seen) == {((24, 24), 1, 3)}
+    assert doc["pretrained"]["model_sha256"] == model_sha256(out)
+    results = json.loads((tmp_path / "results" / "captioning" / "pretrained.json").read_text())
+    seen.clear()
+    shipped = load_predictor(out).caption(_images(cfg, cfg.data.n_test))
+    assert [r["caption"] for r in results] == shipped  # test image ids are in file order here
+    assert set(seen) == {((24, 24), 1, 3)}
+
+
+def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
+    cfg: Config, tmp_path: Path
+) -> None:
+    """The predictor's preprocessing and batches are the datasets': same numbers, exactly."""
+    from torch.utils.data import DataLoader
+
+    from vlp.data.manifest import read_pairs
+    from vlp.data.torch_data import ImagesDataset, VQADataset, collate
+    from vlp.metrics.retrieval import recall_at_k
+    from vlp.models import VLPModel
+    from vlp.models.embed import encode_images, encode_texts
+    from vlp.tasks import read_task_info
+    from vlp.tasks.retrieval.ranking import retrieval_scores
+    from vlp.tasks.vqa.model import load_vqa_model
+
+    batch = 3  # several image, text and pair batches on the 8 smoke test images
+    cfg = dataclasses.replace(
+        cfg,
+        finetune=dataclasses.replace(cfg.finetune, ablation=False),
+        evaluate=dataclasses.replace(cfg.evaluate, batch_size=batch),
+    )
+    size, split = cfg.data.image_size, cfg.evaluate.split
+
+    out = finetune(cfg, "retrieval")
+    doc = evaluate(cfg, "retrieval")["pretrained"]
+    model = VLPModel.from_pretrained(out).eval()
+    images = ImagesDataset(cfg.data.root, split, size)
+    loader = DataLoader(images, batch_size=batch, collate_fn=collate)
+    embeds, feat = encode_images(model, (b["pixel_values"] for b in loader))
+    pairs = read_pairs(cfg.data.root, split)
+    ids, mask, text_feat = encode_texts(model, list(pairs["caption"]), batch)
+    k = cfg.finetune.retrieval.rerank_k
+    s = retrieval_scores(model, embeds, feat, ids, mask, text_feat, k, batch)
+    index = {image_id: i for i, image_id in enumerate(images.image_ids)}
+    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
+    i2t, t2i = recall_at_k(s.i2t.float(), text_to_image), recall_at_k(s.t2i.float(), text_to_image)
+    itc = recall_at_k(s.itc.float(), text_to_image)
+    for x in (1, 5, 10):
+        assert doc[f"i2t_R@{x}"] == i2t[f"i2t_R@{x}"]
+        assert doc[f"t2i_R@{x}"] == t2i[f"t2i_R@{x}"]
+        assert doc[f"itc_t2i_R@{x}"] == itc[f"t2i_R@{x}"]
+
+    out = finetune(cfg, "vqa")
+    evaluate(cfg, "vqa")
+    vlp = VLPModel.from_pretrained(out)
+    vqa = load_vqa_model(vlp, read_task_info(out), out).eval()
+    expected = {}
+    for b in DataLoader(VQADataset(cfg.data.root, split, size), batch, collate_fn=collate):
+        enc = vlp.tokenize(b["question"])
+        with torch.no_grad():
+            answers = vqa.predict(b["pixel_values"], enc["input_ids"], enc["attention_mask"])
+        expected.update(zip(b["question_id"].tolist(), answers, strict=True))
+    results = json.loads((tmp_path / "results" / "vqa" / "pretrained.json").read_text())
+    assert {r["question_id"]: r["answer"] for r in results} == expected

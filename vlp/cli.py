@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from vlp.config import TASKS, VQA_PROTOCOLS, Config, load_config
+from vlp.config import VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
+from vlp.tasks import TASK_NAMES as TASKS
 
 # `vlp promote` exit status by outcome (2 stays "user error"); see README "Registry and promotion"
 PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}

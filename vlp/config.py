@@ -21,9 +21,13 @@ from typing import Any, Literal
 import yaml
 
 from vlp.errors import ConfigError
+from vlp.tasks import get_task
+from vlp.tasks.captioning import CaptioningConfig
+from vlp.tasks.retrieval import RetrievalConfig
+from vlp.tasks.spec import FinetuneBudget
+from vlp.tasks.vqa import VQAConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
-TASKS = ("retrieval", "captioning", "vqa")
 
 
 @dataclass
@@ -100,39 +104,22 @@ class PretrainConfig:
 
 
 @dataclass
-class TaskConfig:
-    """Finetuning budget and decoding for one downstream task."""
-
-    epochs: int = 3
-    max_steps: int = -1
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    rerank_k: int = 16  # retrieval: ITC candidates per query re-ranked by ITM
-    beam_size: int = 3  # captioning
-    max_length: int = 30  # captioning: generated tokens at most
-    max_answers: int = 3129  # vqa: answer vocabulary = most frequent train answers
-    head_lr_multiplier: float = 1.0  # vqa: answer decoder + classifier lr = lr * this
-    freeze_encoders: bool = False  # vqa: keep the image tower and text encoder as given
-    answer_layers: int = 2  # vqa: layers of the answer decoder
-    answer_heads: int = 8  # vqa: attention heads of the answer decoder
-
-
-@dataclass
 class FinetuneConfig:
-    """Per-task finetuning; `ablation` also trains each task from scratch for comparison."""
+    """Per-task finetuning; `ablation` also trains each task from scratch for comparison.
 
+    Each task's section is its own dataclass (`vlp.tasks.<task>`): a key that means nothing
+    for a task is an unknown key.
+    """
+
+    retrieval: RetrievalConfig
+    captioning: CaptioningConfig
+    vqa: VQAConfig
     out_dir: str = "models/finetuned"
     ablation: bool = True
-    retrieval: TaskConfig = field(default_factory=TaskConfig)
-    captioning: TaskConfig = field(default_factory=TaskConfig)
-    vqa: TaskConfig = field(default_factory=TaskConfig)
 
-    def task(self, name: str) -> TaskConfig:
-        if name not in TASKS:
-            raise ConfigError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
-        return getattr(self, name)
+    def task(self, name: str) -> FinetuneBudget:
+        """The params section of task `name`."""
+        return getattr(self, get_task(name).name)
 
 
 # The VQA accuracy protocols of vlp.metrics.vqa (kept here so the CLI need not import torch).
@@ -165,16 +152,9 @@ class TrackingConfig:
 
 @dataclass
 class RegistryConfig:
-    """Model registry names and the metric that gates promotion for each task."""
+    """Model registry names; each task's primary metric (vlp.tasks) gates its promotion."""
 
     name_prefix: str = "vlp-"
-    primary_metric: dict[str, str] = field(
-        default_factory=lambda: {
-            "retrieval": "rsum",
-            "captioning": "CIDEr",
-            "vqa": "overall",
-        }
-    )
     auto_promote: bool = True
 
 
@@ -197,7 +177,7 @@ class ScheduleConfig:
     retry_delay_s: float = 30.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     profile: str = "default"
     seed: int = 0
@@ -205,7 +185,7 @@ class Config:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig  # required: the task sections have no defaults
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
@@ -290,6 +270,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             if not _type_ok(value, tp):
                 raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
             kwargs[name] = value
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ConfigError(f"missing key {where + '.' if where else ''}{missing[0]} in params")
     return cls(**kwargs)
 
 

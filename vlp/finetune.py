@@ -8,15 +8,14 @@
 - `plots/finetune_<task>_<init>.csv`: the per-step loss curve;
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses.
 
-Objectives: retrieval ITC + ITM (hard negatives), captioning LM, VQA soft-score BCE on an
-answer head (`vlp.tasks.vqa`). With `finetune.ablation: false` the scratch run only writes
+What each task trains, and the inference settings it records in `task.json`, is the
+task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives),
+captioning LM, VQA soft-score BCE on an answer decoder. With `finetune.ablation: false` the scratch run only writes
 a marker directory, so the DVC stage's output still exists.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -24,15 +23,13 @@ from typing import Any
 
 import torch
 
-from vlp.config import TASKS, Config
+from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_dir, atomic_write_text, check_replaceable, scratch_dir
+from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
+from vlp.tasks import TASK_FILE, get_task
 
 INITS = ("pretrained", "scratch")
-RETRIEVAL_LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
 SKIPPED_FILE = "ABLATION_OFF"
-# Karpathy splits put part of COCO val into "restval", which is training data too.
-TRAIN_SPLITS = ("train", "restval")
 
 
 def model_dir(cfg: Config, task: str, init: str = "pretrained") -> Path:
@@ -52,8 +49,7 @@ def is_skipped(path: Path) -> bool:
 
 
 def _check(task: str, init: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    get_task(task)
     if init not in INITS:
         raise ConfigError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
 
@@ -81,74 +77,17 @@ def base_model(cfg: Config, init: str) -> Any:
     return build_model(model_cfg, tokenizer, temperature=cfg.pretrain.temperature)
 
 
-def task_setup(
-    cfg: Config, task: str, vlp: Any, init: str = "pretrained"
-) -> tuple[torch.nn.Module, Any, Any, dict]:
-    """(trainable module, train dataset, collate_fn, extra task.json fields) for a task."""
-    from vlp.data.torch_data import PairsDataset, VQADataset
-    from vlp.models import make_pretrain_collate
-
-    data, size, max_len = cfg.data.root, cfg.data.image_size, cfg.model.max_text_length
-    tcfg = cfg.finetune.task(task)
-    if task == "retrieval":
-        vlp.loss_weights = dict(RETRIEVAL_LOSS_WEIGHTS)
-        dataset = PairsDataset(data, TRAIN_SPLITS, size)
-        return (
-            vlp,
-            dataset,
-            make_pretrain_collate(vlp.tokenizer, max_len),
-            {"rerank_k": tcfg.rerank_k},
-        )
-    if task == "captioning":
-        from vlp.tasks.captioning import CAPTION_LOSS_WEIGHTS
-
-        vlp.loss_weights = dict(CAPTION_LOSS_WEIGHTS)
-        dataset = PairsDataset(data, TRAIN_SPLITS, size)
-        return (
-            vlp,
-            dataset,
-            make_pretrain_collate(vlp.tokenizer, max_len),
-            {
-                "beam_size": tcfg.beam_size,
-                "max_length": tcfg.max_length,
-            },
-        )
-    from vlp.tasks.vqa import VQAModel, build_answer_vocab, make_vqa_collate
-
-    dataset = VQADataset(data, TRAIN_SPLITS, size)
-    answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
-    torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
-    module = VQAModel(
-        vlp,
-        answers,
-        head_lr_multiplier=tcfg.head_lr_multiplier,
-        freeze_image_norm=init == "pretrained",
-        freeze_encoders=tcfg.freeze_encoders,
-        answer_layers=tcfg.answer_layers,
-        answer_heads=tcfg.answer_heads,
-    )
-    extra = {"answers": answers, "freeze_encoders": tcfg.freeze_encoders, **module.architecture()}
-    return module, dataset, make_vqa_collate(vlp.tokenizer, max_len, answers), extra
-
-
-def loss_csv(history: list[dict[str, float]]) -> str:
-    """CSV text of step, loss and every loss_* column of a training history."""
-    keys = sorted({k for h in history for k in h if k.startswith("loss_")})
-    cols = ["step", "loss", *keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for h in history:
-        writer.writerow({k: h.get(k, "") for k in cols})
-    return buf.getvalue()
+def loss_columns(history: list[dict[str, float]]) -> list[str]:
+    """The loss curve's columns: step, loss and every loss_* a training history has."""
+    return ["step", "loss", *sorted({k for h in history for k in h if k.startswith("loss_")})]
 
 
 def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
     # The DVC stage declares these outputs whatever the params say: write placeholders.
-    atomic_write_text(loss_curve_path(cfg, task, "scratch"), "step,loss\n")
+    atomic_write_csv(loss_curve_path(cfg, task, "scratch"), ["step", "loss"], [])
     with atomic_dir(out, "finetuned-model") as tmp:
         (tmp / SKIPPED_FILE).write_text("finetune.ablation is false: no scratch model trained\n")
-        (tmp / "task.json").write_text(json.dumps({"task": task, "init": "scratch"}) + "\n")
+        (tmp / TASK_FILE).write_text(json.dumps({"task": task, "init": "scratch"}) + "\n")
     return out
 
 
@@ -158,6 +97,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     from vlp.train.loop import TrainSettings, train
 
     _check(task, init)
+    spec = get_task(task)
     out = model_dir(cfg, task, init)
     check_stage_outputs(
         cfg,
@@ -172,7 +112,8 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     t0 = time.perf_counter()
     tcfg = cfg.finetune.task(task)
     vlp = base_model(cfg, init)
-    module, dataset, collate, extra = task_setup(cfg, task, vlp, init)
+    setup = spec.module().setup(cfg, vlp, init)
+    module, dataset = setup.module, setup.dataset
     p = cfg.pretrain
     settings = TrainSettings.from_config(
         tcfg,
@@ -201,7 +142,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 if step % log_every == 0 or step == 1:
                     run.log_metrics(metrics, step=step)
 
-            result = train(module, dataset, collate, settings, work, on_log=on_log)
+            result = train(module, dataset, setup.collate, settings, work, on_log=on_log)
             info = {
                 "task": task,
                 "init": init,
@@ -209,14 +150,12 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 "data": str(cfg.data.root),
                 "steps": result.steps,
                 "final_loss": result.final.get("loss"),
-                **extra,
+                **setup.info,
             }
             with atomic_dir(out, "finetuned-model") as tmp:
-                vlp.cpu().save_pretrained(tmp)
-                if task == "vqa":
-                    module.save_head(tmp)
-                (tmp / "task.json").write_text(json.dumps(info, indent=2) + "\n")
-            atomic_write_text(curve, loss_csv(result.history))
+                spec.module().save(module, tmp)
+                (tmp / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            atomic_write_csv(curve, loss_columns(result.history), result.history)
             summary = {
                 "steps": result.steps,
                 "train_s": result.wall_s,

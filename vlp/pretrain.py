@@ -23,9 +23,7 @@ ranks.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import time
 from contextlib import nullcontext
@@ -36,7 +34,7 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_json, atomic_write_text, check_replaceable
+from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
@@ -117,23 +115,17 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, collate
     from vlp.metrics.retrieval import recall_at_k
+    from vlp.models.embed import embed_texts, encode_images
 
     model.eval()
-    device = model.temp.device
     images = ImagesDataset(cfg.data.root, split, cfg.data.image_size)
-    feats = []
-    for batch in DataLoader(images, batch_size=cfg.evaluate.batch_size, collate_fn=collate):
-        feats.append(model.encode_image(batch["pixel_values"].to(device))[1])
-    image_feat = torch.cat(feats)
+    loader = DataLoader(images, batch_size=cfg.evaluate.batch_size, collate_fn=collate)
+    image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
     pairs = read_pairs(cfg.data.root, split)
     index = {image_id: i for i, image_id in enumerate(images.image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = list(pairs["caption"])
-    feats = []
-    for start in range(0, len(captions), cfg.evaluate.batch_size):
-        enc = model.tokenize(captions[start : start + cfg.evaluate.batch_size])
-        feats.append(model.encode_text(enc["input_ids"], enc["attention_mask"])[1])
-    text_feat = torch.cat(feats)
+    text_feat = embed_texts(model, captions, cfg.evaluate.batch_size)
     scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
     n_img, n_txt = len(images), len(captions)
     per_image = n_txt / n_img
@@ -144,17 +136,6 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
         scores[f"chance_i2t_R@{k}"] = 100.0 * min(1.0, k * per_image / n_txt)
     scores.update(n_images=float(n_img), n_texts=float(n_txt))
     return scores
-
-
-def _plot_csv(history: list[dict[str, float]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(
-        buf, fieldnames=PLOT_COLUMNS, extrasaction="ignore", lineterminator="\n"
-    )
-    writer.writeheader()
-    for h in history:
-        writer.writerow({k: h.get(k, "") for k in PLOT_COLUMNS})
-    return buf.getvalue()
 
 
 def _summary(
@@ -292,15 +273,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 plot_path = Path(cfg.evaluate.plots_dir) / "pretrain_loss.csv"
                 model.save_pretrained(out_dir)
                 atomic_write_json(metrics_path, metrics)
-                atomic_write_text(plot_path, _plot_csv(history))
-                # MLflow rejects "@" in metric names: i2t_R@1 -> i2t_R_at_1 (as evaluate does)
-                run.log_metrics(
-                    {
-                        k.replace("@", "_at_"): v
-                        for k, v in metrics.items()
-                        if isinstance(v, int | float)
-                    }
-                )
+                atomic_write_csv(plot_path, PLOT_COLUMNS, history)
+                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
                 run.log_artifact(metrics_path)
                 run.log_artifact(plot_path)

@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlp.config import TASKS, Config
+from vlp.config import Config
 from vlp.errors import RegistryError, ResultsError
-from vlp.tasks import model_sha256
+from vlp.tasks import TASKS, get_task, model_sha256
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -51,9 +51,7 @@ def model_name(cfg: Config, task: str) -> str:
 def _tasks(task: str) -> list[str]:
     if task == "all":
         return list(TASKS)
-    if task not in TASKS:
-        raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)} or all")
-    return [task]
+    return [get_task(task, RegistryError).name]
 
 
 def _client(cfg: Config) -> Any:
@@ -122,7 +120,7 @@ def read_metrics(path: Path) -> dict[str, Any]:
 def _numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
-        key = f"{prefix}{k}".replace("@", "_at_")
+        key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_numeric(v, f"{key}."))
         elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
@@ -183,7 +181,7 @@ def register_model(
     if not Path(model_dir).is_dir():
         raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
     source = source or f"metrics for {task}"
-    metric = cfg.registry.primary_metric[task]
+    metric = get_task(task, RegistryError).primary_metric
     value = primary_metric_value(metrics, metric, source)
     model_hash, evaluated = model_sha256(model_dir), evaluated_model_hash(metrics)
     if evaluated is None:
@@ -246,7 +244,7 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
     for t in _tasks(task):
         metrics_path = Path(cfg.evaluate.metrics_dir) / f"{t}.json"
         metrics = read_metrics(metrics_path)
-        primary_metric_value(metrics, cfg.registry.primary_metric[t], str(metrics_path))
+        primary_metric_value(metrics, TASKS[t].primary_metric, str(metrics_path))
         results.append(
             register_model(
                 cfg,
@@ -319,15 +317,13 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
     hashes), or it was evaluated on different data than the champion. `force` promotes
     regardless; every decision is recorded on the version(s) involved.
     """
-    if task not in TASKS:
-        raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    metric = get_task(task, RegistryError).primary_metric
     name = model_name(cfg, task)
     client = _client(cfg)
     challenger = _alias(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(f"{name}: no '{CHALLENGER}' version; run `vlp register {task}` first")
     champion = _alias(client, name, CHAMPION)
-    metric = cfg.registry.primary_metric[task]
     new = float(challenger.tags.get(METRIC_TAG, "nan"))
     old = float(champion.tags.get(METRIC_TAG, "nan")) if champion else None
     metrics = {"metric": metric, "challenger": new, "champion": old}

@@ -9,6 +9,8 @@ and the `vlp` package as code, and answers one row per request item:
 | vqa        | image (binary), question (str)  | answer (string)   |
 | retrieval  | image (binary), text (str)      | score (double)    |
 
+(each task declares its columns: `inputs` and `output` of `vlp.tasks.<task>.TASK`)
+
 Over REST, binary columns travel base64-encoded; MLflow decodes them using the signature.
 
 Requests are bounded by the `serving` limits recorded in the model at registration: at
@@ -32,22 +34,12 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from vlp.config import TASKS, ServingConfig
+from vlp.config import ServingConfig
 from vlp.errors import RegistryError, RequestError
+from vlp.tasks import get_task
 
 DEFAULT_LOADER = "vlp.tasks:load_predictor"
 VLP_PACKAGE_DIR = Path(__file__).resolve().parent
-
-INPUTS = {
-    "captioning": [("image", "binary")],
-    "vqa": [("image", "binary"), ("question", "string")],
-    "retrieval": [("image", "binary"), ("text", "string")],
-}
-OUTPUTS = {
-    "captioning": ("caption", "string"),
-    "vqa": ("answer", "string"),
-    "retrieval": ("score", "double"),
-}
 
 
 def task_signature(task: str) -> Any:
@@ -55,20 +47,20 @@ def task_signature(task: str) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    if task not in TASKS:
-        raise RegistryError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    out_name, out_type = OUTPUTS[task]
+    spec = get_task(task, RegistryError)
+    out_name, out_type = spec.output
     return ModelSignature(
-        inputs=Schema([ColSpec(t, n) for n, t in INPUTS[task]]),
+        inputs=Schema([ColSpec(t, n) for n, t in spec.inputs]),
         outputs=Schema([ColSpec(out_type, out_name)]),
     )
 
 
 def check_request(task: str, model_input: pd.DataFrame, limits: ServingConfig) -> None:
     """RequestError unless `model_input` has `task`'s columns and at most `max_rows` rows."""
-    missing = [name for name, _ in INPUTS[task] if name not in model_input.columns]
+    inputs = get_task(task, RequestError).inputs
+    missing = [name for name, _ in inputs if name not in model_input.columns]
     if missing:
-        expected = ", ".join(name for name, _ in INPUTS[task])
+        expected = ", ".join(name for name, _ in inputs)
         raise RequestError(f"request lacks column {missing[0]!r} ({task} expects: {expected})")
     if len(model_input) > limits.max_rows:
         raise RequestError(
@@ -97,7 +89,7 @@ def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) 
                 )
             if size is None:
                 return img.convert("RGB")
-            from vlp.tasks.predictor import fit_image
+            from vlp.data.torch_data import fit_image
 
             return fit_image(img, size)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

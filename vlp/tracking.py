@@ -41,8 +41,16 @@ TAG_RESUMED_FROM = "vlp.resumed_from_run_id"
 TAG_RESUMED_BY = "vlp.resumed_by_run_id"
 
 
+def mlflow_key(name: str) -> str:
+    """A metric name MLflow accepts ("@" is not allowed): `i2t_R@1` -> `i2t_R_at_1`."""
+    return name.replace("@", "_at_")
+
+
 class StageRun:
-    """A live MLflow run of one stage; the only MLflow handle stage code needs."""
+    """A live MLflow run of one stage; the only MLflow handle stage code needs.
+
+    Metric names are logged through `mlflow_key`, so stages keep their own names.
+    """
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -50,7 +58,7 @@ class StageRun:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        mlflow.log_metrics({mlflow_key(k): float(v) for k, v in metrics.items()}, step=step)
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Log many steps' metrics at once: one store round trip per 1000 values.
@@ -64,7 +72,9 @@ class StageRun:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for step, row in rows for k, v in row.items()]
+        metrics = [
+            Metric(mlflow_key(k), float(v), ts, step) for step, row in rows for k, v in row.items()
+        ]
         client = mlflow.MlflowClient()
         for i in range(0, len(metrics), 1000):
             client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
@@ -384,7 +394,7 @@ def log_to_pipeline_run(cfg: Config, run_id: str, metrics: dict[str, float]) -> 
     connect(cfg)
     client = mlflow.MlflowClient()
     for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
+        client.log_metric(run_id, mlflow_key(k), float(v))
 
 
 def link_resumed(earlier_id: str, run_id: str) -> None:

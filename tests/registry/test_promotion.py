@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 
 from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
-from vlp.config import TASKS, Config
+from vlp.config import Config
 from vlp.errors import RegistryError, ResultsError
 from vlp.registry import promote, promote_all, register_model, register_task_models, rollback
-from vlp.tasks import model_sha256
+from vlp.tasks import TASKS, model_sha256
 
 
 def _register(cfg: Config, task: str, word: str, value: float, eval_hash: str = "h1") -> str:
-    metric = cfg.registry.primary_metric[task]
+    metric = TASKS[task].primary_metric
     model_dir = make_standin_model(Path(f"models/{task}-{word}"), word)
     out = register_model(
         cfg,

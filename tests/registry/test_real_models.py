@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from tests.mlflow_helpers import free_port, http_process
-from vlp.config import TASKS, Config
+from vlp.config import Config
 from vlp.registry import register_model
-from vlp.tasks import model_sha256
+from vlp.tasks import TASKS, model_sha256
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -68,7 +68,7 @@ def test_every_real_task_model_loads_and_predicts(
         "retrieval": pd.DataFrame({"image": [image, image], "text": ["a red circle", "x"]}),
     }
     for task in TASKS:
-        metric = store_cfg.registry.primary_metric[task]
+        metric = TASKS[task].primary_metric
         metrics = {metric: 1.0, "model_sha256": model_sha256(finetuned[task])}
         register_model(store_cfg, task, finetuned[task], metrics, eval_hash="h")
         model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
+from PIL import Image
 
-from vlp.tasks.captioning import generate, references, write_caption_results
+from vlp.tasks.captioning.task import Predictor, references, write_caption_results
 
 
 def test_references_group_captions_by_image() -> None:
@@ -16,11 +16,13 @@ def test_references_group_captions_by_image() -> None:
     assert references(pairs) == {1: ["a"], 2: ["b", "c"]}
 
 
-def test_generate_keys_captions_by_image_id(tiny_vlp) -> None:
-    batches = [(torch.randn(2, 3, 32, 32), [10, 11]), (torch.randn(1, 3, 32, 32), [12])]
-    out = generate(tiny_vlp.eval(), batches, num_beams=2, max_length=4)
-    assert sorted(out) == [10, 11, 12]
-    assert all(isinstance(c, str) for c in out.values())
+def test_predictor_captions_every_image_across_batches(tiny_vlp, tmp_path: Path) -> None:
+    info = {"task": "captioning", "image_size": 32, "beam_size": 2, "max_length": 4}
+    predictor = Predictor(tiny_vlp, info, tmp_path, batch_size=2)
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green")]
+    out = predictor.caption(images)
+    assert len(out) == 3 and all(isinstance(c, str) for c in out)
+    assert out == [c for img in images for c in predictor.caption([img])]  # batches do not mix
 
 
 def test_results_json_is_the_coco_layout(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlp.tasks.retrieval import encode_texts, rerank, retrieval_scores, topk_pairs
+from vlp.models.embed import encode_texts
+from vlp.tasks.retrieval.ranking import rerank, retrieval_scores, topk_pairs
 
 
 def test_topk_pairs_lists_each_rows_best_columns() -> None:

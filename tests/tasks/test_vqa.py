@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlp.errors import ConfigError
-from vlp.tasks.vqa import (
+from vlp.tasks.vqa.model import (
     AnswerHead,
     build_answer_vocab,
     make_vqa_collate,
@@ -79,14 +79,14 @@ def test_bad_answer_decoder_shape_is_a_config_error(layers: int, heads: int, mes
 
 
 def test_empty_vocab_is_a_config_error(tiny_vlp) -> None:
-    from vlp.tasks.vqa import VQAModel
+    from vlp.tasks.vqa.model import VQAModel
 
     with pytest.raises(ConfigError, match="vocabulary is empty"):
         VQAModel(tiny_vlp, [])
 
 
 def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
-    from vlp.tasks.vqa import VQAModel
+    from vlp.tasks.vqa.model import VQAModel
 
     torch.manual_seed(0)
     model = VQAModel(tiny_vlp, ["yes", "no", "2"])
@@ -110,7 +110,7 @@ def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
 
 
 def test_answer_logits_depend_on_the_image(tiny_vlp) -> None:
-    from vlp.tasks.vqa import VQAModel
+    from vlp.tasks.vqa.model import VQAModel
 
     torch.manual_seed(0)
     model = VQAModel(tiny_vlp, ["yes", "no"]).eval()
@@ -138,7 +138,7 @@ def _batch(vlp) -> dict[str, torch.Tensor]:
 
 
 def test_frozen_encoders_stay_as_given_while_the_answer_decoder_learns(tiny_vlp) -> None:
-    from vlp.tasks.vqa import VQAModel
+    from vlp.tasks.vqa.model import VQAModel
 
     torch.manual_seed(0)
     model = VQAModel(tiny_vlp, ["yes", "no", "2"], freeze_encoders=True).train()
@@ -159,7 +159,7 @@ def test_frozen_encoders_stay_as_given_while_the_answer_decoder_learns(tiny_vlp)
 
 
 def test_saved_answer_decoder_loads_with_its_architecture(tiny_vlp, tmp_path: Path) -> None:
-    from vlp.tasks.vqa import VQAModel, architecture_from_info
+    from vlp.tasks.vqa.model import VQAModel, architecture_from_info
 
     torch.manual_seed(0)
     model = VQAModel(tiny_vlp, ["yes", "no"], answer_layers=1, answer_heads=4).eval()

@@ -14,12 +14,15 @@ import mlflow
 CHILD = """
 import sys
 import mlflow
-from vlp.config import Config
+from pathlib import Path
+import vlp
+from vlp.config import load_config
 from vlp.tracking import stage_run
 
+cfg = load_config(Path(vlp.__path__[0]).parent / "params.yaml")
 print("ready", flush=True)
 sys.stdin.read(1)
-with stage_run(Config(), "pretrain") as run:
+with stage_run(cfg, "pretrain") as run:
     run.log_metrics({"x": 1.0})
 """
 

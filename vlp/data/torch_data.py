@@ -25,20 +25,17 @@ PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
-    """uint8 [3, size, size] RGB; DataError naming the file if it is missing or corrupt."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8).copy()
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: image not found") from e
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large to open: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image: {e}") from e
+def fit_image(img: Image.Image, size: int) -> Image.Image:
+    """`img` as RGB at a model's `size` x `size` input (bicubic resize when it differs)."""
+    rgb = img.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def _uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """uint8 [3, size, size] RGB of `img`."""
+    arr = np.asarray(fit_image(img, size), dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -46,9 +43,48 @@ def _normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
 
 
+def _open(path: Path, size: int) -> Image.Image:
+    """The image at `path` fitted to `size`; DataError naming the file if missing or corrupt."""
+    try:
+        with Image.open(path) as img:
+            return fit_image(img, size)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image not found") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to open: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image: {e}") from e
+
+
+def _decode(path: Path, size: int) -> torch.Tensor:
+    """uint8 [3, size, size] RGB; DataError naming the file if it is missing or corrupt."""
+    return _uint8(_open(path, size), size)
+
+
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """FloatTensor [3, size, size]: RGB in [0, 1], then normalised with mean = std = 0.5."""
     return _normalise(_decode(Path(path), size))
+
+
+def pixels_from_pil(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """[N, 3, size, size] float pixels of PIL images, exactly as the datasets give them."""
+    return _normalise(torch.stack([_uint8(img, size) for img in images]))
+
+
+def read_images(
+    data_dir: str | os.PathLike, image_paths: Sequence[str], size: int
+) -> list[Image.Image]:
+    """The dataset's images at manifest `image_paths`, fitted to `size` (one object per path).
+
+    A path that leads through a symlink out of the dataset is refused (`locate_image`).
+    """
+    data_dir = Path(data_dir)
+    roots = image_roots(data_dir)
+    opened: dict[str, Image.Image] = {}
+    for rel in image_paths:
+        if rel not in opened:
+            opened[rel] = _open(locate_image(data_dir, rel, roots), size)
+    return [opened[rel] for rel in image_paths]
 
 
 class _ImageCache:

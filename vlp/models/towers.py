@@ -24,7 +24,19 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
 
 IMAGE_TOWERS = ("cnn", "convnext", "vit")
-_POS_GRID = 8  # learned CNN position grid, resized to the actual feature map
+POS_GRID = 8  # side of a learned position grid; resized to the actual token grid
+
+
+def learned_positions(width: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """(global token position [1, 1, width] zeros, cell grid [1, width, 8, 8] ~ N(0, 0.02^2))."""
+    pos_global = nn.Parameter(torch.zeros(1, 1, width))
+    pos_grid = nn.Parameter(torch.randn(1, width, POS_GRID, POS_GRID) * 0.02)
+    return pos_global, pos_grid
+
+
+def resize_positions(pos_grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A learned position grid bilinearly resized to `size` cells: [1, width, *size]."""
+    return F.interpolate(pos_grid, size=size, mode="bilinear", align_corners=False)
 
 
 def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
@@ -106,8 +118,7 @@ class ImageTower(nn.Module):
         self.norm = nn.LayerNorm(out_dim)
         if not self.is_vit:
             # index 0 is the pooled token, the grid the feature-map cells
-            self.pos_global = nn.Parameter(torch.zeros(1, 1, width))
-            self.pos_grid = nn.Parameter(torch.randn(1, width, _POS_GRID, _POS_GRID) * 0.02)
+            self.pos_global, self.pos_grid = learned_positions(width)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] images -> [B, 1 + N, out_dim] tokens, the global token first."""
@@ -118,9 +129,7 @@ class ImageTower(nn.Module):
         else:
             out = self.backbone(pixel_values=pixel_values)
             fmap = out.last_hidden_state  # [B, C, h, w]
-            pos = F.interpolate(
-                self.pos_grid, size=fmap.shape[-2:], mode="bilinear", align_corners=False
-            )
+            pos = resize_positions(self.pos_grid, tuple(fmap.shape[-2:]))
             cells = (fmap + pos).flatten(2).transpose(1, 2)  # [B, h*w, C]
             # the backbone's own pooler (ResNet: average; ConvNeXt: average + LayerNorm)
             pooled = out.pooler_output.flatten(1).unsqueeze(1) + self.pos_global

@@ -1,9 +1,15 @@
 """Downstream tasks on top of the pretrained VLP model: retrieval, captioning, VQA.
 
+Each task is one package, `vlp/tasks/<name>/`, that owns its params section, training
+setup, evaluation, predictor, plots and serving schema (`vlp.tasks.spec`); `TASKS` below
+is the one list of them that the stages, the registry, serving and the CLI go through.
+
 A finetuned task model is a directory holding a `VLPModel` (`save_pretrained` layout, with
-its tokenizer) plus `task.json` naming the task and its inference settings (and, for VQA,
-the answer vocabulary and `answer_head.safetensors`). `load_predictor(model_dir)` turns such
-a directory into a `Predictor`, the one inference API the registry's pyfunc wraps:
+its tokenizer) plus `task.json` naming the task and its inference settings (image size,
+and e.g. `rerank_k`, `beam_size`, `max_length`; for VQA the answer vocabulary, with
+`answer_head.safetensors`). `load_predictor(model_dir)` turns such a directory into the
+task's `Predictor`, the one inference API: `vlp evaluate` scores it, the registry's pyfunc
+serves it.
 
 - every predictor has `task` and `embed_images(images) -> [N, E]`, `embed_texts(texts) ->
   [M, E]` (L2-normalised ITC features) and `score(images, texts) -> [N, M]`;
@@ -13,7 +19,7 @@ a directory into a `Predictor`, the one inference API the registry's pyfunc wrap
 - vqa: `answer(images, questions) -> list[str]` (one question per image).
 
 Images are `PIL.Image`s of any size and mode; they are converted to RGB and resized to the
-model's training resolution exactly as the torch datasets do.
+model's training resolution exactly as the torch datasets do (`vlp.data.torch_data`).
 
 `model_sha256(model_dir)` is the directory's content hash: evaluation records it beside
 the scores, and the registry only accepts scores measured on the directory it registers.
@@ -22,31 +28,49 @@ the scores, and the registry only accepts scores measured on the directory it re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlp.config import TASKS
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, VlpError
+from vlp.tasks.captioning import TASK as CAPTIONING
+from vlp.tasks.retrieval import TASK as RETRIEVAL
+from vlp.tasks.spec import Task
+from vlp.tasks.vqa import TASK as VQA
 
 if TYPE_CHECKING:
     from vlp.tasks.predictor import Predictor
 
+TASKS: dict[str, Task] = {t.name: t for t in (RETRIEVAL, CAPTIONING, VQA)}
+TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 TASK_FILE = "task.json"
 
 
+def get_task(name: str, error: type[VlpError] = ConfigError) -> Task:
+    """The task called `name`; `error` naming it and the known tasks otherwise."""
+    if name not in TASKS:
+        raise error(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
 def read_task_info(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `task.json` of a finetuned model directory; ConfigError if absent or malformed."""
+    """The `task.json` of a finetuned model directory, with its task's inference settings.
+
+    ConfigError naming the file if it is absent, malformed or lacks a setting.
+    """
+    from vlp.io import load_json
+
     path = Path(model_dir) / TASK_FILE
     if not path.exists():
         raise ConfigError(f"{path}: not found; {model_dir} is not a finetuned task model")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from e
+    info = load_json(path, ConfigError)
     if not isinstance(info, dict) or info.get("task") not in TASKS:
         raise ConfigError(f"{path}: key 'task' must be one of {', '.join(TASKS)}")
+    for key in ("image_size", *TASKS[info["task"]].settings):
+        if key not in info:
+            raise ConfigError(f"{path}: lacks the {info['task']} setting {key!r}")
+    if not isinstance(info["image_size"], int) or info["image_size"] < 1:
+        raise ConfigError(f"{path}: image_size must be a positive integer")
     return info
 
 
@@ -66,11 +90,27 @@ def model_sha256(model_dir: str | os.PathLike) -> str:
     return listing.hexdigest()
 
 
-def load_predictor(model_dir: str | os.PathLike, device: str = "cpu") -> Predictor:
-    """Load a finetuned task model directory as a `Predictor` for its task."""
-    from vlp.tasks.predictor import load
+def load_predictor(
+    model_dir: str | os.PathLike, device: Any = "cpu", batch_size: int = 64
+) -> Predictor:
+    """Load a finetuned task model directory as its task's `Predictor`.
 
-    return load(Path(model_dir), device=device)
+    `batch_size`: images, texts or (image, text) pairs per forward pass.
+    """
+    from vlp.models.vlp_model import VLPModel
+
+    info = read_task_info(model_dir)
+    model = VLPModel.from_pretrained(model_dir, device=device)
+    return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
 
 
-__all__ = ["TASK_FILE", "load_predictor", "model_sha256", "read_task_info"]
+__all__ = [
+    "TASKS",
+    "TASK_FILE",
+    "TASK_NAMES",
+    "Task",
+    "get_task",
+    "load_predictor",
+    "model_sha256",
+    "read_task_info",
+]

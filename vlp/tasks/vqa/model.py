@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_json
+from vlp.models.towers import learned_positions, resize_positions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
 HEAD_FILE = "answer_head.safetensors"
 SOFT_SCORE_DENOMINATOR = 3.0  # an answer given by >= 3 annotators is fully correct
-POS_GRID = 8  # learned image-token position grid, resized to the image's token grid
 
 
 def normalize_answer(answer: str) -> str:
@@ -120,8 +120,7 @@ class AnswerHead(nn.Module):
             norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers)
-        self.pos_global = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.pos_grid = nn.Parameter(torch.randn(1, hidden_size, POS_GRID, POS_GRID) * 0.02)
+        self.pos_global, self.pos_grid = learned_positions(hidden_size)
         self.net = nn.Sequential(
             nn.Linear(hidden_size, 2 * hidden_size),
             nn.GELU(),
@@ -136,7 +135,7 @@ class AnswerHead(nn.Module):
             raise ConfigError(
                 f"VQA needs a global image token plus a square grid; got {num_tokens} tokens"
             )
-        grid = F.interpolate(self.pos_grid, size=(side, side), mode="bilinear", align_corners=False)
+        grid = resize_positions(self.pos_grid, (side, side))
         return torch.cat([self.pos_global, grid.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(

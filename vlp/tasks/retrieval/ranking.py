@@ -12,7 +12,7 @@ ITC order below all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,34 +58,6 @@ def rerank(sim: torch.Tensor, k: int, score_pairs: PairScorer, batch_size: int) 
     out = sim - _OUTSIDE_TOPK
     out[rows, cols] = scores + sim[rows, cols]
     return out
-
-
-@torch.no_grad()
-def encode_images(
-    model: VLPModel, pixel_batches: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image_embeds [N, L, H], image_feat [N, E]) of all images, batch by batch."""
-    embeds, feats = [], []
-    device = model.temp.device
-    for pixels in pixel_batches:
-        e, f = model.encode_image(pixels.to(device))
-        embeds.append(e)
-        feats.append(f)
-    return torch.cat(embeds), torch.cat(feats)
-
-
-@torch.no_grad()
-def encode_texts(
-    model: VLPModel, texts: Sequence[str], batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids [M, T], attention_mask [M, T], text_feat [M, E]), padded to one length T."""
-    enc = model.tokenize(texts)  # pad all texts together: pairs index rows across batches
-    feats = []
-    for start in range(0, len(texts), batch_size):
-        ids = enc["input_ids"][start : start + batch_size]
-        mask = enc["attention_mask"][start : start + batch_size]
-        feats.append(model.encode_text(ids, mask)[1])
-    return enc["input_ids"], enc["attention_mask"], torch.cat(feats)
 
 
 @torch.no_grad()

@@ -1,0 +1,109 @@
+"""Image captioning: finetune the caption decoder with the LM loss, decode with beam search.
+
+Finetuning reuses the pretraining objective with only the LM term switched on
+(`VLPModel.loss_weights = {"lm": 1}`), so the loop, collate and loss are the pretraining
+ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`) with
+the beam size and length recorded in the model's `task.json`. Results are written in the
+COCO caption results format, `[{"image_id", "caption"}]`, so the same file can be scored
+by `vlp eval captions` or the official toolkit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import torch
+
+from vlp.io import atomic_write_json
+from vlp.tasks.predictor import Predictor as BasePredictor
+from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlp.config import Config
+
+CAPTION_LOSS_WEIGHTS = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+
+
+def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
+    """The VLPModel itself with the LM loss alone on the train captions."""
+    from vlp.data.torch_data import PairsDataset
+    from vlp.models import make_pretrain_collate
+
+    tcfg = cfg.finetune.captioning
+    vlp.loss_weights = dict(CAPTION_LOSS_WEIGHTS)
+    return TrainingSetup(
+        vlp,
+        PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
+        make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
+        {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
+    )
+
+
+def save(module: Any, model_dir: Path) -> None:
+    """Write the task model's weights into a model directory being assembled."""
+    module.cpu().save_pretrained(model_dir)
+
+
+class Predictor(BasePredictor):
+    """Captioning: beam-search captions with the model's recorded decoding settings."""
+
+    @torch.no_grad()
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        """One caption per image (`beam_size` beams, at most `max_length` tokens)."""
+        out: list[str] = []
+        for sl in self._chunks(len(images)):
+            out += self.model.generate_captions(
+                self._pixels(images[sl]),
+                num_beams=int(self.info["beam_size"]),
+                max_length=int(self.info["max_length"]),
+            )
+        return out
+
+
+def references(pairs: pd.DataFrame) -> dict[int, list[str]]:
+    """Reference captions per image_id from a pairs manifest (manifest order kept)."""
+    return {int(i): list(g) for i, g in pairs.groupby("image_id", sort=True)["caption"]}
+
+
+def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
+    """BLEU-1..4, ROUGE-L and CIDEr-D of beam-search captions against all references."""
+    from vlp.data.manifest import read_pairs, resolve_image
+    from vlp.data.torch_data import read_images
+    from vlp.errors import DataError
+    from vlp.metrics.caption import score_captions
+
+    split = cfg.evaluate.split
+    pairs = read_pairs(data, split)
+    if pairs.empty:
+        raise DataError(f"{data}: no images in split {split!r}")
+    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    image_ids = [int(x) for x in images["image_id"]]
+    refs = references(pairs)
+    pil = read_images(data, list(images["image_path"]), predictor.image_size)
+    captions = dict(zip(image_ids, predictor.caption(pil), strict=True))
+    metrics = {k: float(v) for k, v in score_captions(captions, refs).items()}
+    results = [{"image_id": i, "caption": c} for i, c in sorted(captions.items())]
+    rows = [{"metric": k, "score": v} for k, v in metrics.items()]
+    examples = [
+        Example(
+            image_path=resolve_image(data, images["image_path"][i]),
+            ground_truth=refs[image_id],
+            prediction=captions[image_id],
+        )
+        for i, image_id in enumerate(image_ids[: cfg.evaluate.num_examples])
+    ]
+    return TaskEval(metrics, results, rows, examples)
+
+
+def write_caption_results(captions: dict[int, str], path: str | os.PathLike) -> Path:
+    """Write COCO caption results JSON: [{"image_id": int, "caption": str}, ...]."""
+    rows = [{"image_id": int(i), "caption": c} for i, c in sorted(captions.items())]
+    path = Path(path)
+    atomic_write_json(path, rows)
+    return path

@@ -1,0 +1,126 @@
+"""Retrieval's torch side: ITC + ITM finetuning, the re-ranking predictor, R@K evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vlp.tasks.predictor import Predictor as BasePredictor
+from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
+from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlp.config import Config
+
+LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
+TOP_RESULTS = 10  # ranked items per query in the results file
+
+
+def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
+    """The VLPModel itself with ITC + ITM (hard negatives) on the train captions."""
+    from vlp.data.torch_data import PairsDataset
+    from vlp.models import make_pretrain_collate
+
+    vlp.loss_weights = dict(LOSS_WEIGHTS)
+    return TrainingSetup(
+        vlp,
+        PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
+        make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
+        {"rerank_k": cfg.finetune.retrieval.rerank_k},
+    )
+
+
+def save(module: Any, model_dir: Path) -> None:
+    """Write the task model's weights into a model directory being assembled."""
+    module.cpu().save_pretrained(model_dir)
+
+
+class Predictor(BasePredictor):
+    """Retrieval: `score` is ITC top-k re-ranked by ITM in both directions (k = rerank_k)."""
+
+    @torch.no_grad()
+    def rank(self, images: Sequence[Image.Image], texts: Sequence[str]) -> RetrievalScores:
+        """ITC similarities and their ITM re-rankings per direction, [N, M] each."""
+        from vlp.models.embed import encode_texts
+
+        image_embeds, image_feat = self._image_states(images)
+        ids, mask, text_feat = encode_texts(self.model, list(texts), self.batch_size)
+        k = int(self.info["rerank_k"])
+        return retrieval_scores(
+            self.model, image_embeds, image_feat, ids, mask, text_feat, k, self.batch_size
+        )
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
+        """[N, M] scores: ITM log-odds + ITC logit for pairs in either direction's top k.
+
+        Pairs in neither top k get their ITC logit - 1e4 (ranked below every candidate).
+        Both directions give a re-ranked pair the same score, so one matrix serves both.
+        """
+        if not images or not texts:
+            return np.zeros((len(images), len(texts)), dtype=np.float32)
+        s = self.rank(images, texts)
+        return torch.maximum(s.i2t, s.t2i).float().cpu().numpy()
+
+
+def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
+    """R@1/5/10 both ways (and rsum) after ITM re-ranking of the ITC top-k; ITC-only too."""
+    from vlp.data.manifest import read_pairs, resolve_image
+    from vlp.data.torch_data import read_images
+    from vlp.errors import DataError
+    from vlp.metrics.retrieval import KS, recall_at_k
+
+    split = cfg.evaluate.split
+    pairs = read_pairs(data, split)
+    if pairs.empty:
+        raise DataError(f"{data}: no images in split {split!r}")
+    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    image_ids = [int(x) for x in images["image_id"]]
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
+    captions = [str(c) for c in pairs["caption"]]
+
+    pil = read_images(data, list(images["image_path"]), predictor.image_size)
+    s = predictor.rank(pil, captions)
+    i2t, t2i, itc = (m.float().cpu() for m in (s.i2t, s.t2i, s.itc))
+    ranked_i2t = recall_at_k(i2t, text_to_image)
+    ranked_t2i = recall_at_k(t2i, text_to_image)
+    metrics = {key: v for key, v in ranked_i2t.items() if key.startswith("i2t_")}
+    metrics.update({key: v for key, v in ranked_t2i.items() if key.startswith("t2i_")})
+    metrics["rsum"] = sum(metrics[f"{d}_R@{x}"] for d in ("i2t", "t2i") for x in KS)
+    metrics["mean_R@1"] = (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+    itc_only = recall_at_k(itc, text_to_image)
+    metrics.update({f"itc_{key}": v for key, v in itc_only.items() if "R@" in key or key == "rsum"})
+
+    rows = [{"k": x, "i2t": metrics[f"i2t_R@{x}"], "t2i": metrics[f"t2i_R@{x}"]} for x in KS]
+
+    caption_ids = [int(c) for c in pairs["caption_id"]]
+    top_texts = i2t.topk(min(TOP_RESULTS, i2t.shape[1]), dim=1).indices
+    top_images = t2i.t().topk(min(TOP_RESULTS, i2t.shape[0]), dim=1).indices
+    results = {
+        "i2t": {
+            str(image_ids[i]): [caption_ids[j] for j in row]
+            for i, row in enumerate(top_texts.tolist())
+        },
+        "t2i": {
+            str(caption_ids[j]): [image_ids[i] for i in row]
+            for j, row in enumerate(top_images.tolist())
+        },
+    }
+    by_image = pairs.groupby("image_id", sort=False)["caption"].apply(list).to_dict()
+    examples = [
+        Example(
+            image_path=resolve_image(data, images["image_path"][i]),
+            ground_truth=[str(c) for c in by_image[image_ids[i]]],
+            prediction=captions[int(top_texts[i, 0])],
+            query="top-1 retrieved caption",
+        )
+        for i in range(min(cfg.evaluate.num_examples, len(images)))
+    ]
+    return TaskEval(metrics, results, rows, examples)

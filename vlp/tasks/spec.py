@@ -1,0 +1,88 @@
+"""What every downstream task declares about itself; light to import (no torch).
+
+A task is one package, `vlp/tasks/<name>/`: its `__init__.py` holds the config dataclass of
+its `finetune.<name>` params section and its `Task` description; the module the
+description names (`implementation`) holds the torch side:
+
+- `setup(cfg, vlp, init) -> TrainingSetup`: what `vlp finetune` trains, on which data,
+  and the inference settings it records in the model's `task.json`;
+- `save(module, model_dir)`: the task model's weights;
+- `Predictor`: inference over a saved task model (what `load_predictor`, the registry's
+  pyfunc and `vlp evaluate` all use);
+- `evaluate(cfg, predictor, data) -> TaskEval`: scores of a predictor on `evaluate.split`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+# Karpathy splits put part of COCO val into "restval", which is training data too.
+TRAIN_SPLITS = ("train", "restval")
+
+
+@dataclass
+class FinetuneBudget:
+    """The training budget every `finetune.<task>` params section has."""
+
+    epochs: int
+    max_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One downstream task: its params, inference settings, metrics, plots and serving schema."""
+
+    name: str
+    config: type[FinetuneBudget]  # the dataclass of its `finetune.<name>` params section
+    settings: tuple[str, ...]  # inference settings `task.json` must hold besides image_size
+    primary_metric: str  # on top of metrics/<name>.json; gates promotion in the registry
+    plot: str  # evaluation plot: `plots/<name>_<plot>_<init>.csv` ...
+    plot_columns: tuple[str, ...]  # ... with these columns
+    inputs: tuple[tuple[str, str], ...]  # served request columns: (name, MLflow type)
+    output: tuple[str, str]  # served response column: (name, MLflow type)
+    implementation: str  # module with setup, save, Predictor, evaluate (imports torch)
+
+    def module(self) -> ModuleType:
+        """The task's torch side (imported on first use)."""
+        return importlib.import_module(self.implementation)
+
+
+@dataclass
+class TrainingSetup:
+    """What `vlp finetune` trains for a task: `train(module, dataset, collate)`.
+
+    `info`: the inference settings the task records in the model's `task.json`.
+    """
+
+    module: Any  # torch.nn.Module whose forward(**batch) returns {"loss": ...}
+    dataset: Any  # torch Dataset of the train splits
+    collate: Any  # its DataLoader collate_fn
+    info: dict[str, Any]
+
+
+@dataclass
+class Example:
+    """One qualitative example: an image file, what is asked, the truth and the prediction."""
+
+    image_path: Path
+    ground_truth: list[str]
+    prediction: str
+    query: str = ""
+
+
+@dataclass
+class TaskEval:
+    """What evaluating one model produced."""
+
+    metrics: dict[str, float]
+    results: Any  # JSON-serialisable results file content
+    plot_rows: list[dict[str, Any]]
+    examples: list[Example] = field(default_factory=list)

@@ -1,0 +1,31 @@
+"""VQA: an answer decoder and classifier over the pretrained encoders (`model`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlp.tasks.spec import FinetuneBudget, Task
+
+
+@dataclass
+class VQAConfig(FinetuneBudget):
+    """`finetune.vqa`: training budget and the answer decoder."""
+
+    max_answers: int  # answer vocabulary = most frequent train answers
+    head_lr_multiplier: float  # answer decoder + classifier lr = lr * this
+    freeze_encoders: bool  # keep the image tower and text encoder as given
+    answer_layers: int  # layers of the answer decoder
+    answer_heads: int  # attention heads of the answer decoder
+
+
+TASK = Task(
+    name="vqa",
+    config=VQAConfig,
+    settings=("answers",),
+    primary_metric="overall",
+    plot="accuracy",
+    plot_columns=("answer_type", "accuracy"),
+    inputs=(("image", "binary"), ("question", "string")),
+    output=("answer", "string"),
+    implementation="vlp.tasks.vqa.task",
+)
