@@ -1,16 +1,16 @@
 """The `evaluate` stage: score each finetuned task model on `evaluate.split` (default test).
 
-`evaluate(cfg, task)` evaluates the pretrained-init model and, when `finetune.ablation` is
-on, the scratch-init one, then writes:
+`evaluate(cfg, task)` evaluates the pretrained-init model in `evaluate.models_dir/<task>`
+and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), then writes:
 
-- `metrics/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
+- `<runtime.metrics_dir>/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
   "delta": {...}}` where `<primary>` is `registry.primary_metric[task]` (retrieval `rsum`,
   captioning `CIDEr`, vqa `overall`) of the pretrained-init model and `delta` is
   pretrained minus scratch for every metric; each init's block also names the model it
   scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`);
 - `results/<task>/<init>.json`: COCO caption results, VQA results, or retrieval rankings;
 - `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows;
-- plots: `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
+- plots (in `runtime.plots_dir`): `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
   (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
 - an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples.
 
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from vlp.config import TASKS, Config
 from vlp.errors import ConfigError
-from vlp.finetune import INITS, is_skipped, model_dir
+from vlp.finetune import INITS, is_skipped, model_name
 from vlp.io import atomic_write_json, atomic_write_text, claim_dir
 from vlp.tasks import model_sha256
 
@@ -74,11 +74,11 @@ def eval_data(cfg: Config) -> Path:
 
 
 def _device(cfg: Config) -> torch.device:
-    """Evaluation is single-process: the device `pretrain.device` names (auto: CUDA if any)."""
+    """Evaluation is single-process: the device `runtime.device` names (auto: CUDA if any)."""
     from vlp.train.distributed import DistInfo
     from vlp.train.loop import resolve_device
 
-    return resolve_device(cfg.pretrain.device, DistInfo())
+    return resolve_device(cfg.runtime.device, DistInfo())
 
 
 # ---------------------------------------------------------------- retrieval
@@ -261,7 +261,7 @@ PLOT_FILES = {  # task -> (plot file stem, CSV columns)
 
 def plot_path(cfg: Config, task: str, init: str) -> Path:
     """The evaluation plot CSV of one task and init."""
-    return Path(cfg.evaluate.plots_dir) / f"{task}_{PLOT_FILES[task][0]}_{init}.csv"
+    return Path(cfg.runtime.plots_dir) / f"{task}_{PLOT_FILES[task][0]}_{init}.csv"
 
 
 def _csv(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
@@ -346,12 +346,12 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         cfg,
         {
             "evaluate.results_dir": Path(cfg.evaluate.results_dir) / task,
-            "evaluate.metrics_dir": Path(cfg.evaluate.metrics_dir),
-            "evaluate.plots_dir": Path(cfg.evaluate.plots_dir),
+            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
+            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
         },
     )
     inits = [i for i in INITS if i == "pretrained" or cfg.finetune.ablation]
-    paths = {init: model_dir(cfg, task, init) for init in inits}
+    paths = {init: Path(cfg.evaluate.models_dir) / model_name(task, init) for init in inits}
     for init, path in paths.items():
         if not path.is_dir() or is_skipped(path):
             raise ConfigError(
@@ -390,7 +390,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         if "scratch" not in inits:  # the DVC stage declares the scratch plot anyway
             atomic_write_text(plot_path(cfg, task, "scratch"), _csv(PLOT_FILES[task][1], []))
         doc = metrics_document(cfg, task, per_init, hashes)
-        metrics_path = Path(cfg.evaluate.metrics_dir) / f"{task}.json"
+        metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
         atomic_write_json(metrics_path, doc)
 
         flat = {mlflow_key(k): v for k, v in doc.items() if isinstance(v, int | float)}
