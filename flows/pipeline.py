@@ -98,8 +98,20 @@ def variant_workspace(root: Path) -> Iterator[Path]:
 
 
 def save_experiment(work: Path, name: str) -> None:
-    """Record the variant run in `work` as DVC experiment `name` (see `dvc exp show`)."""
+    """Record the variant run in `work` as DVC experiment `name` (see `dvc exp show`).
+
+    Files the stages wrote that git does not ignore (metrics and plots DVC does not cache)
+    go into the experiment too, as `dvc exp run` would commit them.
+    """
+    new = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--exclude-standard"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cmd = [sys.executable, "-m", "dvc", "exp", "save", "--name", name]
+    cmd += [arg for path in filter(None, new.split("\0")) for arg in ("--include-untracked", path)]
     done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
     if done.returncode != 0:
         raise OutputError(
