@@ -298,7 +298,9 @@ def _coco_doc(image_id: object = 42, caption_id: object = 1) -> dict:
 @pytest.mark.parametrize("bad", ["abc", None, "x0", 1.9, 3.0, True])
 def test_coco_non_integer_ids_are_named(tmp_path, coco_images, bad):
     ann = _dump(tmp_path / "c.json", _coco_doc(caption_id=bad))
-    with pytest.raises(DataError, match=rf"c\.json: annotations\[0\]: id {bad!r} is not an integer"):
+    with pytest.raises(
+        DataError, match=rf"c\.json: annotations\[0\]: id {bad!r} is not an integer"
+    ):
         import_coco(ann, coco_images, tmp_path / "out")
     ann = _dump(tmp_path / "c.json", _coco_doc(image_id=bad))
     with pytest.raises(DataError, match=rf"annotations\[0\]: image_id {bad!r} is not an integer"):
@@ -306,7 +308,9 @@ def test_coco_non_integer_ids_are_named(tmp_path, coco_images, bad):
     assert not (tmp_path / "out" / "pairs.parquet").exists()
 
 
-@pytest.mark.parametrize(("cell", "shown"), [("x0", "'x0'"), ("1.9", "'1.9'"), ("3.0", "'3.0'"), ("", "is empty")])
+@pytest.mark.parametrize(
+    ("cell", "shown"), [("x0", "'x0'"), ("1.9", "'1.9'"), ("3.0", "'3.0'"), ("", "is empty")]
+)
 def test_table_non_integer_ids_are_named(tmp_path, cell, shown):
     _image(tmp_path / "pics" / "a.png", (1, 2, 3))
     csv = tmp_path / "t.csv"
@@ -336,7 +340,9 @@ def test_symlink_out_of_the_images_folder_is_named(tmp_path):
     pd.DataFrame({"image_path": ["a.png", "b.png"], "caption": ["x y", "z w"]}).to_csv(
         csv, index=False
     )
-    with pytest.raises(DataError, match=r"row 1: image_path 'images/b.png' leads through a symlink"):
+    with pytest.raises(
+        DataError, match=r"row 1: image_path 'images/b.png' leads through a symlink"
+    ):
         import_table(csv, images, tmp_path / "out")
     # the declared folder itself is reached through the importer's own `OUT/images` link
     csv.write_text("image_path,caption\na.png,x y\n")
