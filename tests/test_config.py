@@ -110,6 +110,13 @@ def test_set_wins_over_profile():
     assert cfg.pretrain.max_steps == smoke.pretrain.max_steps  # the rest of the profile holds
 
 
+def test_the_params_hash_is_of_values_not_of_the_profile_name(tmp_path):
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    smoke = write_variant_params(REPO_PARAMS, tmp_path / "params.yaml", "smoke")
+    assert load_config(tmp_path / "params.yaml").section_hash() == smoke.section_hash()
+    assert smoke.section_hash() != load_config(REPO_PARAMS).section_hash()
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(REPO_PARAMS, overrides=["pretrain.lr=0.25", "model.image_tower=vit"])
     assert cfg.pretrain.lr == 0.25 and cfg.model.image_tower == "vit"

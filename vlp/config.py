@@ -248,8 +248,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none), for lineage tags."""
+        """Short stable hash of the named sections (all when none), for lineage tags.
+
+        The profile label is not hashed: a variant's stages, which read its params.yaml
+        without knowing the profile's name, hash the same as the flow that started them.
+        """
         d = self.to_dict()
+        d.pop("profile")
         picked = {k: d[k] for k in sections} if sections else d
         blob = json.dumps(picked, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
