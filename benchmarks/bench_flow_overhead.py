@@ -44,9 +44,9 @@ def copy_repo(dest: Path, profile: str) -> Path:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    params = dest / "params.yaml"
-    text = params.read_text()
-    params.write_text(text.replace("profile: default", f"profile: {profile}", 1))
+    from vlp.config import write_variant_params
+
+    write_variant_params(dest / "params.yaml", dest / "params.yaml", profile)
     git = ["git", "-c", "user.email=bench@vlp", "-c", "user.name=bench"]
     subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)

@@ -47,7 +47,12 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
     model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
     model.loss_weights = dict(LM_ONLY)
     settings = TrainSettings.from_config(
-        cfg.pretrain, seed=cfg.seed, max_steps=steps, checkpoint_every=0, log_every=10**9
+        cfg.runtime,
+        cfg.pretrain,
+        seed=cfg.seed,
+        max_steps=steps,
+        checkpoint_every=0,
+        log_every=10**9,
     )
     collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
     with tempfile.TemporaryDirectory() as tmp:

@@ -105,6 +105,7 @@ def main() -> None:
         dtype = torch.bfloat16 if precision == "bf16" else None
         flops = step_flops(model, batch, dtype)
         settings = TrainSettings.from_config(
+            cfg.runtime,
             cfg.pretrain,
             seed=cfg.seed,
             batch_size=bs,

@@ -94,7 +94,7 @@ def run_arm(arm: str, args: argparse.Namespace, cfg) -> dict:
         epochs=args.epochs,
         lr=lr,
         max_steps=-1,
-        precision=cfg.pretrain.precision,
+        precision=cfg.runtime.precision,
         checkpoint_every=0,
         log_every=10**9,
     )

@@ -2,28 +2,39 @@
 
 The flow adds orchestration (retries, logs, a schedule, a UI) on top of the one stage
 implementation: each Prefect task runs `dvc repro --single-item <stage>` for one
-stage of dvc.yaml, in DVC's dependency order. Parameter overrides are written into
-params.yaml first (comments kept), as `dvc exp run --set-param` does, so after a flow
-run `dvc status` has nothing to do. The flow opens the MLflow pipeline run itself and
-hands it to every stage process through `VLP_PARENT_RUN_ID`.
+stage of dvc.yaml, in DVC's dependency order, so after a plain flow run `dvc status` has
+nothing to do. A run with a profile or overrides is a variant, run like `dvc exp run
+--temp --set-param`: in a temporary git worktree (sharing the DVC cache) whose params.yaml
+has them applied, then saved with `dvc exp save`, so it is listed and compared in
+`dvc exp show` and the workspace's params.yaml, metrics, plots and dvc.lock are untouched.
+The flow opens the MLflow pipeline run itself and hands it to every stage process through
+`VLP_PARENT_RUN_ID` (and a variant's profile through `VLP_PROFILE`).
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import chdir
+from collections.abc import Iterator
+from contextlib import chdir, contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from vlp.config import Config, load_config, tracking_uri
-from vlp.errors import ConfigError
-from vlp.tracking import FLOW_RUN_ENV, PARENT_RUN_ENV, end_pipeline_run, start_pipeline_run
+from vlp.config import Config, load_config, tracking_uri, write_variant_params
+from vlp.errors import ConfigError, OutputError
+from vlp.tracking import (
+    FLOW_RUN_ENV,
+    PARENT_RUN_ENV,
+    PROFILE_ENV,
+    end_pipeline_run,
+    start_pipeline_run,
+)
 
 # `vlp` marks what retrying cannot fix with this in its message: a user error (bad params,
 # bad data; exit 2) or a promotion refused for a person to resolve (exit 4).
@@ -43,40 +54,69 @@ def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return not (isinstance(exc, StageFailed) and not exc.transient)
 
 
-def write_overrides(params: Path, profile: str | None, overrides: list[str]) -> None:
-    """Write `profile` and `section.key=value` overrides into params.yaml.
+@contextmanager
+def variant_workspace(root: Path) -> Iterator[Path]:
+    """A temporary git worktree of `root`'s HEAD plus its uncommitted changes, sharing its DVC cache.
 
-    Checked against the config schema first: a bad key raises ConfigError and leaves
-    the file untouched. A round-trip YAML edit keeps comments, quotes and layout.
+    A variant's stages run there, so the workspace's params.yaml, metrics, plots and dvc.lock
+    stay as they are. The worktree is removed on exit.
     """
-    import io
+    from dvc.repo import Repo
 
-    from ruamel.yaml import YAML
+    def git(*args: str, cwd: Path = root) -> str:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OutputError(f"{root}: git {' '.join(args)} failed: {done.stderr.strip()}")
+        return done.stdout
 
-    from vlp.io import atomic_write_text
+    git("rev-parse", "--verify", "-q", "HEAD^{commit}")  # a variant starts from a commit
+    with Repo(str(root)) as repo:
+        cache = repo.cache.local_cache_dir
+    work = Path(tempfile.mkdtemp(prefix="vlp-variant-")) / root.name
+    git("worktree", "add", "--detach", "-q", str(work), "HEAD")
+    try:
+        # the workspace's uncommitted edits, as `dvc exp run` takes them
+        changed = git("ls-files", "-z", "--modified", "--others", "--exclude-standard")
+        for name in filter(None, changed.split("\0")):
+            src, dst = root / name, work / name
+            if src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+            elif dst.is_file():
+                dst.unlink()  # deleted in the workspace
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "config", "--local", "cache.dir", cache],
+            cwd=work,
+            check=True,
+            capture_output=True,
+        )
+        yield work
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=root)
+        shutil.rmtree(work.parent, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=root)
 
-    load_config(params, profile, overrides)
-    if not profile and not overrides:
-        return
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap long lines
-    rt.representer.add_representer(
-        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
-    )
-    data = rt.load(params.read_text())
-    if profile:
-        data["profile"] = profile
-    for item in overrides:
-        dotted, text = item.split("=", 1)
-        *parents, leaf = dotted.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(text)
-    buf = io.StringIO()
-    rt.dump(data, buf)
-    atomic_write_text(params, buf.getvalue())
+
+def save_experiment(work: Path, name: str) -> None:
+    """Record the variant run in `work` as DVC experiment `name` (see `dvc exp show`).
+
+    Files the stages wrote that git does not ignore (metrics and plots DVC does not cache)
+    go into the experiment too, as `dvc exp run` would commit them.
+    """
+    new = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--exclude-standard"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cmd = [sys.executable, "-m", "dvc", "exp", "save", "--name", name]
+    cmd += [arg for path in filter(None, new.split("\0")) for arg in ("--include-untracked", path)]
+    done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OutputError(
+            f"dvc exp save --name {name} failed:\n{(done.stdout + done.stderr)[-2000:]}"
+        )
 
 
 def pipeline_stages(repo: Path) -> list[str]:
@@ -112,7 +152,8 @@ def run_stage(stage: str, repo: str, env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode != 0:
         transient = USER_ERROR_MARK not in output
         raise StageFailed(stage, proc.returncode, output[-2000:], transient)
-    skipped = "didn't change, skipping" in output
+    # unchanged, or restored from DVC's run cache (a variant's worktree starts empty)
+    skipped = "didn't change, skipping" in output or "is cached - skipping run" in output
     log.info("stage %s %s in %.1f s", stage, "up to date" if skipped else "ran", seconds)
     return {"stage": stage, "ran": not skipped, "seconds": round(seconds, 2)}
 
@@ -123,25 +164,41 @@ def vlp_pipeline(
     profile: str | None = None,
     overrides: list[str] | None = None,
     repo: str = ".",
+    experiment: str | None = None,
 ) -> list[dict[str, Any]]:
     """Reproduce the DVC pipeline of `repo` stage by stage, under one MLflow pipeline run.
 
-    `profile` and `overrides` (`section.key=value`) are written into params.yaml first.
+    Without `profile` and `overrides` (`section.key=value`) the stages run in the workspace.
+    With them they are a variant: the stages run in a temporary worktree whose params.yaml
+    has them applied, and the result is saved as the DVC experiment `experiment` (default
+    `<profile>-<time>`); the workspace is left as it was.
     """
+    root = Path(repo).resolve()
+    params_path = root / params if not Path(params).is_absolute() else Path(params)
+    if not profile and not overrides:
+        return _run_pipeline(root, root, load_config(params_path), None)
+    cfg = load_config(params_path, profile, overrides)  # a bad key fails before any work
+    name = experiment or f"{profile or 'set'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with variant_workspace(root) as work:
+        write_variant_params(params_path, work / params_path.relative_to(root), profile, overrides)
+        results = _run_pipeline(root, work, cfg, profile)
+        save_experiment(work, name)
+    get_run_logger().info("variant saved as DVC experiment %s (see `dvc exp show`)", name)
+    return results
+
+
+def _run_pipeline(root: Path, work: Path, cfg: Config, profile: str | None) -> list[dict[str, Any]]:
+    """Run the stages of `work` in DVC order; the MLflow store and runs are `root`'s."""
     import os
 
     log = get_run_logger()
-    root = Path(repo).resolve()
-    params_path = root / params if not Path(params).is_absolute() else Path(params)
-    write_overrides(params_path, profile, overrides or [])
     with chdir(root):
-        cfg = load_config(params_path)
         flow_run_id = str(flow_run.id or "")
         parent = start_pipeline_run(
             cfg, driver="prefect", tags={"vlp.prefect_flow_run_id": flow_run_id}
         )
         uri = _absolute_uri(tracking_uri(cfg), root)
-    stages = pipeline_stages(root)
+    stages = pipeline_stages(work)
     log.info("profile %s; MLflow run %s; stages: %s", cfg.profile, parent, ", ".join(stages))
     env = {
         **os.environ,
@@ -149,6 +206,9 @@ def vlp_pipeline(
         FLOW_RUN_ENV: flow_run_id,
         "MLFLOW_TRACKING_URI": uri,
     }
+    env.pop(PROFILE_ENV, None)
+    if profile:
+        env[PROFILE_ENV] = profile
     retrying = run_stage.with_options(
         retries=cfg.schedule.retries, retry_delay_seconds=cfg.schedule.retry_delay_s
     )
@@ -156,7 +216,7 @@ def vlp_pipeline(
     status = "FAILED"
     try:
         for stage in stages:
-            results.append(retrying(stage, str(root), env))
+            results.append(retrying(stage, str(work), env))
         status = "FINISHED"
     finally:
         with chdir(root):

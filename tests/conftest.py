@@ -20,17 +20,18 @@ def smoke_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """
     root = tmp_path_factory.mktemp("smoke")
     cfg = load_config(REPO_ROOT / "params.yaml", profile="smoke")
+    pretrained, finetuned = str(root / "models" / "pretrained"), str(root / "models" / "finetuned")
     return dataclasses.replace(
         cfg,
+        runtime=dataclasses.replace(
+            cfg.runtime, metrics_dir=str(root / "metrics"), plots_dir=str(root / "plots")
+        ),
         data=dataclasses.replace(cfg.data, root=str(root / "data" / "shapes")),
         validate=dataclasses.replace(cfg.validate, report_dir=str(root / "reports" / "validation")),
-        pretrain=dataclasses.replace(cfg.pretrain, out_dir=str(root / "models" / "pretrained")),
-        finetune=dataclasses.replace(cfg.finetune, out_dir=str(root / "models" / "finetuned")),
+        pretrain=dataclasses.replace(cfg.pretrain, out_dir=pretrained),
+        finetune=dataclasses.replace(cfg.finetune, init_dir=pretrained, out_dir=finetuned),
         evaluate=dataclasses.replace(
-            cfg.evaluate,
-            metrics_dir=str(root / "metrics"),
-            plots_dir=str(root / "plots"),
-            results_dir=str(root / "results"),
+            cfg.evaluate, models_dir=finetuned, results_dir=str(root / "results")
         ),
         tracking=dataclasses.replace(
             cfg.tracking,
@@ -59,8 +60,8 @@ def smoke_pretrained(
     cfg = dataclasses.replace(
         smoke_cfg,
         pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(root / "pretrained")),
-        evaluate=dataclasses.replace(
-            smoke_cfg.evaluate, metrics_dir=str(root / "metrics"), plots_dir=str(root / "plots")
+        runtime=dataclasses.replace(
+            smoke_cfg.runtime, metrics_dir=str(root / "metrics"), plots_dir=str(root / "plots")
         ),
     )
     with pytest.MonkeyPatch.context() as mp:

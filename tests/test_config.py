@@ -1,30 +1,134 @@
-"""params.yaml -> Config: profiles, overrides and the errors a user sees."""
+"""params.yaml -> Config: the one source of defaults, profiles, overrides and the errors a user sees."""
 
+import dataclasses
+import shutil
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vlp.cli import main
-from vlp.config import load_config
+from vlp.config import (
+    Config,
+    load_config,
+    parse_override,
+    write_variant_params,
+)
 from vlp.errors import ConfigError
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+REPO_PROFILES = REPO_PARAMS.with_name("profiles.yaml")
+
+
+def test_params_yaml_sets_every_field_of_the_config():
+    """Every config field comes from params.yaml, and every params key lands in the config."""
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    cfg = load_config(REPO_PARAMS)
+    loaded = cfg.to_dict()
+    loaded.pop("profile")  # a label, not a param
+    assert loaded == raw
+    # the dataclasses have no defaults of their own that could disagree with params.yaml;
+    # only the profile label has one
+    defaults = {}
+    todo = [Config]
+    while todo:
+        cls = todo.pop()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                todo.append(hints[f.name])
+            elif (
+                f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            ):
+                defaults[f"{cls.__name__}.{f.name}"] = f.default
+    assert defaults == {"Config.profile": "default"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["seed", "runtime.device", "data.image_size", "pretrain.caption_warmup_steps",
+     "finetune.vqa.freeze_encoders", "finetune.vqa.lr", "evaluate.models_dir"],
+)  # fmt: skip
+def test_a_key_missing_from_params_is_an_error_naming_it(tmp_path, key):
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    del node[leaf]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=rf"{params}: missing key {key}$"):
+        load_config(params)
+
+
+def test_a_missing_params_file_is_an_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'params.yaml'}: params file not found"):
+        load_config(tmp_path / "params.yaml")
+    assert main(["--params", str(tmp_path / "params.yaml"), "generate"]) == 2
+    assert "params file not found" in capsys.readouterr().err
+
+
+def test_profiles_are_not_params(tmp_path):
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    assert "profile" not in raw and "profiles" not in raw
+    for key, message in (("profile", "--profile"), ("profiles", "profiles.yaml")):
+        params = tmp_path / f"{key}.yaml"
+        params.write_text(yaml.safe_dump({**raw, key: "smoke"}))
+        with pytest.raises(ConfigError, match=f"unknown key {key} in .*{message}"):
+            load_config(params)
 
 
 def test_repo_params_load_for_every_profile():
     default = load_config(REPO_PARAMS, profile="default")
+    assert default == load_config(REPO_PARAMS)
+    for name in yaml.safe_load(REPO_PROFILES.read_text()):
+        assert load_config(REPO_PARAMS, profile=name).profile == name
     smoke = load_config(REPO_PARAMS, profile="smoke")
-    assert smoke.profile == "smoke"
     assert smoke.data.n_pretrain < default.data.n_pretrain
-    # the overlay is deep-merged: keys it does not name keep their default values
+    # the overlay sets only what it names: other keys keep params.yaml's values
     assert smoke.data.captions_per_image == default.data.captions_per_image
     assert smoke.finetune.vqa.lr == default.finetune.vqa.lr
+    assert smoke.runtime.log_every == 1 and smoke.runtime.device == default.runtime.device
+
+
+def test_set_wins_over_profile():
+    smoke = load_config(REPO_PARAMS, profile="smoke")
+    assert smoke.pretrain.batch_size == 16
+    cfg = load_config(REPO_PARAMS, "smoke", ["pretrain.batch_size=8", "runtime.log_every=5"])
+    assert cfg.pretrain.batch_size == 8 and cfg.runtime.log_every == 5
+    assert cfg.pretrain.max_steps == smoke.pretrain.max_steps  # the rest of the profile holds
+
+
+def test_the_params_hash_is_of_values_not_of_the_profile_name(tmp_path):
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    smoke = write_variant_params(REPO_PARAMS, tmp_path / "params.yaml", "smoke")
+    assert load_config(tmp_path / "params.yaml").section_hash() == smoke.section_hash()
+    assert smoke.section_hash() != load_config(REPO_PARAMS).section_hash()
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(REPO_PARAMS, overrides=["pretrain.lr=0.25", "model.image_tower=vit"])
     assert cfg.pretrain.lr == 0.25 and cfg.model.image_tower == "vit"
     assert cfg.section_hash("pretrain") != load_config(REPO_PARAMS).section_hash("pretrain")
+    assert parse_override("model.cnn_channels=[1, 2]") == (("model", "cnn_channels"), [1, 2])
+    assert parse_override("evaluate.data_root=null") == (("evaluate", "data_root"), None)
+
+
+def test_a_variant_params_file_keeps_comments_and_loads_as_the_variant(tmp_path):
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    dest = tmp_path / "params.yaml"
+    cfg = write_variant_params(REPO_PARAMS, dest, "smoke", ["pretrain.lr=0.002"])
+    assert cfg.pretrain.lr == 0.002 and cfg.profile == "smoke"
+    assert dataclasses.replace(load_config(dest), profile="smoke") == cfg
+    before, after = REPO_PARAMS.read_text().splitlines(), dest.read_text().splitlines()
+    assert [line.split("#")[1] for line in before if "#" in line] == [
+        line.split("#")[1] for line in after if "#" in line
+    ]
+    with pytest.raises(ConfigError, match="unknown key pretrain.nope"):
+        write_variant_params(REPO_PARAMS, tmp_path / "bad.yaml", None, ["pretrain.nope=1"])
+    assert not (tmp_path / "bad.yaml").exists()
 
 
 @pytest.mark.parametrize(
@@ -42,7 +146,10 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         ),
         (["finetune.captioning.rerank_k=4"], None, "unknown key finetune.captioning.rerank_k"),
         (["finetune.vqa.beam_size=2"], None, "unknown key finetune.vqa.beam_size"),
-        ([], "huge", "profile 'huge' is not defined"),
+        (["=1"], None, "must look like section.key=value"),
+        (["pretrain.device=cpu"], None, "unknown key pretrain.device"),
+        (["pretrain.lr.x=1"], None, "pretrain.lr is not a section"),
+        ([], "huge", "profile 'huge' is not defined in .*profiles.yaml"),
     ],
 )
 def test_bad_params_name_the_key(overrides, profile, message):
@@ -52,7 +159,7 @@ def test_bad_params_name_the_key(overrides, profile, message):
 
 def test_cli_turns_config_errors_into_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
-    bad.write_text("data: {n_train: many}\n")
+    bad.write_text(REPO_PARAMS.read_text().replace("n_train: 1000", "n_train: many"))
     assert main(["--params", str(bad), "generate", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "vlp generate: error: data.n_train: expected an integer, got 'many'"

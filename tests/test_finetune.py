@@ -37,12 +37,17 @@ def cfg(
     monkeypatch.chdir(tmp_path)
     return dataclasses.replace(
         smoke_cfg,
-        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(smoke_pretrained)),
-        finetune=dataclasses.replace(smoke_cfg.finetune, out_dir=str(tmp_path / "finetuned")),
-        evaluate=dataclasses.replace(
-            smoke_cfg.evaluate,
+        runtime=dataclasses.replace(
+            smoke_cfg.runtime,
             metrics_dir=str(tmp_path / "metrics"),
             plots_dir=str(tmp_path / "plots"),
+        ),
+        finetune=dataclasses.replace(
+            smoke_cfg.finetune, init_dir=str(smoke_pretrained), out_dir=str(tmp_path / "finetuned")
+        ),
+        evaluate=dataclasses.replace(
+            smoke_cfg.evaluate,
+            models_dir=str(tmp_path / "finetuned"),
             results_dir=str(tmp_path / "results"),
             num_examples=3,
         ),
@@ -233,9 +238,9 @@ def test_errors_name_the_missing_input(cfg: Config, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown init"):
         finetune(cfg, "vqa", init="imagenet")
     missing = dataclasses.replace(
-        cfg, pretrain=dataclasses.replace(cfg.pretrain, out_dir=str(tmp_path / "nope"))
+        cfg, finetune=dataclasses.replace(cfg.finetune, init_dir=str(tmp_path / "nope"))
     )
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(ConfigError, match="finetune.init_dir: .*nope"):
         finetune(missing, "retrieval")
 
 

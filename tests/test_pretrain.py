@@ -81,8 +81,8 @@ def cfg(
         pretrain=dataclasses.replace(
             smoke_cfg.pretrain, out_dir=str(tmp_path / "models" / "pretrained")
         ),
-        evaluate=dataclasses.replace(
-            smoke_cfg.evaluate,
+        runtime=dataclasses.replace(
+            smoke_cfg.runtime,
             metrics_dir=str(tmp_path / "metrics"),
             plots_dir=str(tmp_path / "plots"),
         ),
@@ -267,7 +267,7 @@ def test_resume_with_other_params_is_refused(cfg: Config) -> None:
         pretrain(other, resume=True)
     assert (out / "model.safetensors").read_bytes() == before
     # where and how often progress is saved or shown is not part of what was trained
-    cosmetic = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, log_every=3))
+    cosmetic = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, log_every=3))
     pretrain(cosmetic, resume=True)
 
 

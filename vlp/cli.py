@@ -126,9 +126,12 @@ def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
     from flows import pipeline
 
     if args.action == "run":
-        # profile and --set overrides are written into params.yaml, as `dvc exp run -S` does
+        # with --profile or --set: a variant, saved as a DVC experiment; the workspace stays
         pipeline.vlp_pipeline(
-            params=str(args.params_path), profile=args.profile, overrides=args.overrides
+            params=str(args.params_path),
+            profile=args.profile,
+            overrides=args.overrides,
+            experiment=args.experiment,
         )
     else:
         pipeline.serve(cfg)
@@ -140,14 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="vlp: pretrain, finetune, evaluate and promote vision-language models.",
     )
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    p.add_argument("--profile", default=None, help="profile overlay, e.g. smoke")
+    p.add_argument(
+        "--profile", default=None, help="profile of profiles.yaml applied over params, e.g. smoke"
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one param (repeatable)",
+        help="override one param, applied after --profile (repeatable)",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -249,8 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default="", help="recorded on the version")
     s.set_defaults(func=_cmd_rollback)
 
-    s = sub.add_parser("flow", help="run the Prefect pipeline once, or serve its schedule")
+    s = sub.add_parser(
+        "flow",
+        help="run the Prefect pipeline once, or serve its schedule",
+        description="With --profile or --set, `run` runs a variant in a temporary worktree "
+        "and saves it as a DVC experiment (`dvc exp show`); the workspace is left as it was.",
+    )
     s.add_argument("action", choices=("run", "serve"))
+    s.add_argument(
+        "--experiment",
+        default=None,
+        metavar="NAME",
+        help="name of a variant's DVC experiment (default <profile>-<time>)",
+    )
     s.set_defaults(func=_cmd_flow)
     return p
 

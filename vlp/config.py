@@ -1,8 +1,12 @@
 """params.yaml -> typed configuration, in one place.
 
-`params.yaml` holds the default profile at the top level and named overlays under
-`profiles:` (e.g. `smoke`). The key `profile:` selects the overlay, which is deep-merged
-over the defaults. Every stage reads its own section of the resulting `Config`.
+`params.yaml` holds every setting of the default pipeline and is the one source of
+defaults: the dataclasses below have none, so a missing key or file is a ConfigError.
+`profiles.yaml` beside it holds named overlays (e.g. `smoke`, tiny sizes for tests),
+applied with `--profile`; `--set section.key=value` overrides are applied after the
+profile. Profiles are not DVC params, so editing one leaves the default pipeline up to
+date. Each stage reads its own section plus `seed`, `runtime`, `data`, `model` and
+`tracking`.
 """
 
 from __future__ import annotations
@@ -28,79 +32,92 @@ from vlp.tasks.spec import FinetuneBudget
 from vlp.tasks.vqa import VQAConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
+PROFILES_FILE = "profiles.yaml"
 
 
 @dataclass
 class DataConfig:
     """The embedded shapes world: sizes of each split and rendering."""
 
-    root: str = "data/shapes"
-    seed: int = 0
-    image_size: int = 64
-    n_pretrain: int = 4000
-    n_train: int = 1000
-    n_val: int = 200
-    n_test: int = 500
-    captions_per_image: int = 5
-    questions_per_image: int = 6
+    root: str
+    seed: int
+    image_size: int
+    n_pretrain: int
+    n_train: int
+    n_val: int
+    n_test: int
+    captions_per_image: int
+    questions_per_image: int
 
 
 @dataclass
 class ValidateConfig:
     """Bounds that `vlp validate` enforces on manifests and images."""
 
-    report_dir: str = "reports/validation"
-    min_caption_chars: int = 3
-    max_caption_chars: int = 300
-    min_image_side: int = 16
-    max_image_side: int = 4096
+    report_dir: str
+    min_caption_chars: int
+    max_caption_chars: int
+    min_image_side: int
+    max_image_side: int
 
 
 @dataclass
 class ModelConfig:
     """Architecture of the towers; `*_pretrained` load a local directory instead."""
 
-    image_tower: str = "cnn"  # cnn | vit | convnext
-    image_pretrained: str | None = None
-    text_pretrained: str | None = None
-    tokenizer_pretrained: str | None = None
-    vocab_size: int = 400
-    hidden_size: int = 128
-    num_text_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
-    embed_dim: int = 128
-    max_text_length: int = 32
-    patch_size: int = 8
-    num_image_layers: int = 2
-    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    image_tower: str  # cnn | vit | convnext
+    image_pretrained: str | None
+    text_pretrained: str | None
+    tokenizer_pretrained: str | None
+    vocab_size: int
+    hidden_size: int
+    num_text_layers: int
+    num_heads: int
+    intermediate_size: int
+    embed_dim: int
+    max_text_length: int
+    patch_size: int
+    num_image_layers: int
+    cnn_channels: list[int]
+
+
+@dataclass
+class RuntimeConfig:
+    """How every stage that trains or infers runs, and the shared report folders.
+
+    None of these change what a model learns except `max_grad_norm` and `precision`.
+    """
+
+    device: str  # auto | cpu | cuda
+    precision: str  # auto | bf16 | fp32
+    num_workers: int  # DataLoader worker processes
+    log_every: int  # steps between progress lines and logged training metrics
+    max_grad_norm: float  # gradient clipping; <= 0 disables it
+    metrics_dir: str  # DVC metrics files (`<stage>.json`)
+    plots_dir: str  # DVC plot files (CSV)
 
 
 @dataclass
 class PretrainConfig:
     """Pretraining loop and objective weights (a weight of 0 switches an objective off)."""
 
-    out_dir: str = "models/pretrained"
-    epochs: int = 2
-    max_steps: int = -1
-    batch_size: int = 64
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
-    itc_weight: float = 1.0
-    itm_weight: float = 1.0
-    lm_weight: float = 1.0
-    temperature: float = 0.07
-    checkpoint_every: int = 200
-    num_workers: int = 0
-    log_every: int = 10
+    out_dir: str
+    epochs: int
+    max_steps: int
+    batch_size: int
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    itc_weight: float
+    itm_weight: float
+    lm_weight: float
+    temperature: float
+    checkpoint_every: int
     # Steps of a captioning-only phase before the joint one: the LM alone, on each image's
     # first caption (0 = none). It teaches the image tower what the objects are quickly.
-    caption_warmup_steps: int = 0
+    caption_warmup_steps: int
+    eval_batch_size: int  # zero-shot retrieval after training: images/captions per forward
 
 
 @dataclass
@@ -111,11 +128,12 @@ class FinetuneConfig:
     for a task is an unknown key.
     """
 
+    init_dir: str  # the pretrained model finetuning starts from
+    out_dir: str
+    ablation: bool
     retrieval: RetrievalConfig
     captioning: CaptioningConfig
     vqa: VQAConfig
-    out_dir: str = "models/finetuned"
-    ablation: bool = True
 
     def task(self, name: str) -> FinetuneBudget:
         """The params section of task `name`."""
@@ -129,88 +147,86 @@ VQA_PROTOCOLS: tuple[str, ...] = typing.get_args(VQAProtocol)
 
 @dataclass
 class EvaluateConfig:
-    """Where evaluation writes metrics, plots and results files."""
+    """Which finetuned models are scored on which data, and where results files go."""
 
-    metrics_dir: str = "metrics"
-    plots_dir: str = "plots"
-    results_dir: str = "results"
-    batch_size: int = 128
-    split: str = "test"  # the manifest split every task is evaluated on
-    data_root: str | None = None  # dataset to evaluate on; None: data.root
-    num_examples: int = 8  # qualitative examples logged per task
-    vqa_protocol: VQAProtocol = "official"  # answer normalisation (vlp.metrics.vqa)
+    models_dir: str  # finetuned models, one folder per task and init
+    results_dir: str
+    batch_size: int
+    split: str  # the manifest split every task is evaluated on
+    data_root: str | None  # dataset to evaluate on; None: data.root
+    num_examples: int  # qualitative examples logged per task
+    vqa_protocol: VQAProtocol  # answer normalisation (vlp.metrics.vqa)
 
 
 @dataclass
 class TrackingConfig:
     """MLflow tracking; `MLFLOW_TRACKING_URI` in the environment overrides `uri`."""
 
-    uri: str = "sqlite:///mlflow.db"
-    artifact_root: str = "mlartifacts"
-    experiment: str = "vlp"
+    uri: str
+    artifact_root: str
+    experiment: str
 
 
 @dataclass
 class RegistryConfig:
     """Model registry names; each task's primary metric (vlp.tasks) gates its promotion."""
 
-    name_prefix: str = "vlp-"
-    auto_promote: bool = True
+    name_prefix: str
+    auto_promote: bool
 
 
 @dataclass
 class ServingConfig:
     """Request limits of the served pyfunc; recorded in the model when it is registered."""
 
-    max_image_pixels: int = 16_777_216  # 4096 x 4096: a 12-megapixel photo passes
-    max_rows: int = 64  # the predictors' batch size: one request, one forward batch
+    max_image_pixels: int  # 4096 x 4096: a 12-megapixel photo passes
+    max_rows: int  # the predictors' batch size: one request, one forward batch
 
 
 @dataclass
 class ScheduleConfig:
     """Prefect deployment schedule and retries of a failed stage (transient errors)."""
 
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    deployment: str = "vlp-nightly"
-    retries: int = 2
-    retry_delay_s: float = 30.0
+    cron: str
+    timezone: str
+    deployment: str
+    retries: int
+    retry_delay_s: float
 
 
 @dataclass(kw_only=True)
 class Config:
-    profile: str = "default"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig  # required: the task sections have no defaults
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    serving: ServingConfig = field(default_factory=ServingConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Every section of params.yaml; `profile` names the overlay it was loaded with."""
+
+    seed: int
+    runtime: RuntimeConfig
+    data: DataConfig
+    validate: ValidateConfig
+    model: ModelConfig
+    pretrain: PretrainConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    registry: RegistryConfig
+    serving: ServingConfig
+    schedule: ScheduleConfig
+    # not a param: the profile `load_config` applied, a label for runs
+    profile: str = field(default="default", metadata={"param": False})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Short stable hash of the named sections (all when none), for lineage tags."""
+        """Short stable hash of the named sections (all when none), for lineage tags.
+
+        The profile label is not hashed: a variant's stages, which read its params.yaml
+        without knowing the profile's name, hash the same as the flow that started them.
+        """
         d = self.to_dict()
+        d.pop("profile")
         picked = {k: d[k] for k in sections} if sections else d
         blob = json.dumps(picked, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -251,19 +267,25 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where or source}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("param", True)]
+    unknown = sorted(set(raw) - {f.name for f in fields})
     if unknown:
-        raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]} in params")
+        raise ConfigError(f"unknown key {where + '.' if where else ''}{unknown[0]} in {source}")
     kwargs = {}
-    for name in names & set(raw):
-        tp, value, key = hints[name], raw[name], f"{where}.{name}" if where else name
+    for f in fields:
+        name = f.name
+        tp, key = hints[name], f"{where}.{name}" if where else name
+        if name not in raw:
+            if f.default is dataclasses.MISSING:
+                raise ConfigError(f"{source}: missing key {key}")
+            continue
+        value = raw[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+            kwargs[name] = _build(tp, value, key, source)
         else:
             if tp is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -281,37 +303,104 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict[str, Any], profile: str | None = None) -> Config:
-    """Build a Config from a params mapping, applying `profiles[profile]` as an overlay."""
-    raw = dict(raw or {})
-    profiles = raw.pop("profiles", {}) or {}
-    chosen = profile or raw.get("profile", "default")
-    if chosen != "default":
-        if chosen not in profiles:
+# One setting of a variant: the key path into params (`("pretrain", "lr")`) and its value.
+Setting = tuple[tuple[str, ...], Any]
+
+
+def parse_override(item: str) -> Setting:
+    """`section.key=value` (the value parsed as YAML) -> (key path, value)."""
+    dotted, sep, text = item.partition("=")
+    if not sep or not dotted or "" in dotted.split("."):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    return tuple(dotted.split(".")), value
+
+
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[Setting]:
+    out: list[Setting] = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out += _leaves(v, (*prefix, str(k)))
+        else:
+            out.append(((*prefix, str(k)), v))
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return raw
+
+
+def profiles_path(params: str | os.PathLike) -> Path:
+    """The profiles file that belongs to a params file: `profiles.yaml` beside it."""
+    return Path(params).with_name(PROFILES_FILE)
+
+
+def variant_settings(
+    params: str | os.PathLike, profile: str | None = None, overrides: list[str] | None = None
+) -> list[Setting]:
+    """The settings a run applies over params.yaml: the profile's leaves, then `--set`s.
+
+    Later settings win, so `--set` beats the profile. `default` (or None) is no profile.
+    """
+    settings: list[Setting] = []
+    if profile and profile != "default":
+        path = profiles_path(params)
+        profiles = _read_yaml(path, "profiles file")
+        if profile not in profiles:
             raise ConfigError(
-                f"profile {chosen!r} is not defined under 'profiles' "
+                f"profile {profile!r} is not defined in {path} "
                 f"(known: {', '.join(['default', *profiles])})"
             )
-        raw = _deep_merge(raw, profiles[chosen])
-    raw["profile"] = chosen
-    return _build(Config, raw, "")
+        overlay = profiles[profile]
+        if not isinstance(overlay, dict):
+            raise ConfigError(f"{path}: profile {profile!r} must be a mapping of sections")
+        settings += _leaves(overlay)
+    settings += [parse_override(item) for item in overrides or []]
+    return settings
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a params mapping."""
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        dotted, text = item.split("=", 1)
-        node = out
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+def apply_settings(params: dict[str, Any], settings: list[Setting]) -> None:
+    """Set each (key path, value) in a params mapping, in place, creating sections as needed.
+
+    Works on any mapping type, so a round-trip YAML document keeps its comments.
+    """
+    for keys, value in settings:
+        node = params
+        for i, part in enumerate(keys[:-1]):
+            if part not in node:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(text)
-    return out
+                raise ConfigError(
+                    f"{'.'.join(keys[: i + 1])} is not a section; cannot set {'.'.join(keys)}"
+                )
+        node[keys[-1]] = copy.deepcopy(value)
+
+
+def config_from_dict(
+    raw: dict[str, Any], profile: str = "default", source: str = "params"
+) -> Config:
+    """Build a Config from a complete params mapping; every key of every section is required."""
+    for key, why in (
+        ("profile", "select a profile with `--profile NAME`"),
+        ("profiles", f"profiles live in {PROFILES_FILE}"),
+    ):
+        if key in raw:
+            raise ConfigError(f"unknown key {key} in {source}: {why}")
+    cfg = _build(Config, raw, "", source)
+    cfg.profile = profile or "default"
+    return cfg
 
 
 def load_config(
@@ -319,17 +408,46 @@ def load_config(
     profile: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Read params.yaml (missing file: all defaults), apply profile and overrides."""
+    """Read params.yaml, apply the named profile (profiles.yaml), then `--set` overrides.
+
+    A missing params file or key is a ConfigError: params.yaml is the one source of defaults.
+    """
     p = Path(path)
-    raw: dict[str, Any] = {}
-    if p.exists():
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    return config_from_dict(raw, profile)
+    raw = _read_yaml(p, "params file")
+    apply_settings(raw, variant_settings(p, profile, overrides))
+    return config_from_dict(raw, profile or "default", str(p))
+
+
+def write_variant_params(
+    params: str | os.PathLike,
+    dest: str | os.PathLike,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Write params.yaml with a profile and `--set` overrides applied to `dest`; return its Config.
+
+    Checked first: a bad key raises ConfigError and writes nothing. The edit is a YAML
+    round trip, so comments and layout survive, as with `dvc exp run --set-param`.
+    """
+    import io
+
+    from ruamel.yaml import YAML
+
+    from vlp.io import atomic_write_text
+
+    cfg = load_config(params, profile, overrides)
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap long lines
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    doc = rt.load(Path(params).read_text())
+    apply_settings(doc, variant_settings(params, profile, overrides))
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(Path(dest), buf.getvalue())
+    return cfg
 
 
 def tracking_uri(cfg: Config) -> str:

@@ -1,17 +1,17 @@
 """The `evaluate` stage: score each finetuned task model on `evaluate.split` (default test).
 
-`evaluate(cfg, task)` evaluates the pretrained-init model and, when `finetune.ablation` is
-on, the scratch-init one, then writes (what is scored and how is the task's own
-`evaluate`, in `vlp.tasks.<task>`):
+`evaluate(cfg, task)` evaluates the pretrained-init model in `evaluate.models_dir/<task>`
+and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), then writes
+(what is scored and how is the task's own `evaluate`, in `vlp.tasks.<task>`):
 
-- `metrics/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
+- `<runtime.metrics_dir>/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
   "delta": {...}}` where `<primary>` is the task's primary metric (retrieval `rsum`,
   captioning `CIDEr`, vqa `overall`) of the pretrained-init model and `delta` is
   pretrained minus scratch for every metric; each init's block also names the model it
   scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`);
 - `results/<task>/<init>.json`: COCO caption results, VQA results, or retrieval rankings;
 - `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows;
-- plots: `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
+- plots (in `runtime.plots_dir`): `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
   (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
 - an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples.
 
@@ -34,7 +34,7 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.finetune import INITS, is_skipped, model_dir
+from vlp.finetune import INITS, is_skipped, model_name
 from vlp.io import atomic_write_csv, atomic_write_json, atomic_write_text, claim_dir
 from vlp.tasks import get_task, model_sha256
 from vlp.tasks.spec import Example, TaskEval
@@ -48,11 +48,11 @@ def eval_data(cfg: Config) -> Path:
 
 
 def _device(cfg: Config) -> torch.device:
-    """Evaluation is single-process: the device `pretrain.device` names (auto: CUDA if any)."""
+    """Evaluation is single-process: the device `runtime.device` names (auto: CUDA if any)."""
     from vlp.train.distributed import DistInfo
     from vlp.train.loop import resolve_device
 
-    return resolve_device(cfg.pretrain.device, DistInfo())
+    return resolve_device(cfg.runtime.device, DistInfo())
 
 
 def evaluate_model(cfg: Config, model_dir: Path) -> TaskEval:
@@ -69,7 +69,7 @@ def evaluate_model(cfg: Config, model_dir: Path) -> TaskEval:
 
 def plot_path(cfg: Config, task: str, init: str) -> Path:
     """The evaluation plot CSV of one task and init."""
-    return Path(cfg.evaluate.plots_dir) / f"{task}_{get_task(task).plot}_{init}.csv"
+    return Path(cfg.runtime.plots_dir) / f"{task}_{get_task(task).plot}_{init}.csv"
 
 
 def _image_data_uri(path: Path) -> str:
@@ -136,12 +136,12 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         cfg,
         {
             "evaluate.results_dir": Path(cfg.evaluate.results_dir) / task,
-            "evaluate.metrics_dir": Path(cfg.evaluate.metrics_dir),
-            "evaluate.plots_dir": Path(cfg.evaluate.plots_dir),
+            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
+            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
         },
     )
     inits = [i for i in INITS if i == "pretrained" or cfg.finetune.ablation]
-    paths = {init: model_dir(cfg, task, init) for init in inits}
+    paths = {init: Path(cfg.evaluate.models_dir) / model_name(task, init) for init in inits}
     for init, path in paths.items():
         if not path.is_dir() or is_skipped(path):
             raise ConfigError(
@@ -180,7 +180,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any]:
         if "scratch" not in inits:  # the DVC stage declares the scratch plot anyway
             atomic_write_csv(plot_path(cfg, task, "scratch"), spec.plot_columns, [])
         doc = metrics_document(cfg, task, per_init, hashes)
-        metrics_path = Path(cfg.evaluate.metrics_dir) / f"{task}.json"
+        metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
         atomic_write_json(metrics_path, doc)
 
         flat = {k: v for k, v in doc.items() if isinstance(v, int | float)}

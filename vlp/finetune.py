@@ -3,9 +3,10 @@
 `finetune(cfg, task, init)` trains on the "train" (and "restval") split of `data.root` with the shared loop
 (`vlp.train.loop.train`) and writes a finetuned task model directory (see `vlp.tasks`):
 
-- pretrained init -> `finetune.out_dir/<task>`; scratch init -> `finetune.out_dir/<task>_scratch`
-  (the ablation: same architecture, tokenizer and budget, weights freshly initialised);
-- `plots/finetune_<task>_<init>.csv`: the per-step loss curve;
+- pretrained init (from `finetune.init_dir`) -> `finetune.out_dir/<task>`; scratch init ->
+  `finetune.out_dir/<task>_scratch` (the ablation: same architecture, tokenizer and budget,
+  weights freshly initialised);
+- `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses.
 
 What each task trains, and the inference settings it records in `task.json`, is the
@@ -32,15 +33,19 @@ INITS = ("pretrained", "scratch")
 SKIPPED_FILE = "ABLATION_OFF"
 
 
+def model_name(task: str, init: str = "pretrained") -> str:
+    """The folder name of a finetuned model inside a models folder: `<task>[_scratch]`."""
+    return task if init == "pretrained" else f"{task}_{init}"
+
+
 def model_dir(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Where `finetune(cfg, task, init)` writes its model."""
-    name = task if init == "pretrained" else f"{task}_{init}"
-    return Path(cfg.finetune.out_dir) / name
+    return Path(cfg.finetune.out_dir) / model_name(task, init)
 
 
 def loss_curve_path(cfg: Config, task: str, init: str) -> Path:
     """The per-step loss CSV of one finetuning run (a DVC plot)."""
-    return Path(cfg.evaluate.plots_dir) / f"finetune_{task}_{init}.csv"
+    return Path(cfg.runtime.plots_dir) / f"finetune_{task}_{init}.csv"
 
 
 def is_skipped(path: Path) -> bool:
@@ -64,10 +69,10 @@ def base_model(cfg: Config, init: str) -> Any:
     from vlp.models import VLPModel, build_model, load_tokenizer
     from vlp.models.vlp_model import CONFIG_NAME, TOKENIZER_DIR
 
-    src = Path(cfg.pretrain.out_dir)
+    src = Path(cfg.finetune.init_dir)
     if not src.is_dir():
         raise ConfigError(
-            f"pretrain.out_dir: {src} does not exist; run `vlp pretrain` (or `dvc repro pretrain`)"
+            f"finetune.init_dir: {src} does not exist; run `vlp pretrain` (or `dvc repro pretrain`)"
         )
     if init == "pretrained":
         return VLPModel.from_pretrained(src)
@@ -103,7 +108,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         cfg,
         {
             "finetune.out_dir": out.parent,
-            "evaluate.plots_dir": loss_curve_path(cfg, task, init).parent,
+            "runtime.plots_dir": loss_curve_path(cfg, task, init).parent,
         },
     )
     check_replaceable(out)  # before training, not after
@@ -114,17 +119,8 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     vlp = base_model(cfg, init)
     setup = spec.module().setup(cfg, vlp, init)
     module, dataset = setup.module, setup.dataset
-    p = cfg.pretrain
     settings = TrainSettings.from_config(
-        tcfg,
-        seed=cfg.seed,
-        device=p.device,
-        precision=p.precision,
-        max_grad_norm=p.max_grad_norm,
-        num_workers=p.num_workers,
-        log_every=p.log_every,
-        checkpoint_every=0,
-        keep_checkpoints=1,
+        cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
     )
     params = {
         **{f"finetune.{task}.{k}": v for k, v in vars(tcfg).items()},
@@ -136,7 +132,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     curve = loss_curve_path(cfg, task, init)
     with scratch_dir(out.with_name(f"{out.name}.work")) as work:
         with stage_run(cfg, "finetune", task=task, init=init, params=params) as run:
-            log_every = max(p.log_every, 1)
+            log_every = max(cfg.runtime.log_every, 1)
 
             def on_log(metrics: dict[str, float], step: int) -> None:
                 if step % log_every == 0 or step == 1:

@@ -1,9 +1,10 @@
 """The `pretrain` stage: tokenizer + VLP model trained with ITC, ITM and captioning LM.
 
 Reads the "pretrain" pairs of `data.root`, writes the model (`save_pretrained`) to
-`pretrain.out_dir`, `metrics/pretrain.json` (loss start/end, zero-shot retrieval on the
-"test" split against chance, throughput) and `plots/pretrain_loss.csv`, and logs an
-MLflow stage run with every step's losses.
+`pretrain.out_dir`, `<runtime.metrics_dir>/pretrain.json` (loss start/end, zero-shot
+retrieval on the "test" split against chance, throughput) and
+`<runtime.plots_dir>/pretrain_loss.csv`, and logs an MLflow stage run with every step's
+losses.
 
 With `pretrain.caption_warmup_steps` > 0 a captioning-only phase comes first: the LM
 alone, on each image's first caption. One caption per image, always the same, gives the
@@ -42,9 +43,16 @@ from vlp.train.loop import TrainResult, TrainSettings, train
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
-# pretrain params that decide where and how often progress is saved or shown, not what is
-# learned: a resumed run may change them.
-UNFINGERPRINTED = ("out_dir", "checkpoint_every", "log_every")
+# params that decide where and how often progress is saved or shown, not what is learned:
+# a resumed run may change them.
+UNFINGERPRINTED = (
+    "pretrain.out_dir",
+    "pretrain.checkpoint_every",
+    "pretrain.eval_batch_size",
+    "runtime.log_every",
+    "runtime.metrics_dir",
+    "runtime.plots_dir",
+)
 
 
 def work_dir(cfg: Config) -> Path:
@@ -62,9 +70,10 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
         "data.image_size": cfg.data.image_size,
         **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
         **{
-            f"pretrain.{k}": v
-            for k, v in dataclasses.asdict(cfg.pretrain).items()
-            if k not in UNFINGERPRINTED
+            key: v
+            for section in ("runtime", "pretrain")
+            for k, v in dataclasses.asdict(getattr(cfg, section)).items()
+            if (key := f"{section}.{k}") not in UNFINGERPRINTED
         },
     }
     return {"params": params, "data": dataset_hash(cfg.data.root)}
@@ -119,13 +128,13 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
 
     model.eval()
     images = ImagesDataset(cfg.data.root, split, cfg.data.image_size)
-    loader = DataLoader(images, batch_size=cfg.evaluate.batch_size, collate_fn=collate)
+    loader = DataLoader(images, batch_size=cfg.pretrain.eval_batch_size, collate_fn=collate)
     image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
     pairs = read_pairs(cfg.data.root, split)
     index = {image_id: i for i, image_id in enumerate(images.image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = list(pairs["caption"])
-    text_feat = embed_texts(model, captions, cfg.evaluate.batch_size)
+    text_feat = embed_texts(model, captions, cfg.pretrain.eval_batch_size)
     scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
     n_img, n_txt = len(images), len(captions)
     per_image = n_txt / n_img
@@ -185,8 +194,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         cfg,
         {
             "pretrain.out_dir": out_dir.parent,  # replaced as a whole: a sibling is built first
-            "evaluate.metrics_dir": Path(cfg.evaluate.metrics_dir),
-            "evaluate.plots_dir": Path(cfg.evaluate.plots_dir),
+            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
+            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
         },
     )
     with distributed() as info:
@@ -200,10 +209,11 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_model(cfg.model, tokenizer, temperature=p.temperature)
         joint_weights = {"itc": p.itc_weight, "itm": p.itm_weight, "lm": p.lm_weight}
-        settings = TrainSettings.from_config(p, seed=cfg.seed)
+        settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
         collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 
         params = {
+            **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
             **{f"pretrain.{k}": v for k, v in vars(p).items()},
             **{f"model.{k}": v for k, v in vars(cfg.model).items()},
             "num_parameters": model.num_parameters(),
@@ -241,7 +251,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                         firsts,
                         collate,
                         TrainSettings.from_config(
-                            p, seed=cfg.seed, max_steps=p.caption_warmup_steps
+                            cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
                         ),
                         work_dir(cfg) / "caption_warmup",
                         resume=resume,
@@ -269,8 +279,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     history = warmup.history + [
                         {**h, "step": warmup.steps + h["step"]} for h in result.history
                     ]
-                metrics_path = Path(cfg.evaluate.metrics_dir) / "pretrain.json"
-                plot_path = Path(cfg.evaluate.plots_dir) / "pretrain_loss.csv"
+                metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
+                plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
                 model.save_pretrained(out_dir)
                 atomic_write_json(metrics_path, metrics)
                 atomic_write_csv(plot_path, PLOT_COLUMNS, history)

@@ -176,7 +176,7 @@ def register_model(
     import mlflow
 
     from vlp.serving import DEFAULT_LOADER, log_task_model
-    from vlp.tracking import log_to_pipeline_run, stage_run
+    from vlp.tracking import log_to_pipeline_run, profile_label, stage_run
 
     if not Path(model_dir).is_dir():
         raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
@@ -223,7 +223,7 @@ def register_model(
         "vlp.run_id": run.run_id,
         "vlp.git_commit": tags.get("vlp.git_commit", "none"),
         "vlp.params_hash": tags.get("vlp.params_hash", "none"),
-        "vlp.profile": cfg.profile,
+        "vlp.profile": profile_label(cfg),
         "vlp.registered_by": _who(),
         "vlp.registered_at": _now(),
     }.items():
@@ -242,14 +242,14 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
     check_stage_outputs(cfg, {})
     results = []
     for t in _tasks(task):
-        metrics_path = Path(cfg.evaluate.metrics_dir) / f"{t}.json"
+        metrics_path = Path(cfg.runtime.metrics_dir) / f"{t}.json"
         metrics = read_metrics(metrics_path)
         primary_metric_value(metrics, TASKS[t].primary_metric, str(metrics_path))
         results.append(
             register_model(
                 cfg,
                 t,
-                Path(cfg.finetune.out_dir) / t,
+                Path(cfg.evaluate.models_dir) / t,  # the model these metrics score
                 metrics,
                 eval_hash=eval_data_hash(cfg, t, metrics),
                 source=str(metrics_path),

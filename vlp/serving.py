@@ -100,8 +100,8 @@ def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) 
 class VLPTaskModel(mlflow.pyfunc.PythonModel):
     """Pyfunc over a task predictor loaded from the `model_dir` artifact.
 
-    `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`;
-    ServingConfig's defaults for models registered without them) and `loader`
+    `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
+    from params.yaml when the model was registered) and `loader`
     ("module:function", default `vlp.tasks.load_predictor`), which returns an object with
     `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
     the task needs. A predictor with an `image_size` gets images already at that size.
@@ -152,10 +152,12 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
 
 def serving_limits(model_config: dict[str, Any]) -> ServingConfig:
     """The request limits recorded in a logged model's `model_config`."""
-    default = ServingConfig()
+    missing = [k for k in ("max_image_pixels", "max_rows") if k not in model_config]
+    if missing:
+        raise RegistryError(f"model_config: missing key {missing[0]} (serving limits)")
     return ServingConfig(
-        max_image_pixels=int(model_config.get("max_image_pixels", default.max_image_pixels)),
-        max_rows=int(model_config.get("max_rows", default.max_rows)),
+        max_image_pixels=int(model_config["max_image_pixels"]),
+        max_rows=int(model_config["max_rows"]),
     )
 
 
@@ -177,14 +179,14 @@ def log_task_model(
     *,
     registered_model_name: str | None = None,
     loader: str = DEFAULT_LOADER,
-    limits: ServingConfig | None = None,
+    limits: ServingConfig,
     extra_code_paths: list[Path] | None = None,
 ) -> Any:
     """Log `model_dir` as a pyfunc in the active run (and register it); return ModelInfo.
 
     `vlp` travels as code (`code_paths`), so the model loads and serves with
     `--env-manager local` in any environment that has vlp's dependencies. The request
-    `limits` (default: ServingConfig's) travel in `model_config`.
+    `limits` (params.yaml's `serving`) travel in `model_config`.
     """
     code_paths = [str(VLP_PACKAGE_DIR), *(str(p) for p in extra_code_paths or [])]
     return mlflow.pyfunc.log_model(
@@ -193,7 +195,7 @@ def log_task_model(
         model_config={
             "task": task,
             "loader": loader,
-            **dataclasses.asdict(limits or ServingConfig()),
+            **dataclasses.asdict(limits),
         },
         artifacts={"model_dir": str(model_dir)},
         code_paths=code_paths,

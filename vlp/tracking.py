@@ -34,6 +34,9 @@ FLOW_RUN_ENV = "VLP_PREFECT_FLOW_RUN_ID"
 PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
 # DVC exports the name of the stage it is running to the stage's command.
 DVC_STAGE_ENV = "DVC_STAGE"
+# The profile of a variant the flow runs: its stages read the variant's params.yaml, in
+# which the profile is already applied, so only this label tells them its name.
+PROFILE_ENV = "VLP_PROFILE"
 
 TAG_KIND = "vlp.kind"
 TAG_PIPELINE_KEY = "vlp.pipeline_key"
@@ -193,6 +196,11 @@ def flow_run_id() -> str | None:
     return os.environ.get(FLOW_RUN_ENV) or os.environ.get(PREFECT_FLOW_RUN_ENV) or None
 
 
+def profile_label(cfg: Config) -> str:
+    """The profile a run belongs to: the one a driving flow names, else the config's own."""
+    return os.environ.get(PROFILE_ENV) or cfg.profile
+
+
 def lineage_tags(cfg: Config, stage: str | None = None, root: Path = Path(".")) -> dict[str, str]:
     """Tags tying a run to its code, params and data: git commit/dirty, params and DVC hashes.
 
@@ -204,7 +212,7 @@ def lineage_tags(cfg: Config, stage: str | None = None, root: Path = Path(".")) 
         "vlp.git_dirty": str(dirty).lower(),
         "vlp.params_hash": cfg.section_hash(),
         "vlp.data_hash": data_hash(cfg, root),
-        "vlp.profile": cfg.profile,
+        "vlp.profile": profile_label(cfg),
     }
     if stage:
         tags["vlp.dvc_stage"] = stage
@@ -330,7 +338,7 @@ def setup_mlflow(cfg: Config) -> str:
 
 def pipeline_run_name(cfg: Config, commit: str, key: str) -> str:
     """A parent-run name that tells pipeline runs apart at a glance in the UI."""
-    return f"pipeline-{cfg.profile}-{commit[:7]}-{key[:6]}"
+    return f"pipeline-{profile_label(cfg)}-{commit[:7]}-{key[:6]}"
 
 
 def start_pipeline_run(

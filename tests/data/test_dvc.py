@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlp.config import write_variant_params
+
 REPO = Path(__file__).resolve().parents[2]
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -43,8 +45,9 @@ def dvc_repo(tmp_path) -> Path:
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
     shutil.copytree(REPO / "vlp" / "data", repo / "vlp" / "data")
-    params = (REPO / "params.yaml").read_text().replace("\nprofile: default", "\nprofile: smoke")
-    (repo / "params.yaml").write_text(params)
+    # this repo's defaults are the smoke sizes: quick to reproduce
+    shutil.copy(REPO / "profiles.yaml", repo / "profiles.yaml")
+    write_variant_params(REPO / "params.yaml", repo / "params.yaml", "smoke")
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     mine = {"stages": {k: stages[k] for k in ("generate", "validate")}}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
@@ -74,3 +77,19 @@ def test_repro_twice_is_a_noop_and_push_pull_round_trips(dvc_repo):
     _run(dvc_repo, "pull")
     assert _digest(data) == before
     assert "up to date" in _run(dvc_repo, "status")
+
+
+def test_editing_a_profile_leaves_the_pipeline_up_to_date(dvc_repo):
+    _run(dvc_repo, "repro", "generate")
+    assert "up to date" in _run(dvc_repo, "status", "generate")
+    profiles = dvc_repo / "profiles.yaml"
+    edited = yaml.safe_load(profiles.read_text())
+    edited["smoke"]["data"]["n_pretrain"] = 40
+    edited["tiny"] = {"data": {"image_size": 16}}
+    profiles.write_text(yaml.safe_dump(edited))
+    assert "up to date" in _run(dvc_repo, "status", "generate")
+    # whereas the same edit in params.yaml is a change of the generate stage
+    params = dvc_repo / "params.yaml"
+    params.write_text(params.read_text().replace("n_pretrain: 48", "n_pretrain: 40"))
+    changed = _run(dvc_repo, "status", "generate")
+    assert "params.yaml" in changed and "modified:           data" in changed

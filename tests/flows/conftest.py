@@ -16,11 +16,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 STAGE_SCRIPT = '''
 """A tiny stage: reads params, writes its output; `train` also opens a vlp stage run."""
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 from vlp.config import load_config
+from vlp.tracking import profile_label
 
 name = sys.argv[1]
 cfg = load_config("params.yaml")
@@ -36,7 +38,10 @@ else:
 with run:
     out = Path("out") / f"{name}.txt"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(f"{cfg.profile} {cfg.pretrain.lr}")
+    out.write_text(f"{profile_label(cfg)} {cfg.pretrain.lr}")
+    if name == "train":
+        Path("metrics").mkdir(exist_ok=True)
+        Path("metrics/train.json").write_text(json.dumps({"lr_x1000": cfg.pretrain.lr * 1000}))
 '''
 
 
@@ -55,6 +60,7 @@ def make_dvc_repo(path: Path, store: Path) -> Path:
     git_init(path)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True)
     shutil.copy(REPO_ROOT / "params.yaml", path / "params.yaml")
+    shutil.copy(REPO_ROOT / "profiles.yaml", path / "profiles.yaml")
     shutil.copy(store, path / "mlflow.db")
     (path / "stage.py").write_text(STAGE_SCRIPT)
     py = sys.executable
@@ -65,6 +71,7 @@ def make_dvc_repo(path: Path, store: Path) -> Path:
     deps: [stage.py, out/generate.txt]
     params: [pretrain.lr]
     outs: [out/train.txt]
+    metrics: [metrics/train.json: {{cache: false}}]
   generate:
     cmd: {py} stage.py generate
     deps: [stage.py]

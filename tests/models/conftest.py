@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from vlp.config import ModelConfig
+from vlp.config import ModelConfig, load_config
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
 CAPTIONS = [
     "a red circle left of a blue square",
@@ -18,7 +23,9 @@ CAPTIONS = [
 
 
 def _tiny_cfg(**over: object) -> ModelConfig:
-    base = dict(
+    """params.yaml's model section, shrunk, with `over` applied."""
+    base = dataclasses.asdict(load_config(PARAMS).model)
+    base.update(
         hidden_size=32,
         intermediate_size=64,
         embed_dim=16,

@@ -30,7 +30,7 @@ def test_scores_of_a_replaced_model_are_refused_until_it_is_evaluated(
     settings = [
         "--params", PARAMS, "--profile", "smoke",
         "--set", f"data.root={smoke_data}",
-        "--set", f"pretrain.out_dir={smoke_pretrained}",
+        "--set", f"finetune.init_dir={smoke_pretrained}",
         "--set", "finetune.ablation=false",
     ]  # fmt: skip
 

@@ -126,7 +126,7 @@ def test_pipeline_gate_respects_auto_promote(store_cfg: Config) -> None:
 def test_register_reports_missing_pipeline_outputs(store_cfg: Config) -> None:
     with pytest.raises(ResultsError, match="retrieval.json"):
         register_task_models(store_cfg, "retrieval")
-    metrics = Path(store_cfg.evaluate.metrics_dir)
+    metrics = Path(store_cfg.runtime.metrics_dir)
     metrics.mkdir(parents=True, exist_ok=True)
     (metrics / "vqa.json").write_text(json.dumps({"yes/no": 1.0}))
     with pytest.raises(ResultsError, match="'overall'"):
@@ -193,8 +193,8 @@ def test_register_refuses_metrics_not_measured_on_the_registered_model(
 ) -> None:
     cfg = dataclasses.replace(
         store_cfg,
-        finetune=dataclasses.replace(store_cfg.finetune, out_dir="finetuned"),
-        evaluate=dataclasses.replace(store_cfg.evaluate, metrics_dir="metrics"),
+        runtime=dataclasses.replace(store_cfg.runtime, metrics_dir="metrics"),
+        evaluate=dataclasses.replace(store_cfg.evaluate, models_dir="finetuned"),
     )
     model_dir = make_standin_model(Path("finetuned/vqa"), "new")
     other = make_standin_model(Path("finetuned/old"), "old")

@@ -38,9 +38,10 @@ def finetuned(
     root = tmp_path_factory.mktemp("finetuned")
     cfg = dataclasses.replace(
         smoke_cfg,
-        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(smoke_pretrained)),
-        finetune=dataclasses.replace(smoke_cfg.finetune, out_dir=str(root / "models")),
-        evaluate=dataclasses.replace(smoke_cfg.evaluate, plots_dir=str(root / "plots")),
+        runtime=dataclasses.replace(smoke_cfg.runtime, plots_dir=str(root / "plots")),
+        finetune=dataclasses.replace(
+            smoke_cfg.finetune, init_dir=str(smoke_pretrained), out_dir=str(root / "models")
+        ),
         tracking=dataclasses.replace(smoke_cfg.tracking, artifact_root=str(root / "art")),
     )
     with pytest.MonkeyPatch.context() as mp:

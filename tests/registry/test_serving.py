@@ -29,7 +29,7 @@ from tests.mlflow_helpers import (
     make_standin_model,
     png_bytes,
 )
-from vlp.config import Config, ServingConfig
+from vlp.config import Config, ServingConfig, load_config
 from vlp.registry import register_model
 from vlp.serving import VLPTaskModel
 from vlp.tasks import model_sha256
@@ -50,7 +50,9 @@ def _model(tmp_path: Path, task: str = "captioning", **limits: int) -> VLPTaskMo
     model_dir = make_standin_model(tmp_path / "standin", "w")
     model = VLPTaskModel()
     loader = "tests.registry.standin_predictor:load_predictor"
-    config = {"task": task, "loader": loader, **limits}
+    # as registered: params.yaml's serving limits travel in the model config
+    serving = dataclasses.asdict(load_config(Path(__file__).parents[2] / "params.yaml").serving)
+    config = {"task": task, "loader": loader, **serving, **limits}
     model.load_context(PythonModelContext({"model_dir": str(model_dir)}, config))
     return model
 

@@ -41,14 +41,20 @@ def cfg(
     monkeypatch.chdir(tmp_path)
     return dataclasses.replace(
         smoke_cfg,
-        pretrain=dataclasses.replace(smoke_cfg.pretrain, out_dir=str(smoke_pretrained)),
+        runtime=dataclasses.replace(
+            smoke_cfg.runtime,
+            metrics_dir=str(tmp_path / "metrics"),
+            plots_dir=str(tmp_path / "plots"),
+        ),
         finetune=dataclasses.replace(
-            smoke_cfg.finetune, out_dir=str(tmp_path / "finetuned"), ablation=False
+            smoke_cfg.finetune,
+            init_dir=str(smoke_pretrained),
+            out_dir=str(tmp_path / "finetuned"),
+            ablation=False,
         ),
         evaluate=dataclasses.replace(
             smoke_cfg.evaluate,
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
+            models_dir=str(tmp_path / "finetuned"),
             results_dir=str(tmp_path / "results"),
             num_examples=2,
         ),

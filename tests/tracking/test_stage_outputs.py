@@ -34,8 +34,8 @@ def test_pretrain_stops_before_training_on_an_unwritable_metrics_dir(
     from vlp.pretrain import pretrain
 
     cfg = _with(store_cfg, "pretrain", out_dir=str(tmp_path / "models" / "pretrained"))
-    cfg = _with(cfg, "evaluate", metrics_dir=str(blocker / "metrics"))
-    with pytest.raises(OutputError, match=rf"evaluate\.metrics_dir: cannot write in {blocker}"):
+    cfg = _with(cfg, "runtime", metrics_dir=str(blocker / "metrics"))
+    with pytest.raises(OutputError, match=rf"runtime\.metrics_dir: cannot write in {blocker}"):
         pretrain(cfg)
     assert not (tmp_path / "models").exists()  # refused up front, nothing trained
 
@@ -44,9 +44,9 @@ def test_pretrain_stops_before_training_on_an_unwritable_metrics_dir(
     ("stage", "section", "key"),
     [
         ("finetune", "finetune", "out_dir"),
-        ("finetune", "evaluate", "plots_dir"),
+        ("finetune", "runtime", "plots_dir"),
         ("evaluate", "evaluate", "results_dir"),
-        ("evaluate", "evaluate", "metrics_dir"),
+        ("evaluate", "runtime", "metrics_dir"),
         ("register", "tracking", "artifact_root"),
     ],
 )

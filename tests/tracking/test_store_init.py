@@ -9,17 +9,17 @@ from pathlib import Path
 
 import mlflow
 
+REPO = Path(__file__).resolve().parents[2]
+
 # Imports MLflow first, says "ready", then waits for the go byte on stdin: the parent
 # releases every process at once, so they all reach the store's first use together.
 CHILD = """
 import sys
 import mlflow
-from pathlib import Path
-import vlp
 from vlp.config import load_config
 from vlp.tracking import stage_run
 
-cfg = load_config(Path(vlp.__path__[0]).parent / "params.yaml")
+cfg = load_config(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.read(1)
 with stage_run(cfg, "pretrain") as run:
@@ -32,13 +32,13 @@ def test_processes_first_using_a_fresh_store_at_once_all_record_runs(tmp_path: P
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "PYTHONPATH": str(REPO),
     }
     for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
         env.pop(var, None)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CHILD],
+            [sys.executable, "-c", CHILD, str(REPO / "params.yaml")],
             cwd=tmp_path,
             env=env,
             stdin=subprocess.PIPE,

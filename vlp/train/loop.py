@@ -79,10 +79,15 @@ class TrainSettings:
             raise ConfigError("epochs: must be >= 1 unless max_steps > 0")
 
     @classmethod
-    def from_config(cls, section: Any, seed: int = 0, **overrides: Any) -> TrainSettings:
-        """Take every field a params section (PretrainConfig, TaskConfig) shares with us."""
+    def from_config(cls, *sections: Any, seed: int = 0, **overrides: Any) -> TrainSettings:
+        """Take every field the params sections (RuntimeConfig, PretrainConfig, ...) share with us.
+
+        A later section wins over an earlier one; `overrides` win over all.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dataclasses.asdict(section).items() if k in names}
+        values: dict[str, Any] = {}
+        for section in sections:
+            values.update({k: v for k, v in dataclasses.asdict(section).items() if k in names})
         values.setdefault("seed", seed)
         values.update(overrides)
         return cls(**values)
