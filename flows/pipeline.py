@@ -197,7 +197,7 @@ def _run_pipeline(root: Path, work: Path, cfg: Config, profile: str | None) -> l
         parent = start_pipeline_run(
             cfg, driver="prefect", tags={"vlp.prefect_flow_run_id": flow_run_id}
         )
-        uri = _absolute_uri(tracking_uri(cfg), root)
+        uri = tracking_uri(cfg)  # absolute: every stage process shares root's store
     stages = pipeline_stages(work)
     log.info("profile %s; MLflow run %s; stages: %s", cfg.profile, parent, ", ".join(stages))
     env = {
@@ -222,14 +222,6 @@ def _run_pipeline(root: Path, work: Path, cfg: Config, profile: str | None) -> l
         with chdir(root):
             end_pipeline_run(cfg, parent, status)
     return results
-
-
-def _absolute_uri(uri: str, root: Path) -> str:
-    """A relative `sqlite:///x.db` made absolute, so every stage process shares one store."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str(root / uri[len(prefix) :])
-    return uri
 
 
 def deployment(cfg: Config, parameters: dict[str, Any] | None = None) -> Any:

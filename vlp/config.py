@@ -451,5 +451,14 @@ def write_variant_params(
 
 
 def tracking_uri(cfg: Config) -> str:
-    """The MLflow tracking URI: `MLFLOW_TRACKING_URI` if set, else params."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    """The MLflow tracking URI: `MLFLOW_TRACKING_URI` if set, else params.
+
+    A relative SQLite path (`sqlite:///mlflow.db`) is made absolute against the working
+    directory: MLflow caches one store per URI string, so a relative one would keep
+    pointing at the database of the directory it was first used in.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path.cwd() / uri[len(prefix) :])
+    return uri
