@@ -27,9 +27,10 @@ import torch
 from vlp.config import TASKS, Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_text, check_replaceable, scratch_dir
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
 
 INITS = ("pretrained", "scratch")
-RETRIEVAL_LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
+RETRIEVAL_LOSS_WEIGHTS = ObjectiveWeights(itc=1.0, itm=1.0, lm=0.0)
 SKIPPED_FILE = "ABLATION_OFF"
 # Karpathy splits put part of COCO val into "restval", which is training data too.
 TRAIN_SPLITS = ("train", "restval")
@@ -85,16 +86,14 @@ def task_setup(
     cfg: Config, task: str, vlp: Any, init: str = "pretrained"
 ) -> tuple[torch.nn.Module, Any, Any, dict]:
     """(trainable module, train dataset, collate_fn, extra task.json fields) for a task."""
-    from vlp.data.torch_data import PairsDataset, VQADataset
-    from vlp.models import make_pretrain_collate
+    from vlp.data.torch_data import PairsDataset, VQADataset, make_pretrain_collate
 
     data, size, max_len = cfg.data.root, cfg.data.image_size, cfg.model.max_text_length
     tcfg = cfg.finetune.task(task)
     if task == "retrieval":
-        vlp.loss_weights = dict(RETRIEVAL_LOSS_WEIGHTS)
         dataset = PairsDataset(data, TRAIN_SPLITS, size)
         return (
-            vlp,
+            VLPObjective(vlp, RETRIEVAL_LOSS_WEIGHTS),
             dataset,
             make_pretrain_collate(vlp.tokenizer, max_len),
             {"rerank_k": tcfg.rerank_k},
@@ -102,10 +101,9 @@ def task_setup(
     if task == "captioning":
         from vlp.tasks.captioning import CAPTION_LOSS_WEIGHTS
 
-        vlp.loss_weights = dict(CAPTION_LOSS_WEIGHTS)
         dataset = PairsDataset(data, TRAIN_SPLITS, size)
         return (
-            vlp,
+            VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
             dataset,
             make_pretrain_collate(vlp.tokenizer, max_len),
             {

@@ -1,8 +1,8 @@
 """Image captioning: finetune the caption decoder with the LM loss, decode with beam search.
 
 Finetuning reuses the pretraining objective with only the LM term switched on
-(`VLPModel.loss_weights = {"lm": 1}`), so the loop, collate and loss are the pretraining
-ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`).
+(`VLPObjective(model, CAPTION_LOSS_WEIGHTS)`), so the loop, collate and loss are the
+pretraining ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`).
 Results are written in the COCO caption results format, `[{"image_id", "caption"}]`, so
 the same file can be scored by `vlp eval captions` or the official toolkit.
 """
@@ -18,11 +18,12 @@ import pandas as pd
 import torch
 
 from vlp.io import atomic_write_json
+from vlp.models.objectives import ObjectiveWeights
 
 if TYPE_CHECKING:
     from vlp.models.vlp_model import VLPModel
 
-CAPTION_LOSS_WEIGHTS = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def references(pairs: pd.DataFrame) -> dict[int, list[str]]:

@@ -287,7 +287,7 @@ def make_vqa_collate(
     normalize: Callable[[str], str] = normalize_answer,
 ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """Collate VQADataset items into {pixel_values, input_ids, attention_mask, targets}."""
-    from vlp.models.vlp_model import collate_images_and_texts
+    from vlp.data.torch_data import collate_images_and_texts
 
     index = {a: i for i, a in enumerate(answers)}
 
