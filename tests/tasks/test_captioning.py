@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pandas as pd
 import torch
 
-from vlp.tasks.captioning import generate, references, write_caption_results
+from vlp.tasks.captioning import generate, references
 
 
 def test_references_group_captions_by_image() -> None:
@@ -21,11 +18,3 @@ def test_generate_keys_captions_by_image_id(tiny_vlp) -> None:
     out = generate(tiny_vlp.eval(), batches, num_beams=2, max_length=4)
     assert sorted(out) == [10, 11, 12]
     assert all(isinstance(c, str) for c in out.values())
-
-
-def test_results_json_is_the_coco_layout(tmp_path: Path) -> None:
-    path = write_caption_results({5: "a red circle", 1: "two shapes"}, tmp_path / "r.json")
-    assert json.loads(path.read_text()) == [
-        {"caption": "two shapes", "image_id": 1},
-        {"caption": "a red circle", "image_id": 5},
-    ]

@@ -3,21 +3,19 @@
 Finetuning reuses the pretraining objective with only the LM term switched on
 (`VLPObjective(model, CAPTION_LOSS_WEIGHTS)`), so the loop, collate and loss are the
 pretraining ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`).
-Results are written in the COCO caption results format, `[{"image_id", "caption"}]`, so
-the same file can be scored by `vlp eval captions` or the official toolkit.
+`vlp evaluate` writes results in the COCO caption results format,
+`[{"image_id", "caption"}]`, so the same file can be scored by `vlp eval captions` or the
+official toolkit.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
-from vlp.io import atomic_write_json
 from vlp.models.objectives import ObjectiveWeights
 
 if TYPE_CHECKING:
@@ -47,11 +45,3 @@ def generate(
         )
         out.update(zip((int(i) for i in ids), captions, strict=True))
     return out
-
-
-def write_caption_results(captions: dict[int, str], path: str | os.PathLike) -> Path:
-    """Write COCO caption results JSON: [{"image_id": int, "caption": str}, ...]."""
-    rows = [{"image_id": int(i), "caption": c} for i, c in sorted(captions.items())]
-    path = Path(path)
-    atomic_write_json(path, rows)
-    return path

@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -297,11 +296,3 @@ def make_vqa_collate(
         return batch
 
     return collate
-
-
-def write_vqa_results(predictions: dict[int, str], path: str | os.PathLike) -> Path:
-    """Write the official VQA results JSON: [{"question_id": int, "answer": str}, ...]."""
-    rows = [{"question_id": int(q), "answer": a} for q, a in sorted(predictions.items())]
-    path = Path(path)
-    atomic_write_json(path, rows)
-    return path
