@@ -32,12 +32,13 @@ import torch
 from bench_grounding import attribute_accuracy
 
 from vlp.config import load_config
-from vlp.data.torch_data import PairsDataset
-from vlp.models import build_model, build_tokenizer, make_pretrain_collate
+from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+from vlp.models import build_model, build_tokenizer
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.pretrain import corpus
 from vlp.train.loop import TrainSettings, train
 
-LM_ONLY = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+LM_ONLY = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
@@ -45,7 +46,6 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
     dataset = PairsDataset(data, "pretrain", cfg.data.image_size, first_caption_only=arm == "first")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
-    model.loss_weights = dict(LM_ONLY)
     settings = TrainSettings.from_config(
         cfg.runtime,
         cfg.pretrain,
@@ -57,7 +57,7 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
     collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(model, dataset, collate, settings, Path(tmp))
+        train(VLPObjective(model, LM_ONLY), dataset, collate, settings, Path(tmp))
         train_s = time.perf_counter() - t0
     size = cfg.data.image_size
     return {

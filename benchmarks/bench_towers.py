@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader
 
 from vlp.config import load_config
 from vlp.data.shapes import generate_dataset
-from vlp.data.torch_data import ImagesDataset, PairsDataset
-from vlp.models import build_model, build_tokenizer, make_pretrain_collate
+from vlp.data.torch_data import ImagesDataset, PairsDataset, make_pretrain_collate
+from vlp.models import build_model, build_tokenizer
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
 
-ITC_ONLY = {"itc": 1.0, "itm": 0.0, "lm": 0.0}
+ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 
 
 @torch.no_grad()
@@ -63,13 +64,14 @@ def zero_shot_r1(model, data_dir: Path, image_size: int, batch_size: int = 256) 
 
 def train_itc(model, loader: DataLoader, budget_s: float, lr: float) -> dict:
     """Train ITC until `budget_s` seconds of process CPU time are spent."""
+    objective = VLPObjective(model, ITC_ONLY)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
     cpu0, wall0, steps, loss = time.process_time(), time.time(), 0, float("nan")
     while time.process_time() - cpu0 < budget_s:
         for batch in loader:
-            out = model(**batch, weights=ITC_ONLY)
+            out = objective(**batch)
             opt.zero_grad()
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -71,8 +71,9 @@ def main() -> None:
 
     from vlp.config import load_config
     from vlp.data.shapes import generate_dataset
-    from vlp.data.torch_data import PairsDataset
-    from vlp.models import build_model, build_tokenizer, make_pretrain_collate
+    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.models import build_model, build_tokenizer
+    from vlp.models.objectives import ObjectiveWeights, VLPObjective
     from vlp.pretrain import corpus
     from vlp.train import TrainSettings, train
     from vlp.train.distributed import DistInfo
@@ -99,11 +100,14 @@ def main() -> None:
         print(f"matmul peak {name}: {peak / 1e9:8.1f} GFLOP/s  ({n}x{n})")
 
     batch = collate([dataset[i] for i in range(bs)])
+    p = cfg.pretrain
+    weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
     for precision in args.precisions.split(","):
         torch.manual_seed(0)
         model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature).to(device)
+        objective = VLPObjective(model, weights)
         dtype = torch.bfloat16 if precision == "bf16" else None
-        flops = step_flops(model, batch, dtype)
+        flops = step_flops(objective, batch, dtype)
         settings = TrainSettings.from_config(
             cfg.runtime,
             cfg.pretrain,
@@ -116,7 +120,7 @@ def main() -> None:
             checkpoint_every=0,
         )
         cpu0 = time.process_time()
-        res = train(model, dataset, collate, settings, tmp / f"run-{precision}")
+        res = train(objective, dataset, collate, settings, tmp / f"run-{precision}")
         # CPU seconds per step: far less sensitive than wall time to other load on the box
         cpu_per_step = (time.process_time() - cpu0) / res.steps
         # skip the first steps (allocator / kernel warm-up)

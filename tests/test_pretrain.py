@@ -98,8 +98,9 @@ def test_pretrain_writes_model_metrics_plots_and_run(cfg: Config, tmp_path: Path
     from vlp.models import VLPModel
 
     out = pretrain(cfg)
-    model = VLPModel.from_pretrained(out)
-    assert model.loss_weights == {"itc": 1.0, "itm": 1.0, "lm": 1.0}
+    VLPModel.from_pretrained(out)
+    # the weights the stage trained with are in the run's params, not in the model
+    assert "loss_weights" not in json.loads((out / "vlp_config.json").read_text())
 
     metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
     warm, joint = cfg.pretrain.caption_warmup_steps, cfg.pretrain.max_steps
@@ -209,6 +210,15 @@ def test_negative_warmup_is_a_config_error(cfg: Config) -> None:
     )
     with pytest.raises(ConfigError, match="caption_warmup_steps: must be >= 0"):
         pretrain(bad)
+
+
+def test_all_objective_weights_zero_is_a_config_error(cfg: Config, tmp_path: Path) -> None:
+    from vlp.errors import ConfigError
+
+    off = dataclasses.replace(cfg.pretrain, itc_weight=0.0, itm_weight=0.0, lm_weight=0.0)
+    with pytest.raises(ConfigError, match=r"pretrain.itc_weight/itm_weight/lm_weight: .*non-zero"):
+        pretrain(dataclasses.replace(cfg, pretrain=off))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run or training
 
 
 def test_resume_never_continues_checkpoints_of_an_earlier_run(cfg: Config, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, train
@@ -53,6 +54,7 @@ UNFINGERPRINTED = (
     "runtime.metrics_dir",
     "runtime.plots_dir",
 )
+CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def work_dir(cfg: Config) -> Path:
@@ -179,8 +181,8 @@ def _summary(
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
-    from vlp.data.torch_data import PairsDataset
-    from vlp.models import build_model, make_pretrain_collate
+    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.models import build_model
     from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
@@ -189,6 +191,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         raise ConfigError(
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
         )
+    try:
+        joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
+    except ConfigError as e:
+        raise ConfigError(f"pretrain.itc_weight/itm_weight/lm_weight: {e}") from None
     out_dir = Path(p.out_dir)
     check_stage_outputs(
         cfg,
@@ -208,7 +214,6 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         tokenizer = _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        joint_weights = {"itc": p.itc_weight, "itm": p.itm_weight, "lm": p.lm_weight}
         settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
         collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 
@@ -245,9 +250,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     firsts = PairsDataset(
                         cfg.data.root, "pretrain", cfg.data.image_size, first_caption_only=True
                     )
-                    model.loss_weights = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
                     warmup = train(
-                        model,
+                        VLPObjective(model, CAPTION_WARMUP_WEIGHTS),
                         firsts,
                         collate,
                         TrainSettings.from_config(
@@ -258,9 +262,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                         on_log=on_log if run else None,
                     )
                     offset = warmup.steps
-                model.loss_weights = joint_weights
                 result = train(
-                    model,
+                    VLPObjective(model, joint_weights),
                     dataset,
                     collate,
                     settings,

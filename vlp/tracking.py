@@ -97,14 +97,6 @@ class StageRun:
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    @contextmanager
-    def child(self, name: str, tags: dict[str, str] | None = None) -> Iterator[StageRun]:
-        """Open a run nested under this one (e.g. one per ablation variant)."""
-        import mlflow
-
-        with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
-            yield StageRun(run.info.run_id)
-
 
 # ---------------------------------------------------------------- lineage
 

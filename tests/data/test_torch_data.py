@@ -1,4 +1,4 @@
-"""torch Datasets: item layout, normalisation, caching and collation."""
+"""torch Datasets: item layout, normalisation, caching and collation (also of training batches)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from vlp.data.torch_data import (
     PairsDataset,
     VQADataset,
     collate,
+    image_id_key,
     load_image,
+    make_pretrain_collate,
 )
 from vlp.errors import DataError
 
@@ -85,3 +87,26 @@ def test_symlink_out_of_the_dataset_is_refused(smoke_cfg, smoke_data, tmp_path):
     (data / rel).symlink_to(outside)
     with pytest.raises(DataError, match=f"{rel}' leads through a symlink to {outside}"):
         PairsDataset(data, "train", smoke_cfg.data.image_size)[0]
+
+
+def test_pretrain_collate_keys_and_stable_image_ids():
+    from vlp.models import train_tokenizer
+
+    captions = ["a red circle", "a red circle left of a blue square", "a big blue square"]
+    tokenizer = train_tokenizer(captions * 3, vocab_size=60)
+    items = [
+        {"pixel_values": torch.full((3, 8, 8), float(i)), "caption": c, "image_id": image_id}
+        for i, (c, image_id) in enumerate(zip(captions, ["img0", "img0", 7], strict=True))
+    ]
+    batch = make_pretrain_collate(tokenizer, max_length=16)(items)
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "image_ids"}
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert batch["image_ids"].dtype == torch.int64
+    assert batch["image_ids"][0] == batch["image_ids"][1] != batch["image_ids"][2]
+    assert batch["image_ids"][2] == image_id_key(7)
+    assert image_id_key("img0") == image_id_key("img0") != image_id_key(0)
+    assert batch["input_ids"][:, 0].eq(tokenizer.cls_token_id).all()
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert batch["input_ids"].shape[1] == lengths.max() < 16  # padded to the longest caption
+    assert lengths[0] < lengths[1]

@@ -1,4 +1,4 @@
-"""Tiny tokenizer and model configs for the model tests."""
+"""Tiny tokenizer, model configs, model and batch for the model tests."""
 
 from __future__ import annotations
 
@@ -56,3 +56,38 @@ def tokenizer():
     from vlp.models.tokenizer import train_tokenizer
 
     return train_tokenizer(CAPTIONS * 3, vocab_size=120)
+
+
+IMAGE = 32
+
+
+@pytest.fixture
+def batch(tokenizer, captions):
+    """Six (image, caption) pairs over five images: captions 0 and 1 share an image."""
+    import torch
+
+    from vlp.data.torch_data import make_pretrain_collate
+
+    torch.manual_seed(0)
+    items = [
+        {
+            "pixel_values": torch.rand(3, IMAGE, IMAGE) * 2 - 1,
+            "caption": captions[i],
+            "image_id": f"img{i // 2 if i in (0, 1) else i}",
+            "caption_id": i,
+        }
+        for i in range(6)
+    ]
+    items[1]["pixel_values"] = items[0]["pixel_values"]
+    return make_pretrain_collate(tokenizer, max_length=16)(items)
+
+
+@pytest.fixture
+def model(tiny_cfg, tokenizer):
+    """A tiny VLPModel with seed-0 weights."""
+    import torch
+
+    from vlp.models.vlp_model import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(), tokenizer)

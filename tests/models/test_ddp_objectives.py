@@ -8,9 +8,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlp.models.vlp_model import VLPModel, build_model, make_pretrain_collate
+from vlp.data.torch_data import make_pretrain_collate
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
+from vlp.models.vlp_model import VLPModel, build_model
 
-ITC_ONLY = {"itc": 1.0, "itm": 0.0, "lm": 0.0}
+ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
+ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 
 
 def _items(captions: list[str]) -> list[dict]:
@@ -38,7 +41,7 @@ def _worker(rank: int, world: int, store: str, model_dir: str, captions: list[st
         items = _items(captions)
         half = len(items) // world
         batch = collate(items[rank * half : (rank + 1) * half])
-        model(**batch, weights=ITC_ONLY)["loss"].backward()
+        VLPObjective(model, ITC_ONLY)(**batch)["loss"].backward()
         grads = _grads(model)
         for g in grads.values():  # what DDP does with gradients
             dist.all_reduce(g)
@@ -46,7 +49,7 @@ def _worker(rank: int, world: int, store: str, model_dir: str, captions: list[st
         # all objectives with unequal batch sizes and caption lengths across ranks
         model.zero_grad()
         uneven = collate(items[:3] if rank == 0 else items[3:])
-        out = model(**uneven)
+        out = VLPObjective(model, ALL)(**uneven)
         out["loss"].backward()
         assert all(torch.isfinite(v) for v in out.values())
         assert model.itm_head.weight.grad is not None
@@ -63,7 +66,7 @@ def test_itc_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions,
     model = build_model(tiny_cfg(), tokenizer).eval()
     model.save_pretrained(tmp_path / "m")
     batch = make_pretrain_collate(tokenizer, 16)(_items(captions))
-    model(**batch, weights=ITC_ONLY)["loss"].backward()
+    VLPObjective(model, ITC_ONLY)(**batch)["loss"].backward()
     single = _grads(model)
 
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m"), captions), nprocs=2)

@@ -1,14 +1,13 @@
-"""Captioning: references from manifests, beam-search generation, COCO results JSON."""
+"""Captioning: references from manifests, beam-search captions through the predictor."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
-from vlp.tasks.captioning.task import Predictor, references, write_caption_results
+from vlp.tasks.captioning.task import Predictor, references
 
 
 def test_references_group_captions_by_image() -> None:
@@ -23,11 +22,3 @@ def test_predictor_captions_every_image_across_batches(tiny_vlp, tmp_path: Path)
     out = predictor.caption(images)
     assert len(out) == 3 and all(isinstance(c, str) for c in out)
     assert out == [c for img in images for c in predictor.caption([img])]  # batches do not mix
-
-
-def test_results_json_is_the_coco_layout(tmp_path: Path) -> None:
-    path = write_caption_results({5: "a red circle", 1: "two shapes"}, tmp_path / "r.json")
-    assert json.loads(path.read_text()) == [
-        {"caption": "two shapes", "image_id": 1},
-        {"caption": "a red circle", "image_id": 5},
-    ]

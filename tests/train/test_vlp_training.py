@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp.config import Config, ModelConfig
+from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.train import TrainSettings, train
 
 # a collective that one rank never joins fails the test instead of hanging it
@@ -28,16 +29,17 @@ ITC_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-4
 
 
-def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: dict[str, float]):
-    from vlp.data.torch_data import PairsDataset
-    from vlp.models import build_model, load_tokenizer, make_pretrain_collate
+def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: ObjectiveWeights):
+    """(objective to train, its model, dataset, collate_fn)."""
+    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.models import build_model, load_tokenizer
 
     tok = load_tokenizer(tok_dir, str(tok_dir))
     torch.manual_seed(0)
     model = build_model(model_cfg, tok)
-    model.loss_weights = weights
     dataset = PairsDataset(data_dir, "pretrain", 32)
-    return model, dataset, make_pretrain_collate(tok, model_cfg.max_text_length)
+    objective = VLPObjective(model, weights)
+    return objective, model, dataset, make_pretrain_collate(tok, model_cfg.max_text_length)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +52,8 @@ def tok_dir(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-ALL = {"itc": 1.0, "itm": 1.0, "lm": 1.0}
-ITC_ONLY = {"itc": 1.0, "itm": 0.0, "lm": 0.0}
+ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
+ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 SETTINGS = TrainSettings(
     max_steps=6, batch_size=16, lr=2e-3, warmup_steps=1, checkpoint_every=2, device="cpu"
 )
@@ -62,18 +64,18 @@ def test_vlp_resume_mid_epoch_is_exact(
 ) -> None:
     # Full objective: ITM draws hard negatives with torch.multinomial, so this also checks
     # that the RNG state is restored.
-    model, data, collate = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
-    ref = train(model, data, collate, SETTINGS, tmp_path / "full")
+    objective, model, data, collate = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
+    ref = train(objective, data, collate, SETTINGS, tmp_path / "full")
 
     def kill_at_5(metrics: dict[str, float], step: int) -> None:
         if step == 5:
             raise KeyboardInterrupt
 
-    again, _, _ = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
+    again, _, _, _ = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
     with pytest.raises(KeyboardInterrupt):
         train(again, data, collate, SETTINGS, tmp_path / "run", on_log=kill_at_5)
-    resumed, _, _ = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
-    res = train(resumed, data, collate, SETTINGS, tmp_path / "run", resume=True)
+    objective, resumed, _, _ = _parts(smoke_data, smoke_cfg.model, tok_dir, ALL)
+    res = train(objective, data, collate, SETTINGS, tmp_path / "run", resume=True)
     assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
     for (name, a), (_, b) in zip(
         model.state_dict().items(), resumed.state_dict().items(), strict=True
@@ -82,18 +84,25 @@ def test_vlp_resume_mid_epoch_is_exact(
 
 
 def _worker(
-    rank: int, store: str, out: str, data: str, mcfg: dict, tok: str, w: dict, precision: str
+    rank: int,
+    store: str,
+    out: str,
+    data: str,
+    mcfg: dict,
+    tok: str,
+    w: ObjectiveWeights,
+    precision: str,
 ) -> None:
     torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: 2 ranks share the cores
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", timeout=DEADLOCK, rank=rank, world_size=2
     )
     try:
-        model, dataset, collate = _parts(Path(data), ModelConfig(**mcfg), Path(tok), w)
+        objective, model, dataset, collate = _parts(Path(data), ModelConfig(**mcfg), Path(tok), w)
         settings = dataclasses.replace(
             SETTINGS, max_steps=3, checkpoint_every=0, precision=precision
         )
-        res = train(model, dataset, collate, settings, Path(out))
+        res = train(objective, dataset, collate, settings, Path(out))
         safetensors.torch.save_model(model, str(Path(out) / f"rank{rank}.safetensors"))
         if rank == 0:
             torch.save(res.history, Path(out) / "history.pt")
@@ -102,7 +111,12 @@ def _worker(
 
 
 def _spawn(
-    tmp: Path, data: Path, mcfg: ModelConfig, tok: Path, w: dict, precision: str = "auto"
+    tmp: Path,
+    data: Path,
+    mcfg: ModelConfig,
+    tok: Path,
+    w: ObjectiveWeights,
+    precision: str = "auto",
 ) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     args = (
@@ -118,7 +132,7 @@ def _spawn(
 
 
 def _load(mcfg: ModelConfig, data: Path, tok: Path, path: Path) -> torch.nn.Module:
-    model, _, _ = _parts(data, mcfg, tok, ALL)
+    _, model, _, _ = _parts(data, mcfg, tok, ALL)
     safetensors.torch.load_model(model, str(path))
     return model
 
@@ -127,9 +141,9 @@ def test_vlp_itc_two_processes_match_one(
     smoke_cfg: Config, smoke_data: Path, tok_dir: Path, tmp_path: Path
 ) -> None:
     mcfg = dataclasses.replace(smoke_cfg.model, image_tower="vit", patch_size=8)
-    model, data, collate = _parts(smoke_data, mcfg, tok_dir, ITC_ONLY)
+    objective, model, data, collate = _parts(smoke_data, mcfg, tok_dir, ITC_ONLY)
     single = train(
-        model,
+        objective,
         data,
         collate,
         dataclasses.replace(SETTINGS, max_steps=3, precision="fp32"),

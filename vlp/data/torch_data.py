@@ -2,15 +2,18 @@
 
 Every dataset decodes each image once (the shapes data is small) and keeps it as
 uint8, so training epochs never re-decode PNGs. Use `collate` as the DataLoader
-`collate_fn`: torch's default would transpose the 10-answer lists of VQA items.
+`collate_fn`: torch's default would transpose the 10-answer lists of VQA items. Training
+batches, whose texts are tokenised, come from `make_pretrain_collate` (image-caption pairs)
+and `collate_images_and_texts` (any text field).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +23,9 @@ from torch.utils.data import Dataset
 
 from vlp.data.manifest import Splits, image_roots, locate_image, read_pairs, read_vqa
 from vlp.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
@@ -206,3 +212,44 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
+
+
+def image_id_key(image_id: Any) -> int:
+    """A stable int64 for any image id (str or int), equal across processes and runs."""
+    digest = hashlib.blake2b(str(image_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def collate_images_and_texts(
+    items: list[dict[str, Any]], text_key: str, tokenizer: Any, max_length: int
+) -> dict[str, torch.Tensor]:
+    """Stack items' pixel_values and tokenize their `text_key` texts, padded to the longest."""
+    enc = tokenizer(
+        [it[text_key] for it in items],
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+    }
+
+
+def make_pretrain_collate(
+    tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+    """Collate PairsDataset items into {pixel_values, input_ids, attention_mask, image_ids}.
+
+    Captions are padded to the batch's longest (at most `max_length` tokens); image ids
+    become stable int64 keys (`image_id_key`) so equal images match across processes.
+    """
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate_images_and_texts(items, "caption", tokenizer, max_length)
+        batch["image_ids"] = torch.tensor([image_id_key(it["image_id"]) for it in items])
+        return batch
+
+    return collate

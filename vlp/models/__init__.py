@@ -1,6 +1,6 @@
-"""Models: image towers, BLIP text encoder/decoder, pretraining objectives, tokenizer.
+"""Models: image towers, BLIP text encoder/decoder, training objectives, tokenizer.
 
-Public API: `build_model`, `VLPModel`, `make_pretrain_collate`, `image_id_key`,
+Public API: `build_model`, `VLPModel`, `VLPObjective`, `ObjectiveWeights`,
 `build_tokenizer`, `train_tokenizer`, `load_tokenizer`, `save_tokenizer`. Imports are lazy
 (see `__getattr__`) so `import vlp.models` stays cheap.
 """
@@ -12,8 +12,8 @@ from typing import Any
 _EXPORTS = {
     "VLPModel": "vlp.models.vlp_model",
     "build_model": "vlp.models.vlp_model",
-    "make_pretrain_collate": "vlp.models.vlp_model",
-    "image_id_key": "vlp.models.vlp_model",
+    "VLPObjective": "vlp.models.objectives",
+    "ObjectiveWeights": "vlp.models.objectives",
     "build_tokenizer": "vlp.models.tokenizer",
     "train_tokenizer": "vlp.models.tokenizer",
     "load_tokenizer": "vlp.models.tokenizer",

@@ -62,12 +62,3 @@ def barrier() -> None:
     """Wait for every rank (no-op outside a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Send a picklable object from rank `src` to every rank (identity for one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -1,7 +1,8 @@
 """One training loop for every stage: pretraining and each finetuning task.
 
 The model is anything whose `forward(**batch)` returns a dict with a scalar `loss` (what is
-optimised) and any number of `loss_*` scalars (logged). The loop adds AdamW with linear
+optimised) and any number of `loss_*` scalars (logged): the stage decides what is optimised
+by what it passes, e.g. `VLPObjective(model, weights)` or `VQAModel`. The loop adds AdamW with linear
 warmup + cosine decay, gradient accumulation and clipping, bf16 autocast, exact
 checkpoint/resume, and data parallelism under `torchrun` (DDP; gloo on CPU, NCCL on CUDA).
 

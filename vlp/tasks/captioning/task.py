@@ -1,8 +1,8 @@
 """Image captioning: finetune the caption decoder with the LM loss, decode with beam search.
 
 Finetuning reuses the pretraining objective with only the LM term switched on
-(`VLPModel.loss_weights = {"lm": 1}`), so the loop, collate and loss are the pretraining
-ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`) with
+(`VLPObjective(model, CAPTION_LOSS_WEIGHTS)`), so the loop, collate and loss are the
+pretraining ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`) with
 the beam size and length recorded in the model's `task.json`. Results are written in the
 COCO caption results format, `[{"image_id", "caption"}]`, so the same file can be scored
 by `vlp eval captions` or the official toolkit.
@@ -10,7 +10,6 @@ by `vlp eval captions` or the official toolkit.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import torch
 
-from vlp.io import atomic_write_json
+from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
 from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
 
@@ -27,18 +26,17 @@ if TYPE_CHECKING:
 
     from vlp.config import Config
 
-CAPTION_LOSS_WEIGHTS = {"itc": 0.0, "itm": 0.0, "lm": 1.0}
+CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel itself with the LM loss alone on the train captions."""
-    from vlp.data.torch_data import PairsDataset
-    from vlp.models import make_pretrain_collate
+    """The VLPModel trained with the LM loss alone on the train captions."""
+    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.models.objectives import VLPObjective
 
     tcfg = cfg.finetune.captioning
-    vlp.loss_weights = dict(CAPTION_LOSS_WEIGHTS)
     return TrainingSetup(
-        vlp,
+        VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
         PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
@@ -46,8 +44,8 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
 
 def save(module: Any, model_dir: Path) -> None:
-    """Write the task model's weights into a model directory being assembled."""
-    module.cpu().save_pretrained(model_dir)
+    """Write the trained VLPModel into a model directory being assembled."""
+    module.model.cpu().save_pretrained(model_dir)
 
 
 class Predictor(BasePredictor):
@@ -99,11 +97,3 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
         for i, image_id in enumerate(image_ids[: cfg.evaluate.num_examples])
     ]
     return TaskEval(metrics, results, rows, examples)
-
-
-def write_caption_results(captions: dict[int, str], path: str | os.PathLike) -> Path:
-    """Write COCO caption results JSON: [{"image_id": int, "caption": str}, ...]."""
-    rows = [{"image_id": int(i), "caption": c} for i, c in sorted(captions.items())]
-    path = Path(path)
-    atomic_write_json(path, rows)
-    return path

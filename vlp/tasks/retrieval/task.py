@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
 from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
 from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
@@ -18,18 +19,17 @@ if TYPE_CHECKING:
 
     from vlp.config import Config
 
-LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 0.0}
+LOSS_WEIGHTS = ObjectiveWeights(itc=1.0, itm=1.0, lm=0.0)
 TOP_RESULTS = 10  # ranked items per query in the results file
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel itself with ITC + ITM (hard negatives) on the train captions."""
-    from vlp.data.torch_data import PairsDataset
-    from vlp.models import make_pretrain_collate
+    """The VLPModel trained with ITC + ITM (hard negatives) on the train captions."""
+    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.models.objectives import VLPObjective
 
-    vlp.loss_weights = dict(LOSS_WEIGHTS)
     return TrainingSetup(
-        vlp,
+        VLPObjective(vlp, LOSS_WEIGHTS),
         PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
@@ -37,8 +37,8 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
 
 def save(module: Any, model_dir: Path) -> None:
-    """Write the task model's weights into a model directory being assembled."""
-    module.cpu().save_pretrained(model_dir)
+    """Write the trained VLPModel into a model directory being assembled."""
+    module.model.cpu().save_pretrained(model_dir)
 
 
 class Predictor(BasePredictor):

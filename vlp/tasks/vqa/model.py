@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_json
 from vlp.models.towers import learned_positions, resize_positions
 
 if TYPE_CHECKING:
@@ -286,7 +285,7 @@ def make_vqa_collate(
     normalize: Callable[[str], str] = normalize_answer,
 ) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
     """Collate VQADataset items into {pixel_values, input_ids, attention_mask, targets}."""
-    from vlp.models.vlp_model import collate_images_and_texts
+    from vlp.data.torch_data import collate_images_and_texts
 
     index = {a: i for i, a in enumerate(answers)}
 
@@ -296,11 +295,3 @@ def make_vqa_collate(
         return batch
 
     return collate
-
-
-def write_vqa_results(predictions: dict[int, str], path: str | os.PathLike) -> Path:
-    """Write the official VQA results JSON: [{"question_id": int, "answer": str}, ...]."""
-    rows = [{"question_id": int(q), "answer": a} for q, a in sorted(predictions.items())]
-    path = Path(path)
-    atomic_write_json(path, rows)
-    return path
