@@ -37,12 +37,13 @@ def _run(repo: Path, *args: str) -> str:
 def dvc_repo(tmp_path) -> Path:
     """A git+dvc repo with this project's data stages, smoke params and DVC remote config."""
     repo = tmp_path / "work" / "repo"
-    (repo / "vlp").mkdir(parents=True)
+    repo.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _run(repo, "init", "-q")
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    shutil.copytree(REPO / "vlp" / "data", repo / "vlp" / "data")
+    # the stages' code deps
+    shutil.copytree(REPO / "vlp", repo / "vlp", ignore=shutil.ignore_patterns("__pycache__"))
     params = (REPO / "params.yaml").read_text().replace("\nprofile: default", "\nprofile: smoke")
     (repo / "params.yaml").write_text(params)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
