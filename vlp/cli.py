@@ -14,7 +14,7 @@ from pathlib import Path
 from vlp.config import TASKS, VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
 
-# `vlp promote` exit status by outcome (2 stays "user error"); see README "Registry and promotion"
+# `vlp promote` exit status by outcome (2 stays "user error"); see docs/reference.md "Registry and promotion"
 PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}
 
 
