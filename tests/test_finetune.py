@@ -19,6 +19,8 @@ from vlp.evaluate import evaluate
 from vlp.finetune import base_model, finetune, is_skipped, model_dir
 from vlp.tasks import load_predictor, model_sha256
 
+pytestmark = pytest.mark.slow  # finetuning and evaluating real models
+
 
 @pytest.fixture
 def cfg(

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # `dvc repro`, push and pull in subprocesses
+
 REPO = Path(__file__).resolve().parents[2]
 DVC = Path(sys.executable).parent / "dvc"
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp.models.vlp_model import VLPModel, build_model, make_pretrain_collate
+
+pytestmark = pytest.mark.slow  # two processes
 
 ITC_ONLY = {"itc": 1.0, "itm": 0.0, "lm": 0.0}
 

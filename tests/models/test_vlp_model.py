@@ -89,6 +89,7 @@ def test_text_encoder_ignores_padding_and_image(model, tokenizer, batch):
     assert not torch.allclose(f1, f2)  # the fusion encoder does look at the image
 
 
+@pytest.mark.slow
 def test_losses_decrease_on_a_fixed_batch(model, batch):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     first = None

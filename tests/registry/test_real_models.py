@@ -22,6 +22,8 @@ from vlp.config import TASKS, Config
 from vlp.registry import register_model
 from vlp.tasks import model_sha256
 
+pytestmark = pytest.mark.slow  # trains every task model and serves one
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 # Imports MLflow first, says "ready", then waits for the go byte on stdin: the parent
 # releases every process at once, so they all reach the store's first use together.
@@ -24,6 +25,7 @@ with stage_run(Config(), "pretrain") as run:
 """
 
 
+@pytest.mark.slow
 def test_processes_first_using_a_fresh_store_at_once_all_record_runs(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     env = {

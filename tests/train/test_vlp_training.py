@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 from vlp.config import Config, ModelConfig
 from vlp.train import TrainSettings, train
 
+pytestmark = pytest.mark.slow  # two-process training and resumed runs
+
 # a collective that one rank never joins fails the test instead of hanging it
 DEADLOCK = timedelta(seconds=120)
 
