@@ -1,5 +1,6 @@
 # `make repro`: set up .venv if needed, then run the default pipeline (dvc repro).
-# `make test`:  set up .venv if needed, then lint and run the test suite.
+# `make test`:  set up .venv if needed, then lint and run the whole test suite (CI runs it).
+# `make test-fast`: lint and the fast tier (`pytest -m "not slow"`), for the edit-test loop.
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed
 # dvc runs stage commands (`vlp ...`) through a shell: the venv must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test lint format
+.PHONY: setup repro test test-fast lint format
 
 setup: $(STAMP)
 
@@ -32,3 +33,6 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+test-fast: lint
+	$(BIN)/pytest -m "not slow"

@@ -79,8 +79,8 @@ def main() -> int:
     stages, total, rc = time_repro(args.targets, args.force)
     print("\nstage timings (wall seconds)")
     for name, secs in stages:
-        print(f"  {name:28s} {secs:8.1f}")
-    print(f"  {'total':28s} {total:8.1f}  ({total / 60:.1f} min)")
+        print(f"  {name:32s} {secs:8.1f}")
+    print(f"  {'total':32s} {total:8.1f}  ({total / 60:.1f} min)")
     print("\nfinetuning quality (metrics/<task>.json)")
     for line in quality(Path(args.metrics_dir)):
         print("  " + line)

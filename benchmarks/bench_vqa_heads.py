@@ -12,7 +12,7 @@ type), the accuracy on the first 1,024 training questions, and the training time
 
     python benchmarks/bench_vqa_heads.py models/pretrained [--epochs 16] [--arms fusion decoder]
 
-Measured on the reference 2-core CPU: README, "What limits VQA".
+Measured on the reference 2-core CPU: docs/2026-12-01-vqa.md.
 """
 
 from __future__ import annotations

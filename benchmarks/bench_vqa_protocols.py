@@ -1,6 +1,6 @@
 """The pipeline's VQA predictions scored under both accuracy protocols (vlp.metrics.vqa).
 
-Reads the VQA results the `evaluate_vqa` stage wrote (`results/vqa/<init>.json`) and the
+Reads the VQA results the `evaluate@vqa` stage wrote (`results/vqa/<init>.json`) and the
 evaluated split's questions, scores them as the official VQA v2 script does today
 (`official`) and as the copy LAVIS/BLIP/ALBEF ship does (`lavis`), and prints both accuracies
 per answer type plus how many questions score differently:

@@ -17,7 +17,10 @@ from vlp.config import Config
 from vlp.errors import ConfigError, OutputError
 from vlp.evaluate import evaluate
 from vlp.finetune import base_model, finetune, is_skipped, model_dir
-from vlp.tasks import load_predictor, model_sha256
+from vlp.tasks import model_sha256
+from vlp.tasks.predictor import load_predictor
+
+pytestmark = pytest.mark.slow  # finetuning and evaluating real models
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from vlp.config import Config
 from vlp.errors import OutputError
 from vlp.pretrain import pretrain
 
+pytestmark = pytest.mark.slow  # pretraining runs, killed and resumed
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Runs pretrain(cfg) fresh and SIGKILLs its own process after caption warm-up step 3
 # (the step-2 warm-up checkpoint is on disk): a kill that leaves no chance to clean up.

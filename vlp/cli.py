@@ -15,7 +15,7 @@ from vlp.config import VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
 from vlp.tasks import TASK_NAMES as TASKS
 
-# `vlp promote` exit status by outcome (2 stays "user error"); see README "Registry and promotion"
+# `vlp promote` exit status by outcome (2 stays "user error"); see docs/reference.md "Registry and promotion"
 PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}
 
 

@@ -15,7 +15,7 @@ and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), th
   (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
 - an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples.
 
-Each model is scored through `vlp.tasks.load_predictor`, the predictor that serving uses,
+Each model is scored through `vlp.tasks.predictor.load_predictor`, the predictor that serving uses,
 with the inference settings of its own `task.json`: what is evaluated is what ships.
 Metric values come from `vlp.metrics` unchanged (official-equivalent implementations).
 """
@@ -61,7 +61,7 @@ def evaluate_model(cfg: Config, model_dir: Path) -> TaskEval:
     Every inference setting (image size, `rerank_k`, `beam_size`, `max_length`) is the
     model's own, from its `task.json`; `evaluate.batch_size` only sets the batches.
     """
-    from vlp.tasks import load_predictor
+    from vlp.tasks.predictor import load_predictor
 
     predictor = load_predictor(model_dir, device=_device(cfg), batch_size=cfg.evaluate.batch_size)
     return get_task(predictor.task).module().evaluate(cfg, predictor, eval_data(cfg))

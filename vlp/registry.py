@@ -132,7 +132,7 @@ def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None
     """Identity of the data `task` was evaluated on: `<split>:<DVC hashes>`.
 
     The metrics file's own `eval_data_hash` if it has one; else the evaluation split
-    and the DVC hashes of the `evaluate_<task>` stage's inputs inside the evaluated
+    and the DVC hashes of the `evaluate@<task>` stage's inputs inside the evaluated
     dataset (`evaluate.data_root`, else `data.root`), falling back to the dataset hash.
     """
     from vlp.tracking import data_hash, stage_input_hashes
@@ -142,7 +142,7 @@ def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None
     root = (cfg.evaluate.data_root or cfg.data.root).rstrip("/")
     hashes = {
         p: h
-        for p, h in stage_input_hashes(f"evaluate_{task}").items()
+        for p, h in stage_input_hashes(f"evaluate@{task}").items()
         if p == root or p.startswith(root + "/")
     }
     if hashes:

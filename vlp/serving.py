@@ -38,7 +38,7 @@ from vlp.config import ServingConfig
 from vlp.errors import RegistryError, RequestError
 from vlp.tasks import get_task
 
-DEFAULT_LOADER = "vlp.tasks:load_predictor"
+DEFAULT_LOADER = "vlp.tasks.predictor:load_predictor"
 VLP_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -102,7 +102,7 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
 
     `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
     from params.yaml when the model was registered) and `loader`
-    ("module:function", default `vlp.tasks.load_predictor`), which returns an object with
+    ("module:function", default `vlp.tasks.predictor.load_predictor`), which returns an object with
     `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
     the task needs. A predictor with an `image_size` gets images already at that size.
     """

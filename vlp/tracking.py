@@ -161,14 +161,37 @@ def stage_input_hashes(dvc_stage: str, root: Path = Path(".")) -> dict[str, str]
     starts the next stage, so they describe exactly what this run consumes. Source
     files are left out: the git commit covers them.
     """
-    stages = _read_yaml(root / "dvc.yaml").get("stages") or {}
-    deps = (stages.get(dvc_stage) or {}).get("deps") or []
     outs = _locked_outs(_read_yaml(root / "dvc.lock"))
     hashes = {}
-    for dep in deps:
-        if isinstance(dep, str) and (digest := _lookup_hash(dep, outs)):
+    for dep in stage_deps(dvc_stage, root):
+        if digest := _lookup_hash(dep, outs):
             hashes[_norm(dep)] = digest
     return hashes
+
+
+def stage_deps(dvc_stage: str, root: Path = Path(".")) -> list[str]:
+    """The dep paths of one dvc.yaml stage as DVC resolves them; [] if there is no such stage.
+
+    `dvc_stage` is DVC's name for it, `foreach`/`matrix` members included
+    (`finetune@vqa-scratch`), so DVC itself expands the templates.
+    """
+    if not (root / "dvc.yaml").exists():
+        return []
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root), config={"core": {"no_scm": True}}) as repo:
+            stages = repo.stage.collect(f"{Path(repo.root_dir) / 'dvc.yaml'}:{dvc_stage}")
+    except DvcException:
+        return []
+    return [
+        str(dep.def_path)
+        for stage in stages
+        for dep in stage.deps
+        if not isinstance(dep, ParamsDependency)
+    ]
 
 
 def data_hash(cfg: Config, root: Path = Path(".")) -> str:
@@ -436,7 +459,9 @@ def stage_run(
     import mlflow
 
     setup_mlflow(cfg)
-    dvc_stage = os.environ.get(DVC_STAGE_ENV) or (f"{stage}_{task}" if task else stage)
+    # outside `dvc repro`: the name dvc.yaml gives this stage (`finetune@vqa-scratch`)
+    member = "-".join(p for p in (task, init) if p)
+    dvc_stage = os.environ.get(DVC_STAGE_ENV) or (f"{stage}@{member}" if member else stage)
     active = mlflow.active_run()
     if active is not None:
         parent_id, owns_parent = active.info.run_id, False

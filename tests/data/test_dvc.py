@@ -14,6 +14,8 @@ import yaml
 
 from vlp.config import write_variant_params
 
+pytestmark = pytest.mark.slow  # `dvc repro`, push and pull in subprocesses
+
 REPO = Path(__file__).resolve().parents[2]
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -39,12 +41,13 @@ def _run(repo: Path, *args: str) -> str:
 def dvc_repo(tmp_path) -> Path:
     """A git+dvc repo with this project's data stages, smoke params and DVC remote config."""
     repo = tmp_path / "work" / "repo"
-    (repo / "vlp").mkdir(parents=True)
+    repo.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _run(repo, "init", "-q")
     shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    shutil.copytree(REPO / "vlp" / "data", repo / "vlp" / "data")
+    # the stages' code deps
+    shutil.copytree(REPO / "vlp", repo / "vlp", ignore=shutil.ignore_patterns("__pycache__"))
     # this repo's defaults are the smoke sizes: quick to reproduce
     shutil.copy(REPO / "profiles.yaml", repo / "profiles.yaml")
     write_variant_params(REPO / "params.yaml", repo / "params.yaml", "smoke")

@@ -15,6 +15,8 @@ from flows.pipeline import deployment, pipeline_stages, vlp_pipeline
 from vlp.config import load_config
 from vlp.errors import ConfigError
 
+pytestmark = pytest.mark.slow  # the Prefect flow, a Prefect server and `dvc repro` subprocesses
+
 
 def _dvc_status(repo: Path) -> str:
     return subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +18,8 @@ from vlp.metrics import (
     score_captions,
     vqa_accuracy,
 )
+
+pytestmark = pytest.mark.slow  # two processes
 
 CAPTIONS = {
     i: f"a {c} car on a road number {i}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,6 +12,8 @@ import torch.multiprocessing as mp
 from vlp.data.torch_data import make_pretrain_collate
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.models.vlp_model import VLPModel, build_model
+
+pytestmark = pytest.mark.slow  # two processes
 
 ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)

@@ -19,6 +19,7 @@ ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 
 
+@pytest.mark.slow
 def test_losses_decrease_on_a_fixed_batch(model, batch):
     objective = VLPObjective(model, ALL)
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_model
 
@@ -43,6 +44,7 @@ def _save_in_new_process(script: Path, out: Path) -> bytes:
     return out.read_bytes()
 
 
+@pytest.mark.slow
 def test_two_processes_write_identical_bytes_that_load_back(tmp_path: Path) -> None:
     script = tmp_path / "tied.py"
     script.write_text(TIED)

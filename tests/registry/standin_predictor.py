@@ -1,4 +1,4 @@
-"""A tiny stand-in task predictor with the `vlp.tasks.load_predictor` interface.
+"""A tiny stand-in task predictor with the `vlp.tasks.predictor.load_predictor` interface.
 
 Its answers depend on the model directory (so tests can tell versions apart) and on the
 image (so tests can tell that the image really was decoded).

@@ -16,6 +16,8 @@ from vlp.cli import main
 from vlp.config import Config
 from vlp.tasks import model_sha256
 
+pytestmark = pytest.mark.slow  # finetunes, evaluates and registers real models
+
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
 
 

@@ -161,14 +161,17 @@ def test_cli_promote_and_rollback(
 def test_eval_data_hash_covers_the_evaluated_data_and_split_only(store_cfg: Config) -> None:
     from vlp.registry import eval_data_hash
 
+    Path(".dvc").mkdir()
     Path("dvc.yaml").write_text(
-        "stages:\n  evaluate_vqa:\n    cmd: vlp evaluate vqa\n"
-        "    deps: [data/shapes, models/finetuned/vqa]\n"
+        "stages:\n  evaluate:\n    foreach: [captioning, vqa]\n    do:\n"
+        "      cmd: vlp evaluate ${item}\n"
+        "      deps: [data/shapes, 'models/finetuned/${item}']\n"
     )
     Path("dvc.lock").write_text(
         "schema: '2.0'\nstages:\n"
         "  generate:\n    cmd: g\n    outs:\n    - {path: data/shapes, md5: d1.dir}\n"
-        "  finetune_vqa:\n    cmd: f\n    outs:\n    - {path: models/finetuned/vqa, md5: m1.dir}\n"
+        "  finetune@vqa-pretrained:\n    cmd: f\n"
+        "    outs:\n    - {path: models/finetuned/vqa, md5: m1.dir}\n"
     )
     cfg = dataclasses.replace(
         store_cfg, data=dataclasses.replace(store_cfg.data, root="data/shapes")

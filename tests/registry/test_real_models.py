@@ -22,6 +22,8 @@ from vlp.config import Config
 from vlp.registry import register_model
 from vlp.tasks import TASKS, model_sha256
 
+pytestmark = pytest.mark.slow  # trains every task model and serves one
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

@@ -120,6 +120,7 @@ def test_images_reach_a_sized_predictor_already_at_its_input_size(tmp_path: Path
     assert seen == [("RGB", (16, 16)), ("RGB", (16, 16))]
 
 
+@pytest.mark.slow
 def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
     cfg = dataclasses.replace(store_cfg, serving=ServingConfig(max_image_pixels=99, max_rows=5))
     model_dir = make_standin_model(Path("models/captioning"), "w")
@@ -155,6 +156,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.mark.slow
 def test_served_model_answers_bad_requests_with_a_400_and_no_trace(
     store_cfg: Config, bomb_png: bytes, tmp_path: Path
 ) -> None:

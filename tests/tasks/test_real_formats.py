@@ -16,6 +16,8 @@ from vlp.data.adapters import import_karpathy, import_vqa
 from vlp.evaluate import evaluate
 from vlp.finetune import finetune
 
+pytestmark = pytest.mark.slow  # imports real formats, then finetunes and evaluates
+
 COLORS = {"red": (220, 30, 30), "blue": (30, 60, 230), "green": (30, 180, 40)}
 
 

@@ -83,6 +83,7 @@ def test_empty_vocab_is_a_config_error(tiny_vlp) -> None:
         VQAModel(tiny_vlp, [])
 
 
+@pytest.mark.slow
 def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
     from vlp.tasks.vqa.model import VQAModel
 

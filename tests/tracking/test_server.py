@@ -22,6 +22,8 @@ from vlp.registry import promote, register_model
 from vlp.tasks import model_sha256
 from vlp.tracking import stage_run
 
+pytestmark = pytest.mark.slow  # an MLflow server and stage subprocesses
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 

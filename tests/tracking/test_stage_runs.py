@@ -30,12 +30,19 @@ stages:
   pretrain:
     cmd: vlp pretrain
     deps: [data/shapes/pairs.parquet, vlp/pretrain.py]
+  finetune:
+    foreach:
+      retrieval-scratch: {task: retrieval, init: scratch}
+    do:
+      cmd: vlp finetune ${item.task} --init ${item.init}
+      deps: [data/shapes, vlp/finetune.py]
 """
 
 
 @pytest.fixture
 def cfg(store_cfg: Config) -> Config:
     """store_cfg with a relative data root described by a dvc.yaml/dvc.lock in cwd."""
+    Path(".dvc").mkdir()
     Path("dvc.yaml").write_text(DVC_YAML)
     Path("dvc.lock").write_text(LOCK)
     return dataclasses.replace(
@@ -78,6 +85,9 @@ def test_stage_runs_nest_under_one_parent_with_lineage(cfg: Config, tmp_path: Pa
         assert run.data.tags["vlp.data_hash"] == "0123abcd.dir"
     # pretrain's data dep lies inside the locked data/shapes output: its hash is recorded
     assert a.data.tags["vlp.dvc.data/shapes/pairs.parquet"] == "0123abcd.dir"
+    # outside `dvc repro` a run names its dvc.yaml stage, foreach members included
+    assert b.data.tags["vlp.dvc_stage"] == "finetune@retrieval-scratch"
+    assert b.data.tags["vlp.dvc.data/shapes"] == "0123abcd.dir"
     assert a.data.params == {"lr": "0.1"} and a.data.metrics == {"loss": 2.0}
     # artifacts go to the project's artifact folder, not ./mlruns
     assert list((tmp_path / "mlartifacts").rglob("note.txt"))

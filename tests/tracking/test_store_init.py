@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,6 +28,7 @@ with stage_run(cfg, "pretrain") as run:
 """
 
 
+@pytest.mark.slow
 def test_processes_first_using_a_fresh_store_at_once_all_record_runs(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     env = {

@@ -5,12 +5,15 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vlp.train import TrainSettings, train
+
+pytestmark = pytest.mark.slow  # two training processes
 
 # a collective that one rank never joins fails the test instead of hanging it
 DEADLOCK = timedelta(seconds=120)

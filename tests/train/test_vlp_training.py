@@ -17,6 +17,8 @@ from vlp.config import Config, ModelConfig
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.train import TrainSettings, train
 
+pytestmark = pytest.mark.slow  # two-process training and resumed runs
+
 # a collective that one rank never joins fails the test instead of hanging it
 DEADLOCK = timedelta(seconds=120)
 

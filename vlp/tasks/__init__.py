@@ -7,8 +7,8 @@ is the one list of them that the stages, the registry, serving and the CLI go th
 A finetuned task model is a directory holding a `VLPModel` (`save_pretrained` layout, with
 its tokenizer) plus `task.json` naming the task and its inference settings (image size,
 and e.g. `rerank_k`, `beam_size`, `max_length`; for VQA the answer vocabulary, with
-`answer_head.safetensors`). `load_predictor(model_dir)` turns such a directory into the
-task's `Predictor`, the one inference API: `vlp evaluate` scores it, the registry's pyfunc
+`answer_head.safetensors`). `vlp.tasks.predictor.load_predictor(model_dir)` turns such a
+directory into the task's `Predictor`, the one inference API: `vlp evaluate` scores it, the registry's pyfunc
 serves it.
 
 - every predictor has `task` and `embed_images(images) -> [N, E]`, `embed_texts(texts) ->
@@ -30,16 +30,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# Light to import (no torch, not even lazily): `vlp.config` reads the tasks' params classes
+# from here, and every stage's code deps follow from what it imports (tests/test_dvc_deps.py).
 from vlp.errors import ConfigError, VlpError
 from vlp.tasks.captioning import TASK as CAPTIONING
 from vlp.tasks.retrieval import TASK as RETRIEVAL
 from vlp.tasks.spec import Task
 from vlp.tasks.vqa import TASK as VQA
-
-if TYPE_CHECKING:
-    from vlp.tasks.predictor import Predictor
 
 TASKS: dict[str, Task] = {t.name: t for t in (RETRIEVAL, CAPTIONING, VQA)}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
@@ -90,27 +89,12 @@ def model_sha256(model_dir: str | os.PathLike) -> str:
     return listing.hexdigest()
 
 
-def load_predictor(
-    model_dir: str | os.PathLike, device: Any = "cpu", batch_size: int = 64
-) -> Predictor:
-    """Load a finetuned task model directory as its task's `Predictor`.
-
-    `batch_size`: images, texts or (image, text) pairs per forward pass.
-    """
-    from vlp.models.vlp_model import VLPModel
-
-    info = read_task_info(model_dir)
-    model = VLPModel.from_pretrained(model_dir, device=device)
-    return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
-
-
 __all__ = [
     "TASKS",
     "TASK_FILE",
     "TASK_NAMES",
     "Task",
     "get_task",
-    "load_predictor",
     "model_sha256",
     "read_task_info",
 ]

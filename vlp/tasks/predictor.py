@@ -7,6 +7,7 @@ text) pairs go through one forward pass; it changes nothing but speed and memory
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,3 +72,18 @@ class Predictor:
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
         """Image-text scores [N, M]; here ITC cosine similarity (retrieval re-ranks with ITM)."""
         return self.embed_images(images) @ self.embed_texts(texts).T
+
+
+def load_predictor(
+    model_dir: str | os.PathLike, device: Any = "cpu", batch_size: int = 64
+) -> Predictor:
+    """Load a finetuned task model directory as its task's `Predictor`.
+
+    `batch_size`: images, texts or (image, text) pairs per forward pass.
+    """
+    from vlp.models.vlp_model import VLPModel
+    from vlp.tasks import TASKS, read_task_info
+
+    info = read_task_info(model_dir)
+    model = VLPModel.from_pretrained(model_dir, device=device)
+    return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)

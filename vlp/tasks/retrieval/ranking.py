@@ -5,8 +5,8 @@ k best candidates; the fusion encoder then scores only those k pairs per query, 
 of pairs (one fusion forward per batch, never per pair). The re-ranked score of a candidate
 is the sum of the two heads' logits: ITM log-odds of "match" plus the ITC logit (cosine
 similarity / learned temperature). BLIP adds the raw match logit to the cosine instead; on
-the shapes data that let a weak ITM head override a good ITC ranking (mean R@1 33% against
-69% with the log-odds + ITC logit sum, same model). Candidates outside the top k keep their
+the shapes data that let a weak ITM head override a good ITC ranking (docs/design.md,
+"Retrieval"). Candidates outside the top k keep their
 ITC order below all of them.
 """
 

@@ -11,15 +11,15 @@ the answer decoder learns, as BLIP-2 bridges frozen encoders.
 
 Why a fresh answer decoder and not the pretrained fusion encoder's [ENC] state: most
 questions name an object by some attributes and ask for another ("what color is the small
-circle?"). Measured on the shapes world from one pretrained model, same data and epochs,
-an MLP on the [ENC] state with the whole model finetuning reaches 76% accuracy, this
-decoder over the frozen encoders 82%, in less time (README: What limits VQA;
+circle?"). On the shapes world, from one pretrained model with the same data and epochs,
+this decoder over the frozen encoders learns those look-ups better, in less time, than an
+MLP on the [ENC] state with the whole model finetuning (docs/2026-12-01-vqa.md;
 `benchmarks/bench_vqa_heads.py`).
 
 A generative answer decoder (BLIP) was not chosen: the answer space here is closed and
 small, a classifier needs one forward per question instead of a decoding loop (cheaper on
 CPU, which matters for the 15-minute pipeline budget), and the soft-score BCE directly
-optimises the official accuracy. Its limit, documented in the README: an answer never seen
+optimises the official accuracy. Its limit (docs/design.md): an answer never seen
 in training (or cut by `max_answers`) can never be predicted.
 
 Answers are counted after the official VQA answer normalisation, so "two" and "2" are one
