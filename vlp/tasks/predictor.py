@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    import pandas as pd
     from PIL import Image
 
     from vlp.models.vlp_model import VLPModel
@@ -87,3 +88,22 @@ def load_predictor(
     info = read_task_info(model_dir)
     model = VLPModel.from_pretrained(model_dir, device=device)
     return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
+
+
+def split_images(
+    data: Path, split: str, predictor: Predictor
+) -> tuple[pd.DataFrame, pd.DataFrame, list[Image.Image]]:
+    """(caption pairs, unique images, their PIL images at the predictor's size) of a split.
+
+    The images frame has `image_id` and `image_path`, in first-seen order; DataError if the
+    split has no caption pairs.
+    """
+    from vlp.data.manifest import read_pairs
+    from vlp.data.torch_data import read_images
+    from vlp.errors import DataError
+
+    pairs = read_pairs(data, split)
+    if pairs.empty:
+        raise DataError(f"{data}: no images in split {split!r}")
+    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    return pairs, images, read_images(data, list(images["image_path"]), predictor.image_size)

@@ -71,19 +71,13 @@ def references(pairs: pd.DataFrame) -> dict[int, list[str]]:
 
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """BLEU-1..4, ROUGE-L and CIDEr-D of beam-search captions against all references."""
-    from vlp.data.manifest import read_pairs, resolve_image
-    from vlp.data.torch_data import read_images
-    from vlp.errors import DataError
+    from vlp.data.manifest import resolve_image
     from vlp.metrics.caption import score_captions
+    from vlp.tasks.predictor import split_images
 
-    split = cfg.evaluate.split
-    pairs = read_pairs(data, split)
-    if pairs.empty:
-        raise DataError(f"{data}: no images in split {split!r}")
-    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
     image_ids = [int(x) for x in images["image_id"]]
     refs = references(pairs)
-    pil = read_images(data, list(images["image_path"]), predictor.image_size)
     captions = dict(zip(image_ids, predictor.caption(pil), strict=True))
     metrics = {k: float(v) for k, v in score_captions(captions, refs).items()}
     results = [{"image_id": i, "caption": c} for i, c in sorted(captions.items())]

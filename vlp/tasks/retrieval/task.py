@@ -71,22 +71,15 @@ class Predictor(BasePredictor):
 
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """R@1/5/10 both ways (and rsum) after ITM re-ranking of the ITC top-k; ITC-only too."""
-    from vlp.data.manifest import read_pairs, resolve_image
-    from vlp.data.torch_data import read_images
-    from vlp.errors import DataError
+    from vlp.data.manifest import resolve_image
     from vlp.metrics.retrieval import KS, recall_at_k
+    from vlp.tasks.predictor import split_images
 
-    split = cfg.evaluate.split
-    pairs = read_pairs(data, split)
-    if pairs.empty:
-        raise DataError(f"{data}: no images in split {split!r}")
-    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
     image_ids = [int(x) for x in images["image_id"]]
     index = {image_id: i for i, image_id in enumerate(image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = [str(c) for c in pairs["caption"]]
-
-    pil = read_images(data, list(images["image_path"]), predictor.image_size)
     s = predictor.rank(pil, captions)
     i2t, t2i, itc = (m.float().cpu() for m in (s.i2t, s.t2i, s.itc))
     ranked_i2t = recall_at_k(i2t, text_to_image)
