@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,10 @@ from vlp.tasks import model_sha256
 from vlp.tasks.predictor import load_predictor
 
 pytestmark = pytest.mark.slow  # finetuning and evaluating real models
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# the environment that would point a stage at another store or parent run
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE")
 
 
 @pytest.fixture
@@ -392,3 +399,65 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
         expected.update(zip(b["question_id"].tolist(), answers, strict=True))
     results = json.loads((tmp_path / "results" / "vqa" / "pretrained.json").read_text())
     assert {r["question_id"]: r["answer"] for r in results} == expected
+
+
+def _torchrun(cwd: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`torchrun --nproc-per-node 2 -m vlp.cli --profile smoke ...` in `cwd` (gloo on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in TRACKING_ENV}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "vlp.cli", "--params", str(REPO_ROOT / "params.yaml"), "--profile", "smoke"]
+    proc = subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # torchrun: 0 only if every rank exits 0
+    return proc
+
+
+def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
+    smoke_data: Path,
+    smoke_pretrained: Path,
+    empty_store: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    from vlp.models import VLPModel
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    sets = ["--set", f"data.root={smoke_data}", "--set", f"finetune.init_dir={smoke_pretrained}"]
+    sets += ["--set", "finetune.ablation=false"]  # outputs in the params' relative folders
+
+    done = _torchrun(tmp_path, [*sets, "finetune", "retrieval"])
+    assert done.stdout.count('"model_dir"') == 1  # one rank reports
+    out = tmp_path / "models" / "finetuned" / "retrieval"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no work folders
+    assert json.loads((out / "task.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "finetune_retrieval_pretrained.csv"
+    ]
+    trained = VLPModel.from_pretrained(out).state_dict()
+    start = VLPModel.from_pretrained(smoke_pretrained).state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # it trained
+
+    done = _torchrun(tmp_path, [*sets, "evaluate", "retrieval"])
+    assert done.stdout.count('"rsum"') == 2  # one document printed: top level + pretrained
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["retrieval.json"]
+    doc = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
+    assert doc["pretrained"]["model_sha256"] == model_sha256(out)
+    assert sorted(p.name for p in (tmp_path / "results" / "retrieval").iterdir()) == [
+        ".vlp-output",
+        "examples_pretrained.html",
+        "examples_pretrained.json",
+        "pretrained.json",
+    ]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    kinds = sorted((r.data.tags.get("vlp.kind"), r.info.run_name) for r in runs)
+    assert [k for k in kinds if k[0] == "stage"] == [
+        ("stage", "evaluate-retrieval"),
+        ("stage", "finetune-retrieval-pretrained"),
+    ]
+    assert [k for k, _ in kinds].count("pipeline") == 1
+    ft = next(r for r in runs if r.info.run_name == "finetune-retrieval-pretrained")
+    assert ft.data.params["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(ft.info.run_id, "loss")] == [1, 2, 3]

@@ -18,6 +18,10 @@ and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), th
 Each model is scored through `vlp.tasks.predictor.load_predictor`, the predictor that serving uses,
 with the inference settings of its own `task.json`: what is evaluated is what ships.
 Metric values come from `vlp.metrics` unchanged (official-equivalent implementations).
+
+Evaluation is single-process: under `torchrun`, rank 0 evaluates and writes everything and
+the other ranks return at once, writing nothing. Scoring is cheap next to training, and a
+rank 0 that never waits on the others cannot hang or time out in a collective.
 """
 
 from __future__ import annotations
@@ -127,10 +131,16 @@ def metrics_document(
     return doc
 
 
-def evaluate(cfg: Config, task: str) -> dict[str, Any]:
-    """Run the evaluate stage for `task`; return the metrics document it wrote."""
-    from vlp.tracking import check_stage_outputs, stage_run
+def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
+    """Run the evaluate stage for `task`; return the metrics document it wrote.
 
+    Under `torchrun` only rank 0 evaluates; the other ranks return None at once.
+    """
+    from vlp.tracking import check_stage_outputs, stage_run
+    from vlp.train.distributed import process_rank
+
+    if process_rank() != 0:
+        return None
     spec = get_task(task)
     check_stage_outputs(
         cfg,

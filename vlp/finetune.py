@@ -13,12 +13,16 @@ What each task trains, and the inference settings it records in `task.json`, is 
 task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives),
 captioning LM, VQA soft-score BCE on an answer decoder. With `finetune.ablation: false` the scratch run only writes
 a marker directory, so the DVC stage's output still exists.
+
+Under `torchrun` training is data parallel across ranks and rank 0 alone writes files
+(model directory, loss curve, checkpoints in its work folder) and the MLflow run.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, get_task
+from vlp.train.distributed import barrier, distributed
 
 INITS = ("pretrained", "scratch")
 SKIPPED_FILE = "ABLATION_OFF"
@@ -112,55 +117,72 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         },
     )
     check_replaceable(out)  # before training, not after
-    if init == "scratch" and not cfg.finetune.ablation:
-        return _write_skipped(cfg, out, task)
-    t0 = time.perf_counter()
-    tcfg = cfg.finetune.task(task)
-    vlp = base_model(cfg, init)
-    setup = spec.module().setup(cfg, vlp, init)
-    module, dataset = setup.module, setup.dataset
-    settings = TrainSettings.from_config(
-        cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
-    )
-    params = {
-        **{f"finetune.{task}.{k}": v for k, v in vars(tcfg).items()},
-        "init": init,
-        "n_train": len(dataset),
-        "num_parameters": sum(x.numel() for x in module.parameters()),
-    }
-    # Checkpoints only live for the run: the stage output is the final model alone.
-    curve = loss_curve_path(cfg, task, init)
-    with scratch_dir(out.with_name(f"{out.name}.work")) as work:
-        with stage_run(cfg, "finetune", task=task, init=init, params=params) as run:
+    with distributed() as info:
+        if init == "scratch" and not cfg.finetune.ablation:
+            if info.is_main:
+                _write_skipped(cfg, out, task)
+            barrier()
+            return out
+        t0 = time.perf_counter()
+        tcfg = cfg.finetune.task(task)
+        vlp = base_model(cfg, init)
+        setup = spec.module().setup(cfg, vlp, init)
+        module, dataset = setup.module, setup.dataset
+        settings = TrainSettings.from_config(
+            cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
+        )
+        params = {
+            **{f"finetune.{task}.{k}": v for k, v in vars(tcfg).items()},
+            "init": init,
+            "n_train": len(dataset),
+            "num_parameters": sum(x.numel() for x in module.parameters()),
+            "world_size": info.world_size,
+        }
+        curve = loss_curve_path(cfg, task, init)
+        work_name = out.with_name(f"{out.name}.work")
+        # Checkpoints only live for the run: the stage output is the final model alone. The
+        # loop writes them from rank 0 alone, so the other ranks get a path they never create.
+        work_ctx = scratch_dir(work_name) if info.is_main else nullcontext(work_name)
+        run_ctx = (
+            stage_run(cfg, "finetune", task=task, init=init, params=params)
+            if info.is_main
+            else nullcontext(None)
+        )
+        with work_ctx as work, run_ctx as run:
             log_every = max(cfg.runtime.log_every, 1)
 
             def on_log(metrics: dict[str, float], step: int) -> None:
                 if step % log_every == 0 or step == 1:
                     run.log_metrics(metrics, step=step)
 
-            result = train(module, dataset, setup.collate, settings, work, on_log=on_log)
-            info = {
-                "task": task,
-                "init": init,
-                "image_size": cfg.data.image_size,
-                "data": str(cfg.data.root),
-                "steps": result.steps,
-                "final_loss": result.final.get("loss"),
-                **setup.info,
-            }
-            with atomic_dir(out, "finetuned-model") as tmp:
-                spec.module().save(module, tmp)
-                (tmp / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            atomic_write_csv(curve, loss_columns(result.history), result.history)
-            summary = {
-                "steps": result.steps,
-                "train_s": result.wall_s,
-                "wall_s": time.perf_counter() - t0,
-                "samples_per_s": result.samples_per_s,
-                "final_loss": result.final["loss"],
-            }
-            run.log_metrics(summary)
-            run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
-            run.log_artifact(curve)
-    print(json.dumps({"task": task, "init": init, "model_dir": str(out), **summary}, indent=2))
+            result = train(
+                module, dataset, setup.collate, settings, work, on_log=on_log if run else None
+            )
+            if info.is_main:
+                task_info = {
+                    "task": task,
+                    "init": init,
+                    "image_size": cfg.data.image_size,
+                    "data": str(cfg.data.root),
+                    "steps": result.steps,
+                    "final_loss": result.final.get("loss"),
+                    **setup.info,
+                }
+                with atomic_dir(out, "finetuned-model") as tmp:
+                    spec.module().save(module, tmp)
+                    (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
+                atomic_write_csv(curve, loss_columns(result.history), result.history)
+                summary = {
+                    "steps": result.steps,
+                    "train_s": result.wall_s,
+                    "wall_s": time.perf_counter() - t0,
+                    "samples_per_s": result.samples_per_s,
+                    "final_loss": result.final["loss"],
+                }
+                run.log_metrics(summary)
+                run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
+                run.log_artifact(curve)
+                report = {"task": task, "init": init, "model_dir": str(out), **summary}
+                print(json.dumps(report, indent=2))
+        barrier()
     return out

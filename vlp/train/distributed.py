@@ -58,6 +58,16 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0))
 
 
+def process_rank() -> int:
+    """This process's global rank, without joining a process group (0 outside `torchrun`).
+
+    The joined group's rank if there is one, else the `RANK` that torchrun sets.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
 def barrier() -> None:
     """Wait for every rank (no-op outside a process group)."""
     if dist.is_available() and dist.is_initialized():
