@@ -51,6 +51,7 @@ LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many st
 UNFINGERPRINTED = (
     "pretrain.out_dir",
     "pretrain.checkpoint_every",
+    "pretrain.eval_split",
     "pretrain.eval_batch_size",
     "runtime.log_every",
     "runtime.metrics_dir",
