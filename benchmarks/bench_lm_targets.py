@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=["all", "first"], choices=["all", "first"])
     args = parser.parse_args()
     cfg = load_config(args.params)
-    tokenizer = build_tokenizer(cfg.model, corpus(args.data))
+    tokenizer = build_tokenizer(cfg.model, corpus(args.data, cfg.pretrain.tokenizer_splits))
     report = {}
     for arm in args.arms:
         report[arm] = run_arm(arm, cfg, args.data, args.steps, tokenizer)

@@ -87,7 +87,7 @@ def main() -> None:
     data_cfg = dataclasses.replace(cfg.data, n_pretrain=n_images, n_train=16, n_val=4, n_test=4)
     generate_dataset(data_cfg, tmp / "data")
     dataset = PairsDataset(tmp / "data", "pretrain", cfg.data.image_size)
-    tokenizer = build_tokenizer(cfg.model, corpus(tmp / "data"))
+    tokenizer = build_tokenizer(cfg.model, corpus(tmp / "data", cfg.pretrain.tokenizer_splits))
     collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 
     n = 4096 if device.type == "cuda" else 1024

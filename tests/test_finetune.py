@@ -254,6 +254,35 @@ def test_errors_name_the_missing_input(cfg: Config, tmp_path: Path) -> None:
         finetune(missing, "retrieval")
 
 
+def test_finetune_trains_on_the_splits_in_params(cfg: Config, tmp_path: Path) -> None:
+    from vlp.data.manifest import read_pairs, read_vqa, split_sizes
+    from vlp.errors import DataError
+
+    def on(*splits: str) -> Config:
+        return dataclasses.replace(
+            cfg, finetune=dataclasses.replace(cfg.finetune, splits=list(splits))
+        )
+
+    finetune(on("val"), "retrieval")
+    params = _runs(tmp_path)["finetune-retrieval-pretrained"].data.params
+    assert params["n_train"] == str(len(read_pairs(cfg.data.root, "val")))
+    assert params["finetune.splits"] == "['val']"
+    # a split the dataset lacks is skipped when another has data (Flickr30k has no restval)...
+    finetune(on("test", "restval"), "vqa")
+    params = _runs(tmp_path)["finetune-vqa-pretrained"].data.params
+    assert params["n_train"] == str(len(read_vqa(cfg.data.root, "test")))
+    # ... and refused, naming what the dataset has, when none has
+    sizes = split_sizes(cfg.data.root, "vqa.parquet")
+    has = ", ".join(f"{name}: {n} rows" for name, n in sizes.items())
+    with pytest.raises(
+        DataError, match=rf"no VQA questions in split\(s\) restval; its vqa.parquet has {has}$"
+    ):
+        finetune(on("restval"), "vqa", init="scratch")
+    assert "finetune-vqa-scratch" not in _runs(tmp_path)  # refused before training
+    with pytest.raises(ConfigError, match="finetune.splits: unknown split 'trian'"):
+        finetune(on("trian"), "captioning")
+
+
 @pytest.mark.parametrize("protocol", ["official", "lavis"])
 def test_vqa_evaluation_scores_and_records_its_protocol(
     cfg: Config, protocol: str, tmp_path: Path

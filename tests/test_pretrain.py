@@ -311,3 +311,110 @@ def test_pretrain_refuses_foreign_output_and_work_folders(cfg: Config, tmp_path:
         assert [p.name for p in folder.iterdir()] == ["weights.bin"]
         (folder / "weights.bin").unlink()  # empty folders are fine to write into
     assert not (tmp_path / "metrics").exists()  # refused before training
+
+
+@pytest.fixture
+def karpathy_like(smoke_data: Path, tmp_path: Path) -> Path:
+    """The smoke images under Karpathy-style splits: train, restval and val; no test, no VQA."""
+    import shutil
+
+    from vlp.data.manifest import read_pairs, write_manifest
+
+    data = tmp_path / "karpathy"
+    shutil.copytree(smoke_data, data)
+    (data / "vqa.parquet").unlink()
+    pairs = read_pairs(data)
+    pairs = pairs[pairs["split"] != "test"].copy()
+    pairs["split"] = pairs["split"].map({"pretrain": "train", "train": "restval", "val": "val"})
+    write_manifest(pairs, data / "pairs.parquet")
+    return data
+
+
+def _on(cfg: Config, data: Path, **pretrain_params: object) -> Config:
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=str(data)),
+        pretrain=dataclasses.replace(cfg.pretrain, **pretrain_params),
+    )
+
+
+def test_pretrain_without_a_test_split_saves_the_model_and_records_the_skipped_check(
+    cfg: Config, karpathy_like: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from vlp.config import load_config
+    from vlp.data.manifest import read_pairs
+    from vlp.models import VLPModel
+
+    splits = load_config(
+        REPO_ROOT / "params.yaml",
+        "smoke",
+        ["pretrain.splits=[train,restval]", "pretrain.tokenizer_splits=[train,restval]"],
+    ).pretrain
+    cfg = _on(cfg, karpathy_like, splits=splits.splits, tokenizer_splits=splits.tokenizer_splits)
+    assert cfg.pretrain.eval_split == "test"
+    out = pretrain(cfg)
+
+    VLPModel.from_pretrained(out)
+    note = f"skipped: no 'test' split in {karpathy_like}"
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["zero_shot"] == note
+    assert not any(k.startswith("zeroshot_") for k in metrics)
+    assert metrics["steps"] == cfg.pretrain.max_steps
+    assert f"pretrain: zero-shot retrieval {note}" in capsys.readouterr().out
+    (run,) = _stage_runs(tmp_path)
+    assert run.data.tags["vlp.zero_shot"] == note
+    n_pairs = len(read_pairs(karpathy_like, ["train", "restval"]))
+    assert run.data.params["n_pairs"] == str(n_pairs)
+
+
+def test_pretrain_with_no_eval_split_skips_the_check(cfg: Config, tmp_path: Path) -> None:
+    pretrain(_on(cfg, Path(cfg.data.root), eval_split=None))
+    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert metrics["zero_shot"] == "skipped: pretrain.eval_split is null"
+
+
+def test_pretrain_refuses_splits_the_dataset_lacks_before_training(
+    cfg: Config, karpathy_like: Path, tmp_path: Path
+) -> None:
+    from vlp.errors import ConfigError, DataError
+
+    has = r"its pairs.parquet has restval: 120 rows, train: 240 rows, val: 40 rows"
+    for key, params in (
+        ("pretrain.splits", {"tokenizer_splits": ["train"]}),
+        ("pretrain.tokenizer_splits", {"splits": ["train"], "tokenizer_splits": ["pretrain"]}),
+    ):
+        with pytest.raises(
+            DataError,
+            match=rf"{key}: {karpathy_like}: no caption pairs in split\(s\) pretrain; {has}",
+        ):
+            pretrain(_on(cfg, karpathy_like, **params))
+    with pytest.raises(ConfigError, match=r"pretrain.splits: unknown split 'restvall'; splits are"):
+        pretrain(_on(cfg, karpathy_like, splits=["train", "restvall"]))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run or training
+    assert not (tmp_path / "models").exists()
+
+
+def test_pretrain_refuses_a_batch_that_cannot_fill_one_step_before_training(
+    cfg: Config, smoke_data: Path, tmp_path: Path
+) -> None:
+    from vlp.data.manifest import read_pairs
+    from vlp.errors import ConfigError
+
+    pairs = read_pairs(smoke_data, "pretrain")
+    n_images, n_pairs = pairs["image_id"].nunique(), len(pairs)
+    assert n_images < 64 < n_pairs
+    with pytest.raises(
+        ConfigError,
+        match=rf"pretrain.batch_size \* grad_accum_steps = 64 is more than the {n_images} "
+        r"images of pretrain.splits \(pretrain\) the caption warm-up trains on .*"
+        r"pretrain.caption_warmup_steps: 0",
+    ):
+        pretrain(_on(cfg, smoke_data, batch_size=64))
+    # the joint phase: every caption is an item, incomplete batches are dropped
+    with pytest.raises(
+        ConfigError,
+        match=rf"= {2 * n_pairs} is more than the {n_pairs} pairs of pretrain.splits \(pretrain\)",
+    ):
+        pretrain(_on(cfg, smoke_data, batch_size=n_pairs, grad_accum_steps=2))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run or training
+    assert not (tmp_path / "models").exists()

@@ -102,6 +102,11 @@ class PretrainConfig:
     """Pretraining loop and objective weights (a weight of 0 switches an objective off)."""
 
     out_dir: str
+    splits: list[str]  # the pairs trained on
+    # Captions (and VQA questions and answers) the tokenizer learns: the text of every stage
+    # that trains, so every finetuning task shares the vocabulary.
+    tokenizer_splits: list[str]
+    eval_split: str | None  # zero-shot retrieval after training; None or no data: skipped
     epochs: int
     max_steps: int
     batch_size: int
@@ -115,7 +120,8 @@ class PretrainConfig:
     temperature: float
     checkpoint_every: int
     # Steps of a captioning-only phase before the joint one: the LM alone, on each image's
-    # first caption (0 = none). It teaches the image tower what the objects are quickly.
+    # first caption (0 = none). A recipe for the shapes world, where it teaches the image
+    # tower what the objects are quickly; real data sets it to 0 unless it is wanted.
     caption_warmup_steps: int
     eval_batch_size: int  # zero-shot retrieval after training: images/captions per forward
 
@@ -130,6 +136,7 @@ class FinetuneConfig:
 
     init_dir: str  # the pretrained model finetuning starts from
     out_dir: str
+    splits: list[str]  # what every task trains on (splits the dataset lacks are skipped)
     ablation: bool
     retrieval: RetrievalConfig
     captioning: CaptioningConfig

@@ -1,7 +1,8 @@
 """The `finetune` stage: one model per task, from the pretrained checkpoint or from scratch.
 
-`finetune(cfg, task, init)` trains on the "train" (and "restval") split of `data.root` with the shared loop
-(`vlp.train.loop.train`) and writes a finetuned task model directory (see `vlp.tasks`):
+`finetune(cfg, task, init)` trains on the `finetune.splits` of `data.root` (default `train`
+and Karpathy's `restval`) with the shared loop (`vlp.train.loop.train`) and writes a
+finetuned task model directory (see `vlp.tasks`):
 
 - pretrained init (from `finetune.init_dir`) -> `finetune.out_dir/<task>`; scratch init ->
   `finetune.out_dir/<task>_scratch` (the ablation: same architecture, tokenizer and budget,
@@ -103,10 +104,12 @@ def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
 
 def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
+    from vlp.data.manifest import check_split_names
     from vlp.tracking import check_stage_outputs, stage_run
     from vlp.train.loop import TrainSettings, train
 
     _check(task, init)
+    check_split_names(cfg.finetune.splits, "finetune.splits")
     spec = get_task(task)
     out = model_dir(cfg, task, init)
     check_stage_outputs(
@@ -133,6 +136,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         )
         params = {
             **{f"finetune.{task}.{k}": v for k, v in vars(tcfg).items()},
+            "finetune.splits": cfg.finetune.splits,
             "init": init,
             "n_train": len(dataset),
             "num_parameters": sum(x.numel() for x in module.parameters()),

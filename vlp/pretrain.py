@@ -1,13 +1,15 @@
 """The `pretrain` stage: tokenizer + VLP model trained with ITC, ITM and captioning LM.
 
-Reads the "pretrain" pairs of `data.root`, writes the model (`save_pretrained`) to
-`pretrain.out_dir`, `<runtime.metrics_dir>/pretrain.json` (loss start/end, zero-shot
-retrieval on the "test" split against chance, throughput) and
+Reads the pairs of `pretrain.splits` of `data.root`, writes the model (`save_pretrained`)
+to `pretrain.out_dir`, `<runtime.metrics_dir>/pretrain.json` (loss start/end, zero-shot
+retrieval on `pretrain.eval_split` against chance, throughput) and
 `<runtime.plots_dir>/pretrain_loss.csv`, and logs an MLflow stage run with every step's
-losses.
+losses. Splits with no data and batch sizes that cannot fill one step are refused before
+anything trains. The zero-shot check is optional: with no eval split, or no data in it, the
+model is saved and the metrics say the check was skipped.
 
-With `pretrain.caption_warmup_steps` > 0 a captioning-only phase comes first: the LM
-alone, on each image's first caption. One caption per image, always the same, gives the
+With `pretrain.caption_warmup_steps` > 0 (the shapes recipe) a captioning-only phase comes
+first: the LM alone, on each image's first caption. One caption per image, always the same, gives the
 decoder a fixed target to read the image for, and the image tower learns what the objects
 are several times faster than from all captions with all objectives. The joint ITC + ITM +
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
@@ -39,7 +41,7 @@ from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
-from vlp.train.loop import TrainResult, TrainSettings, train
+from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
@@ -49,6 +51,7 @@ LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many st
 UNFINGERPRINTED = (
     "pretrain.out_dir",
     "pretrain.checkpoint_every",
+    "pretrain.eval_split",
     "pretrain.eval_batch_size",
     "runtime.log_every",
     "runtime.metrics_dir",
@@ -81,16 +84,17 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     return {"params": params, "data": dataset_hash(cfg.data.root)}
 
 
-def corpus(data_dir: Path) -> list[str]:
-    """Texts the tokenizer learns: pretrain + train captions, train VQA questions and answers.
+def corpus(data_dir: Path, splits: list[str]) -> list[str]:
+    """Texts the tokenizer learns: the captions, VQA questions and VQA answers of `splits`.
 
-    Including the downstream train texts gives every finetuning task the same vocabulary.
+    `pretrain.tokenizer_splits` names the training text of every stage, so every finetuning
+    task shares the vocabulary.
     """
     from vlp.data.manifest import has_vqa, read_pairs, read_vqa
 
-    texts = list(read_pairs(data_dir, ("pretrain", "train"))["caption"])
+    texts = list(read_pairs(data_dir, splits)["caption"])
     if has_vqa(data_dir):
-        vqa = read_vqa(data_dir, "train")
+        vqa = read_vqa(data_dir, splits)
         texts += list(vqa["question"])
         texts += [a for answers in vqa["answers"] for a in answers]
     return texts
@@ -105,7 +109,9 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
         if resume and saved.is_dir():
             tok = load_tokenizer(saved, str(saved))
         else:
-            tok = build_tokenizer(cfg.model, corpus(Path(cfg.data.root)))
+            tok = build_tokenizer(
+                cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits)
+            )
             save_tokenizer(tok, saved)
     barrier()
     return tok if info.is_main else load_tokenizer(saved, str(saved))
@@ -119,7 +125,7 @@ def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, flo
 
 
 @torch.no_grad()
-def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[str, float]:
+def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]:
     """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
     from torch.utils.data import DataLoader
 
@@ -149,9 +155,33 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
     return scores
 
 
+def zero_shot_skipped(cfg: Config) -> str | None:
+    """Why the zero-shot check after training cannot run (no eval split, or no data), or None."""
+    from vlp.data.manifest import split_sizes
+
+    split = cfg.pretrain.eval_split
+    if split is None:
+        return "skipped: pretrain.eval_split is null"
+    if not split_sizes(cfg.data.root).get(split):
+        return f"skipped: no {split!r} split in {cfg.data.root}"
+    return None
+
+
+def _check_batches_fit(
+    n: int, what: str, settings: TrainSettings, world_size: int, remedy: str
+) -> None:
+    """ConfigError naming both numbers when `n` items cannot fill one optimizer step."""
+    if epoch_steps(n, settings, world_size) == 0:
+        raise ConfigError(
+            f"pretrain.batch_size * grad_accum_steps = "
+            f"{settings.batch_size * settings.grad_accum_steps} is more than the {n} {what}: "
+            f"not one full step fits; {remedy}"
+        )
+
+
 def _summary(
     result: TrainResult,
-    zero_shot: dict[str, float],
+    zero_shot: dict[str, float] | str,
     wall_s: float,
     warmup: TrainResult | None = None,
 ) -> dict[str, Any]:
@@ -168,7 +198,10 @@ def _summary(
         if any(key in h for h in result.history):
             first, last = smoothed_ends(result.history, key)
             metrics[f"{key}_first"], metrics[f"{key}_last"] = first, last
-    metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
+    if isinstance(zero_shot, str):
+        metrics["zero_shot"] = zero_shot
+    else:
+        metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
     metrics.update(
         steps=result.steps,
         train_samples_per_s=result.samples_per_s,
@@ -181,6 +214,7 @@ def _summary(
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
+    from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model
     from vlp.tracking import check_stage_outputs
@@ -195,6 +229,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
     except ConfigError as e:
         raise ConfigError(f"pretrain.itc_weight/itm_weight/lm_weight: {e}") from None
+    require_splits(cfg.data.root, p.splits, "pretrain.splits")
+    require_splits(cfg.data.root, p.tokenizer_splits, "pretrain.tokenizer_splits")
+    if p.eval_split is not None:
+        check_split_names(p.eval_split, "pretrain.eval_split")
     out_dir = Path(p.out_dir)
     check_stage_outputs(
         cfg,
@@ -207,14 +245,39 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     with distributed() as info:
         if info.is_main:  # refuse a foreign output folder before training, not after
             check_replaceable(out_dir)
-        dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
+        splits = ", ".join(p.splits)
+        dataset = PairsDataset(cfg.data.root, p.splits, cfg.data.image_size)
+        settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
+        _check_batches_fit(
+            len(dataset),
+            f"pairs of pretrain.splits ({splits})",
+            settings,
+            info.world_size,
+            "lower pretrain.batch_size",
+        )
+        firsts = None
+        if p.caption_warmup_steps > 0:
+            firsts = PairsDataset(
+                cfg.data.root, p.splits, cfg.data.image_size, first_caption_only=True
+            )
+            warmup_settings = TrainSettings.from_config(
+                cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
+            )
+            _check_batches_fit(
+                len(firsts),
+                f"images of pretrain.splits ({splits}) the caption warm-up trains on "
+                "(one caption per image)",
+                warmup_settings,
+                info.world_size,
+                "lower pretrain.batch_size, or set pretrain.caption_warmup_steps: 0 "
+                "(the warm-up is a recipe for the shapes world)",
+            )
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
         barrier()
         tokenizer = _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
         collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 
         params = {
@@ -246,17 +309,12 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
 
             warmup: TrainResult | None = None
             try:
-                if p.caption_warmup_steps > 0:
-                    firsts = PairsDataset(
-                        cfg.data.root, "pretrain", cfg.data.image_size, first_caption_only=True
-                    )
+                if firsts is not None:
                     warmup = train(
                         VLPObjective(model, CAPTION_WARMUP_WEIGHTS),
                         firsts,
                         collate,
-                        TrainSettings.from_config(
-                            cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
-                        ),
+                        warmup_settings,
                         work_dir(cfg) / "caption_warmup",
                         resume=resume,
                         on_log=on_log if run else None,
@@ -275,7 +333,16 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 if run and pending:
                     run.log_steps(pending)  # also when training failed: keep what it logged
             if info.is_main:
-                zero_shot = zero_shot_retrieval(model, cfg)
+                # saved first: the zero-shot check is optional and never costs the model
+                model.save_pretrained(out_dir)
+                skipped = zero_shot_skipped(cfg)
+                if skipped is None:
+                    zero_shot: dict[str, float] | str = zero_shot_retrieval(
+                        model, cfg, p.eval_split
+                    )
+                else:
+                    print(f"pretrain: zero-shot retrieval {skipped}")
+                    zero_shot = skipped
                 metrics = _summary(result, zero_shot, time.perf_counter() - t0, warmup)
                 history = result.history
                 if warmup is not None:
@@ -284,11 +351,12 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     ]
                 metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
                 plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
-                model.save_pretrained(out_dir)
                 atomic_write_json(metrics_path, metrics)
                 atomic_write_csv(plot_path, PLOT_COLUMNS, history)
                 run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
+                if skipped is not None:
+                    run.set_tags({"vlp.zero_shot": skipped})
                 run.log_artifact(metrics_path)
                 run.log_artifact(plot_path)
                 print(json.dumps(metrics, indent=2))

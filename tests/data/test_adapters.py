@@ -532,3 +532,31 @@ def test_vqa_questions_take_the_split_of_their_image(smoke_cfg, tmp_path, coco_t
     assert vqa.loc[99, "image_path"] == "images/coco/val2014/COCO_val2014_000000000099.jpg"
     assert validate_dataset(out, smoke_cfg.validate)["success"]
     assert import_vqa(questions, annotations, val, out, split="val")["added"] == 0
+
+
+def test_import_prints_the_settings_that_pretrain_on_the_dataset(tmp_path, capsys):
+    import shlex
+
+    from vlp.config import load_config
+
+    out = tmp_path / "mine"
+    for name in ("a", "b", "c"):
+        _image(out / "pics" / f"{name}.png", (1, 2, 3))
+    table = tmp_path / "t.csv"
+    pd.DataFrame(
+        {
+            "image_path": ["a.png", "b.png", "c.png"],
+            "caption": ["x y z", "u v w", "p q r"],
+            "split": ["train", "restval", "val"],
+        }
+    ).to_csv(table, index=False)
+    args = ["--params", str(REPO_PARAMS), "import", "table", "--table", str(table)]
+    assert main([*args, "--images", str(out / "pics"), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (hint,) = [line for line in lines if "to pretrain on this dataset: " in line]
+    words = shlex.split(hint.split("to pretrain on this dataset: ")[1])
+    overrides = [w for prev, w in zip(words, words[1:], strict=False) if prev == "--set"]
+    cfg = load_config(REPO_PARAMS, overrides=overrides)
+    assert cfg.data.root == str(out)
+    assert cfg.pretrain.splits == cfg.pretrain.tokenizer_splits == ["train", "restval"]
+    assert cfg.pretrain.caption_warmup_steps == 0

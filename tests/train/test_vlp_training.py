@@ -50,7 +50,7 @@ def tok_dir(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlp.pretrain import corpus
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
-    save_tokenizer(train_tokenizer(corpus(smoke_data), 200), out)
+    save_tokenizer(train_tokenizer(corpus(smoke_data, ["pretrain", "train"]), 200), out)
     return out
 
 

@@ -23,6 +23,7 @@ import argparse
 import numbers
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from vlp.data.manifest import (
     read_pairs,
     read_vqa,
     resolve_image,
+    split_sizes,
     write_manifest,
 )
 from vlp.errors import DataError, OutputError
@@ -501,6 +503,26 @@ def _add(dataset: Dataset, name: str, rows: list[dict], folder: ImageFolder, sou
     return summary
 
 
+def training_settings(data_dir: Path) -> list[str]:
+    """`--set` overrides that pretrain on an imported dataset: its splits, no caption warm-up.
+
+    params.yaml holds the shapes world's recipe (its `pretrain` split, the caption warm-up);
+    a real dataset trains on what it has, e.g. Karpathy's `train` and `restval`. Empty when
+    the dataset has no training split.
+    """
+    sizes = split_sizes(data_dir)
+    training = [name for name in ("pretrain", "train", "restval") if sizes.get(name)]
+    if not training:
+        return []
+    splits = ["pretrain"] if "pretrain" in training else training
+    return [
+        f"data.root={data_dir}",
+        f"pretrain.splits=[{','.join(splits)}]",
+        f"pretrain.tokenizer_splits=[{','.join(training)}]",
+        "pretrain.caption_warmup_steps=0",
+    ]
+
+
 def run_import(args: argparse.Namespace) -> dict:
     """`vlp import FORMAT ...`: dispatch to the reader for args.format and print a summary."""
     out, images = Path(args.out), Path(args.images)
@@ -519,4 +541,11 @@ def run_import(args: argparse.Namespace) -> dict:
         f"vlp import {args.format}: {summary['added']} rows added -> {summary['manifest']} "
         f"({summary['rows']} rows, {summary['images']} images){note}"
     )
+    settings = training_settings(out)
+    if settings:
+        sets = " ".join(f"--set {shlex.quote(item)}" for item in settings)
+        print(
+            "params.yaml pretrains the shapes world (docs/reference.md#pretraining); "
+            f"to pretrain on this dataset: vlp {sets} pretrain"
+        )
     return summary

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from vlp.errors import DataError
+from vlp.errors import ConfigError, DataError
 from vlp.io import atomic_path
 
 PAIRS_FILE = "pairs.parquet"
@@ -55,15 +55,77 @@ Splits = str | Iterable[str] | None
 def _select_splits(df: pd.DataFrame, split: Splits) -> pd.DataFrame:
     if split is None:
         return df
-    wanted = [split] if isinstance(split, str) else list(split)
-    return df[df["split"].isin(wanted)].reset_index(drop=True)
+    return df[df["split"].isin(_split_names(split))].reset_index(drop=True)
 
 
-def _read(path: Path, schema: dict[str, str], split: Splits) -> pd.DataFrame:
+def _split_names(split: str | Iterable[str]) -> list[str]:
+    return [split] if isinstance(split, str) else list(split)
+
+
+def check_split_names(split: str | Iterable[str], key: str) -> None:
+    """ConfigError naming params `key` if it names no split or one that is not in SPLITS."""
+    names = _split_names(split)
+    unknown = [s for s in names if s not in SPLITS]
+    if not names or unknown:
+        got = f"unknown split {unknown[0]!r}" if unknown else "no split"
+        raise ConfigError(f"{key}: {got}; splits are {', '.join(SPLITS)}")
+
+
+def split_sizes(data_dir: str | os.PathLike, manifest: str = PAIRS_FILE) -> dict[str, int]:
+    """Rows per split of DIR's manifest (`pairs.parquet` or `vqa.parquet`); {} if it is absent."""
+    path = Path(data_dir) / manifest
+    if not path.exists():
+        return {}
+    counts = _read(path, {"split": "str"}, None, columns=["split"])["split"].value_counts()
+    return {str(name): int(counts[name]) for name in sorted(counts.index)}
+
+
+def no_rows_in_splits(
+    data_dir: str | os.PathLike,
+    split: Splits,
+    what: str,
+    manifest: str = PAIRS_FILE,
+    key: str | None = None,
+) -> DataError:
+    """The DataError for a split selection of DIR with no rows: it names the splits DIR has.
+
+    `key`: the params key that chose the splits, named first.
+    """
+    sizes = split_sizes(data_dir, manifest)
+    has = ", ".join(f"{name}: {n} rows" for name, n in sizes.items()) or "no rows"
+    asked = "any split" if split is None else f"split(s) {', '.join(_split_names(split))}"
+    prefix = f"{key}: " if key else ""
+    return DataError(f"{prefix}{data_dir}: no {what} in {asked}; its {manifest} has {has}")
+
+
+def require_splits(
+    data_dir: str | os.PathLike,
+    split: str | Iterable[str],
+    key: str,
+    what: str = "caption pairs",
+    manifest: str = PAIRS_FILE,
+) -> None:
+    """Check that params `key` names known splits and DIR's manifest has rows in them.
+
+    Splits DIR lacks are fine as long as one has rows (Flickr30k's Karpathy split has no
+    `restval`). ConfigError for a bad name; DataError naming DIR, the splits asked for
+    and the splits it has.
+    """
+    check_split_names(split, key)
+    sizes = split_sizes(data_dir, manifest)
+    if not any(sizes.get(name) for name in _split_names(split)):
+        if not (Path(data_dir) / manifest).exists():
+            raise DataError(f"{key}: {Path(data_dir) / manifest}: manifest not found")
+        raise no_rows_in_splits(data_dir, split, what, manifest, key)
+
+
+def _read(
+    path: Path, schema: dict[str, str], split: Splits, columns: list[str] | None = None
+) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path}: manifest not found")
     try:
-        df = pd.read_parquet(path)
+        df = pd.read_parquet(path, columns=columns)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
     missing = [c for c in schema if c not in df.columns]

@@ -21,7 +21,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from vlp.data.manifest import Splits, image_roots, locate_image, read_pairs, read_vqa
+from vlp.data.manifest import (
+    VQA_FILE,
+    Splits,
+    image_roots,
+    locate_image,
+    no_rows_in_splits,
+    read_pairs,
+    read_vqa,
+)
 from vlp.errors import DataError
 
 if TYPE_CHECKING:
@@ -131,7 +139,7 @@ class PairsDataset(Dataset):
         if first_caption_only:
             self.frame = self.frame.drop_duplicates("image_id").reset_index(drop=True)
         if self.frame.empty:
-            raise DataError(f"{self.data_dir}: no caption pairs in split {split!r}")
+            raise no_rows_in_splits(self.data_dir, split, "caption pairs")
         self._images = _ImageCache(self.data_dir, image_size)
         self._rows = self.frame[["image_path", "caption", "image_id", "caption_id"]].to_dict(
             "records"
@@ -157,7 +165,7 @@ class ImagesDataset(Dataset):
         self.data_dir = Path(data_dir)
         pairs = read_pairs(self.data_dir, split)
         if pairs.empty:
-            raise DataError(f"{self.data_dir}: no images in split {split!r}")
+            raise no_rows_in_splits(self.data_dir, split, "images")
         self.frame: pd.DataFrame = pairs.drop_duplicates("image_id")[
             ["image_id", "image_path"]
         ].reset_index(drop=True)
@@ -179,7 +187,7 @@ class VQADataset(Dataset):
         self.data_dir = Path(data_dir)
         self.frame: pd.DataFrame = read_vqa(self.data_dir, split)
         if self.frame.empty:
-            raise DataError(f"{self.data_dir}: no VQA questions in split {split!r}")
+            raise no_rows_in_splits(self.data_dir, split, "VQA questions", VQA_FILE)
         self._images = _ImageCache(self.data_dir, image_size)
         self._rows = self.frame.to_dict("records")
 

@@ -20,9 +20,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# Karpathy splits put part of COCO val into "restval", which is training data too.
-TRAIN_SPLITS = ("train", "restval")
-
 
 @dataclass
 class FinetuneBudget:

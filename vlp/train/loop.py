@@ -110,6 +110,20 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def epoch_steps(n_samples: int, settings: TrainSettings, world_size: int) -> int:
+    """Optimizer steps `train` makes in one epoch over `n_samples` items on `world_size` ranks.
+
+    Each rank takes `n_samples // world_size` items and drops its incomplete micro-batches,
+    so this is 0 when `batch_size * grad_accum_steps` items do not fit.
+    """
+    if settings.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size: {settings.batch_size} is not divisible by {world_size} processes"
+        )
+    micro_bs = settings.batch_size // world_size
+    return n_samples // world_size // micro_bs // settings.grad_accum_steps
+
+
 def resolve_device(device: str, info: DistInfo) -> torch.device:
     """`auto` picks CUDA when present; under DDP each rank takes its local GPU."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -211,8 +225,7 @@ def train(
     world, rank = info.world_size, info.rank
     device = resolve_device(s.device, info)
     amp_dtype = resolve_precision(s.precision, device)
-    if s.batch_size % world:
-        raise ConfigError(f"batch_size: {s.batch_size} is not divisible by {world} processes")
+    steps_per_epoch = epoch_steps(len(dataset), s, world)
     micro_bs = s.batch_size // world
     accum = s.grad_accum_steps
 
@@ -222,7 +235,6 @@ def train(
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True
     )
-    steps_per_epoch = len(sampler) // micro_bs // accum
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size * grad_accum_steps = {s.batch_size * accum} is larger than the "

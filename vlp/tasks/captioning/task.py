@@ -19,7 +19,7 @@ import torch
 
 from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
-from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
+from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,14 +30,14 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel trained with the LM loss alone on the train captions."""
+    """The VLPModel trained with the LM loss alone on the captions of `finetune.splits`."""
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     tcfg = cfg.finetune.captioning
     return TrainingSetup(
         VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
+        PairsDataset(cfg.data.root, cfg.finetune.splits, cfg.data.image_size),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
     )

@@ -12,7 +12,7 @@ import torch
 from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
 from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
-from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
+from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -24,13 +24,13 @@ TOP_RESULTS = 10  # ranked items per query in the results file
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel trained with ITC + ITM (hard negatives) on the train captions."""
+    """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`."""
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     return TrainingSetup(
         VLPObjective(vlp, LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
+        PairsDataset(cfg.data.root, cfg.finetune.splits, cfg.data.image_size),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
     )

@@ -10,7 +10,7 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.tasks.predictor import Predictor as BasePredictor
-from vlp.tasks.spec import TRAIN_SPLITS, Example, TaskEval, TrainingSetup
+from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -20,12 +20,12 @@ if TYPE_CHECKING:
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the train questions."""
+    """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of `finetune.splits`."""
     from vlp.data.torch_data import VQADataset
     from vlp.tasks.vqa.model import VQAModel, build_answer_vocab, make_vqa_collate
 
     tcfg = cfg.finetune.vqa
-    dataset = VQADataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size)
+    dataset = VQADataset(cfg.data.root, cfg.finetune.splits, cfg.data.image_size)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
     module = VQAModel(
