@@ -33,9 +33,9 @@ def _print_json(obj: object, out: str | None) -> None:
 
 
 def _cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
-    from vlp.data.shapes import generate_dataset
+    from vlp.data.shapes import SHAPES_DIR, generate_dataset
 
-    generate_dataset(cfg.data, Path(args.out) if args.out else Path(cfg.data.root))
+    generate_dataset(cfg.data, Path(args.out or SHAPES_DIR))
 
 
 def _cmd_import(cfg: Config, args: argparse.Namespace) -> None:
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("generate", help="generate the embedded shapes dataset")
-    s.add_argument("--out", default=None, help="output directory (default data.root)")
+    s.add_argument("--out", default=None, help="output directory (default data/shapes)")
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("import", help="import a real-format dataset into canonical manifests")

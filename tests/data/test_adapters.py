@@ -560,3 +560,20 @@ def test_import_prints_the_settings_that_pretrain_on_the_dataset(tmp_path, capsy
     assert cfg.data.root == str(out)
     assert cfg.pretrain.splits == cfg.pretrain.tokenizer_splits == ["train", "restval"]
     assert cfg.pretrain.caption_warmup_steps == 0
+
+
+def test_linking_an_outside_folder_says_dvc_will_not_version_its_images(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"image_path": ["a.png"], "caption": ["x y z"]}).to_csv(table, index=False)
+    base = ["--params", str(REPO_PARAMS), "import", "table", "--table", str(table)]
+    inside = tmp_path / "inside"
+    _image(inside / "images" / "pics" / "a.png", (1, 2, 3))
+    assert main([*base, "--images", str(inside / "images" / "pics"), "--out", str(inside)]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+    outside = tmp_path / "outside"
+    _image(outside / "pics" / "a.png", (1, 2, 3))
+    assert main([*base, "--images", str(outside / "pics"), "--out", str(outside / "ds")]) == 0
+    printed = capsys.readouterr().out
+    assert f"`dvc add {outside / 'ds'}` does not version images behind a link" in printed
+    assert f"move the folder into {outside / 'ds' / 'images'}/" in printed

@@ -13,7 +13,7 @@ import pytest
 
 from vlp.cli import main
 from vlp.data.manifest import read_pairs, read_vqa, write_manifest
-from vlp.data.validation import FAILURE_DOCS_DIR, validate_dataset, validate_stage
+from vlp.data.validation import DATASETS_REPORT_DIR, validate_dataset, validate_stage
 from vlp.errors import DataError
 
 REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -126,19 +126,28 @@ def test_stage_writes_summary_and_docs_outside_the_data(smoke_cfg, smoke_data):
     assert sorted(p.name for p in smoke_data.iterdir()) == before
 
 
-def test_cli_failure_exits_nonzero_and_writes_docs_beside_manifests(data, capsys):
+def test_cli_failure_exits_nonzero_and_writes_docs_to_the_report_dir_not_the_data(
+    data, tmp_path, capsys
+):
     rel = _train_path(data)
     (data / rel).unlink()
+    before = _tree(data)
+    reports = tmp_path / "reports"
     code = main(
-        ["--params", str(REPO_PARAMS), "--profile", "smoke", "validate", "--data", str(data)]
-    )
+        ["--params", str(REPO_PARAMS), "--profile", "smoke",
+         "--set", f"validate.report_dir={reports}", "validate", "--data", str(data)]
+    )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
     assert "expectations failed" in err and rel in err
-    docs = data / FAILURE_DOCS_DIR
-    assert (docs / "index.html").exists()
+    docs = reports / DATASETS_REPORT_DIR / data.name
+    assert (docs / "index.html").exists() and f"report: {docs / 'index.html'}" in err
     assert json.loads((docs / "summary.json").read_text())["success"] is False
-    assert (data / "pairs.parquet").exists()
+    assert _tree(data) == before  # the dataset is read, never written
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_missing_dataset_dir_is_a_data_error(smoke_cfg, tmp_path):

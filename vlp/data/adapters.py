@@ -12,7 +12,9 @@ questions land on the Karpathy split of their image).
 
 Images stay where they are: a folder inside OUT is referenced directly; a folder elsewhere
 is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), so manifest
-paths stay relative to OUT. Ids must be
+paths stay relative to OUT. DVC versions only the first kind (`dvc add OUT` does not
+follow symlinked folders), so a dataset meant for the pipeline keeps its images inside
+OUT. Ids must be
 integers (JSON numbers without a fraction, integer table cells); an image file that leads
 through a symlink out of OUT (other than those links) is refused.
 """
@@ -541,6 +543,13 @@ def run_import(args: argparse.Namespace) -> dict:
         f"vlp import {args.format}: {summary['added']} rows added -> {summary['manifest']} "
         f"({summary['rows']} rows, {summary['images']} images){note}"
     )
+    if "images_link" in summary:
+        # `dvc add OUT` skips symlinked folders: those images would not be versioned
+        print(
+            f"vlp import {args.format}: note: `dvc add {out}` does not version images behind "
+            f"a link; to version them, move the folder into {out / IMAGES_DIR}/ and import "
+            "from there (docs/reference.md, Data)"
+        )
     settings = training_settings(out)
     if settings:
         sets = " ".join(f"--set {shlex.quote(item)}" for item in settings)

@@ -31,7 +31,7 @@ from vlp.errors import DataError, OutputError
 from vlp.io import atomic_dir, atomic_write_json
 
 DOCS_SITE = "vlp"
-FAILURE_DOCS_DIR = "validation_docs"  # under the dataset dir, for `vlp validate --data DIR`
+DATASETS_REPORT_DIR = "datasets"  # validate.report_dir/datasets/<name>/: `vlp validate --data DIR`
 _MAX_EXAMPLES = 5
 
 # Derived columns: name -> what a failing value means, for the error message.
@@ -361,17 +361,18 @@ def validate_stage(cfg: Config, data_dir: Path | None) -> dict[str, Any]:
     """`vlp validate`: validate data_dir (default cfg.data.root); DataError listing failures.
 
     As the pipeline stage (no data_dir) it always writes `summary.json` and Data Docs
-    (`data_docs/`) to `cfg.validate.report_dir`, leaving the dataset untouched. With an
-    explicit data_dir, Data Docs and the summary go to `DIR/validation_docs/`, only on failure.
-    The findings are reported even when the report cannot be written (OutputError if the
-    data passed, one more line of the DataError otherwise).
+    (`data_docs/`) to `cfg.validate.report_dir`. With an explicit data_dir, Data Docs and the
+    summary go to `<report_dir>/datasets/<DIR's name>/`, only on failure. Nothing is ever
+    written into the dataset. The findings are reported even when the report cannot be
+    written (OutputError if the data passed, one more line of the DataError otherwise).
     """
     if data_dir is None:
         target, report_dir = Path(cfg.data.root), Path(cfg.validate.report_dir)
         docs_dir, on_success = report_dir / "data_docs", True
     else:
         target = Path(data_dir)
-        report_dir = docs_dir = target / FAILURE_DOCS_DIR
+        name = target.resolve().name or "root"
+        report_dir = docs_dir = Path(cfg.validate.report_dir) / DATASETS_REPORT_DIR / name
         on_success = False
     if not target.is_dir():
         raise DataError(
