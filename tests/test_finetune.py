@@ -344,6 +344,7 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
     """The predictor's preprocessing and batches are the datasets': same numbers, exactly."""
     from torch.utils.data import DataLoader
 
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, VQADataset, collate
     from vlp.metrics.retrieval import recall_at_k
@@ -359,7 +360,7 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
         finetune=dataclasses.replace(cfg.finetune, ablation=False),
         evaluate=dataclasses.replace(cfg.evaluate, batch_size=batch),
     )
-    size, split = cfg.data.image_size, cfg.evaluate.split
+    size, split = image_transforms(cfg)[0], cfg.evaluate.split
 
     out = finetune(cfg, "retrieval")
     doc = evaluate(cfg, "retrieval")["pretrained"]

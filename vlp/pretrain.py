@@ -55,6 +55,8 @@ UNFINGERPRINTED = (
     "runtime.plots_dir",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
+# The pretrained model's evaluation transform (`ImageTransform.to_dict`), beside its weights.
+IMAGE_TRANSFORM_FILE = "image_transform.json"
 
 
 def work_dir(cfg: Config) -> Path:
@@ -70,6 +72,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     params = {
         "seed": cfg.seed,
         "data.image_size": cfg.data.image_size,
+        **{f"images.{k}": v for k, v in dataclasses.asdict(cfg.images).items()},
         **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
         **{
             key: v
@@ -123,13 +126,14 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str = "test") -> dict[st
     """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
     from torch.utils.data import DataLoader
 
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, collate
     from vlp.metrics.retrieval import recall_at_k
     from vlp.models.embed import embed_texts, encode_images
 
     model.eval()
-    images = ImagesDataset(cfg.data.root, split, cfg.data.image_size)
+    images = ImagesDataset(cfg.data.root, split, image_transforms(cfg)[0])
     loader = DataLoader(images, batch_size=cfg.pretrain.eval_batch_size, collate_fn=collate)
     image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
     pairs = read_pairs(cfg.data.root, split)
@@ -181,6 +185,7 @@ def _summary(
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
+    from vlp.data.images import image_transforms
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model
     from vlp.tracking import check_stage_outputs
@@ -207,7 +212,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     with distributed() as info:
         if info.is_main:  # refuse a foreign output folder before training, not after
             check_replaceable(out_dir)
-        dataset = PairsDataset(cfg.data.root, "pretrain", cfg.data.image_size)
+        transform, augment = image_transforms(cfg)
+        dataset = PairsDataset(cfg.data.root, "pretrain", transform, augment)
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
         barrier()
@@ -221,6 +227,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
             **{f"pretrain.{k}": v for k, v in vars(p).items()},
             **{f"model.{k}": v for k, v in vars(cfg.model).items()},
+            **{f"images.{k}": v for k, v in vars(cfg.images).items()},
             "num_parameters": model.num_parameters(),
             "n_pairs": len(dataset),
             "world_size": info.world_size,
@@ -248,7 +255,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             try:
                 if p.caption_warmup_steps > 0:
                     firsts = PairsDataset(
-                        cfg.data.root, "pretrain", cfg.data.image_size, first_caption_only=True
+                        cfg.data.root, "pretrain", transform, augment, first_caption_only=True
                     )
                     warmup = train(
                         VLPObjective(model, CAPTION_WARMUP_WEIGHTS),
@@ -285,6 +292,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
                 plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
                 model.save_pretrained(out_dir)
+                atomic_write_json(out_dir / IMAGE_TRANSFORM_FILE, transform.to_dict())
                 atomic_write_json(metrics_path, metrics)
                 atomic_write_csv(plot_path, PLOT_COLUMNS, history)
                 run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})

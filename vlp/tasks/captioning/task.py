@@ -31,13 +31,14 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The VLPModel trained with the LM loss alone on the train captions."""
+    from vlp.data.images import image_transforms
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     tcfg = cfg.finetune.captioning
     return TrainingSetup(
         VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, TRAIN_SPLITS, cfg.data.image_size),
+        PairsDataset(cfg.data.root, TRAIN_SPLITS, *image_transforms(cfg)),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
     )
@@ -83,7 +84,7 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
     image_ids = [int(x) for x in images["image_id"]]
     refs = references(pairs)
-    pil = read_images(data, list(images["image_path"]), predictor.image_size)
+    pil = read_images(data, list(images["image_path"]), predictor.transform)
     captions = dict(zip(image_ids, predictor.caption(pil), strict=True))
     metrics = {k: float(v) for k, v in score_captions(captions, refs).items()}
     results = [{"image_id": i, "caption": c} for i, c in sorted(captions.items())]
