@@ -151,3 +151,36 @@ def test_mirror_of_a_fitted_image_is_the_flip_of_its_pixels() -> None:
     t = ImageTransform(16, "squash", HALF, HALF)
     img = t.fit(_wide_photo())
     assert torch.equal(t.pixels([ImageOps.mirror(img)]), t.pixels([img]).flip(-1))
+
+
+class _PixelProbe(torch.nn.Module):
+    """A model whose trained weight depends on every pixel it was shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3, 32, 32))
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": ((pixel_values - self.w) ** 2).mean()}
+
+
+@pytest.mark.slow  # starts DataLoader worker processes
+def test_augmented_training_is_the_same_with_persistent_workers(
+    smoke_data: Path, tmp_path: Path
+) -> None:
+    from vlp.train.loop import TrainSettings, train
+
+    t = ImageTransform(32, "squash", HALF, HALF)
+    augment = Augmentation((0.3, 1.0), True, seed=0)
+    weights = []
+    for workers in (0, 2):
+        ds = PairsDataset(smoke_data, "val", t, augment)
+        model = _PixelProbe()
+        settings = TrainSettings(
+            epochs=3, batch_size=8, lr=0.1, device="cpu", precision="fp32", num_workers=workers
+        )
+        collate = lambda items: {"pixel_values": torch.stack([i["pixel_values"] for i in items])}  # noqa: E731
+        train(model, ds, collate, settings, tmp_path / f"w{workers}")
+        weights.append(model.w.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+    assert weights[0].abs().sum() > 0
