@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from vlp.data.shapes import COLORS, SHAPES, SIZES
 from vlp.data.images import ImageTransform
+from vlp.data.shapes import COLORS, SHAPES, SIZES
 from vlp.data.torch_data import PairsDataset
 from vlp.models import VLPModel
 

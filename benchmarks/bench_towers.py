@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.config import load_config
-from vlp.data.shapes import generate_dataset
 from vlp.data.images import ImageTransform, image_transforms
+from vlp.data.shapes import generate_dataset
 from vlp.data.torch_data import ImagesDataset, PairsDataset, make_pretrain_collate
 from vlp.models import build_model, build_tokenizer
 from vlp.models.objectives import ObjectiveWeights, VLPObjective

@@ -70,8 +70,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from vlp.config import load_config
-    from vlp.data.shapes import generate_dataset
     from vlp.data.images import image_transforms
+    from vlp.data.shapes import generate_dataset
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model, build_tokenizer
     from vlp.models.objectives import ObjectiveWeights, VLPObjective
