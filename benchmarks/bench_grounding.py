@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from vlp.data.images import ImageTransform
 from vlp.data.shapes import COLORS, SHAPES, SIZES
 from vlp.data.torch_data import PairsDataset
 from vlp.models import VLPModel
@@ -47,7 +48,8 @@ def attribute_accuracy(
     `first_only` reads only each test image's first caption (in manifest order).
     """
     model.eval()
-    pairs = PairsDataset(data_dir, "test", image_size, first_caption_only=first_only)
+    square = ImageTransform(image_size, "squash", (0.5,) * 3, (0.5,) * 3)  # the shapes' transform
+    pairs = PairsDataset(data_dir, "test", square, first_caption_only=first_only)
     rows = range(len(pairs))
     group_ids = {}
     for group, words in WORD_GROUPS.items():

@@ -32,6 +32,7 @@ import torch
 from bench_grounding import attribute_accuracy
 
 from vlp.config import load_config
+from vlp.data.images import image_transforms
 from vlp.data.torch_data import PairsDataset, make_pretrain_collate
 from vlp.models import build_model, build_tokenizer
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
@@ -43,7 +44,9 @@ LM_ONLY = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
     # "first" is what pretrain.caption_warmup_steps trains on
-    dataset = PairsDataset(data, "pretrain", cfg.data.image_size, first_caption_only=arm == "first")
+    dataset = PairsDataset(
+        data, "pretrain", *image_transforms(cfg), first_caption_only=arm == "first"
+    )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
     settings = TrainSettings.from_config(

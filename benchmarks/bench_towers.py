@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.config import load_config
+from vlp.data.images import ImageTransform, image_transforms
 from vlp.data.shapes import generate_dataset
 from vlp.data.torch_data import ImagesDataset, PairsDataset, make_pretrain_collate
 from vlp.models import build_model, build_tokenizer
@@ -32,11 +33,11 @@ ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 
 
 @torch.no_grad()
-def zero_shot_r1(model, data_dir: Path, image_size: int, batch_size: int = 256) -> dict:
+def zero_shot_r1(model, data_dir: Path, transform: ImageTransform, batch_size: int = 256) -> dict:
     """t2i and i2t R@1 of ITC cosine similarity on the test split."""
     model.eval()
-    images = ImagesDataset(data_dir, "test", image_size)
-    pairs = PairsDataset(data_dir, "test", image_size)
+    images = ImagesDataset(data_dir, "test", transform)
+    pairs = PairsDataset(data_dir, "test", transform)
     image_feats = []
     for start in range(0, len(images), batch_size):
         px = torch.stack(
@@ -112,7 +113,7 @@ def main() -> None:
         t = time.time()
         generate_dataset(data_cfg, data_dir)
         print(f"generated {data_dir} in {time.time() - t:.0f}s")
-    train_ds = PairsDataset(data_dir, "pretrain", data_cfg.image_size)
+    train_ds = PairsDataset(data_dir, "pretrain", *image_transforms(cfg))
     texts = list(train_ds.frame["caption"])
 
     results = {}
@@ -129,7 +130,7 @@ def main() -> None:
             collate_fn=make_pretrain_collate(tok, mcfg.max_text_length),
         )
         run = train_itc(model, loader, args.budget, args.lr)
-        scores = zero_shot_r1(model, data_dir, data_cfg.image_size)
+        scores = zero_shot_r1(model, data_dir, image_transforms(cfg)[0])
         results[tower] = {"params": model.num_parameters(), **run, **scores}
         print(tower, json.dumps(results[tower]), flush=True)
 

@@ -70,6 +70,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from vlp.config import load_config
+    from vlp.data.images import image_transforms
     from vlp.data.shapes import generate_dataset
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model, build_tokenizer
@@ -86,7 +87,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train."))
     data_cfg = dataclasses.replace(cfg.data, n_pretrain=n_images, n_train=16, n_val=4, n_test=4)
     generate_dataset(data_cfg, tmp / "data")
-    dataset = PairsDataset(tmp / "data", "pretrain", cfg.data.image_size)
+    dataset = PairsDataset(tmp / "data", "pretrain", *image_transforms(cfg))
     tokenizer = build_tokenizer(cfg.model, corpus(tmp / "data", cfg.pretrain.tokenizer_splits))
     collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
 

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from vlp.config import load_config
+from vlp.data.images import image_transforms
 from vlp.data.torch_data import VQADataset
 from vlp.metrics.vqa import vqa_accuracy
 from vlp.models import VLPModel
@@ -87,7 +88,7 @@ def run_arm(arm: str, args: argparse.Namespace, cfg) -> dict:
         torch.manual_seed(cfg.seed + 1)
         model = FusionHeadVQA(vlp, model.answers, head_lr_multiplier=15.0)
         lr = args.lr_fusion
-    test_set = VQADataset(cfg.data.root, "test", cfg.data.image_size)
+    test_set = VQADataset(cfg.data.root, "test", image_transforms(cfg)[0])
     settings = TrainSettings.from_config(
         tcfg,
         seed=cfg.seed,

@@ -345,6 +345,38 @@ def test_identical_finetune_runs_write_byte_identical_model_dirs(cfg: Config) ->
     assert [k for k in first if first[k] != second[k]] == []
 
 
+def test_a_model_keeps_its_image_transform_for_prediction(cfg: Config) -> None:
+    """Trained with shorter_side_crop and other mean/std, it predicts with them, not params'."""
+    from vlp.data.images import ImageTransform
+
+    images = dataclasses.replace(
+        cfg.images, resize="shorter_side_crop", mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.4]
+    )
+    trained = dataclasses.replace(
+        cfg, images=images, finetune=dataclasses.replace(cfg.finetune, ablation=False)
+    )
+    out = finetune(trained, "retrieval")
+    info = json.loads((out / "task.json").read_text())
+    assert info["image_transform"] == {
+        "resize": "shorter_side_crop",
+        "mean": [0.4, 0.5, 0.6],
+        "std": [0.2, 0.3, 0.4],
+    }
+    predictor = load_predictor(out)
+    wide = Image.new("RGB", (448, 172), (200, 30, 30))
+    wide.paste((30, 200, 30), (138, 0, 310, 172))  # the centre square is green
+    expected = ImageTransform(32, "shorter_side_crop", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
+    assert predictor.transform == expected
+    assert torch.equal(predictor._pixels([wide]), expected.pixels([wide]))
+    squashed = ImageTransform(32, "squash", (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)).pixels([wide])
+    assert not torch.equal(predictor._pixels([wide]), squashed)
+
+
+def test_the_pretrained_model_records_its_image_transform(smoke_pretrained: Path) -> None:
+    recorded = json.loads((smoke_pretrained / "image_transform.json").read_text())
+    assert recorded == {"size": 32, "resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
 def test_evaluate_uses_the_models_task_json_settings_not_params(
     cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -380,6 +412,7 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
     """The predictor's preprocessing and batches are the datasets': same numbers, exactly."""
     from torch.utils.data import DataLoader
 
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, VQADataset, collate
     from vlp.metrics.retrieval import recall_at_k
@@ -395,7 +428,7 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
         finetune=dataclasses.replace(cfg.finetune, ablation=False),
         evaluate=dataclasses.replace(cfg.evaluate, batch_size=batch),
     )
-    size, split = cfg.data.image_size, cfg.evaluate.split
+    size, split = image_transforms(cfg)[0], cfg.evaluate.split
 
     out = finetune(cfg, "retrieval")
     doc = evaluate(cfg, "retrieval")["pretrained"]

@@ -194,11 +194,13 @@ def test_resume_after_kill_in_the_caption_warmup_matches_uninterrupted(
 
 
 def test_warmup_sees_one_caption_per_image(smoke_data: Path) -> None:
+    from vlp.data.images import ImageTransform
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import PairsDataset
 
     pairs = read_pairs(smoke_data, "pretrain")
-    firsts = PairsDataset(smoke_data, "pretrain", 32, first_caption_only=True)
+    square = ImageTransform(32, "squash", (0.5,) * 3, (0.5,) * 3)
+    firsts = PairsDataset(smoke_data, "pretrain", square, first_caption_only=True)
     assert len(firsts) == pairs["image_id"].nunique() < len(pairs)
     first_of = pairs.groupby("image_id", sort=False)["caption"].first()
     assert [it["caption"] for it in firsts] == [first_of[it["image_id"]] for it in firsts]

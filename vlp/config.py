@@ -6,7 +6,7 @@ defaults: the dataclasses below have none, so a missing key or file is a ConfigE
 applied with `--profile`; `--set section.key=value` overrides are applied after the
 profile. Profiles are not DVC params, so editing one leaves the default pipeline up to
 date. Each stage reads its own section plus `seed`, `runtime`, `data`, `model` and
-`tracking`.
+`tracking`; the training stages also read `images`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,21 @@ class DataConfig:
     n_test: int
     captions_per_image: int
     questions_per_image: int
+
+
+@dataclass
+class ImagesConfig:
+    """How images become model inputs at `data.image_size` (`vlp.data.images`).
+
+    `resize`, `mean` and `std` are the evaluation transform every model records and its
+    predictors and serving reuse; `train_crop_scale` and `hflip` are training augmentation.
+    """
+
+    resize: Literal["squash", "shorter_side_crop"]
+    mean: list[float]  # R, G, B
+    std: list[float]
+    train_crop_scale: list[float]  # [min, max] area fraction of a random resized crop; [1, 1]: off
+    hflip: bool  # random horizontal flip; swaps the words left and right in the texts
 
 
 @dataclass
@@ -208,6 +223,7 @@ class Config:
     seed: int
     runtime: RuntimeConfig
     data: DataConfig
+    images: ImagesConfig
     validate: ValidateConfig
     model: ModelConfig
     pretrain: PretrainConfig

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from vlp.config import Config
+from vlp.data.images import image_transforms
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, get_task
@@ -167,6 +168,10 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                     "task": task,
                     "init": init,
                     "image_size": cfg.data.image_size,
+                    # the evaluation transform (its size is image_size): predictors and serving
+                    "image_transform": {
+                        k: v for k, v in image_transforms(cfg)[0].to_dict().items() if k != "size"
+                    },
                     "data": str(cfg.data.root),
                     "steps": result.steps,
                     "final_loss": result.final.get("loss"),

@@ -58,6 +58,8 @@ UNFINGERPRINTED = (
     "runtime.plots_dir",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
+# The pretrained model's evaluation transform (`ImageTransform.to_dict`), beside its weights.
+IMAGE_TRANSFORM_FILE = "image_transform.json"
 
 
 def work_dir(cfg: Config) -> Path:
@@ -73,6 +75,7 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     params = {
         "seed": cfg.seed,
         "data.image_size": cfg.data.image_size,
+        **{f"images.{k}": v for k, v in dataclasses.asdict(cfg.images).items()},
         **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
         **{
             key: v
@@ -129,13 +132,14 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]
     """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
     from torch.utils.data import DataLoader
 
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, collate
     from vlp.metrics.retrieval import recall_at_k
     from vlp.models.embed import embed_texts, encode_images
 
     model.eval()
-    images = ImagesDataset(cfg.data.root, split, cfg.data.image_size)
+    images = ImagesDataset(cfg.data.root, split, image_transforms(cfg)[0])
     loader = DataLoader(images, batch_size=cfg.pretrain.eval_batch_size, collate_fn=collate)
     image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
     pairs = read_pairs(cfg.data.root, split)
@@ -214,6 +218,7 @@ def _summary(
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model
@@ -246,7 +251,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:  # refuse a foreign output folder before training, not after
             check_replaceable(out_dir)
         splits = ", ".join(p.splits)
-        dataset = PairsDataset(cfg.data.root, p.splits, cfg.data.image_size)
+        transform, augment = image_transforms(cfg)
+        dataset = PairsDataset(cfg.data.root, p.splits, transform, augment)
         settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
         _check_batches_fit(
             len(dataset),
@@ -258,7 +264,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         firsts = None
         if p.caption_warmup_steps > 0:
             firsts = PairsDataset(
-                cfg.data.root, p.splits, cfg.data.image_size, first_caption_only=True
+                cfg.data.root, p.splits, transform, augment, first_caption_only=True
             )
             warmup_settings = TrainSettings.from_config(
                 cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
@@ -284,6 +290,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
             **{f"pretrain.{k}": v for k, v in vars(p).items()},
             **{f"model.{k}": v for k, v in vars(cfg.model).items()},
+            **{f"images.{k}": v for k, v in vars(cfg.images).items()},
             "num_parameters": model.num_parameters(),
             "n_pairs": len(dataset),
             "world_size": info.world_size,
@@ -334,7 +341,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     run.log_steps(pending)  # also when training failed: keep what it logged
             if info.is_main:
                 # saved first: the zero-shot check is optional and never costs the model
-                model.save_pretrained(out_dir)
+                model.save_pretrained(out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict()})
                 skipped = zero_shot_skipped(cfg)
                 if skipped is None:
                     zero_shot: dict[str, float] | str = zero_shot_retrieval(

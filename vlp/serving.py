@@ -69,8 +69,8 @@ def check_request(task: str, model_input: pd.DataFrame, limits: ServingConfig) -
         )
 
 
-def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) -> Any:
-    """One request image as an RGB PIL image, `size` x `size` when given.
+def decode_image(data: Any, row: int, max_pixels: int, transform: Any = None) -> Any:
+    """One request image as an RGB PIL image, fitted by `transform` (an `ImageTransform`) if given.
 
     The pixel count comes from the header, before any pixel is decoded: a few KB of
     compressed PNG can hold gigabytes of pixels. RequestError names the row otherwise.
@@ -87,11 +87,9 @@ def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) 
                     f"row {row}: image is {width}x{height} = {width * height} pixels, over the "
                     f"limit of {max_pixels} (serving.max_image_pixels)"
                 )
-            if size is None:
+            if transform is None:
                 return img.convert("RGB")
-            from vlp.data.torch_data import fit_image
-
-            return fit_image(img, size)
+            return transform.fit(img)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         # PIL's messages may name internal objects; the row and the kind of failure suffice
         raise RequestError(f"row {row}: image is not a decodable image") from e
@@ -100,11 +98,12 @@ def decode_image(data: Any, row: int, max_pixels: int, size: int | None = None) 
 class VLPTaskModel(mlflow.pyfunc.PythonModel):
     """Pyfunc over a task predictor loaded from the `model_dir` artifact.
 
-    `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
-    from params.yaml when the model was registered) and `loader`
-    ("module:function", default `vlp.tasks.predictor.load_predictor`), which returns an object with
-    `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
-    the task needs. A predictor with an `image_size` gets images already at that size.
+        `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
+        from params.yaml when the model was registered) and `loader`
+        ("module:function", default `vlp.tasks.predictor.load_predictor`), which returns an object with
+        `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
+        the task needs. A predictor with a `transform` (`vlp.data.images.ImageTransform`) gets
+    images already fitted by it, as soon as each is decoded.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -143,9 +142,9 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
 
     def _images(self, model_input: pd.DataFrame) -> list[Any]:
         check_request(self.task, model_input, self.limits)
-        size = getattr(self.predictor, "image_size", None)
+        transform = getattr(self.predictor, "transform", None)
         return [
-            decode_image(data, row, self.limits.max_image_pixels, size)
+            decode_image(data, row, self.limits.max_image_pixels, transform)
             for row, data in enumerate(model_input["image"])
         ]
 

@@ -1,4 +1,4 @@
-"""torch Datasets: item layout, normalisation, caching and collation (also of training batches)."""
+"""torch Datasets: item layout, decoding per access and collation (also of training batches)."""
 
 from __future__ import annotations
 
@@ -9,37 +9,31 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vlp.data.images import image_transforms
 from vlp.data.torch_data import (
     ImagesDataset,
     PairsDataset,
     VQADataset,
     collate,
     image_id_key,
-    load_image,
+    open_image,
     make_pretrain_collate,
 )
 from vlp.errors import DataError
 
 
-def test_load_image_normalises_to_minus_one_one(tmp_path):
-    img = Image.new("RGB", (20, 20), (0, 0, 0))
-    img.putpixel((0, 0), (255, 255, 255))
-    img.save(tmp_path / "a.png")
-    x = load_image(tmp_path / "a.png", 20)
-    assert x.shape == (3, 20, 20) and x.dtype == torch.float32
-    assert x[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
-    assert x[:, 5, 5].tolist() == [-1.0, -1.0, -1.0]
-    assert load_image(tmp_path / "a.png", 8).shape == (3, 8, 8)
+def _transform(cfg):
+    return image_transforms(cfg)[0]
 
 
-def test_load_image_names_a_corrupt_file(tmp_path):
+def test_open_image_names_a_corrupt_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="bad.png"):
-        load_image(tmp_path / "bad.png", 8)
+        open_image(tmp_path / "bad.png")
 
 
 def test_pairs_dataset_items(smoke_cfg, smoke_data):
-    ds = PairsDataset(smoke_data, "train", smoke_cfg.data.image_size)
+    ds = PairsDataset(smoke_data, "train", _transform(smoke_cfg))
     assert len(ds) == smoke_cfg.data.n_train * smoke_cfg.data.captions_per_image
     item = ds[0]
     assert set(item) == {"pixel_values", "caption", "image_id", "caption_id"}
@@ -49,14 +43,14 @@ def test_pairs_dataset_items(smoke_cfg, smoke_data):
 
 
 def test_images_dataset_one_item_per_image(smoke_cfg, smoke_data):
-    ds = ImagesDataset(smoke_data, "test", smoke_cfg.data.image_size)
+    ds = ImagesDataset(smoke_data, "test", _transform(smoke_cfg))
     assert len(ds) == smoke_cfg.data.n_test
     assert len(set(ds.image_ids)) == len(ds)
     assert ds[0]["image_id"] == ds.image_ids[0]
 
 
 def test_vqa_dataset_and_collate_keep_answer_lists(smoke_cfg, smoke_data):
-    ds = VQADataset(smoke_data, "val", smoke_cfg.data.image_size)
+    ds = VQADataset(smoke_data, "val", _transform(smoke_cfg))
     batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate)))
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["question_id"].dtype == torch.long
@@ -64,29 +58,41 @@ def test_vqa_dataset_and_collate_keep_answer_lists(smoke_cfg, smoke_data):
     assert batch["answer_type"][0] in {"yes/no", "number", "other"}
 
 
-def test_images_are_decoded_once(smoke_cfg, smoke_data, tmp_path):
+def test_datasets_keep_a_bounded_number_of_fitted_images(smoke_cfg, smoke_data, tmp_path, monkeypatch):
+    """Fitted images are kept up to CACHE_BYTES per dataset; past that, decoded per access."""
+    from vlp.data import torch_data
+
     data = shutil.copytree(smoke_data, tmp_path / "copy")
-    ds = PairsDataset(data, "val", smoke_cfg.data.image_size)
-    first = ds[0]["pixel_values"]
-    shutil.rmtree(data / "images")  # a re-decode would now fail
-    assert torch.equal(ds[0]["pixel_values"], first)
+    one = 3 * 32 * 32  # bytes of one fitted smoke image
+    monkeypatch.setattr(torch_data, "CACHE_BYTES", 2 * one)
+    ds = PairsDataset(data, "val", _transform(smoke_cfg))
+    first = [ds[i]["pixel_values"] for i in range(len(ds))]
+    kept = set(ds._images._fitted)
+    assert len(kept) == 2 and ds._images._bytes == 2 * one
+    shutil.rmtree(data / "images")
+    for i, row in enumerate(ds._rows):  # kept images still serve; the others decode again
+        if row["image_path"] in kept:
+            assert torch.equal(ds[i]["pixel_values"], first[i])
+        else:
+            with pytest.raises(DataError, match="image not found"):
+                ds[i]
 
 
 def test_empty_split_is_an_error(smoke_cfg, smoke_data):
     with pytest.raises(DataError, match="restval"):
-        PairsDataset(smoke_data, "restval", smoke_cfg.data.image_size)
+        PairsDataset(smoke_data, "restval", _transform(smoke_cfg))
 
 
 def test_symlink_out_of_the_dataset_is_refused(smoke_cfg, smoke_data, tmp_path):
     data = shutil.copytree(smoke_data, tmp_path / "shapes")
-    ds = PairsDataset(data, "train", smoke_cfg.data.image_size)
+    ds = PairsDataset(data, "train", _transform(smoke_cfg))
     rel = ds.frame.loc[0, "image_path"]
     outside = tmp_path / "outside.png"
     shutil.copy(data / rel, outside)
     (data / rel).unlink()
     (data / rel).symlink_to(outside)
     with pytest.raises(DataError, match=f"{rel}' leads through a symlink to {outside}"):
-        PairsDataset(data, "train", smoke_cfg.data.image_size)[0]
+        PairsDataset(data, "train", _transform(smoke_cfg))[0]
 
 
 def test_pretrain_collate_keys_and_stable_image_ids():

@@ -104,12 +104,14 @@ def test_rows_pixels_garbage_and_missing_columns_are_refused(tmp_path: Path) -> 
     )
 
 
-def test_images_reach_a_sized_predictor_already_at_its_input_size(tmp_path: Path) -> None:
+def test_images_reach_a_predictor_already_fitted_by_its_transform(tmp_path: Path) -> None:
+    from vlp.data.images import ImageTransform
+
     model = _model(tmp_path)
     seen: list[tuple[str, tuple[int, int]]] = []
 
     class Sized:
-        image_size = 16
+        transform = ImageTransform(16, "shorter_side_crop", (0.5,) * 3, (0.5,) * 3)
 
         def caption(self, images: list[Any]) -> list[str]:
             seen.extend((im.mode, im.size) for im in images)

@@ -33,13 +33,16 @@ WEIGHT_TOLERANCE = 1e-4
 
 def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: ObjectiveWeights):
     """(objective to train, its model, dataset, collate_fn)."""
+    from vlp.data.images import ImageTransform
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model, load_tokenizer
 
     tok = load_tokenizer(tok_dir, str(tok_dir))
     torch.manual_seed(0)
     model = build_model(model_cfg, tok)
-    dataset = PairsDataset(data_dir, "pretrain", 32)
+    dataset = PairsDataset(
+        data_dir, "pretrain", ImageTransform(32, "squash", (0.5,) * 3, (0.5,) * 3)
+    )
     objective = VLPObjective(model, weights)
     return objective, model, dataset, make_pretrain_collate(tok, model_cfg.max_text_length)
 

@@ -1,7 +1,8 @@
-"""torch Datasets over canonical manifests, with decoded images cached in memory.
+"""torch Datasets over canonical manifests.
 
-Every dataset decodes each image once (the shapes data is small) and keeps it as
-uint8, so training epochs never re-decode PNGs. Use `collate` as the DataLoader
+Images are decoded on every access and turned into pixels by the model's evaluation
+transform, plus the training augmentation where one is given (`vlp.data.images`);
+nothing decoded is cached, so memory does not grow with the dataset. Use `collate` as the DataLoader
 `collate_fn`: torch's default would transpose the 10-answer lists of VQA items. Training
 batches, whose texts are tokenised, come from `make_pretrain_collate` (image-caption pairs)
 and `collate_images_and_texts` (any text field).
@@ -15,12 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from vlp.data.images import Augmentation, ImageTransform, swap_left_right
 from vlp.data.manifest import (
     VQA_FILE,
     Splits,
@@ -35,33 +37,12 @@ from vlp.errors import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.5
-
-
-def fit_image(img: Image.Image, size: int) -> Image.Image:
-    """`img` as RGB at a model's `size` x `size` input (bicubic resize when it differs)."""
-    rgb = img.convert("RGB")
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    return rgb
-
-
-def _uint8(img: Image.Image, size: int) -> torch.Tensor:
-    """uint8 [3, size, size] RGB of `img`."""
-    arr = np.asarray(fit_image(img, size), dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels.float() / 255.0 - PIXEL_MEAN) / PIXEL_STD
-
-
-def _open(path: Path, size: int) -> Image.Image:
-    """The image at `path` fitted to `size`; DataError naming the file if missing or corrupt."""
+def open_image(path: Path) -> Image.Image:
+    """The image at `path`, decoded; DataError naming the file if missing or corrupt."""
     try:
         with Image.open(path) as img:
-            return fit_image(img, size)
+            img.load()
+            return img
     except FileNotFoundError as e:
         raise DataError(f"{path}: image not found") from e
     except Image.DecompressionBombError as e:
@@ -70,68 +51,81 @@ def _open(path: Path, size: int) -> Image.Image:
         raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
-def _decode(path: Path, size: int) -> torch.Tensor:
-    """uint8 [3, size, size] RGB; DataError naming the file if it is missing or corrupt."""
-    return _uint8(_open(path, size), size)
-
-
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """FloatTensor [3, size, size]: RGB in [0, 1], then normalised with mean = std = 0.5."""
-    return _normalise(_decode(Path(path), size))
-
-
-def pixels_from_pil(images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """[N, 3, size, size] float pixels of PIL images, exactly as the datasets give them."""
-    return _normalise(torch.stack([_uint8(img, size) for img in images]))
-
-
 def read_images(
-    data_dir: str | os.PathLike, image_paths: Sequence[str], size: int
+    data_dir: str | os.PathLike, image_paths: Sequence[str], transform: ImageTransform
 ) -> list[Image.Image]:
-    """The dataset's images at manifest `image_paths`, fitted to `size` (one object per path).
+    """The dataset's images at manifest `image_paths`, fitted by `transform` (one object per path).
 
-    A path that leads through a symlink out of the dataset is refused (`locate_image`).
+    Each image is shrunk to the transform's size as soon as it is decoded. A path that
+    leads through a symlink out of the dataset is refused (`locate_image`).
     """
     data_dir = Path(data_dir)
     roots = image_roots(data_dir)
     opened: dict[str, Image.Image] = {}
     for rel in image_paths:
         if rel not in opened:
-            opened[rel] = _open(locate_image(data_dir, rel, roots), size)
+            opened[rel] = transform.fit(open_image(locate_image(data_dir, rel, roots)))
     return [opened[rel] for rel in image_paths]
 
 
-class _ImageCache:
-    """Decoded uint8 images of one dataset, keyed by manifest image_path.
+# Fitted images (uint8, model size) a dataset keeps in memory: all of a small dataset such as
+# the shapes world, a bounded part of a large one, so memory stays flat as datasets grow.
+CACHE_BYTES = 256 * 2**20
 
-    A path that leads through a symlink out of the dataset is refused (`locate_image`).
+
+class _ImageReader:
+    """Pixels of a dataset's images by manifest image_path.
+
+    Without augmentation, each image is decoded and fitted to the model's size once and kept
+    (as uint8) until the dataset holds `CACHE_BYTES` of them; the rest are decoded on every
+    access. With augmentation every access decodes, since each draws its own crop. A path
+    that leads through a symlink out of the dataset is refused (`locate_image`).
     """
 
-    def __init__(self, data_dir: Path, image_size: int) -> None:
+    def __init__(
+        self, data_dir: Path, transform: ImageTransform, augment: Augmentation | None
+    ) -> None:
         self.data_dir = data_dir
-        self.image_size = image_size
+        self.transform = transform
+        self.augment = augment
         self._roots = image_roots(data_dir)
-        self._cache: dict[str, torch.Tensor] = {}
+        self._fitted: dict[str, np.ndarray] = {}
+        self._bytes = 0
 
-    def __call__(self, rel: str) -> torch.Tensor:
-        pixels = self._cache.get(rel)
-        if pixels is None:
-            pixels = _decode(locate_image(self.data_dir, rel, self._roots), self.image_size)
-            self._cache[rel] = pixels
-        return _normalise(pixels)
+    def __call__(self, rel: str, index: int, epoch: int) -> tuple[torch.Tensor, bool]:
+        """(pixels [3, size, size], whether the image was mirrored) of item `index`."""
+        if self.augment is not None:
+            img = open_image(locate_image(self.data_dir, rel, self._roots))
+            return self.augment.apply(img, self.transform, index, epoch)
+        fitted = self._fitted.get(rel)
+        if fitted is None:
+            img = open_image(locate_image(self.data_dir, rel, self._roots))
+            fitted = np.asarray(self.transform.fit(img), dtype=np.uint8)
+            if self._bytes + fitted.nbytes <= CACHE_BYTES:
+                self._fitted[rel] = fitted
+                self._bytes += fitted.nbytes
+        return self.transform.normalise(fitted), False
+
+
+def _key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """(index, epoch) of a dataset key: an index, or (index, epoch) from the training loop."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
 
 
 class PairsDataset(Dataset):
     """One item per caption: pixel_values, caption, image_id, caption_id.
 
     With `first_caption_only`, one item per image: its first caption in manifest order.
+    With `augment`, items are keyed by (index, epoch) in training (`takes_epoch`): each
+    epoch draws new crops, and a mirrored image's caption has left and right swapped.
     """
 
     def __init__(
         self,
         data_dir: str | os.PathLike,
         split: Splits,
-        image_size: int,
+        transform: ImageTransform,
+        augment: Augmentation | None = None,
         first_caption_only: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -140,7 +134,8 @@ class PairsDataset(Dataset):
             self.frame = self.frame.drop_duplicates("image_id").reset_index(drop=True)
         if self.frame.empty:
             raise no_rows_in_splits(self.data_dir, split, "caption pairs")
-        self._images = _ImageCache(self.data_dir, image_size)
+        self._images = _ImageReader(self.data_dir, transform, augment)
+        self.takes_epoch = augment is not None
         self._rows = self.frame[["image_path", "caption", "image_id", "caption_id"]].to_dict(
             "records"
         )
@@ -148,11 +143,14 @@ class PairsDataset(Dataset):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = _key(key)
         row = self._rows[i]
+        pixels, flipped = self._images(row["image_path"], i, epoch)
+        caption = swap_left_right(row["caption"]) if flipped else row["caption"]
         return {
-            "pixel_values": self._images(row["image_path"]),
-            "caption": row["caption"],
+            "pixel_values": pixels,
+            "caption": caption,
             "image_id": int(row["image_id"]),
             "caption_id": int(row["caption_id"]),
         }
@@ -161,7 +159,9 @@ class PairsDataset(Dataset):
 class ImagesDataset(Dataset):
     """One item per unique image of the split (first-seen order): pixel_values, image_id."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike, split: Splits, transform: ImageTransform
+    ) -> None:
         self.data_dir = Path(data_dir)
         pairs = read_pairs(self.data_dir, split)
         if pairs.empty:
@@ -171,40 +171,55 @@ class ImagesDataset(Dataset):
         ].reset_index(drop=True)
         self.image_ids: list[int] = [int(x) for x in self.frame["image_id"]]
         self._paths: list[str] = list(self.frame["image_path"])
-        self._images = _ImageCache(self.data_dir, image_size)
+        self._images = _ImageReader(self.data_dir, transform, None)
 
     def __len__(self) -> int:
         return len(self._paths)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"pixel_values": self._images(self._paths[i]), "image_id": self.image_ids[i]}
+        pixels, _ = self._images(self._paths[i], i, 0)
+        return {"pixel_values": pixels, "image_id": self.image_ids[i]}
 
 
 class VQADataset(Dataset):
-    """One item per question: pixel_values, question, answers (10 str), ids, types."""
+    """One item per question: pixel_values, question, answers (10 str), ids, types.
 
-    def __init__(self, data_dir: str | os.PathLike, split: Splits, image_size: int) -> None:
+    With `augment`, as `PairsDataset`: a mirrored image's question and answers have left
+    and right swapped.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: Splits,
+        transform: ImageTransform,
+        augment: Augmentation | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.frame: pd.DataFrame = read_vqa(self.data_dir, split)
         if self.frame.empty:
             raise no_rows_in_splits(self.data_dir, split, "VQA questions", VQA_FILE)
-        self._images = _ImageCache(self.data_dir, image_size)
+        self._images = _ImageReader(self.data_dir, transform, augment)
+        self.takes_epoch = augment is not None
         self._rows = self.frame.to_dict("records")
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = _key(key)
         row = self._rows[i]
+        pixels, flipped = self._images(row["image_path"], i, epoch)
+        texts = swap_left_right if flipped else str
         return {
-            "pixel_values": self._images(row["image_path"]),
-            "question": row["question"],
-            "answers": list(row["answers"]),
+            "pixel_values": pixels,
+            "question": texts(row["question"]),
+            "answers": [texts(a) for a in row["answers"]],
             "question_id": int(row["question_id"]),
             "image_id": int(row["image_id"]),
             "answer_type": row["answer_type"],
             "question_type": row["question_type"],
-            "multiple_choice_answer": row["multiple_choice_answer"],
+            "multiple_choice_answer": texts(row["multiple_choice_answer"]),
         }
 
 

@@ -214,8 +214,13 @@ class VLPModel(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically."""
+    def save_pretrained(
+        self, path: str | os.PathLike, extra_json: dict[str, Any] | None = None
+    ) -> None:
+        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically.
+
+        `extra_json` maps further file names to JSON content written in the same step.
+        """
         from vlp.models.weights import save_weights
 
         meta = {
@@ -227,6 +232,8 @@ class VLPModel(nn.Module):
             save_weights(self, tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for name, content in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(

@@ -18,8 +18,9 @@ serves it.
 - captioning: `caption(images) -> list[str]` (beam search);
 - vqa: `answer(images, questions) -> list[str]` (one question per image).
 
-Images are `PIL.Image`s of any size and mode; they are converted to RGB and resized to the
-model's training resolution exactly as the torch datasets do (`vlp.data.torch_data`).
+Images are `PIL.Image`s of any size and mode; they become pixels through the evaluation
+transform the model was trained with (`image_transform`: resize mode, size, mean/std, recorded
+in `task.json`), exactly as the torch datasets make them (`vlp.data.images`).
 
 `model_sha256(model_dir)` is the directory's content hash: evaluation records it beside
 the scores, and the registry only accepts scores measured on the directory it registers.
@@ -70,7 +71,23 @@ def read_task_info(model_dir: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{path}: lacks the {info['task']} setting {key!r}")
     if not isinstance(info["image_size"], int) or info["image_size"] < 1:
         raise ConfigError(f"{path}: image_size must be a positive integer")
+    if not isinstance(info.get("image_transform", {}), dict):
+        raise ConfigError(f"{path}: image_transform must be a mapping")
     return info
+
+
+def image_transform(info: dict[str, Any]) -> Any:
+    """The `ImageTransform` a `task.json` records.
+
+    A model without `image_transform` predates it and was trained with the bicubic square
+    resize and mean = std = 0.5.
+    """
+    from vlp.data.images import ImageTransform
+
+    recorded = info.get(
+        "image_transform", {"resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}
+    )
+    return ImageTransform.from_dict({**recorded, "size": info["image_size"]})
 
 
 def model_sha256(model_dir: str | os.PathLike) -> str:
@@ -95,6 +112,7 @@ __all__ = [
     "TASK_NAMES",
     "Task",
     "get_task",
+    "image_transform",
     "model_sha256",
     "read_task_info",
 ]

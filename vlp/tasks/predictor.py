@@ -1,7 +1,7 @@
 """Inference over a finetuned task model directory: the base of every task's `Predictor`.
 
-Every inference setting comes from the model's `task.json` (`info`): the image size it was
-trained at and its task's settings. `batch_size` is how many images, texts or (image,
+Every inference setting comes from the model's `task.json` (`info`): the image transform it
+was trained with (`vlp.data.images.ImageTransform`) and its task's settings. `batch_size` is how many images, texts or (image,
 text) pairs go through one forward pass; it changes nothing but speed and memory.
 """
 
@@ -32,7 +32,10 @@ class Predictor:
         self.info = info
         self.model_dir = Path(model_dir)
         self.task: str = info["task"]
-        self.image_size = int(info["image_size"])
+        from vlp.tasks import image_transform
+
+        self.transform = image_transform(info)
+        self.image_size = self.transform.size
         self.batch_size = batch_size
 
     @property
@@ -40,9 +43,7 @@ class Predictor:
         return self.model.temp.device
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        from vlp.data.torch_data import pixels_from_pil
-
-        return pixels_from_pil(images, self.image_size).to(self.device)
+        return self.transform.pixels(images).to(self.device)
 
     def _chunks(self, n: int) -> list[slice]:
         return [slice(s, s + self.batch_size) for s in range(0, n, self.batch_size)]
@@ -106,4 +107,4 @@ def split_images(
     if pairs.empty:
         raise DataError(f"{data}: no images in split {split!r}")
     images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
-    return pairs, images, read_images(data, list(images["image_path"]), predictor.image_size)
+    return pairs, images, read_images(data, list(images["image_path"]), predictor.transform)

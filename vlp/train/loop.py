@@ -18,7 +18,7 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from vlp.errors import ConfigError
@@ -194,6 +194,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _EpochKeys(Sampler):
+    """The dataset keys of the current epoch, refilled by the loop before each epoch."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self.items))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 def _mean_across_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
     keys = sorted(values)
     stacked = torch.stack([values[k] for k in keys])
@@ -313,6 +326,26 @@ def train(
         barrier()
         return path
 
+    # One DataLoader for the whole run, so workers persist across epochs; each epoch
+    # refills its sampler. A dataset with per-epoch randomness (augmentation) says so with
+    # `takes_epoch` and gets (index, epoch) keys: its draws then depend on neither the
+    # workers nor a resume.
+    keys = _EpochKeys()
+    loader = DataLoader(
+        dataset,
+        batch_size=micro_bs,
+        sampler=keys,
+        collate_fn=collate_fn,
+        num_workers=s.num_workers,
+        persistent_workers=s.num_workers > 0,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        # Own generator: worker seeding must not draw from the global RNG, or a
+        # resumed run's model RNG would drift from the uninterrupted one.
+        generator=torch.Generator().manual_seed(s.seed),
+    )
+    takes_epoch = bool(getattr(dataset, "takes_epoch", False))
+
     show = info.is_main and sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not show, unit="step", desc="train")
     net.train()
@@ -324,18 +357,7 @@ def train(
             sampler.set_epoch(epoch)
             # Skip what an interrupted run already consumed: same permutation, later start.
             indices = list(sampler)[micro_done * micro_bs : steps_per_epoch * accum * micro_bs]
-            loader = DataLoader(
-                dataset,
-                batch_size=micro_bs,
-                sampler=indices,
-                collate_fn=collate_fn,
-                num_workers=s.num_workers,
-                drop_last=True,
-                pin_memory=device.type == "cuda",
-                # Own generator: worker seeding must not draw from the global RNG, or a
-                # resumed run's model RNG would drift from the uninterrupted one.
-                generator=torch.Generator().manual_seed(s.seed + epoch),
-            )
+            keys.items = [(i, epoch) for i in indices] if takes_epoch else indices
             batches = iter(loader)
             epoch_done = False
             while not epoch_done and step < total_steps:

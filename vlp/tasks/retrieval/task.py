@@ -25,12 +25,13 @@ TOP_RESULTS = 10  # ranked items per query in the results file
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`."""
+    from vlp.data.images import image_transforms
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     return TrainingSetup(
         VLPObjective(vlp, LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, cfg.finetune.splits, cfg.data.image_size),
+        PairsDataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg)),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
     )
@@ -80,6 +81,7 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     index = {image_id: i for i, image_id in enumerate(image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = [str(c) for c in pairs["caption"]]
+
     s = predictor.rank(pil, captions)
     i2t, t2i, itc = (m.float().cpu() for m in (s.i2t, s.t2i, s.itc))
     ranked_i2t = recall_at_k(i2t, text_to_image)

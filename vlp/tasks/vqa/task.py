@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of `finetune.splits`."""
+    from vlp.data.images import image_transforms
     from vlp.data.torch_data import VQADataset
     from vlp.tasks.vqa.model import VQAModel, build_answer_vocab, make_vqa_collate
 
     tcfg = cfg.finetune.vqa
-    dataset = VQADataset(cfg.data.root, cfg.finetune.splits, cfg.data.image_size)
+    dataset = VQADataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg))
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
     module = VQAModel(
@@ -84,7 +85,7 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     frame = read_vqa(data, split)
     if frame.empty:
         raise DataError(f"{data}: no VQA questions in split {split!r}")
-    pil = read_images(data, list(frame["image_path"]), predictor.image_size)
+    pil = read_images(data, list(frame["image_path"]), predictor.transform)
     answers = predictor.answer(pil, [str(q) for q in frame["question"]])
     predictions = dict(zip((int(q) for q in frame["question_id"]), answers, strict=True))
     scores = vqa_accuracy(

@@ -1,0 +1,224 @@
+"""Images to model inputs: the evaluation transform a model keeps, and training augmentation.
+
+`ImageTransform` is what a model sees at evaluation and serving time: the image turned
+upright by its EXIF orientation, converted to RGB, resized to `size` (`squash`: bicubic to
+a square, aspect ignored; `shorter_side_crop`: shorter side to `size`, then the centre
+square, as the CLIP and BLIP processors do) and normalised with `mean` / `std`. A
+transformers image processor (`CLIPImageProcessorPil`) does the resizing, cropping and
+normalising. Every model directory records its transform (`to_dict`), so evaluation and
+serving preprocess exactly as the model was trained.
+
+`Augmentation` is what training adds on top, as BLIP does: a random resized crop (area
+fraction drawn from `crop_scale`, aspect ratio from 3/4 to 4/3) and, when `hflip` is on, a
+random horizontal flip that swaps the words "left" and "right" in the item's texts. Its
+draws come from a generator seeded by (seed, epoch, item index), so an item's crop does
+not depend on the DataLoader workers, the order items are fetched in, or a resume.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vlp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import CLIPImageProcessorPil
+
+    from vlp.config import Config
+
+RESIZE_MODES = ("squash", "shorter_side_crop")
+ASPECT_RANGE = (3 / 4, 4 / 3)  # random resized crop's aspect ratios, as torchvision and BLIP
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_SWAP = {"left": "right", "right": "left"}
+
+
+def swap_left_right(text: str) -> str:
+    """`text` with the words left and right exchanged (case kept): the text of a mirrored image."""
+
+    def repl(m: re.Match[str]) -> str:
+        word = _SWAP[m.group(0).lower()]
+        if m.group(0).isupper():
+            return word.upper()
+        return word.capitalize() if m.group(0)[0].isupper() else word
+
+    return _LEFT_RIGHT.sub(repl, text)
+
+
+def _triple(values: Sequence[float], key: str) -> tuple[float, float, float]:
+    if len(values) != 3:
+        raise ConfigError(f"{key}: expected 3 values (R, G, B), got {list(values)!r}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The evaluation transform: PIL image -> normalised float pixels [3, size, size]."""
+
+    size: int
+    resize: str  # squash | shorter_side_crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"data.image_size: must be >= 1, got {self.size}")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"images.resize: {self.resize!r} is not one of {RESIZE_MODES}")
+        object.__setattr__(self, "mean", _triple(self.mean, "images.mean"))
+        object.__setattr__(self, "std", _triple(self.std, "images.std"))
+        if min(self.std) <= 0:
+            raise ConfigError(f"images.std: every value must be > 0, got {list(self.std)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageTransform:
+        """The transform `to_dict` wrote (ConfigError naming a missing key)."""
+        missing = [k for k in ("size", "resize", "mean", "std") if k not in d]
+        if missing:
+            raise ConfigError(f"image transform: missing key {missing[0]!r}")
+        return cls(int(d["size"]), str(d["resize"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "resize": self.resize,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @cached_property
+    def processor(self) -> CLIPImageProcessorPil:
+        """The transformers image processor that resizes, crops and normalises."""
+        from transformers import CLIPImageProcessorPil
+
+        square = {"height": self.size, "width": self.size}
+        return CLIPImageProcessorPil(
+            size=square if self.resize == "squash" else {"shortest_edge": self.size},
+            do_center_crop=self.resize == "shorter_side_crop",
+            crop_size=square,
+            resample=Image.Resampling.BICUBIC,
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+            do_convert_rgb=True,
+        )
+
+    def fit(self, img: Image.Image) -> Image.Image:
+        """`img` upright, RGB, resized and cropped to size x size: the transform minus normalising.
+
+        `pixels` of a fitted image equal `pixels` of the original, so images can be
+        shrunk as soon as they are decoded. An upright RGB image already at size x size is
+        returned as it is (the processor would leave it unchanged).
+        """
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "RGB" and img.size == (self.size, self.size):
+            return img
+        out = self.processor(img, do_rescale=False, do_normalize=False, return_tensors="np")[
+            "pixel_values"
+        ][0]
+        return Image.fromarray(np.ascontiguousarray(out.transpose(1, 2, 0)).astype(np.uint8))
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Float pixels [N, 3, size, size] of PIL images of any size and mode."""
+        # Fitting each image first keeps the float arrays at the model's size: about 4x
+        # faster on photos than normalising at full resolution.
+        return torch.stack([self.normalise(self.fit(img)) for img in images])
+
+    def normalise(self, img: Image.Image | np.ndarray) -> torch.Tensor:
+        """Float pixels [3, size, size] of an RGB image (or its uint8 HWC array) at size x size.
+
+        The processor's own rescale and normalise steps, called directly: a whole
+        processor call per small image costs about 20x the arithmetic.
+        """
+        from transformers.image_transforms import normalize, rescale
+        from transformers.image_utils import ChannelDimension
+
+        first = ChannelDimension.FIRST
+        chw = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        scaled = rescale(chw, self.processor.rescale_factor, first, input_data_format=first)
+        return torch.from_numpy(normalize(scaled, self.mean, self.std, first, first))
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation over an `ImageTransform`: random resized crop, optional flip."""
+
+    crop_scale: tuple[float, float]  # area fraction of the crop; (1, 1): no crop
+    hflip: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        lo, hi = (float(x) for x in self.crop_scale) if len(self.crop_scale) == 2 else (0, -1)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(
+                f"images.train_crop_scale: expected [min, max] with 0 < min <= max <= 1, "
+                f"got {list(self.crop_scale)}"
+            )
+        object.__setattr__(self, "crop_scale", (lo, hi))
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything: off, training sees the evaluation transform's pixels."""
+        return self.crop_scale != (1.0, 1.0) or self.hflip
+
+    def apply(
+        self, img: Image.Image, transform: ImageTransform, index: int, epoch: int
+    ) -> tuple[torch.Tensor, bool]:
+        """Pixels [3, size, size] of a random crop of `img`, and whether it was mirrored."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        box = self._crop_box(img.size, rng) if self.crop_scale != (1.0, 1.0) else None
+        if box is None:
+            img = transform.fit(img)
+        else:
+            size = (transform.size, transform.size)
+            img = img.resize(size, Image.Resampling.BICUBIC, box=box)
+        flipped = self.hflip and bool(rng.random() < 0.5)
+        if flipped:
+            img = ImageOps.mirror(img)
+        return transform.normalise(img), flipped
+
+    def _crop_box(
+        self, wh: tuple[int, int], rng: np.random.Generator
+    ) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) as torchvision's RandomResizedCrop draws it."""
+        width, height = wh
+        area = width * height
+        log_lo, log_hi = math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1])
+        for _ in range(10):
+            target = area * rng.uniform(*self.crop_scale)
+            aspect = math.exp(rng.uniform(log_lo, log_hi))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(rng.integers(0, width - w + 1))
+                top = int(rng.integers(0, height - h + 1))
+                return left, top, left + w, top + h
+        # fallback as torchvision: the centre crop at the nearest allowed aspect ratio
+        ratio = width / height
+        if ratio < ASPECT_RANGE[0]:
+            w, h = width, round(width / ASPECT_RANGE[0])
+        elif ratio > ASPECT_RANGE[1]:
+            w, h = round(height * ASPECT_RANGE[1]), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+
+def image_transforms(cfg: Config) -> tuple[ImageTransform, Augmentation | None]:
+    """The evaluation transform and training augmentation (None when off) of a config.
+
+    From its `images` section at `data.image_size`; augmentation draws are seeded by `seed`.
+    """
+    im = cfg.images
+    transform = ImageTransform(cfg.data.image_size, im.resize, tuple(im.mean), tuple(im.std))
+    augment = Augmentation(tuple(im.train_crop_scale), im.hflip, cfg.seed)
+    return transform, augment if augment.active else None
