@@ -122,9 +122,8 @@ def test_images_reach_a_predictor_already_fitted_by_its_transform(tmp_path: Path
     assert seen == [("RGB", (16, 16)), ("RGB", (16, 16))]
 
 
-@pytest.mark.slow
-def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
-    cfg = dataclasses.replace(store_cfg, serving=ServingConfig(max_image_pixels=99, max_rows=5))
+def _register_standin_captioner(cfg: Config) -> None:
+    """Register the stand-in captioning model (with its evaluated hash) under `cfg`."""
     model_dir = make_standin_model(Path("models/captioning"), "w")
     register_model(
         cfg,
@@ -135,6 +134,12 @@ def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
     )
+
+
+@pytest.mark.slow
+def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
+    cfg = dataclasses.replace(store_cfg, serving=ServingConfig(max_image_pixels=99, max_rows=5))
+    _register_standin_captioner(cfg)
     model = mlflow.pyfunc.load_model("models:/vlp-captioning@champion")
     assert model.model_config["max_image_pixels"] == 99
     assert model.model_config["max_rows"] == 5
@@ -166,16 +171,7 @@ def test_served_model_answers_bad_requests_with_a_400_and_no_trace(
     cfg = dataclasses.replace(
         store_cfg, serving=ServingConfig(max_image_pixels=4096 * 4096, max_rows=3)
     )
-    model_dir = make_standin_model(Path("models/captioning"), "w")
-    register_model(
-        cfg,
-        "captioning",
-        model_dir,
-        {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)},
-        eval_hash="h",
-        loader=STANDIN_LOADER,
-        extra_code_paths=[STANDIN],
-    )
+    _register_standin_captioner(cfg)
     port = free_port()
     cmd = [
         MLFLOW, "models", "serve", "-m", "models:/vlp-captioning@champion",
