@@ -58,6 +58,7 @@ class ImagesConfig:
     predictors and serving reuse; `train_crop_scale` and `hflip` are training augmentation.
     """
 
+    size: int | None  # input side; None: the pretrained tower's processor size, else data.image_size
     resize: Literal["squash", "shorter_side_crop"]
     mean: list[float]  # R, G, B
     std: list[float]
@@ -80,6 +81,8 @@ class ValidateConfig:
 class ModelConfig:
     """Architecture of the towers; `*_pretrained` load a local directory instead."""
 
+    family: Literal["fusion", "clip"]  # fusion: ITC + ITM + LM model (BLIP); clip: dual encoder
+    init_from: str | None  # a local CLIP or BLIP checkpoint the whole model starts from
     image_tower: str  # cnn | vit | convnext
     image_pretrained: str | None
     text_pretrained: str | None
@@ -116,6 +119,7 @@ class RuntimeConfig:
 class PretrainConfig:
     """Pretraining loop and objective weights (a weight of 0 switches an objective off)."""
 
+    enabled: bool  # false: no training; `model.init_from` is saved as the pretrained model
     out_dir: str
     splits: list[str]  # the pairs trained on
     # Captions (and VQA questions and answers) the tokenizer learns: the text of every stage
