@@ -13,37 +13,40 @@ ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 WORDS = "a red circle left of blue square two green triangles above small yellow star big".split()
 
 
-def save_bert(path, type_vocab_size: int = 2):
-    """A tiny random BertModel and a WordPiece BertTokenizer (vocab.txt) saved in `path`."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+def save_bert(path, with_lm_head: bool = False):
+    """A tiny random BERT and a WordPiece BertTokenizer (vocab.txt) saved in `path`; its BertModel.
+
+    `with_lm_head` saves a BertForMaskedLM, whose weights carry the `bert.` prefix as the
+    published BERT checkpoints' do.
+    """
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
 
     path.mkdir(parents=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(path / "vocab.txt")).save_pretrained(str(path))
     torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=len(vocab),
-            hidden_size=24,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=32,
-            type_vocab_size=type_vocab_size,
-        ),
-        add_pooling_layer=False,
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
     )
+    saved = BertForMaskedLM(config) if with_lm_head else BertModel(config, add_pooling_layer=False)
+    bert = saved.bert if with_lm_head else saved
     with torch.no_grad():  # token types large enough that dropping them could not pass
         bert.embeddings.token_type_embeddings.weight.normal_(0, 1.0)
-    bert.save_pretrained(str(path))
+    saved.save_pretrained(str(path))
     return bert.eval()
 
 
-def test_bert_text_tower_equals_bert(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("with_lm_head", [False, True])
+def test_bert_text_tower_equals_bert(with_lm_head, tiny_cfg, tmp_path):
     from vlp.models.tokenizer import build_tokenizer
 
-    bert = save_bert(tmp_path / "bert")
+    bert = save_bert(tmp_path / "bert", with_lm_head)
     cfg = tiny_cfg(text_pretrained=str(tmp_path / "bert"))
     tok = build_tokenizer(cfg)
     assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"])[0] == "[CLS]"
@@ -64,7 +67,8 @@ def test_bert_text_tower_equals_bert(tiny_cfg, tmp_path):
 def save_vit(path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(
+    torch.manual_seed(0)
+    vit = ViTModel(
         ViTConfig(
             image_size=32,
             patch_size=8,
@@ -72,8 +76,11 @@ def save_vit(path):
             num_hidden_layers=1,
             num_attention_heads=2,
             intermediate_size=40,
-        )
-    ).save_pretrained(str(path))
+        ),
+        add_pooling_layer=False,
+    )
+    vit.save_pretrained(str(path))
+    return vit.eval()
 
 
 def save_resnet(path):
@@ -221,3 +228,12 @@ def test_clip_tower_from_checkpoint(saved, tiny_cfg, tokenizer, batch, tmp_path)
     torch.testing.assert_close(
         loaded.encode_image(pixels)[0], m.encode_image(pixels)[0], rtol=0, atol=0
     )
+
+
+def test_vit_tower_tokens_are_vits_own(tiny_cfg, tokenizer, batch, tmp_path):
+    vit = save_vit(tmp_path / "vit")
+    m = build_model(tiny_cfg(image_tower="vit", image_pretrained=str(tmp_path / "vit")), tokenizer)
+    with torch.no_grad():
+        tokens = m.image_tower.backbone_tokens(batch["pixel_values"])
+        ref = vit(pixel_values=batch["pixel_values"]).last_hidden_state
+    torch.testing.assert_close(tokens, ref, rtol=0, atol=1e-6)
