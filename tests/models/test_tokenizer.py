@@ -113,7 +113,7 @@ def test_clip_tokenizer_ends_on_its_own_stop_token(clip_tokenizer_dir, tmp_path)
     batch = make_pretrain_collate(tok, max_length=16)(items)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert mask[1].eq(0).any()  # the short caption is padded
-    for row, m in zip(ids, mask):
+    for row, m in zip(ids, mask, strict=True):
         n = int(m.sum())
         assert row[n - 1] == tok.sep_token_id and row[0] == tok.cls_token_id
     # LM targets (lm_loss: padding masked by the attention mask): one stop token per caption
@@ -149,7 +149,6 @@ def test_tokenizer_without_start_and_end_tokens_is_rejected(tmp_path):
         load_tokenizer(tmp_path / "plain")
 
 
-@pytest.mark.slow
 def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, tiny_cfg):
     """Trained on two captions, greedy decoding reproduces them and stops on CLIP's stop token."""
     from vlp.data.torch_data import make_pretrain_collate
@@ -181,6 +180,6 @@ def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, t
     assert texts == captions
     (ids,) = generated
     assert ids.shape[1] < 1 + max_length  # every caption stopped before max_length
-    for row, caption in zip(ids, captions):
+    for row, caption in zip(ids, captions, strict=True):
         n = len(tok(caption)["input_ids"])  # [DEC] + words + stop, as trained
         assert row[n - 1] == tok.sep_token_id and row[0] == model.dec_token_id
