@@ -34,7 +34,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,17 +263,7 @@ def image_transforms(
             raise ConfigError(f"{key}: {str(directory)!r} is not a local directory")
         if (directory / PROCESSOR_FILE).is_file():
             transform = ProcessorTransform.load(directory, key, im.size)
-            level = logging.WARNING if transform.size != cfg.data.image_size else logging.INFO
-            how = "images.size" if im.size is not None else "the processor's own size"
-            log.log(
-                level,
-                "images: %d px (%s; data.image_size is %d), preprocessed by the image processor "
-                "of %s (images.resize, mean and std are not used)",
-                transform.size,
-                how,
-                cfg.data.image_size,
-                directory,
-            )
+            _log_size(str(directory), transform.size, im.size is not None, cfg.data.image_size)
         elif model_dir is None and im.size is None:
             native = native_image_size(directory)
             if native is not None and native != cfg.data.image_size:
@@ -288,6 +278,27 @@ def image_transforms(
         transform = ImageTransform(size, im.resize, tuple(im.mean), tuple(im.std))
     augment = Augmentation(tuple(im.train_crop_scale), im.hflip, cfg.seed)
     return transform, augment if augment.active else None
+
+
+@cache  # once per process and setting: every stage resolves its transform several times
+def _log_size(directory: str, size: int, explicit: bool, data_size: int) -> None:
+    log.log(
+        logging.WARNING if size != data_size else logging.INFO,
+        "images: %d px (%s; data.image_size is %d), preprocessed by the image processor of %s "
+        "(images.resize, mean and std are not used)",
+        size,
+        "images.size" if explicit else "the processor's own size",
+        data_size,
+        directory,
+    )
+
+
+def image_params(transform: Transform) -> dict[str, Any]:
+    """What a stage's MLflow params record of its transform: the size used and its processor."""
+    processor = None
+    if isinstance(transform, ProcessorTransform):
+        processor = type(transform.processor).__name__.removesuffix("Pil")
+    return {"image_size": transform.size, "image_processor": processor}
 
 
 def pretrained_source(model: ModelConfig) -> tuple[str, str] | None:
