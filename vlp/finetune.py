@@ -4,14 +4,14 @@
 and Karpathy's `restval`) with the shared loop (`vlp.train.loop.train`) and writes a
 finetuned task model directory (see `vlp.tasks`):
 
-Both inits preprocess images as the pretrained model does: with the image processor it keeps
-(`preprocessor_config.json`, saved into the finetuned model too), else the `images` params.
-
 - pretrained init (from `finetune.init_dir`) -> `finetune.out_dir/<task>`; scratch init ->
   `finetune.out_dir/<task>_scratch` (the ablation: same architecture, tokenizer and budget,
   weights freshly initialised);
 - `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses.
+
+Both inits preprocess images as the pretrained model does: with the image processor it keeps
+(`preprocessor_config.json`, saved into the finetuned model too), else the `images` params.
 
 What each task trains, and the inference settings it records in `task.json`, is the
 task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives),

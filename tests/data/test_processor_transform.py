@@ -236,4 +236,6 @@ def test_save_processor_copies_a_checkpoints_processor(smoke_cfg: Config, tmp_pa
     model = dataclasses.replace(smoke_cfg.model, init_from=str(tmp_path / "clip"))
     assert save_processor(model, tmp_path / "out2")
     assert not save_processor(smoke_cfg.model, tmp_path / "out3")
+    assert save_processor(model, tmp_path / "out4", size=16)
+    assert ProcessorTransform.load(tmp_path / "out4", "k").size == 16
     assert not (tmp_path / "out3").exists()

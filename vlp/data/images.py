@@ -334,23 +334,27 @@ def native_image_size(directory: str | os.PathLike) -> int | None:
     return int(size) if isinstance(size, int) else None
 
 
-def save_processor(source: str | os.PathLike | ModelConfig, out_dir: str | os.PathLike) -> bool:
-    """Save the image processor of a checkpoint into a model directory; whether it had one.
+def save_processor(
+    source: str | os.PathLike | ModelConfig, out_dir: str | os.PathLike, size: int | None = None
+) -> bool:
+    """Save a checkpoint's image processor into a model directory; whether it has one.
 
-    `source` is the checkpoint directory, or a ModelConfig whose `init_from` /
-    `image_pretrained` names it. The processor is saved as it is (`save_pretrained`:
-    `preprocessor_config.json`), i.e. at its own size; use `ProcessorTransform.save` for one
-    resolved at `images.size`.
+    `source` is the checkpoint directory, or a ModelConfig whose `init_from` (else
+    `image_pretrained`) names it; `size` is `images.size` (None: the processor's own size,
+    otherwise its resize and crop sizes are scaled to it). Written with `save_pretrained`
+    (`preprocessor_config.json`), so loading the model directory preprocesses as the
+    checkpoint does. `out_dir` is created if needed.
     """
+    key = str(source)
     if not isinstance(source, str | os.PathLike):
         found = pretrained_source(source)
         if found is None:
             return False
-        source = found[1]
+        key, source = found
     directory = Path(source).expanduser()
     if not (directory / PROCESSOR_FILE).is_file():
         return False
-    load_processor(directory, str(directory)).save_pretrained(str(out_dir))
+    ProcessorTransform.load(directory, key, size).save(out_dir)
     return True
 
 
