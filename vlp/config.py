@@ -52,13 +52,14 @@ class DataConfig:
 
 @dataclass
 class ImagesConfig:
-    """How images become model inputs at `data.image_size` (`vlp.data.images`).
+    """How images become model inputs (`vlp.data.images`).
 
     `resize`, `mean` and `std` are the evaluation transform every model records and its
-    predictors and serving reuse; `train_crop_scale` and `hflip` are training augmentation.
+    predictors and serving reuse, unless the pretrained checkpoint brings an image processor,
+    which replaces them; `train_crop_scale` and `hflip` are training augmentation.
     """
 
-    size: int | None  # input side; None: the pretrained tower's processor size, else data.image_size
+    size: int | None  # side; None: the pretrained processor's size, else data.image_size
     resize: Literal["squash", "shorter_side_crop"]
     mean: list[float]  # R, G, B
     std: list[float]

@@ -10,6 +10,9 @@ finetuned task model directory (see `vlp.tasks`):
 - `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses.
 
+Both inits preprocess images as the pretrained model does: with the image processor it keeps
+(`preprocessor_config.json`, saved into the finetuned model too), else the `images` params.
+
 What each task trains, and the inference settings it records in `task.json`, is the
 task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives),
 captioning LM, VQA soft-score BCE on an answer decoder. With `finetune.ablation: false` the scratch run only writes
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 
 from vlp.config import Config
-from vlp.data.images import image_transforms
+from vlp.data.images import ProcessorTransform, image_params, image_transforms
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, get_task
@@ -130,6 +133,9 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         t0 = time.perf_counter()
         tcfg = cfg.finetune.task(task)
         vlp = base_model(cfg, init)
+        # the pretrained model's image processor if it keeps one (both inits: the ablation
+        # changes the weights alone); each task's setup trains with this same transform
+        transform = image_transforms(cfg, cfg.finetune.init_dir)[0]
         setup = spec.module().setup(cfg, vlp, init)
         module, dataset = setup.module, setup.dataset
         settings = TrainSettings.from_config(
@@ -139,6 +145,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             **{f"finetune.{task}.{k}": v for k, v in vars(tcfg).items()},
             "finetune.splits": cfg.finetune.splits,
             "init": init,
+            **image_params(transform),
             "n_train": len(dataset),
             "num_parameters": sum(x.numel() for x in module.parameters()),
             "world_size": info.world_size,
@@ -167,10 +174,10 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 task_info = {
                     "task": task,
                     "init": init,
-                    "image_size": cfg.data.image_size,
+                    "image_size": transform.size,
                     # the evaluation transform (its size is image_size): predictors and serving
                     "image_transform": {
-                        k: v for k, v in image_transforms(cfg)[0].to_dict().items() if k != "size"
+                        k: v for k, v in transform.to_dict().items() if k != "size"
                     },
                     "data": str(cfg.data.root),
                     "steps": result.steps,
@@ -179,6 +186,8 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 }
                 with atomic_dir(out, "finetuned-model") as tmp:
                     spec.module().save(module, tmp)
+                    if isinstance(transform, ProcessorTransform):
+                        transform.save(tmp)  # preprocessor_config.json, beside the weights
                     (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
                 atomic_write_csv(curve, loss_columns(result.history), result.history)
                 summary = {

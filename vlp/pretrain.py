@@ -58,7 +58,8 @@ UNFINGERPRINTED = (
     "runtime.plots_dir",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
-# The pretrained model's evaluation transform (`ImageTransform.to_dict`), beside its weights.
+# The pretrained model's evaluation transform (`to_dict`: size, resize, mean/std, or the image
+# processor file saved beside it), beside its weights.
 IMAGE_TRANSFORM_FILE = "image_transform.json"
 
 
@@ -69,7 +70,12 @@ def work_dir(cfg: Config) -> Path:
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
-    """What the trained model depends on: the params this stage trains with and the data hash."""
+    """What the trained model depends on: the params this stage trains with and the data hash.
+
+    With a pretrained image processor, the processor as resolved (its settings at the size
+    used) too: editing the checkpoint's processor changes what is learned.
+    """
+    from vlp.data.images import ProcessorTransform, image_transforms
     from vlp.data.manifest import dataset_hash
 
     params = {
@@ -84,6 +90,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
             if (key := f"{section}.{k}") not in UNFINGERPRINTED
         },
     }
+    transform = image_transforms(cfg)[0]
+    if isinstance(transform, ProcessorTransform):
+        params["image_processor"] = transform.model_files()
     return {"params": params, "data": dataset_hash(cfg.data.root)}
 
 
@@ -218,7 +227,7 @@ def _summary(
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
-    from vlp.data.images import image_transforms
+    from vlp.data.images import image_params, image_transforms
     from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
     from vlp.models import build_model
@@ -291,6 +300,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             **{f"pretrain.{k}": v for k, v in vars(p).items()},
             **{f"model.{k}": v for k, v in vars(cfg.model).items()},
             **{f"images.{k}": v for k, v in vars(cfg.images).items()},
+            **image_params(transform),
             "num_parameters": model.num_parameters(),
             "n_pairs": len(dataset),
             "world_size": info.world_size,
@@ -341,7 +351,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     run.log_steps(pending)  # also when training failed: keep what it logged
             if info.is_main:
                 # saved first: the zero-shot check is optional and never costs the model
-                model.save_pretrained(out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict()})
+                model.save_pretrained(
+                    out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()}
+                )
                 skipped = zero_shot_skipped(cfg)
                 if skipped is None:
                     zero_shot: dict[str, float] | str = zero_shot_retrieval(

@@ -1,5 +1,14 @@
 """Images to model inputs: the evaluation transform a model keeps, and training augmentation.
 
+A model whose image tower starts from a pretrained checkpoint (`model.init_from`,
+`model.image_pretrained`) with an image processor (`preprocessor_config.json`) is preprocessed
+by that processor (`ProcessorTransform`): its resize and crop, resampling, rescaling, mean/std
+and RGB conversion, at its own size unless `images.size` asks for another (the processor's
+resize and crop sizes are then scaled to it). The processor is saved in every model directory
+built from it, and whatever preprocesses that model reads it from there
+(`image_transforms(cfg, model_dir)`, `saved_transform`), so a model never needs its source
+checkpoint again. Everything else gets the transform of the `images` params below.
+
 `ImageTransform` is what a model sees at evaluation and serving time: the image turned
 upright by its EXIF orientation, converted to RGB, resized to `size` (`squash`: bicubic to
 a square, aspect ignored; `shorter_side_crop`: shorter side to `size`, then the centre
@@ -17,11 +26,16 @@ not depend on the DataLoader workers, the order items are fetched in, or a resum
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,8 +46,12 @@ from vlp.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import CLIPImageProcessorPil
+    from transformers.image_processing_utils import BaseImageProcessor
 
-    from vlp.config import Config
+    from vlp.config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+PROCESSOR_FILE = "preprocessor_config.json"  # transformers' image processor file (save_pretrained)
 
 RESIZE_MODES = ("squash", "shorter_side_crop")
 ASPECT_RANGE = (3 / 4, 4 / 3)  # random resized crop's aspect ratios, as torchvision and BLIP
@@ -93,6 +111,15 @@ class ImageTransform:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+    @property
+    def resample(self) -> int:
+        """The resampling filter of resizes (training crops too): bicubic."""
+        return Image.Resampling.BICUBIC
+
+    def model_files(self) -> dict[str, Any]:
+        """JSON files a model directory holds for this transform beyond its record: none."""
+        return {}
 
     @cached_property
     def processor(self) -> CLIPImageProcessorPil:
@@ -169,7 +196,7 @@ class Augmentation:
         return self.crop_scale != (1.0, 1.0) or self.hflip
 
     def apply(
-        self, img: Image.Image, transform: ImageTransform, index: int, epoch: int
+        self, img: Image.Image, transform: Transform, index: int, epoch: int
     ) -> tuple[torch.Tensor, bool]:
         """Pixels [3, size, size] of a random crop of `img`, and whether it was mirrored."""
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -179,15 +206,13 @@ class Augmentation:
             img = transform.fit(img)
         else:
             size = (transform.size, transform.size)
-            img = img.resize(size, Image.Resampling.BICUBIC, box=box)
+            img = img.resize(size, transform.resample, box=box)
         flipped = self.hflip and bool(rng.random() < 0.5)
         if flipped:
             img = ImageOps.mirror(img)
         return transform.normalise(img), flipped
 
-    def _crop_box(
-        self, wh: tuple[int, int], rng: np.random.Generator
-    ) -> tuple[int, int, int, int]:
+    def _crop_box(self, wh: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) as torchvision's RandomResizedCrop draws it."""
         width, height = wh
         area = width * height
@@ -213,12 +238,293 @@ class Augmentation:
         return left, top, left + w, top + h
 
 
-def image_transforms(cfg: Config) -> tuple[ImageTransform, Augmentation | None]:
+def image_transforms(
+    cfg: Config, model_dir: str | os.PathLike | None = None
+) -> tuple[Transform, Augmentation | None]:
     """The evaluation transform and training augmentation (None when off) of a config.
 
-    From its `images` section at `data.image_size`; augmentation draws are seeded by `seed`.
+    The transform of a saved vlp model `model_dir` (finetuning starts from one) is its
+    image processor if it keeps one; without `model_dir`, that of the checkpoint the image
+    tower starts from (`model.init_from`, else `model.image_pretrained`) if it has one.
+    Otherwise the `images` section's transform. Its size: `images.size` if set, else the
+    processor's own, else `data.image_size`. A checkpoint with a native resolution (a ViT's
+    `image_size`) but no processor, run at another `data.image_size` with `images.size`
+    null, is a ConfigError: which size is meant is the user's call. Augmentation draws are
+    seeded by `seed`.
     """
     im = cfg.images
-    transform = ImageTransform(cfg.data.image_size, im.resize, tuple(im.mean), tuple(im.std))
+    if im.size is not None and (not isinstance(im.size, int) or im.size < 1):
+        raise ConfigError(f"images.size: must be a positive integer or null, got {im.size!r}")
+    source = (str(model_dir), model_dir) if model_dir is not None else pretrained_source(cfg.model)
+    transform: Transform | None = None
+    if source is not None:
+        key, directory = source[0], Path(source[1]).expanduser()
+        if not directory.is_dir():
+            raise ConfigError(f"{key}: {str(directory)!r} is not a local directory")
+        if (directory / PROCESSOR_FILE).is_file():
+            transform = ProcessorTransform.load(directory, key, im.size)
+            _log_size(str(directory), transform.size, im.size is not None, cfg.data.image_size)
+        elif model_dir is None and im.size is None:
+            native = native_image_size(directory)
+            if native is not None and native != cfg.data.image_size:
+                raise ConfigError(
+                    f"images.size: {key} ({directory}) was trained at {native} px and has no "
+                    f"image processor ({PROCESSOR_FILE}), but data.image_size is "
+                    f"{cfg.data.image_size}; set images.size to {native} or "
+                    f"{cfg.data.image_size} to say which"
+                )
+    if transform is None:
+        size = im.size if im.size is not None else cfg.data.image_size
+        transform = ImageTransform(size, im.resize, tuple(im.mean), tuple(im.std))
     augment = Augmentation(tuple(im.train_crop_scale), im.hflip, cfg.seed)
     return transform, augment if augment.active else None
+
+
+@cache  # once per process and setting: every stage resolves its transform several times
+def _log_size(directory: str, size: int, explicit: bool, data_size: int) -> None:
+    log.log(
+        logging.WARNING if size != data_size else logging.INFO,
+        "images: %d px (%s; data.image_size is %d), preprocessed by the image processor of %s "
+        "(images.resize, mean and std are not used)",
+        size,
+        "images.size" if explicit else "the processor's own size",
+        data_size,
+        directory,
+    )
+
+
+def image_params(transform: Transform) -> dict[str, Any]:
+    """What a stage's MLflow params record of its transform: the size used and its processor."""
+    processor = None
+    if isinstance(transform, ProcessorTransform):
+        processor = type(transform.processor).__name__.removesuffix("Pil")
+    return {"image_size": transform.size, "image_processor": processor}
+
+
+def pretrained_source(model: ModelConfig) -> tuple[str, str] | None:
+    """(params key, directory) of the checkpoint the image tower starts from, or None.
+
+    `model.init_from` (a whole CLIP / BLIP model) before `model.image_pretrained`.
+    """
+    for key in ("init_from", "image_pretrained"):
+        value = getattr(model, key, None)
+        if value:
+            return f"model.{key}", str(value)
+    return None
+
+
+def native_image_size(directory: str | os.PathLike) -> int | None:
+    """The resolution a checkpoint's vision transformer was trained at, or None if it has none.
+
+    A ViT's `image_size`, or the `vision_config.image_size` of a CLIP / BLIP model: their
+    position embeddings are learned at that size. CNNs have none.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError):
+        return None  # no transformers config: the model loader names the problem
+    vision = getattr(config, "vision_config", None)
+    if vision is None and config.model_type != "vit":
+        return None
+    size = getattr(vision if vision is not None else config, "image_size", None)
+    if isinstance(size, list | tuple):
+        size = size[0] if len(set(size)) == 1 else None
+    return int(size) if isinstance(size, int) else None
+
+
+def save_processor(
+    source: str | os.PathLike | ModelConfig, out_dir: str | os.PathLike, size: int | None = None
+) -> bool:
+    """Save a checkpoint's image processor into a model directory; whether it has one.
+
+    `source` is the checkpoint directory, or a ModelConfig whose `init_from` (else
+    `image_pretrained`) names it; `size` is `images.size` (None: the processor's own size,
+    otherwise its resize and crop sizes are scaled to it). Written with `save_pretrained`
+    (`preprocessor_config.json`), so loading the model directory preprocesses as the
+    checkpoint does. `out_dir` is created if needed.
+    """
+    key = str(source)
+    if not isinstance(source, str | os.PathLike):
+        found = pretrained_source(source)
+        if found is None:
+            return False
+        key, source = found
+    directory = Path(source).expanduser()
+    if not (directory / PROCESSOR_FILE).is_file():
+        return False
+    ProcessorTransform.load(directory, key, size).save(out_dir)
+    return True
+
+
+def load_processor(directory: str | os.PathLike, key: str) -> BaseImageProcessor:
+    """The image processor saved in a local directory (PIL backend); ConfigError naming `key`.
+
+    The PIL backend keeps the resized image in uint8, so `ProcessorTransform.fit` can hand
+    it on as an image and normalising it later gives the processor's own pixels.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(
+            str(directory), local_files_only=True, backend="pil"
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"{key}: cannot load the image processor {Path(directory) / PROCESSOR_FILE}: {e}"
+        ) from e
+
+
+_PROBES = ((97, 61), (61, 97))  # a wide and a tall image: the output size may not depend on them
+
+
+def _output_side(processor: BaseImageProcessor, key: str) -> int:
+    """The side of the square images `processor` makes of any input; ConfigError otherwise."""
+    shapes = set()
+    for wh in _PROBES:
+        out = processor(
+            Image.new("RGB", wh),
+            do_convert_rgb=True,
+            do_rescale=False,
+            do_normalize=False,
+            return_tensors="np",
+        )["pixel_values"]
+        shapes.add(tuple(int(x) for x in out.shape[1:]))
+    shape = shapes.pop()
+    if shapes or shape[0] != 3 or shape[1] != shape[2]:
+        raise ConfigError(
+            f"{key}: its image processor makes images of shape {[shape, *shapes]} from a wide "
+            "and a tall image; vlp needs one square size for every image (resize to a "
+            "height and width, or a shortest edge and a centre crop)"
+        )
+    return shape[1]
+
+
+def _resized(processor: BaseImageProcessor, side: int, native: int, key: str) -> Any:
+    """`processor` with its resize and crop sizes scaled from `native` to `side` px."""
+    ratio = side / native
+    settings = processor.to_dict()
+    for name in ("size", "crop_size"):
+        if isinstance(settings.get(name), dict):
+            settings[name] = {
+                k: round(v * ratio) if isinstance(v, int) else v for k, v in settings[name].items()
+            }
+    scaled = type(processor).from_dict(settings)
+    got = _output_side(scaled, key)
+    if got != side:
+        raise ConfigError(
+            f"images.size: {side} px: the image processor of {key} scaled from {native} px "
+            f"makes {got} px images"
+        )
+    return scaled
+
+
+_FITTED = "vlp.fitted"  # PIL info key marking an image `ProcessorTransform.fit` made
+
+
+class ProcessorTransform:
+    """The evaluation transform of a transformers image processor: PIL image -> [3, size, size].
+
+    Pixels equal `processor(images=..., return_tensors="pt")["pixel_values"]` for every image
+    the processor accepts, after turning the image upright by its EXIF orientation; images
+    are always converted to RGB (as the processor does with `do_convert_rgb`).
+    """
+
+    def __init__(self, processor: BaseImageProcessor, key: str) -> None:
+        self.processor = processor
+        self.size = _output_side(processor, key)
+        self._mark = hashlib.sha256(processor.to_json_string().encode()).hexdigest()[:16]
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, key: str, size: int | None = None
+    ) -> ProcessorTransform:
+        """The processor saved in `directory`, at `size` px (None: its own size)."""
+        transform = cls(load_processor(directory, key), key)
+        if size is None or size == transform.size:
+            return transform
+        return cls(_resized(transform.processor, size, transform.size, key), key)
+
+    @property
+    def resample(self) -> int:
+        """The processor's resampling filter (training crops resize with it too)."""
+        resample = self.processor.resample
+        return Image.Resampling.BILINEAR if resample is None else int(resample)  # as PIL backend
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record of the transform beside a model: its size and the processor's file."""
+        return {"size": self.size, "processor": PROCESSOR_FILE}
+
+    def model_files(self) -> dict[str, Any]:
+        """`{preprocessor_config.json: content}`: what `save_pretrained` writes, as JSON."""
+        return {PROCESSOR_FILE: json.loads(self.processor.to_json_string())}
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save the processor (`save_pretrained`) into a model directory being assembled."""
+        self.processor.save_pretrained(str(directory))
+
+    def fit(self, img: Image.Image) -> Image.Image:
+        """`img` upright, RGB, resized and cropped by the processor: the transform minus rescaling.
+
+        `pixels` of a fitted image equal `pixels` of the original (the fitted image is
+        marked, and not resized again), so images can be shrunk as soon as they are decoded.
+        """
+        if (
+            img.info.get(_FITTED) == self._mark
+            and img.mode == "RGB"
+            and img.size == (self.size, self.size)
+        ):
+            return img
+        img = ImageOps.exif_transpose(img)
+        out = self.processor(
+            img, do_convert_rgb=True, do_rescale=False, do_normalize=False, return_tensors="np"
+        )["pixel_values"][0]
+        fitted = Image.fromarray(np.ascontiguousarray(out.transpose(1, 2, 0)).astype(np.uint8))
+        fitted.info[_FITTED] = self._mark
+        return fitted
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Float pixels [N, 3, size, size] of PIL images of any size and mode."""
+        return torch.stack([self.normalise(self.fit(img)) for img in images])
+
+    def normalise(self, img: Image.Image | np.ndarray) -> torch.Tensor:
+        """Float pixels [3, size, size] of a fitted RGB image (or its uint8 HWC array).
+
+        The processor's own rescale and normalise steps, as its `do_rescale` and
+        `do_normalize` say.
+        """
+        p = self.processor
+        x: np.ndarray = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        if p.do_rescale:
+            x = p.rescale(x, p.rescale_factor)
+        if p.do_normalize:
+            x = p.normalize(x, p.image_mean, p.image_std)
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+Transform = ImageTransform | ProcessorTransform
+
+
+def saved_transform(model_dir: str | os.PathLike, recorded: dict[str, Any]) -> Transform:
+    """The evaluation transform a model directory keeps.
+
+    `recorded` is its record (`to_dict`: image_transform.json, or task.json's with its size).
+    A directory with an image processor (`preprocessor_config.json`) is preprocessed by it;
+    ConfigError if the record names a processor the directory lacks, or another size.
+    """
+    directory = Path(model_dir)
+    if (directory / PROCESSOR_FILE).is_file():
+        transform = ProcessorTransform.load(directory, str(directory))
+        if "size" in recorded and int(recorded["size"]) != transform.size:
+            raise ConfigError(
+                f"{directory / PROCESSOR_FILE}: makes {transform.size} px images, but the model "
+                f"records an image size of {recorded['size']}"
+            )
+        return transform
+    if "processor" in recorded:
+        raise ConfigError(
+            f"{directory}: the model is preprocessed by an image processor, but "
+            f"{recorded['processor']} is missing"
+        )
+    return ImageTransform.from_dict(recorded)

@@ -19,8 +19,10 @@ serves it.
 - vqa: `answer(images, questions) -> list[str]` (one question per image).
 
 Images are `PIL.Image`s of any size and mode; they become pixels through the evaluation
-transform the model was trained with (`image_transform`: resize mode, size, mean/std, recorded
-in `task.json`), exactly as the torch datasets make them (`vlp.data.images`).
+transform the model was trained with, exactly as the torch datasets make them
+(`vlp.data.images`): the image processor saved in the model directory
+(`preprocessor_config.json`) if it has one, else `image_transform` (resize mode, mean/std)
+at `image_size`, both recorded in `task.json`.
 
 `model_sha256(model_dir)` is the directory's content hash: evaluation records it beside
 the scores, and the registry only accepts scores measured on the directory it registers.
@@ -76,18 +78,23 @@ def read_task_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def image_transform(info: dict[str, Any]) -> Any:
-    """The `ImageTransform` a `task.json` records.
+def image_transform(info: dict[str, Any], model_dir: str | os.PathLike | None = None) -> Any:
+    """The evaluation transform of a task model: its `task.json` (`info`) and directory.
 
-    A model without `image_transform` predates it and was trained with the bicubic square
-    resize and mean = std = 0.5.
+    A model directory with an image processor (`preprocessor_config.json`) is preprocessed by
+    it (`vlp.data.images.saved_transform`); otherwise by the `ImageTransform` task.json
+    records. A model without `image_transform` predates it and was trained with the bicubic
+    square resize and mean = std = 0.5.
     """
-    from vlp.data.images import ImageTransform
+    from vlp.data.images import ImageTransform, saved_transform
 
     recorded = info.get(
         "image_transform", {"resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}
     )
-    return ImageTransform.from_dict({**recorded, "size": info["image_size"]})
+    recorded = {**recorded, "size": info["image_size"]}
+    if model_dir is None:
+        return ImageTransform.from_dict(recorded)
+    return saved_transform(model_dir, recorded)
 
 
 def model_sha256(model_dir: str | os.PathLike) -> str:

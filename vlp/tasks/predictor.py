@@ -1,7 +1,8 @@
 """Inference over a finetuned task model directory: the base of every task's `Predictor`.
 
-Every inference setting comes from the model's `task.json` (`info`): the image transform it
-was trained with (`vlp.data.images.ImageTransform`) and its task's settings. `batch_size` is how many images, texts or (image,
+Every inference setting comes from the model directory: the image transform it was trained
+with (its image processor, or the `ImageTransform` `task.json` records) and its task's settings
+(`task.json`, `info`). `batch_size` is how many images, texts or (image,
 text) pairs go through one forward pass; it changes nothing but speed and memory.
 """
 
@@ -34,7 +35,7 @@ class Predictor:
         self.task: str = info["task"]
         from vlp.tasks import image_transform
 
-        self.transform = image_transform(info)
+        self.transform = image_transform(info, self.model_dir)
         self.image_size = self.transform.size
         self.batch_size = batch_size
 

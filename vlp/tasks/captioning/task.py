@@ -38,7 +38,9 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     tcfg = cfg.finetune.captioning
     return TrainingSetup(
         VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg)),
+        PairsDataset(
+            cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+        ),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
     )

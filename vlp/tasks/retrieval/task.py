@@ -31,7 +31,9 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
     return TrainingSetup(
         VLPObjective(vlp, LOSS_WEIGHTS),
-        PairsDataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg)),
+        PairsDataset(
+            cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+        ),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
     )

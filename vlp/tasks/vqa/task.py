@@ -26,7 +26,9 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     from vlp.tasks.vqa.model import VQAModel, build_answer_vocab, make_vqa_collate
 
     tcfg = cfg.finetune.vqa
-    dataset = VQADataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg))
+    dataset = VQADataset(
+        cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+    )
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
     module = VQAModel(
