@@ -1,6 +1,8 @@
 """Tiny random transformers BLIP checkpoints, saved as `save_pretrained` writes them.
 
-Vision and text widths differ (24 vs 32) so that a model mixing them up fails. The tokenizer
+Vision and text widths differ (24 vs 32) so that a model mixing them up fails; BLIP's VQA
+decoder cross-attends to the question states with the layers sized for image tokens, so a
+VQA checkpoint needs `vision_width=TEXT_WIDTH` (as BLIP's own have). The tokenizer
 is a BertTokenizer over a small word list with BLIP's [DEC] (bos) and [ENC] appended, saved
 with a BlipProcessor (its image processor beside the weights), as BLIP's directories are.
 """
@@ -51,6 +53,7 @@ def make_blip_checkpoint(
     seed: int = 0,
     image_size: int = IMAGE_SIZE,
     with_blip_tokens: bool = True,
+    vision_width: int = VISION_WIDTH,
 ) -> Path:
     """Save a tiny random `arch` (a transformers BLIP class) + tokenizer + image processor in `out`."""
     import torch
@@ -71,7 +74,7 @@ def make_blip_checkpoint(
         "eos_token_id": tok.sep_token_id,
     }
     vision_config = {
-        "hidden_size": VISION_WIDTH,
+        "hidden_size": vision_width,
         "intermediate_size": 40,
         "num_hidden_layers": 2,
         "num_attention_heads": 2,
