@@ -244,7 +244,7 @@ def init_source(cfg: Config) -> tuple[Path, str]:
         )
     raise ConfigError(
         f"model.init_from: {path} holds neither a vlp model ({CONFIG_NAME}) nor a transformers "
-        f"BLIP checkpoint (config.json model_type 'blip'); its model type: {model_type}"
+        f"BLIP checkpoint (config.json model_type 'blip'); its model type: {model_type!r}"
     )
 
 
