@@ -15,7 +15,10 @@ apart is the layout transformers' own BLIP classes use, keeps state dicts standa
 captioning finetune the decoder without moving the retrieval encoder, and costs under 1M
 parameters at the default size.
 
-Image tokens carry the global token first; `image_feat`/`text_feat` are L2-normalised
+The image tower is any module returning [B, N, out_dim] tokens and holding its transformers
+`backbone` (whose config is saved): vlp's towers (`vlp.models.towers`, tokens in the text
+width) or BLIP's vision model (`vlp.models.blip`, tokens in the vision width, which BLIP's
+text layers cross-attend to directly). Image tokens carry the global token first; `image_feat`/`text_feat` are L2-normalised
 projections of the first token (ITC space of size `embed_dim`). The model holds the pieces
 of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.objectives`.
 """
