@@ -83,7 +83,7 @@ class ModelConfig:
 
     family: Literal["fusion", "clip"]  # fusion: ITC + ITM + LM model (BLIP); clip: dual encoder
     init_from: str | None  # a local CLIP or BLIP checkpoint the whole model starts from
-    image_tower: str  # cnn | vit | convnext
+    image_tower: str  # cnn | convnext | vit | clip
     image_pretrained: str | None
     text_pretrained: str | None
     tokenizer_pretrained: str | None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import (
     DEC_TOKEN,
     ENC_TOKEN,
     build_tokenizer,
+    ensure_special_tokens,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
@@ -49,3 +51,135 @@ def test_build_tokenizer_prefers_pretrained_dir(tokenizer, tiny_cfg, tmp_path):
 def test_hub_name_is_rejected(tiny_cfg):
     with pytest.raises(ConfigError, match="model.tokenizer_pretrained.*not a local directory"):
         build_tokenizer(tiny_cfg(tokenizer_pretrained="bert-base-uncased"))
+
+
+CLIP_WORDS = (
+    "a red circle left of blue square two green triangles above small yellow star big".split()
+)
+
+
+@pytest.fixture
+def clip_tokenizer_dir(tmp_path):
+    """A tiny byte-level BPE CLIPTokenizer (vocab.json + merges.txt) saved with save_pretrained."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    merges: list[str] = []
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for word in CLIP_WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    CLIPTokenizer.from_pretrained(str(raw)).save_pretrained(str(tmp_path / "clip_tok"))
+    return tmp_path / "clip_tok"
+
+
+def test_clip_tokenizer_ends_on_its_own_stop_token(clip_tokenizer_dir, tmp_path):
+    from vlp.data.torch_data import make_pretrain_collate
+
+    tok = load_tokenizer(clip_tokenizer_dir)
+    assert type(tok).__name__ == "CLIPTokenizer"
+    # CLIP's own wrapping and ids are kept; cls/sep name them; [DEC]/[ENC] are added
+    assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"]) == [
+        "<|startoftext|>",
+        "a</w>",
+        "red</w>",
+        "circle</w>",
+        "<|endoftext|>",
+    ]
+    assert (tok.cls_token, tok.sep_token) == ("<|startoftext|>", "<|endoftext|>")
+    assert tok.pad_token_id == tok.sep_token_id  # CLIP pads with its stop token
+    assert DEC_TOKEN in tok.get_vocab() and ENC_TOKEN in tok.get_vocab()
+
+    captions = ["a red circle left of a blue square", "a big star"]
+    items = [
+        {"pixel_values": torch.zeros(3, 8, 8), "caption": c, "image_id": i}
+        for i, c in enumerate(captions)
+    ]
+    batch = make_pretrain_collate(tok, max_length=16)(items)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask[1].eq(0).any()  # the short caption is padded
+    for row, m in zip(ids, mask, strict=True):
+        n = int(m.sum())
+        assert row[n - 1] == tok.sep_token_id and row[0] == tok.cls_token_id
+    # LM targets (lm_loss: padding masked by the attention mask): one stop token per caption
+    targets = ids.masked_fill(mask == 0, -100)[:, 1:]
+    assert targets.eq(tok.sep_token_id).sum(dim=1).tolist() == [1, 1]
+
+    save_tokenizer(tok, tmp_path / "again")  # the round trip tokenises identically
+    again = load_tokenizer(tmp_path / "again")
+    assert again(captions)["input_ids"] == tok(captions)["input_ids"]
+    assert (again.sep_token_id, again.convert_tokens_to_ids(DEC_TOKEN), len(again)) == (
+        tok.sep_token_id,
+        tok.convert_tokens_to_ids(DEC_TOKEN),
+        len(tok),
+    )
+
+
+def test_bert_style_tokenizers_are_unchanged(tokenizer, tmp_path):
+    before = (len(tokenizer), tokenizer.special_tokens_map, tokenizer.get_vocab())
+    assert ensure_special_tokens(tokenizer) is tokenizer
+    assert (len(tokenizer), tokenizer.special_tokens_map, tokenizer.get_vocab()) == before
+    assert (tokenizer.cls_token, tokenizer.sep_token) == ("[CLS]", "[SEP]")
+
+
+def test_tokenizer_without_start_and_end_tokens_is_rejected(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "</s>": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+    tok.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ConfigError, match=r"model.tokenizer_pretrained.*start and an end"):
+        load_tokenizer(tmp_path / "plain")
+
+
+def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, tiny_cfg):
+    """Trained on two captions, greedy decoding reproduces them and stops on CLIP's stop token."""
+    from vlp.data.torch_data import make_pretrain_collate
+    from vlp.models.objectives import ObjectiveWeights, VLPObjective
+    from vlp.models.vlp_model import build_model
+
+    tok = load_tokenizer(clip_tokenizer_dir)
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), tok)
+    assert model.text_decoder.config.eos_token_id == tok.sep_token_id
+    captions = ["a red circle left of a blue square", "two green triangles"]
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (-0.8, 0.8)])
+    items = [
+        {"pixel_values": images[i], "caption": c, "image_id": i} for i, c in enumerate(captions)
+    ]
+    batch = make_pretrain_collate(tok, max_length=16)(items)
+    objective = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        opt.zero_grad()
+        objective(**batch)["loss"].backward()
+        opt.step()
+
+    generated = []
+    decode = tok.batch_decode
+    tok.batch_decode = lambda ids, **kw: generated.append(ids) or decode(ids, **kw)
+    max_length = 12
+    texts = model.eval().generate_captions(images, num_beams=1, max_length=max_length)
+    assert texts == captions
+    (ids,) = generated
+    assert ids.shape[1] < 1 + max_length  # every caption stopped before max_length
+    for row, caption in zip(ids, captions, strict=True):
+        n = len(tok(caption)["input_ids"])  # [DEC] + words + stop, as trained
+        assert row[n - 1] == tok.sep_token_id and row[0] == model.dec_token_id

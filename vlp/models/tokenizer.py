@@ -1,8 +1,13 @@
 """WordPiece tokenizer trained on the corpus, or loaded from a local HF tokenizer directory.
 
 Special tokens follow BERT ([PAD] [UNK] [CLS] [SEP] [MASK]) plus BLIP's two task tokens:
-[DEC] starts every caption the decoder reads or writes (the `bos_token`), and [ENC] replaces
-[CLS] when the text encoder runs as the image-grounded fusion encoder (ITM, VQA).
+[DEC] starts every caption the decoder reads or writes, and [ENC] replaces [CLS] when the
+text encoder runs as the image-grounded fusion encoder (ITM, VQA).
+
+Whatever the tokenizer, `cls_token` is the token its post-processor puts first in every text
+and `sep_token` the one it puts last: the caption decoder learns to end on `sep_token_id` and
+generation stops on it. A foreign tokenizer keeps its own wrapping (CLIP's <|startoftext|>
+... <|endoftext|>), and `ensure_special_tokens` names those two tokens cls and sep.
 """
 
 from __future__ import annotations
@@ -79,26 +84,58 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key}: cannot load a tokenizer from {p}: {e}") from e
-    return ensure_special_tokens(tok)
+    return ensure_special_tokens(tok, f"{key} ({p})")
 
 
-def ensure_special_tokens(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add the BERT and BLIP special tokens a foreign tokenizer lacks (in place)."""
+def wrapping_tokens(tok: PreTrainedTokenizerBase, where: str = "tokenizer") -> tuple[str, str]:
+    """The special tokens `tok` puts first and last in every tokenised text.
+
+    vlp overwrites the first position with [ENC] / [DEC] and learns to stop on the last, so a
+    tokenizer that adds no special token at either end (GPT-2, T5) is a ConfigError.
+    """
+    ids = tok("a")["input_ids"]
+    special = set(tok.all_special_ids)
+    if len(ids) < 2 or ids[0] not in special or ids[-1] not in special:
+        raise ConfigError(
+            f"{where}: the tokenizer must wrap every text in a start and an end special token "
+            f"(BERT: [CLS] ... [SEP]; CLIP: <|startoftext|> ... <|endoftext|>); "
+            f"it tokenises 'a' as {tok.convert_ids_to_tokens(ids)}"
+        )
+    first, last = tok.convert_ids_to_tokens([ids[0], ids[-1]])
+    return first, last
+
+
+def ensure_special_tokens(
+    tok: PreTrainedTokenizerBase, where: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
+    """Make `tok` usable by vlp (in place): cls/sep name its wrapping tokens; [DEC], [ENC] exist.
+
+    Tokens the tokenizer already has keep their roles and ids: its bos/eos may be what its
+    post-processor is rebuilt from on loading (CLIP), so [DEC] becomes the bos token only
+    where there is none (BERT), else an extra special token. A tokenizer without a pad
+    token gets [PAD], without a mask token [MASK].
+    """
+    first, last = wrapping_tokens(tok, where)
     add: dict = {}
-    for attr, token in (
-        ("pad_token", "[PAD]"),
-        ("cls_token", "[CLS]"),
-        ("sep_token", "[SEP]"),
-        ("mask_token", "[MASK]"),
-    ):
-        if getattr(tok, attr) is None:
-            add[attr] = token
-    if tok.bos_token != DEC_TOKEN:
+    extra: list[str] = []
+    if tok.pad_token is None:
+        add["pad_token"] = "[PAD]"
+    if tok.cls_token != first:
+        add["cls_token"] = first
+    if tok.sep_token != last:
+        add["sep_token"] = last
+    if tok.mask_token is None:
+        add["mask_token"] = "[MASK]"
+    if tok.bos_token is None:
         add["bos_token"] = DEC_TOKEN
+    elif tok.bos_token != DEC_TOKEN and DEC_TOKEN not in tok.get_vocab():
+        extra.append(DEC_TOKEN)
     if ENC_TOKEN not in tok.get_vocab():
-        add["additional_special_tokens"] = [ENC_TOKEN]
+        extra.append(ENC_TOKEN)
+    if extra:
+        add["additional_special_tokens"] = extra
     if add:
-        tok.add_special_tokens(add)
+        tok.add_special_tokens(add, replace_extra_special_tokens=False)
     return tok
 
 

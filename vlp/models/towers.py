@@ -1,10 +1,16 @@
-"""Image towers (transformers ResNet / ConvNeXt / ViT) and BLIP text configs, tiny or loaded locally.
+"""Image towers (transformers ResNet / ConvNeXt / ViT / CLIP vision) and BLIP text configs.
 
-Every image tower returns a token sequence [B, 1 + N, H_text]: a global token first (ViT: the
-CLS token; CNN: the average-pooled feature map) and then one token per ViT patch or CNN
+Every image tower returns a token sequence [B, 1 + N, H_text]: a global token first (ViT and
+CLIP: the CLS token; CNN: the average-pooled feature map) and then one token per patch or CNN
 feature-map cell, linearly projected to the text hidden size so the text layers can
 cross-attend to it. CNN cells get a learned 2-D position embedding (interpolated to the
-feature-map size, so any image size works) because spatial relations ("left of") need it.
+feature-map size, so any image size works) because spatial relations ("left of") need it;
+ViT and CLIP interpolate their own position embeddings.
+
+CLIP's vision transformer applies its final LayerNorm (`post_layernorm`) to the CLS token
+only; the tower applies it to every token, as BLIP's and ALBEF's ViTs normalise all their
+output tokens before the fusion layers read them. The CLS token is thus exactly CLIP's
+`pooler_output`, and the patch tokens share its scale.
 """
 
 from __future__ import annotations
@@ -16,14 +22,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.models.tokenizer import local_dir
+from vlp.models.tokenizer import DEC_TOKEN, local_dir
 
 if TYPE_CHECKING:
     from transformers import BlipTextConfig, PretrainedConfig, PreTrainedModel
 
     from vlp.config import ModelConfig
 
-IMAGE_TOWERS = ("cnn", "convnext", "vit")
+IMAGE_TOWERS = ("cnn", "convnext", "vit", "clip")
+# transformers model_type of a checkpoint -> the `model.image_tower` it is
+TOWER_OF_MODEL_TYPE = {
+    "resnet": "cnn",
+    "convnext": "convnext",
+    "vit": "vit",
+    "clip": "clip",  # a CLIPModel: its vision model is the tower
+    "clip_vision_model": "clip",
+}
+TRANSFORMER_TYPES = ("vit", "clip_vision_model")  # model_types whose output is CLS + patches
 POS_GRID = 8  # side of a learned position grid; resized to the actual token grid
 
 
@@ -39,10 +54,17 @@ def resize_positions(pos_grid: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     return F.interpolate(pos_grid, size=size, mode="bilinear", align_corners=False)
 
 
+def check_image_tower(tower: str) -> None:
+    """ConfigError unless `tower` is one of IMAGE_TOWERS."""
+    if tower not in IMAGE_TOWERS:
+        raise ConfigError(f"model.image_tower: {tower!r} is not one of {', '.join(IMAGE_TOWERS)}")
+
+
 def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
     """A tiny from-scratch transformers config for `cfg.image_tower`."""
-    from transformers import ConvNextConfig, ResNetConfig, ViTConfig
+    from transformers import CLIPVisionConfig, ConvNextConfig, ResNetConfig, ViTConfig
 
+    check_image_tower(cfg.image_tower)
     if cfg.image_tower == "cnn":
         return ResNetConfig(
             embedding_size=cfg.cnn_channels[0],
@@ -56,54 +78,79 @@ def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
             depths=[1] * len(cfg.cnn_channels),
             num_stages=len(cfg.cnn_channels),
         )
-    if cfg.image_tower == "vit":
-        # image_size only sizes the position table; forward interpolates it to the real size
-        return ViTConfig(
+    # image_size only sizes the position table; forward interpolates it to the real size
+    if cfg.image_tower == "clip":
+        return CLIPVisionConfig(
             image_size=64,
             patch_size=cfg.patch_size,
             hidden_size=cfg.hidden_size,
             num_hidden_layers=cfg.num_image_layers,
             num_attention_heads=cfg.num_heads,
             intermediate_size=cfg.intermediate_size,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            attention_dropout=0.0,
         )
-    raise ConfigError(
-        f"model.image_tower: {cfg.image_tower!r} is not one of {', '.join(IMAGE_TOWERS)}"
+    return ViTConfig(
+        image_size=64,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_image_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
 
 
 def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:
-    """Instantiate the bare backbone (no heads) for a ResNet / ConvNeXt / ViT config."""
-    from transformers import AutoModel, ViTModel
+    """Instantiate the bare backbone (no heads) for a ResNet / ConvNeXt / ViT / CLIP vision config."""
+    from transformers import AutoModel, CLIPVisionModel, ViTModel
 
     if config.model_type == "vit":
         return ViTModel(config, add_pooling_layer=False)
+    if config.model_type == "clip_vision_model":
+        return CLIPVisionModel(config)
     return AutoModel.from_config(config)
 
 
-def load_backbone(path: str) -> PreTrainedModel:
-    """Load a ResNet / ConvNeXt / ViT backbone saved with `save_pretrained` in a local directory."""
-    from transformers import AutoConfig, AutoModel, ViTModel
+def load_backbone(path: str, tower: str) -> PreTrainedModel:
+    """Load the `tower` backbone saved with `save_pretrained` in a local directory.
+
+    `tower` is `model.image_tower`; the checkpoint must be of that kind (TOWER_OF_MODEL_TYPE).
+    A CLIPModel directory gives its vision model.
+    """
+    from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel, ViTModel
 
     p = local_dir(path, "model.image_pretrained")
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.image_pretrained: no transformers config in {p}: {e}") from e
-    if config.model_type not in ("resnet", "convnext", "vit"):
+    check_image_tower(tower)
+    kind = TOWER_OF_MODEL_TYPE.get(config.model_type)
+    if kind is None:
         raise ConfigError(
-            f"model.image_pretrained: {p} holds a {config.model_type!r} model; "
-            "expected resnet, convnext or vit"
+            f"model.image_pretrained: {p} holds a {config.model_type!r} model; expected one of "
+            f"{', '.join(TOWER_OF_MODEL_TYPE)}"
+        )
+    if kind != tower:
+        raise ConfigError(
+            f"model.image_tower: {tower!r} does not match model.image_pretrained {p}, which "
+            f"holds a {config.model_type!r} model (model.image_tower: {kind})"
         )
     if config.model_type == "vit":
         return ViTModel.from_pretrained(str(p), add_pooling_layer=False, local_files_only=True)
+    if config.model_type == "clip":
+        return CLIPModel.from_pretrained(str(p), local_files_only=True).vision_model
+    if config.model_type == "clip_vision_model":
+        return CLIPVisionModel.from_pretrained(str(p), local_files_only=True)
     return AutoModel.from_pretrained(str(p), local_files_only=True)
 
 
 def backbone_width(config: PretrainedConfig) -> int:
-    """Channels (CNN, last stage) or hidden size (ViT) of the backbone output."""
-    return config.hidden_size if config.model_type == "vit" else config.hidden_sizes[-1]
+    """Channels (CNN, last stage) or hidden size (ViT, CLIP) of the backbone output."""
+    if config.model_type in TRANSFORMER_TYPES:
+        return config.hidden_size
+    return config.hidden_sizes[-1]
 
 
 class ImageTower(nn.Module):
@@ -112,36 +159,41 @@ class ImageTower(nn.Module):
     def __init__(self, backbone: PreTrainedModel, out_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
-        self.is_vit = backbone.config.model_type == "vit"
+        self.model_type = backbone.config.model_type
         self.out_dim = out_dim  # the width of the tokens it returns
         width = backbone_width(backbone.config)
         self.proj = nn.Linear(width, out_dim)
         self.norm = nn.LayerNorm(out_dim)
-        if not self.is_vit:
+        if self.model_type not in TRANSFORMER_TYPES:
             # index 0 is the pooled token, the grid the feature-map cells
             self.pos_global, self.pos_grid = learned_positions(width)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] images -> [B, 1 + N, out_dim] tokens, the global token first."""
-        if self.is_vit:
-            tokens = self.backbone(
+    def backbone_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] images -> [B, 1 + N, width] backbone tokens, before the projection."""
+        if self.model_type == "vit":
+            return self.backbone(
                 pixel_values=pixel_values, interpolate_pos_encoding=True
             ).last_hidden_state
-        else:
-            out = self.backbone(pixel_values=pixel_values)
-            fmap = out.last_hidden_state  # [B, C, h, w]
-            pos = resize_positions(self.pos_grid, tuple(fmap.shape[-2:]))
-            cells = (fmap + pos).flatten(2).transpose(1, 2)  # [B, h*w, C]
-            # the backbone's own pooler (ResNet: average; ConvNeXt: average + LayerNorm)
-            pooled = out.pooler_output.flatten(1).unsqueeze(1) + self.pos_global
-            tokens = torch.cat([pooled, cells], dim=1)
-        return self.norm(self.proj(tokens))
+        if self.model_type == "clip_vision_model":
+            out = self.backbone(pixel_values=pixel_values, interpolate_pos_encoding=True)
+            return self.backbone.post_layernorm(out.last_hidden_state)
+        out = self.backbone(pixel_values=pixel_values)
+        fmap = out.last_hidden_state  # [B, C, h, w]
+        pos = resize_positions(self.pos_grid, tuple(fmap.shape[-2:]))
+        cells = (fmap + pos).flatten(2).transpose(1, 2)  # [B, h*w, C]
+        # the backbone's own pooler (ResNet: average; ConvNeXt: average + LayerNorm)
+        pooled = out.pooler_output.flatten(1).unsqueeze(1) + self.pos_global
+        return torch.cat([pooled, cells], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] images -> [B, 1 + N, out_dim] tokens, the global token first."""
+        return self.norm(self.proj(self.backbone_tokens(pixel_values)))
 
 
 def build_image_tower(cfg: ModelConfig, out_dim: int) -> ImageTower:
     """The image tower `cfg` describes (from `image_pretrained` if set, else tiny from scratch)."""
     if cfg.image_pretrained:
-        backbone = load_backbone(cfg.image_pretrained)
+        backbone = load_backbone(cfg.image_pretrained, cfg.image_tower)
     else:
         backbone = backbone_from_config(image_backbone_config(cfg))
     return ImageTower(backbone, out_dim)
@@ -166,7 +218,8 @@ def text_config(cfg: ModelConfig, tokenizer: Any) -> BlipTextConfig:
         max_position_embeddings=max(cfg.max_text_length, 64),
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        bos_token_id=tokenizer.bos_token_id,
+        # [DEC] starts every decoded text; sep is the token the tokenizer ends texts with
+        bos_token_id=tokenizer.convert_tokens_to_ids(DEC_TOKEN),
         eos_token_id=tokenizer.sep_token_id,
         sep_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -202,3 +255,22 @@ def text_config_from_pretrained(path: str, cfg: ModelConfig, tokenizer: Any) -> 
         setattr(out, key, getattr(src, key))
     out.encoder_hidden_size = src.hidden_size
     return out
+
+
+def fold_token_type_embeddings(text_model: nn.Module, path: str) -> None:
+    """Make a BlipTextModel loaded from a local BERT checkpoint compute BERT's embeddings exactly.
+
+    BERT adds `token_type_embeddings[token_type_id]` to word + position embeddings before its
+    LayerNorm; BLIP's text embeddings have no token types. vlp's texts are all type 0, so adding
+    row 0 to every position embedding gives the same sum. A blip_text_model checkpoint has
+    nothing to fold.
+    """
+    from transformers import AutoConfig, BertModel
+
+    p = local_dir(path, "model.text_pretrained")
+    if AutoConfig.from_pretrained(str(p), local_files_only=True).model_type != "bert":
+        return
+    bert = BertModel.from_pretrained(str(p), add_pooling_layer=False, local_files_only=True)
+    row = bert.embeddings.token_type_embeddings.weight[0]
+    with torch.no_grad():
+        text_model.embeddings.position_embeddings.weight.add_(row)

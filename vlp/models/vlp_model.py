@@ -43,6 +43,7 @@ from vlp.models.towers import (
     ImageTower,
     backbone_from_config,
     build_image_tower,
+    fold_token_type_embeddings,
     text_config,
     text_config_from_pretrained,
 )
@@ -294,6 +295,7 @@ def _assemble(
         encoder = BlipTextModel.from_pretrained(
             text_pretrained, config=text_cfg, add_pooling_layer=False, local_files_only=True
         )
+        fold_token_type_embeddings(encoder, text_pretrained)
         # The decoder starts from the same BERT weights; built fresh and copied into, because
         # loading a BERT checkpoint straight into BlipTextLMHeadModel leaves the LM-head bias
         # uninitialised (it is absent from the checkpoint and outside `_init_weights`).
