@@ -86,10 +86,17 @@ def base_model(cfg: Config, init: str) -> Any:
         )
     if init == "pretrained":
         return VLPModel.from_pretrained(src)
-    tokenizer = load_tokenizer(src / TOKENIZER_DIR, f"{src}/{TOKENIZER_DIR}")
-    model_cfg = ModelConfig(**json.loads((src / CONFIG_NAME).read_text())["model"])
+    saved = json.loads((src / CONFIG_NAME).read_text())["model"]
     torch.manual_seed(cfg.seed)
-    return build_model(model_cfg, tokenizer, temperature=cfg.pretrain.temperature)
+    if saved.get("init_from"):
+        # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
+        # rebuilt from the configs saved with it.
+        model = VLPModel.from_pretrained(src, weights=False)
+        with torch.no_grad():
+            model.temp.fill_(cfg.pretrain.temperature)
+        return model
+    tokenizer = load_tokenizer(src / TOKENIZER_DIR, f"{src}/{TOKENIZER_DIR}")
+    return build_model(ModelConfig(**saved), tokenizer, temperature=cfg.pretrain.temperature)
 
 
 def loss_columns(history: list[dict[str, float]]) -> list[str]:

@@ -20,6 +20,12 @@ a fresh run empties it before anything trains, and `resume` continues it only if
 written with the same `fingerprint` (training params and data hash); the resumed MLflow
 run is linked to the interrupted one.
 
+With `model.init_from` (a vlp model directory or a transformers BLIP checkpoint, see
+`init_model`) training starts from that model's weights and tokenizer instead of fresh ones,
+and the checkpoint's image processor is saved beside the model. With `pretrain.enabled:
+false` nothing trains: `model.init_from` is saved as the pretrained model, in the same
+layout, and scored zero-shot (`save_init_from`).
+
 Under `torchrun` rank 0 does all file I/O and logging; training is data parallel across
 ranks.
 """
@@ -225,6 +231,134 @@ def _summary(
     return metrics
 
 
+def init_source(cfg: Config) -> tuple[Path, str]:
+    """(`model.init_from`, its kind): "vlp" (a vlp model directory) or "blip" (transformers BLIP).
+
+    Anything else is a ConfigError naming `model.init_from`.
+    """
+    from vlp.models.blip import blip_architecture
+    from vlp.models.tokenizer import local_dir
+    from vlp.models.vlp_model import CONFIG_NAME
+
+    path = local_dir(cfg.model.init_from, "model.init_from")
+    if (path / CONFIG_NAME).is_file():
+        return path, "vlp"
+    if blip_architecture(path) is not None:
+        return path, "blip"
+    model_type = checkpoint_model_type(path)
+    if model_type == "clip":
+        # The clip family (`vlp.models.clip.CLIPDualEncoder`, model.family: clip) loads here.
+        raise ConfigError(
+            f"model.init_from: {path} holds a CLIP model; the clip family cannot load it yet"
+        )
+    raise ConfigError(
+        f"model.init_from: {path} holds neither a vlp model ({CONFIG_NAME}) nor a transformers "
+        f"BLIP checkpoint (config.json model_type 'blip'); its model type: {model_type!r}"
+    )
+
+
+def init_model(cfg: Config) -> Any:
+    """The model `model.init_from` holds (`init_source`), with its weights and tokenizer.
+
+    Seed torch first: parts a BLIP class lacks are initialised randomly (`vlp.models.blip`).
+    """
+    from vlp.models.blip import load_blip
+    from vlp.models.vlp_model import VLPModel
+
+    path, kind = init_source(cfg)
+    if kind == "vlp":
+        return VLPModel.from_pretrained(path)
+    return load_blip(path, cfg.model, cfg.pretrain.temperature)
+
+
+def checkpoint_model_type(path: Path) -> str | None:
+    """`model_type` of the transformers config.json in `path`, or None without one."""
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from: cannot read {config}: {e}") from e
+
+
+def save_init_from(cfg: Config) -> Path:
+    """`pretrain.enabled: false`: save `model.init_from` as the pretrained model, untrained.
+
+    Writes what a trained run writes (the model at `pretrain.out_dir`, metrics with the
+    zero-shot retrieval check, a loss curve with no steps) and an MLflow stage run whose
+    params say `pretrain.enabled: false` and whose `vlp.init_from` tag names the checkpoint.
+    """
+    from vlp.data.images import image_transforms
+    from vlp.data.manifest import check_split_names
+    from vlp.tracking import check_stage_outputs, stage_run
+    from vlp.train.loop import resolve_device
+
+    t0 = time.perf_counter()
+    p = cfg.pretrain
+    if not cfg.model.init_from:
+        raise ConfigError(
+            "pretrain.enabled is false but model.init_from is not set: set model.init_from to "
+            "the checkpoint directory to use as the pretrained model, or pretrain.enabled: true"
+        )
+    init_source(cfg)
+    if p.eval_split is not None:
+        check_split_names(p.eval_split, "pretrain.eval_split")
+    out_dir = Path(p.out_dir)
+    check_stage_outputs(
+        cfg,
+        {
+            "pretrain.out_dir": out_dir.parent,
+            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
+            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
+        },
+    )
+    with distributed() as info:
+        if info.is_main:
+            check_replaceable(out_dir)
+            torch.manual_seed(cfg.seed)
+            model = init_model(cfg)
+            transform = image_transforms(cfg)[0]
+            params = {
+                **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
+                **{f"pretrain.{k}": v for k, v in vars(p).items()},
+                **{f"model.{k}": v for k, v in vars(cfg.model).items()},
+                **{f"images.{k}": v for k, v in vars(cfg.images).items()},
+                "num_parameters": model.num_parameters(),
+            }
+            tags = {"vlp.init_from": str(cfg.model.init_from)}
+            with stage_run(cfg, "pretrain", params=params, tags=tags) as run:
+                model.save_pretrained(
+                    out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()}
+                )
+                skipped = zero_shot_skipped(cfg)
+                if skipped is None:
+                    model.to(resolve_device(cfg.runtime.device, info))
+                    zero_shot: dict[str, float] | str = zero_shot_retrieval(
+                        model, cfg, p.eval_split
+                    )
+                else:
+                    print(f"pretrain: zero-shot retrieval {skipped}")
+                    zero_shot = skipped
+                metrics: dict[str, Any] = {"init_from": str(cfg.model.init_from), "steps": 0}
+                if isinstance(zero_shot, str):
+                    metrics["zero_shot"] = zero_shot
+                    run.set_tags({"vlp.zero_shot": zero_shot})
+                else:
+                    metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
+                metrics["wall_s"] = time.perf_counter() - t0
+                metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
+                plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
+                atomic_write_json(metrics_path, metrics)
+                atomic_write_csv(plot_path, PLOT_COLUMNS, [])  # nothing trained
+                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+                run.log_artifact(metrics_path)
+                run.log_artifact(plot_path)
+                print(json.dumps(metrics, indent=2))
+        barrier()
+    return out_dir
+
+
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.images import image_params, image_transforms
@@ -235,6 +369,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
 
     t0 = time.perf_counter()
     p = cfg.pretrain
+    if not p.enabled:
+        return save_init_from(cfg)
+    if cfg.model.init_from:
+        init_source(cfg)  # a bad checkpoint is refused before anything is written
     if p.caption_warmup_steps < 0:
         raise ConfigError(
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
@@ -290,10 +428,15 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
         barrier()
-        tokenizer = _tokenizer(cfg, info, resume)
-        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-        model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
+        if cfg.model.init_from:  # the checkpoint's weights and tokenizer
+            torch.manual_seed(cfg.seed)  # parts it lacks start alike on every rank and run
+            model = init_model(cfg)
+            tokenizer = model.tokenizer
+        else:
+            tokenizer = _tokenizer(cfg, info, resume)
+            torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+            model = build_model(cfg.model, tokenizer, temperature=p.temperature)
+        collate = make_pretrain_collate(tokenizer, model.cfg.max_text_length)
 
         params = {
             **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},

@@ -261,7 +261,7 @@ def image_transforms(
         key, directory = source[0], Path(source[1]).expanduser()
         if not directory.is_dir():
             raise ConfigError(f"{key}: {str(directory)!r} is not a local directory")
-        if (directory / PROCESSOR_FILE).is_file():
+        if has_image_processor(directory):
             transform = ProcessorTransform.load(directory, key, im.size)
             _log_size(str(directory), transform.size, im.size is not None, cfg.data.image_size)
         elif model_dir is None and im.size is None:
@@ -352,10 +352,28 @@ def save_processor(
             return False
         key, source = found
     directory = Path(source).expanduser()
-    if not (directory / PROCESSOR_FILE).is_file():
+    if not has_image_processor(directory):
         return False
     ProcessorTransform.load(directory, key, size).save(out_dir)
     return True
+
+
+def has_image_processor(directory: Path) -> bool:
+    """Whether a checkpoint directory keeps an image processor.
+
+    `preprocessor_config.json` (an image processor's `save_pretrained`), or the
+    `image_processor` entry of `processor_config.json` (a multimodal processor's, e.g.
+    `BlipProcessor`).
+    """
+    if (directory / PROCESSOR_FILE).is_file():
+        return True
+    combined = directory / "processor_config.json"
+    if not combined.is_file():
+        return False
+    try:
+        return "image_processor" in json.loads(combined.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_processor(directory: str | os.PathLike, key: str) -> BaseImageProcessor:

@@ -100,7 +100,12 @@ class AnswerHead(nn.Module):
     """
 
     def __init__(
-        self, hidden_size: int, num_answers: int, num_layers: int = 2, num_heads: int = 8
+        self,
+        hidden_size: int,
+        num_answers: int,
+        num_layers: int = 2,
+        num_heads: int = 8,
+        image_width: int | None = None,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -119,6 +124,12 @@ class AnswerHead(nn.Module):
             norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers)
+        # image tokens wider or narrower than the text (BLIP's vision tower) are projected
+        self.image_proj = (
+            nn.Linear(image_width, hidden_size)
+            if image_width is not None and image_width != hidden_size
+            else None
+        )
         self.pos_global, self.pos_grid = learned_positions(hidden_size)
         self.net = nn.Sequential(
             nn.Linear(hidden_size, 2 * hidden_size),
@@ -143,6 +154,8 @@ class AnswerHead(nn.Module):
         question_states: torch.Tensor,
         question_mask: torch.Tensor,
     ) -> torch.Tensor:
+        if self.image_proj is not None:
+            image_embeds = self.image_proj(image_embeds)
         memory = image_embeds + self.image_positions(image_embeds.shape[1]).to(image_embeds)
         states = self.decoder(
             question_states.to(memory.dtype), memory, tgt_key_padding_mask=question_mask == 0
@@ -177,7 +190,11 @@ class VQAModel(nn.Module):
             for p in vlp.parameters():
                 p.requires_grad_(False)
         self.head = AnswerHead(
-            vlp.text_encoder.config.hidden_size, len(self.answers), answer_layers, answer_heads
+            vlp.text_encoder.config.hidden_size,
+            len(self.answers),
+            answer_layers,
+            answer_heads,
+            image_width=vlp.image_tower.out_dim,
         )
 
     def train(self, mode: bool = True) -> VQAModel:
