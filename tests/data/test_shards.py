@@ -265,3 +265,62 @@ def test_pretraining_from_shards(smoke_cfg, shards, tmp_path, monkeypatch):
     assert metrics["steps"] == cfg.pretrain.max_steps
     assert metrics["caption_warmup_steps"] == cfg.pretrain.caption_warmup_steps
     assert all(v == v for k, v in metrics.items() if k.startswith("loss"))  # finite, not NaN
+
+
+class _PixelRegressor(torch.nn.Module):
+    """Predicts an image's mean pixel from its pixels, with dropout (resume restores the RNG)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3 * 32 * 32, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1)
+        )
+
+    def forward(self, pixel_values: torch.Tensor, image_id: torch.Tensor) -> dict:
+        x = pixel_values.flatten(1)
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), x.mean(1))
+        return {"loss": loss}
+
+
+def _pixels(items: list[dict]) -> dict[str, torch.Tensor]:
+    batch = collate(items)
+    return {"pixel_values": batch["pixel_values"], "image_id": batch["image_id"]}
+
+
+@pytest.mark.slow
+def test_training_loop_streams_shards_repeatably_and_resumes(shards, smoke_cfg, tmp_path):
+    from vlp.train.checkpoint import list_checkpoints
+    from vlp.train.loop import TrainSettings, train
+
+    # 120 train captions / batch 8: 15 steps an epoch; the stop at step 17 is mid-epoch
+    cfg = TrainSettings(
+        epochs=2, batch_size=8, lr=1e-2, device="cpu", precision="fp32", num_workers=2,
+        checkpoint_every=4,
+    )  # fmt: skip
+
+    def stream() -> ShardPairs:
+        return _stream(shards, smoke_cfg, splits=["train"], resampled=True, shuffle_buffer=16)
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop_at_17(metrics: dict, step: int) -> None:
+        if step == 17:
+            raise Stop
+
+    full, again = _PixelRegressor(), _PixelRegressor()
+    ref = train(full, stream(), _pixels, cfg, tmp_path / "full")
+    assert ref.steps == 30
+    rerun = train(again, stream(), _pixels, cfg, tmp_path / "again")
+    assert [h["loss"] for h in rerun.history] == [h["loss"] for h in ref.history]
+    with pytest.raises(Stop):
+        train(_PixelRegressor(), stream(), _pixels, cfg, tmp_path / "run", on_log=stop_at_17)
+    assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1].name == "step-00000016"
+    resumed = _PixelRegressor()
+    res = train(resumed, stream(), _pixels, cfg, tmp_path / "run", resume=True)
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in ref.history]
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
