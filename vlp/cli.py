@@ -50,6 +50,15 @@ def _cmd_validate(cfg: Config, args: argparse.Namespace) -> None:
     validate_stage(cfg, Path(args.data) if args.data else None)
 
 
+def _cmd_shard(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.data.shards import write_shards
+
+    index = write_shards(Path(args.data), Path(args.out), args.samples_per_shard, args.split)
+    total = index["total"]
+    sizes = ", ".join(f"{k}: {v['images']} images" for k, v in total["splits"].items())
+    print(f"vlp shard: {args.out}: {total['shards']} shards, {total['samples']} samples ({sizes})")
+
+
 def _cmd_pretrain(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.pretrain import pretrain
 
@@ -185,8 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_import)
 
     s = sub.add_parser("validate", help="check manifests and images (Great Expectations)")
-    s.add_argument("--data", default=None, help="dataset directory (default data.root)")
+    s.add_argument(
+        "--data", default=None, help="dataset or `vlp shard` directory (default data.root)"
+    )
     s.set_defaults(func=_cmd_validate)
+
+    s = sub.add_parser(
+        "shard",
+        help="write a dataset's images and captions as webdataset shards for streamed training",
+    )
+    s.add_argument("--data", required=True, help="dataset directory (pairs.parquet + images)")
+    s.add_argument("--out", required=True, help="shard directory to write (replaced as a whole)")
+    s.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard")
+    s.add_argument(
+        "--split", action="append", default=None, help="only this split (repeatable; default all)"
+    )
+    s.set_defaults(func=_cmd_shard)
 
     s = sub.add_parser("pretrain", help="pretrain with ITC + ITM + captioning LM")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")

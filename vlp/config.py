@@ -37,9 +37,12 @@ PROFILES_FILE = "profiles.yaml"
 
 @dataclass
 class DataConfig:
-    """The embedded shapes world: sizes of each split and rendering."""
+    """The dataset every stage reads (`root`), the embedded shapes world's sizes and rendering,
+    and the webdataset shards training may stream its pairs from instead (`vlp.data.shards`)."""
 
     root: str
+    shards: str | None  # a `vlp shard` directory pretraining and pair finetuning stream from
+    shuffle_buffer: int  # samples each streaming worker shuffles among (shards only)
     seed: int
     image_size: int
     n_pretrain: int

@@ -33,6 +33,7 @@ ranks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -99,6 +100,12 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     transform = image_transforms(cfg)[0]
     if isinstance(transform, ProcessorTransform):
         params["image_processor"] = transform.model_files()
+    if cfg.data.shards is not None:  # the stream trained on: its shards, by their index
+        from vlp.data.shards import INDEX_FILE
+
+        params["data.shuffle_buffer"] = cfg.data.shuffle_buffer
+        index = (Path(cfg.data.shards) / INDEX_FILE).read_bytes()
+        params["data.shards"] = hashlib.sha256(index).hexdigest()
     return {"params": params, "data": dataset_hash(cfg.data.root)}
 
 
@@ -363,7 +370,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.images import image_params, image_transforms
     from vlp.data.manifest import check_split_names, require_splits
-    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.data.shards import pairs_for_training
+    from vlp.data.torch_data import make_pretrain_collate
     from vlp.models import build_model
     from vlp.tracking import check_stage_outputs
 
@@ -399,7 +407,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             check_replaceable(out_dir)
         splits = ", ".join(p.splits)
         transform, augment = image_transforms(cfg)
-        dataset = PairsDataset(cfg.data.root, p.splits, transform, augment)
+        stream = {"seed": cfg.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+        dataset = pairs_for_training(
+            cfg.data.root, cfg.data.shards, p.splits, transform, augment, **stream
+        )
         settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
         _check_batches_fit(
             len(dataset),
@@ -410,8 +421,14 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         )
         firsts = None
         if p.caption_warmup_steps > 0:
-            firsts = PairsDataset(
-                cfg.data.root, p.splits, transform, augment, first_caption_only=True
+            firsts = pairs_for_training(
+                cfg.data.root,
+                cfg.data.shards,
+                p.splits,
+                transform,
+                augment,
+                **stream,
+                first_caption_only=True,
             )
             warmup_settings = TrainSettings.from_config(
                 cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps

@@ -22,6 +22,7 @@ from vlp.io import atomic_path
 PAIRS_FILE = "pairs.parquet"
 VQA_FILE = "vqa.parquet"
 IMAGES_DIR = "images"
+SHARD_INDEX_FILE = "shards.json"  # the index of a `vlp shard` directory (vlp.data.shards)
 IMAGE_FOLDERS_FILE = "image_folders.json"  # the folders `vlp import` linked as images/<name>
 
 SPLITS = ("pretrain", "train", "val", "test", "restval")

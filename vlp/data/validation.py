@@ -21,6 +21,7 @@ from vlp.data.manifest import (
     ANSWERS_PER_QUESTION,
     PAIRS_FILE,
     PAIRS_SCHEMA,
+    SHARD_INDEX_FILE,
     SPLITS,
     VQA_FILE,
     VQA_SCHEMA,
@@ -365,7 +366,14 @@ def validate_stage(cfg: Config, data_dir: Path | None) -> dict[str, Any]:
     summary go to `<report_dir>/datasets/<DIR's name>/`, only on failure. Nothing is ever
     written into the dataset. The findings are reported even when the report cannot be
     written (OutputError if the data passed, one more line of the DataError otherwise).
+    A `vlp shard` directory is checked against its index instead (`validate_shards`).
     """
+    if data_dir is not None and (Path(data_dir) / SHARD_INDEX_FILE).is_file():
+        from vlp.data.shards import validate_shards  # every shard against its index
+
+        total = validate_shards(data_dir)["total"]
+        print(f"vlp validate: {data_dir}: {total['shards']} shards, {total['samples']} samples ok")
+        return {"success": True, "shards": total}
     if data_dir is None:
         target, report_dir = Path(cfg.data.root), Path(cfg.validate.report_dir)
         docs_dir, on_success = report_dir / "data_docs", True

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from vlp.errors import ConfigError
@@ -245,9 +245,14 @@ def train(
     # One sampler for 1 or N processes: with N ranks, rank r takes every N-th index of the
     # same seeded permutation, so the union of the ranks' micro-batches is exactly the
     # single-process micro-batch.
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True
-    )
+    # A streamed dataset (`vlp.data.shards.ShardPairs`) splits itself by rank and worker and
+    # is told each epoch and micro-batch size with `set_epoch` instead.
+    streamed = isinstance(dataset, IterableDataset)
+    sampler = None
+    if not streamed:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True
+        )
     if steps_per_epoch == 0:
         raise ConfigError(
             f"batch_size * grad_accum_steps = {s.batch_size * accum} is larger than the "
@@ -334,7 +339,7 @@ def train(
     loader = DataLoader(
         dataset,
         batch_size=micro_bs,
-        sampler=keys,
+        sampler=None if streamed else keys,
         collate_fn=collate_fn,
         num_workers=s.num_workers,
         persistent_workers=s.num_workers > 0,
@@ -354,11 +359,17 @@ def train(
     t_run, samples_run = time.perf_counter(), 0
     try:
         while step < total_steps:
-            sampler.set_epoch(epoch)
-            # Skip what an interrupted run already consumed: same permutation, later start.
-            indices = list(sampler)[micro_done * micro_bs : steps_per_epoch * accum * micro_bs]
-            keys.items = [(i, epoch) for i in indices] if takes_epoch else indices
-            batches = iter(loader)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                # Skip what an interrupted run already consumed: same permutation, later start.
+                indices = list(sampler)[micro_done * micro_bs : steps_per_epoch * accum * micro_bs]
+                keys.items = [(i, epoch) for i in indices] if takes_epoch else indices
+                batches = iter(loader)
+            else:
+                dataset.set_epoch(epoch, micro_bs)
+                batches = iter(loader)
+                for _ in range(micro_done):  # the same seeded stream: skip what was consumed
+                    next(batches)
             epoch_done = False
             while not epoch_done and step < total_steps:
                 t0 = time.perf_counter()

@@ -32,14 +32,20 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The VLPModel trained with the LM loss alone on the captions of `finetune.splits`."""
     from vlp.data.images import image_transforms
-    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.data.shards import pairs_for_training
+    from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     tcfg = cfg.finetune.captioning
     return TrainingSetup(
         VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
-        PairsDataset(
-            cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+        pairs_for_training(
+            cfg.data.root,
+            cfg.data.shards,
+            cfg.finetune.splits,
+            *image_transforms(cfg, cfg.finetune.init_dir),
+            seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
         ),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},

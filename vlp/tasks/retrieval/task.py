@@ -26,13 +26,19 @@ TOP_RESULTS = 10  # ranked items per query in the results file
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`."""
     from vlp.data.images import image_transforms
-    from vlp.data.torch_data import PairsDataset, make_pretrain_collate
+    from vlp.data.shards import pairs_for_training
+    from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 
     return TrainingSetup(
         VLPObjective(vlp, LOSS_WEIGHTS),
-        PairsDataset(
-            cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+        pairs_for_training(
+            cfg.data.root,
+            cfg.data.shards,
+            cfg.finetune.splits,
+            *image_transforms(cfg, cfg.finetune.init_dir),
+            seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
         ),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},

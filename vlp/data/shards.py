@@ -1,0 +1,441 @@
+"""Webdataset shards of a dataset directory: written by `vlp shard`, streamed by training.
+
+A shard directory holds tar shards (`shard-000000.tar`, ...) and an index, `shards.json`.
+Each sample is one image: its file's bytes as they are (`<key>.jpg`, `.png`, ...) and a
+JSON record (`<key>.json`: image_id, split, image_path, captions with their caption ids,
+and the image's VQA questions when the dataset has them). The index lists every shard
+with its sample counts (images and captions per split), byte size and sha256, and the
+totals. Tars are written with fixed owners and times, so the same dataset gives
+byte-identical shards (DVC caching).
+
+`ShardPairs` streams the pairs of some splits with the `webdataset` library, as OpenCLIP
+reads its training data: shards resampled with replacement by each node and DataLoader
+worker from its own seeded stream (or, not resampled, split by node then by worker), a
+shuffle buffer, one random caption per image, and an explicit number of samples per epoch.
+Nothing but the shuffle buffer is held in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset
+
+from vlp.data.images import Augmentation, ImageTransform, swap_left_right
+from vlp.data.manifest import (
+    SHARD_INDEX_FILE as INDEX_FILE,
+    check_split_names,
+    has_vqa,
+    image_roots,
+    locate_image,
+    no_rows_in_splits,
+    read_pairs,
+    read_vqa,
+)
+from vlp.errors import DataError
+from vlp.io import atomic_dir, atomic_write_json, load_json
+
+INDEX_FORMAT = "vlp-shards/1"
+SHARD_PATTERN = "shard-{:06d}.tar"
+# PIL format -> the member extension webdataset's decoders and other readers expect.
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp"}
+_HASH_CHUNK = 1 << 20
+
+
+def _image_extension(path: Path) -> str:
+    try:
+        with Image.open(path) as img:
+            fmt = img.format or ""
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image: {e}") from None
+    return _EXTENSIONS.get(fmt, fmt.lower() or "img")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _records(data_dir: Path, splits: list[str] | None) -> Iterator[dict[str, Any]]:
+    """One JSON record per image of `splits` (manifest order), with its image_path."""
+    pairs = read_pairs(data_dir, splits)
+    if pairs.empty:
+        raise no_rows_in_splits(data_dir, splits, "caption pairs")
+    questions: dict[int, list[dict[str, Any]]] = {}
+    if has_vqa(data_dir):
+        for row in read_vqa(data_dir, splits).to_dict("records"):
+            questions.setdefault(int(row["image_id"]), []).append(
+                {
+                    "question_id": int(row["question_id"]),
+                    "question": str(row["question"]),
+                    "question_type": str(row["question_type"]),
+                    "answers": list(row["answers"]),
+                    "answer_type": str(row["answer_type"]),
+                    "multiple_choice_answer": str(row["multiple_choice_answer"]),
+                }
+            )
+    for image_id, group in pairs.groupby("image_id", sort=False):
+        first = group.iloc[0]
+        record: dict[str, Any] = {
+            "image_id": int(image_id),
+            "split": str(first["split"]),
+            "image_path": str(first["image_path"]),
+            "captions": [
+                {"caption_id": int(cid), "caption": str(text)}
+                for cid, text in zip(group["caption_id"], group["caption"], strict=True)
+            ],
+        }
+        if questions:
+            record["questions"] = questions.get(int(image_id), [])
+        yield record
+
+
+def write_shards(
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    samples_per_shard: int = 1000,
+    splits: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write the images of `splits` (all when None) of a dataset directory as shards; return the index.
+
+    `out` is replaced as a whole (`vlp.io.atomic_dir`): it must be missing, empty or a
+    directory vlp wrote.
+    """
+    data_dir = Path(data_dir)
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard: must be >= 1, got {samples_per_shard}")
+    if splits:
+        check_split_names(splits, "--split")
+    roots = image_roots(data_dir)
+    shards: list[dict[str, Any]] = []
+    with atomic_dir(Path(out), "shards") as tmp:
+        writer: wds.TarWriter | None = None
+        entry: dict[str, Any] = {}
+
+        def close() -> None:
+            if writer is not None:
+                writer.close()
+                path = tmp / entry["name"]
+                entry.update(bytes=path.stat().st_size, sha256=_sha256(path))
+                shards.append(entry)
+
+        for n, record in enumerate(_records(data_dir, splits)):
+            if n % samples_per_shard == 0:
+                close()
+                entry = {"name": SHARD_PATTERN.format(len(shards)), "samples": 0, "splits": {}}
+                # Fixed owner, mode and time: the same dataset gives the same bytes.
+                writer = wds.TarWriter(str(tmp / entry["name"]), mtime=0.0)
+            path = locate_image(data_dir, record["image_path"], roots)
+            ext = _image_extension(path)
+            writer.write(
+                {
+                    "__key__": f"{record['image_id']}",
+                    ext: path.read_bytes(),
+                    "json": json.dumps(record, sort_keys=True).encode(),
+                }
+            )
+            counts = entry["splits"].setdefault(record["split"], {"images": 0, "captions": 0})
+            counts["images"] += 1
+            counts["captions"] += len(record["captions"])
+            entry["samples"] += 1
+        close()
+        index = {"format": INDEX_FORMAT, "shards": shards, "total": _totals(shards)}
+        atomic_write_json(tmp / INDEX_FILE, index)
+    return index
+
+
+def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    splits: dict[str, dict[str, int]] = {}
+    for shard in shards:
+        for name, counts in shard["splits"].items():
+            acc = splits.setdefault(name, {"images": 0, "captions": 0})
+            for k, v in counts.items():
+                acc[k] += v
+    return {
+        "shards": len(shards),
+        "samples": sum(s["samples"] for s in shards),
+        "splits": dict(sorted(splits.items())),
+    }
+
+
+def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """The index of a shard directory, checked against the files: each shard present, sized as recorded.
+
+    A cheap check for the start of every reader; `validate_shards` reads every byte.
+    """
+    shard_dir = Path(shard_dir)
+    path = shard_dir / INDEX_FILE
+    index = load_json(path, DataError)
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise DataError(f"{path}: not a vlp shard index (format {INDEX_FORMAT})")
+    try:
+        for shard in index["shards"]:
+            name = shard["name"]
+            if Path(name).name != name:
+                raise DataError(f"{path}: shard name {name!r} is not a file name")
+            size = (shard_dir / name).stat().st_size if (shard_dir / name).is_file() else None
+            if size is None:
+                raise DataError(f"{shard_dir / name}: shard listed in {INDEX_FILE} not found")
+            if size != shard["bytes"]:
+                raise DataError(
+                    f"{shard_dir / name}: {size} bytes, {INDEX_FILE} records {shard['bytes']} "
+                    "(truncated or rewritten)"
+                )
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{path}: malformed shard index ({e!r})") from None
+    return index
+
+
+def validate_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Check every shard against the index: sha256, readable tar, one image + JSON per sample, counts.
+
+    Returns the index; DataError naming the first bad shard.
+    """
+    shard_dir = Path(shard_dir)
+    index = read_index(shard_dir)
+    for shard in index["shards"]:
+        path = shard_dir / shard["name"]
+        digest = _sha256(path)
+        if digest != shard["sha256"]:
+            raise DataError(f"{path}: sha256 {digest[:12]}... differs from {INDEX_FILE}")
+        counts: dict[str, dict[str, int]] = {}
+        samples = 0
+        try:
+            for key, members in _tar_samples(path):
+                record = _parse_record(members, key, path)
+                if len(members) != 2 or not any(ext != "json" for ext in members):
+                    raise DataError(f"{path}: sample {key}: expected one image and one JSON")
+                acc = counts.setdefault(str(record["split"]), {"images": 0, "captions": 0})
+                acc["images"] += 1
+                acc["captions"] += len(record["captions"])
+                samples += 1
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{path}: unreadable tar: {e}") from None
+        if samples != shard["samples"] or counts != shard["splits"]:
+            raise DataError(
+                f"{path}: holds {samples} samples {counts}, {INDEX_FILE} records "
+                f"{shard['samples']} {shard['splits']}"
+            )
+    return index
+
+
+def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of consecutive members sharing a key, as webdataset groups them."""
+    key, members = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            name = info.name
+            stem, _, ext = name.partition(".")
+            if key is not None and stem != key:
+                yield key, members
+                members = {}
+            key = stem
+            f = tar.extractfile(info)
+            members[ext] = f.read() if f is not None else b""
+    if key is not None:
+        yield key, members
+
+
+def _parse_record(members: dict[str, Any], key: str, shard: Any) -> dict[str, Any]:
+    raw = members.get("json")
+    if raw is None:
+        raise DataError(f"{shard}: sample {key} has no JSON record")
+    try:
+        record = json.loads(raw)
+        _ = record["image_id"], record["split"], record["captions"][0]["caption"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise DataError(f"{shard}: sample {key}: bad JSON record ({e!r})") from None
+    return record
+
+
+def _shard_name(exn: BaseException) -> str:
+    """The shard webdataset names in an exception's arguments (it appends the url)."""
+    for arg in reversed(exn.args):
+        if isinstance(arg, str) and ".tar" in arg:
+            return arg.split(" @ ")[-1]
+    return "a shard"
+
+
+def _raise_data_error(exn: BaseException) -> bool:
+    """webdataset error handler: a damaged shard becomes a DataError naming it."""
+    if isinstance(exn, DataError):
+        raise exn
+    raise DataError(f"{_shard_name(exn)}: unreadable shard: {exn.args[0]}") from exn
+
+
+class ShardPairs(IterableDataset):
+    """(image, caption) pairs of some splits streamed from a shard directory.
+
+    Items are those of `PairsDataset` (pixel_values, caption, image_id, caption_id): one per
+    sample, its caption drawn at random from the image's captions (the first with
+    `first_caption_only`). An epoch is `len(self)` items over all nodes: the captions of the
+    splits (the images with `first_caption_only`), so an epoch is as long as one over
+    `PairsDataset`. Every draw (shards, shuffle, caption, augmentation) is seeded by
+    (`seed`, epoch, rank, worker): a run is repeatable for the same number of processes and
+    workers. The training loop calls `set_epoch` before each epoch.
+
+    With `resampled` (training), each node and worker draws shards with replacement from
+    its own stream and the epoch ends after its share of `len(self)` samples. Without, the
+    shard list is split by node, then by worker, and read once: every sample once overall.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        splits: Iterable[str],
+        transform: ImageTransform,
+        augment: Augmentation | None = None,
+        *,
+        seed: int,
+        shuffle_buffer: int,
+        resampled: bool = True,
+        first_caption_only: bool = False,
+    ) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.splits = sorted(set(splits))
+        index = read_index(self.shard_dir)
+        self.urls = [
+            str(self.shard_dir / s["name"])
+            for s in index["shards"]
+            if any(s["splits"].get(name, {}).get("images") for name in self.splits)
+        ]
+        per_split = index["total"]["splits"]
+        what = "images" if first_caption_only else "captions"
+        self.n_samples = sum(per_split.get(name, {}).get(what, 0) for name in self.splits)
+        if not self.urls or self.n_samples == 0:
+            has = ", ".join(f"{k}: {v['images']} images" for k, v in per_split.items()) or "none"
+            raise DataError(
+                f"{self.shard_dir}: no samples in split(s) {', '.join(self.splits)}; "
+                f"its shards hold {has}"
+            )
+        if shuffle_buffer < 0:
+            raise DataError(f"data.shuffle_buffer: must be >= 0, got {shuffle_buffer}")
+        self.transform = transform
+        self.augment = augment
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.resampled = resampled
+        self.first_caption_only = first_caption_only
+        # Shared with DataLoader workers, which persist across epochs.
+        self._epoch = multiprocessing.Value("q", 0, lock=False)
+        self._micro_batch = multiprocessing.Value("q", 1, lock=False)
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def set_epoch(self, epoch: int, micro_batch_size: int = 1) -> None:
+        """Start `epoch`; each worker then yields whole micro-batches enough for its share."""
+        self._epoch.value = int(epoch)
+        self._micro_batch.value = int(micro_batch_size)
+
+    def _per_worker(self, world: int, workers: int) -> int:
+        micro = max(int(self._micro_batch.value), 1)
+        batches = self.n_samples // world // micro
+        return max(math.ceil(batches / workers), 1) * micro
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        epoch = int(self._epoch.value)
+        stream_seed = [self.seed, epoch, rank, worker]
+        if self.resampled:
+            seed = int(np.random.default_rng([*stream_seed, 0]).integers(2**31))
+            source: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
+        else:
+            source = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
+        stages: list[Any] = [*source, wds.tarfile_to_samples(handler=_raise_data_error)]
+        if self.shuffle_buffer > 1:
+            seed = int(np.random.default_rng([*stream_seed, 1]).integers(2**31))
+            stages.append(
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
+            )
+        rng = np.random.default_rng([*stream_seed, 2])
+        stream_id, n_streams = rank * workers + worker, world * workers
+        stages.append(lambda src: self._pairs(src, rng, epoch, stream_id, n_streams))
+        pipeline = wds.DataPipeline(*stages)
+        if self.resampled:
+            pipeline = pipeline.with_epoch(self._per_worker(world, workers))
+        return iter(pipeline)
+
+    def _pairs(
+        self,
+        samples: Iterator[dict[str, Any]],
+        rng: np.random.Generator,
+        epoch: int,
+        stream_id: int,
+        n_streams: int,
+    ) -> Iterator[dict[str, Any]]:
+        for position, sample in enumerate(samples):
+            url, key = sample.get("__url__", self.shard_dir), sample.get("__key__")
+            record = _parse_record(sample, key, url)
+            if record["split"] not in self.splits:
+                continue
+            images = [ext for ext in sample if not ext.startswith("__") and ext != "json"]
+            if len(images) != 1:
+                raise DataError(f"{url}: sample {key}: expected one image, found {images}")
+            try:
+                with Image.open(io.BytesIO(sample[images[0]])) as img:
+                    img.load()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise DataError(f"{url}: sample {key}: cannot decode image: {e}") from None
+            captions = record["captions"]
+            pick = 0 if self.first_caption_only else int(rng.integers(len(captions)))
+            caption = captions[pick]
+            if self.augment is not None:
+                index = position * n_streams + stream_id  # distinct per sample of the epoch
+                pixels, flipped = self.augment.apply(img, self.transform, index, epoch)
+            else:
+                pixels, flipped = self.transform.normalise(self.transform.fit(img)), False
+            text = str(caption["caption"])
+            yield {
+                "pixel_values": pixels,
+                "caption": swap_left_right(text) if flipped else text,
+                "image_id": int(record["image_id"]),
+                "caption_id": int(caption["caption_id"]),
+            }
+
+
+def pairs_for_training(
+    data_root: str | os.PathLike,
+    shard_dir: str | None,
+    splits: list[str],
+    transform: ImageTransform,
+    augment: Augmentation | None,
+    *,
+    seed: int,
+    shuffle_buffer: int,
+    first_caption_only: bool = False,
+) -> torch.utils.data.Dataset:
+    """The training pairs of `splits`: streamed from `shard_dir` when set, else `PairsDataset`."""
+    from vlp.data.torch_data import PairsDataset
+
+    if shard_dir is None:
+        return PairsDataset(data_root, splits, transform, augment, first_caption_only)
+    return ShardPairs(
+        shard_dir,
+        splits,
+        transform,
+        augment,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        first_caption_only=first_caption_only,
+    )
