@@ -30,7 +30,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     from vlp.models.objectives import VLPObjective
 
     return TrainingSetup(
-        VLPObjective(vlp, LOSS_WEIGHTS),
+        VLPObjective(vlp, LOSS_WEIGHTS, local_loss=cfg.runtime.local_loss),
         PairsDataset(cfg.data.root, cfg.finetune.splits, *image_transforms(cfg)),
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
