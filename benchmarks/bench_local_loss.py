@@ -62,8 +62,10 @@ def main() -> None:
         return
 
     print(f"B = {args.batch} per rank, embedding width {args.dim}, fp32, forward + backward\n")
-    print("| world W | world batch N | local logits 2BN | global logits N^2 | ratio "
-          "| local peak MiB | global peak MiB |")
+    print(
+        "| world W | world batch N | local logits 2BN | global logits N^2 | ratio "
+        "| local peak MiB | global peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for world in args.worlds:
         n = world * args.batch

@@ -101,7 +101,9 @@ def checkpointing(args: argparse.Namespace) -> None:
     arms = {}
     for on in (False, True):
         cmd = [sys.executable, __file__, "checkpointing", *_shared(args), "--arm", str(int(on))]
-        arms[on] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        arms[on] = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        )
     off, on_ = arms[False], arms[True]
     print(
         f"\nActivation checkpointing: {args.tower} tower, {args.layers} layers per tower, "
@@ -127,7 +129,10 @@ def _train_worker(rank: int, world: int, store: str, args: argparse.Namespace, o
     try:
         model, items, collate = _model_and_data(args, args.batch * (args.steps + 1))
         settings = TrainSettings(
-            max_steps=args.steps, batch_size=args.batch, device="cpu", precision="fp32",
+            max_steps=args.steps,
+            batch_size=args.batch,
+            device="cpu",
+            precision="fp32",
             log_every=10**6,
         )
         objective = VLPObjective(model, ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0))

@@ -320,7 +320,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             try:
                 if firsts is not None:
                     warmup = train(
-                        VLPObjective(model, CAPTION_WARMUP_WEIGHTS, local_loss=cfg.runtime.local_loss),
+                        VLPObjective(
+                            model, CAPTION_WARMUP_WEIGHTS, local_loss=cfg.runtime.local_loss
+                        ),
                         firsts,
                         collate,
                         warmup_settings,

@@ -186,9 +186,7 @@ class VLPObjective(nn.Module):
     weighted 0 is absent. The model is a submodule: training this module trains it.
     """
 
-    def __init__(
-        self, model: VLPModel, weights: ObjectiveWeights, local_loss: bool = True
-    ) -> None:
+    def __init__(self, model: VLPModel, weights: ObjectiveWeights, local_loss: bool = True) -> None:
         super().__init__()
         self.model = model
         self.weights = weights
