@@ -94,7 +94,9 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
     empty_store: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    sets = [f"data.root={smoke_data}", *EXACT]
+    # one tokenizer for both runs: a trained one may number unused subwords differently
+    tokenizer = f"model.tokenizer_pretrained={smoke_pretrained / 'tokenizer'}"
+    sets = [f"data.root={smoke_data}", tokenizer, *EXACT]
     single, multi = tmp_path / "single", tmp_path / "multi"
     for d in (single, multi):
         d.mkdir()
