@@ -107,7 +107,8 @@ class ModelConfig:
 class RuntimeConfig:
     """How every stage that trains or infers runs, and the shared report folders.
 
-    None of these change what a model learns except `max_grad_norm` and `precision`.
+    None of these change what a model learns except `max_grad_norm` and `precision`
+    (`local_loss` and `gradient_checkpointing` change memory and time, not gradients).
     """
 
     device: str  # auto | cpu | cuda
@@ -115,6 +116,8 @@ class RuntimeConfig:
     num_workers: int  # DataLoader worker processes
     log_every: int  # steps between progress lines and logged training metrics
     max_grad_norm: float  # gradient clipping; <= 0 disables it
+    local_loss: bool  # ITC logits [B, B_world] per process, not [B_world, B_world]
+    gradient_checkpointing: bool  # recompute the towers' layers in the backward pass
     metrics_dir: str  # DVC metrics files (`<stage>.json`)
     plots_dir: str  # DVC plot files (CSV)
 

@@ -63,6 +63,8 @@ UNFINGERPRINTED = (
     "runtime.log_every",
     "runtime.metrics_dir",
     "runtime.plots_dir",
+    "runtime.local_loss",
+    "runtime.gradient_checkpointing",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 # The pretrained model's evaluation transform (`to_dict`: size, resize, mean/std, or the image
@@ -488,7 +490,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             try:
                 if firsts is not None:
                     warmup = train(
-                        VLPObjective(model, CAPTION_WARMUP_WEIGHTS),
+                        VLPObjective(
+                            model, CAPTION_WARMUP_WEIGHTS, local_loss=cfg.runtime.local_loss
+                        ),
                         firsts,
                         collate,
                         warmup_settings,
@@ -498,7 +502,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     )
                     offset = warmup.steps
                 result = train(
-                    VLPObjective(model, joint_weights),
+                    VLPObjective(model, joint_weights, local_loss=cfg.runtime.local_loss),
                     dataset,
                     collate,
                     settings,

@@ -1,4 +1,5 @@
-"""Pretraining objectives across 2 gloo processes: ITC over the world batch, grads correct."""
+"""Pretraining objectives across 2 gloo processes: ITC over the world batch, grads correct
+(with the memory-linear local loss and with the whole world matrix alike)."""
 
 from __future__ import annotations
 
@@ -44,11 +45,15 @@ def _worker(rank: int, world: int, store: str, model_dir: str, captions: list[st
         items = _items(captions)
         half = len(items) // world
         batch = collate(items[rank * half : (rank + 1) * half])
-        VLPObjective(model, ITC_ONLY)(**batch)["loss"].backward()
-        grads = _grads(model)
-        for g in grads.values():  # what DDP does with gradients
-            dist.all_reduce(g)
-            g /= world
+        per_mode = {}
+        for local_loss in (True, False):  # own rows x world batch; the whole world matrix
+            model.zero_grad()
+            VLPObjective(model, ITC_ONLY, local_loss=local_loss)(**batch)["loss"].backward()
+            grads = _grads(model)
+            for g in grads.values():  # what DDP does with gradients
+                dist.all_reduce(g)
+                g /= world
+            per_mode[local_loss] = grads
         # all objectives with unequal batch sizes and caption lengths across ranks
         model.zero_grad()
         uneven = collate(items[:3] if rank == 0 else items[3:])
@@ -57,7 +62,7 @@ def _worker(rank: int, world: int, store: str, model_dir: str, captions: list[st
         assert all(torch.isfinite(v) for v in out.values())
         assert model.itm_head.weight.grad is not None
         if rank == 0:
-            torch.save(grads, Path(model_dir) / "ddp_grads.pt")
+            torch.save(per_mode, Path(model_dir) / "ddp_grads.pt")
     finally:
         dist.destroy_process_group()
 
@@ -73,8 +78,10 @@ def test_itc_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions,
     single = _grads(model)
 
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m"), captions), nprocs=2)
-    ddp = torch.load(tmp_path / "m" / "ddp_grads.pt", weights_only=True)
-    assert single.keys() == ddp.keys()
-    assert "image_tower.proj.weight" in ddp and "text_proj.weight" in ddp and "temp" in ddp
-    for name, g in single.items():
-        torch.testing.assert_close(ddp[name], g, atol=1e-6, rtol=1e-4, msg=name)
+    per_mode = torch.load(tmp_path / "m" / "ddp_grads.pt", weights_only=True)
+    for local_loss, ddp in per_mode.items():
+        assert single.keys() == ddp.keys()
+        assert "image_tower.proj.weight" in ddp and "text_proj.weight" in ddp and "temp" in ddp
+        for name, g in single.items():
+            msg = f"{name} (local_loss={local_loss})"
+            torch.testing.assert_close(ddp[name], g, atol=1e-6, rtol=1e-4, msg=msg)

@@ -8,7 +8,10 @@
 - LM: teacher-forced next-token cross-entropy of the caption decoder.
 
 Under torch.distributed (world > 1) ITC and the ITM negative pool span every process's
-batch, gradients included (`gather_rows`).
+batch, gradients included (`gather_rows`). With `local_loss` (the default) each process scores
+only its own rows against the gathered world batch, [B, B_world] logits, memory linear in the
+world batch (OpenCLIP's `--local-loss --gather-with-grad`); without it every process scores the
+whole [B_world, B_world] matrix. Both give the same parameter gradients after DDP's average.
 
 A stage chooses what to train with `ObjectiveWeights` and trains `VLPObjective(model,
 weights)`, a module whose `forward(**batch)` returns the losses the training loop expects.
@@ -183,10 +186,11 @@ class VLPObjective(nn.Module):
     weighted 0 is absent. The model is a submodule: training this module trains it.
     """
 
-    def __init__(self, model: VLPModel, weights: ObjectiveWeights) -> None:
+    def __init__(self, model: VLPModel, weights: ObjectiveWeights, local_loss: bool = True) -> None:
         super().__init__()
         self.model = model
         self.weights = weights
+        self.local_loss = local_loss  # runtime.local_loss
 
     def forward(
         self,
@@ -215,8 +219,14 @@ class VLPObjective(nn.Module):
             pos = image_ids.unsqueeze(1) == ids_all.unsqueeze(0)  # [B, B_world]
             sim_i2t = (image_feat @ text_feat_all.t()).float() / model.temp
             sim_t2i = (text_feat @ image_feat_all.t()).float() / model.temp
-            if use["itc"]:
+            if use["itc"] and self.local_loss:
                 out["loss_itc"] = itc_loss(sim_i2t, sim_t2i, pos)
+            elif use["itc"]:
+                # Every rank computes the same world loss; the gather's backward sums the
+                # ranks' gradients and DDP averages them, which gives the world loss's gradient.
+                sim_all = (image_feat_all @ text_feat_all.t()).float() / model.temp
+                pos_all = ids_all.unsqueeze(1) == ids_all.unsqueeze(0)  # [B_world, B_world]
+                out["loss_itc"] = itc_loss(sim_all, sim_all.t(), pos_all)
             if use["itm"]:
                 out["loss_itm"] = itm_loss(
                     model,

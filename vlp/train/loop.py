@@ -67,6 +67,7 @@ class TrainSettings:
     seed: int = 0
     num_workers: int = 0
     keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False  # recompute the towers' layers in the backward pass
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -269,6 +270,10 @@ def train(
         # kernel usable instead of raising.
         torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(s.seed + rank)
+    if s.gradient_checkpointing:
+        from vlp.models.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr), lr=s.lr)
     from transformers import get_cosine_schedule_with_warmup

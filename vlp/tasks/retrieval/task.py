@@ -31,7 +31,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     from vlp.models.objectives import VLPObjective
 
     return TrainingSetup(
-        VLPObjective(vlp, LOSS_WEIGHTS),
+        VLPObjective(vlp, LOSS_WEIGHTS, local_loss=cfg.runtime.local_loss),
         pairs_for_training(
             cfg.data.root,
             cfg.data.shards,
