@@ -8,8 +8,9 @@ from torch.nn import functional as F
 
 from tests.clip_checkpoint import write_tiny_clip
 from vlp.errors import ConfigError
-from vlp.models.clip import CLIPDualEncoder, build_clip
+from vlp.models.clip import CLIPDualEncoder, build_clip, clamp_logit_scale
 from vlp.models.family import fresh_model, load_model, model_family
+from vlp.models.objectives import CLIPObjective
 
 TEXTS = ["a red circle left of a blue square", "the star", "what colour is it?"]
 
@@ -92,3 +93,57 @@ def test_scratch_clip_refuses_single_towers(tiny_cfg, tokenizer):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(ConfigError, match="not a vlp model directory"):
         load_model(tmp_path)
+
+
+def _clip(tiny_cfg, tokenizer, temperature=0.07):
+    torch.manual_seed(0)
+    return build_clip(tiny_cfg(family="clip"), tokenizer, temperature)
+
+
+def test_clip_loss_is_itc_with_the_logit_scale(tiny_cfg, tokenizer, batch):
+    model = _clip(tiny_cfg, tokenizer).eval()
+    out = CLIPObjective(model, weight=2.0)(**batch)
+    assert set(out) == {"loss", "loss_itc"}
+    _, img = model.encode_image(batch["pixel_values"])
+    _, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    logits = img @ txt.t() * model.clip.logit_scale.exp()
+    # captions 0 and 1 share an image: both are positives of it, as vlp's ITC counts them
+    pos = batch["image_ids"][:, None] == batch["image_ids"][None, :]
+    target = pos.float() / pos.sum(1, keepdim=True)
+    want = (
+        -(logits.log_softmax(1) * target).sum(1).mean()
+        - (logits.t().log_softmax(1) * target).sum(1).mean()
+    ) / 2
+    torch.testing.assert_close(out["loss_itc"], want)
+    torch.testing.assert_close(out["loss"], 2 * want)
+    with pytest.raises(ConfigError, match="contrastive loss alone"):
+        CLIPObjective(model, weight=0.0)
+
+
+def test_training_steps_decrease_the_loss_and_learn_the_scale(tiny_cfg, tokenizer, batch):
+    model = _clip(tiny_cfg, tokenizer)
+    objective = CLIPObjective(model)
+    opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+    scale0 = model.logit_scale.item()
+    losses = []
+    for _ in range(15):
+        loss = objective(**batch)["loss"]
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        assert model.logit_scale.grad is not None and model.logit_scale.grad != 0
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    assert model.logit_scale.item() != pytest.approx(scale0)
+
+
+def test_logit_scale_is_clamped_at_100(tiny_cfg, tokenizer, batch):
+    model = _clip(tiny_cfg, tokenizer, temperature=0.001)  # scale 1000 at the start
+    assert model.logit_scale.exp().item() == pytest.approx(1000.0)
+    CLIPObjective(model)(**batch)
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+    assert model.temp.item() == pytest.approx(0.01)
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    clamp_logit_scale(model)
+    assert model.logit_scale.item() == 0.0
