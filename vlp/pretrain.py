@@ -15,6 +15,12 @@ are several times faster than from all captions with all objectives. The joint I
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
 the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's.
 
+With `model.family: clip` the model is a dual encoder (`vlp.models.clip`): from scratch
+(sized by `model`, with the trained tokenizer) or from the CLIPModel directory
+`model.init_from` (with its own tokenizer); it trains CLIP's contrastive loss alone, weighted
+`pretrain.itc_weight`. `itm_weight` and `lm_weight` do not apply to it (a note says so when
+they are non-zero) and neither does the caption warm-up, which it skips.
+
 The work folder (`work_dir`: both phases' checkpoints, the tokenizer) belongs to one run:
 a fresh run empties it before anything trains, and `resume` continues it only if it was
 written with the same `fingerprint` (training params and data hash); the resumed MLflow
@@ -38,7 +44,7 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
-from vlp.models.objectives import ObjectiveWeights, VLPObjective
+from vlp.models.objectives import CLIPObjective, ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
@@ -171,6 +177,27 @@ def zero_shot_skipped(cfg: Config) -> str | None:
     return None
 
 
+def _clip_notes(p: Any) -> list[str]:
+    """What the clip family ignores of the pretrain section, as notes for the log."""
+    notes = []
+    ignored = [k for k in ("itm_weight", "lm_weight") if getattr(p, k) != 0]
+    if ignored:
+        notes.append(
+            f"pretrain.{' and pretrain.'.join(ignored)} ignored: the clip family trains the "
+            "contrastive loss alone (pretrain.itc_weight)"
+        )
+    if p.caption_warmup_steps > 0:
+        notes.append("pretrain.caption_warmup_steps ignored: a dual encoder has no decoder")
+    return notes
+
+
+def _objective(model: Any, cfg: Config, weights: ObjectiveWeights) -> Any:
+    """What the joint phase trains: VLPObjective(weights), or CLIP's loss for the clip family."""
+    if cfg.model.family == "clip":
+        return CLIPObjective(model, cfg.pretrain.itc_weight)
+    return VLPObjective(model, weights)
+
+
 def _check_batches_fit(
     n: int, what: str, settings: TrainSettings, world_size: int, remedy: str
 ) -> None:
@@ -221,7 +248,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     from vlp.data.images import image_transforms
     from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.torch_data import PairsDataset, make_pretrain_collate
-    from vlp.models import build_model
+    from vlp.models.family import build_from_params
     from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
@@ -229,6 +256,11 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     if p.caption_warmup_steps < 0:
         raise ConfigError(
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
+        )
+    clip = cfg.model.family == "clip"
+    if clip and p.itc_weight == 0:
+        raise ConfigError(
+            "pretrain.itc_weight: 0, but the clip family trains the contrastive loss alone"
         )
     try:
         joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
@@ -262,7 +294,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             "lower pretrain.batch_size",
         )
         firsts = None
-        if p.caption_warmup_steps > 0:
+        if clip and info.is_main:
+            for note in _clip_notes(p):
+                print(f"pretrain: {note}")
+        if p.caption_warmup_steps > 0 and not clip:
             firsts = PairsDataset(
                 cfg.data.root, p.splits, transform, augment, first_caption_only=True
             )
@@ -281,10 +316,12 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
         barrier()
-        tokenizer = _tokenizer(cfg, info, resume)
+        # a CLIP checkpoint brings its own tokenizer
+        own_tokenizer = clip and cfg.model.init_from
+        tokenizer = None if own_tokenizer else _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-        model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
+        model = build_from_params(cfg.model, tokenizer, temperature=p.temperature)
+        collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
 
         params = {
             **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
@@ -328,7 +365,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     )
                     offset = warmup.steps
                 result = train(
-                    VLPObjective(model, joint_weights),
+                    _objective(model, cfg, joint_weights),
                     dataset,
                     collate,
                     settings,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 FAMILIES = ("fusion", "clip")
 CONFIG_NAME = "vlp_config.json"
-# What a dual encoder does not do: the tasks that need a fusion encoder or a text decoder.
+# The tasks a dual encoder does: no fusion encoder (ITM, VQA) and no text decoder (captions)
 DUAL_ENCODER_TASKS = ("retrieval",)
 
 
@@ -51,6 +51,16 @@ def model_family(path: str | os.PathLike) -> str:
     raise ConfigError(
         f"{p}: not a vlp model directory (no {CONFIG_NAME}) nor a transformers CLIPModel directory"
     )
+
+
+def task_not_applicable(family: str, task: str) -> str | None:
+    """Why a model of `family` cannot be finetuned for `task`, or None when it can."""
+    if family == "clip" and task not in DUAL_ENCODER_TASKS:
+        return (
+            f"a dual encoder (model.family: clip) does not do {task}: it has no text decoder "
+            "and no fusion encoder, only image and text embeddings (retrieval)"
+        )
+    return None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
