@@ -142,3 +142,22 @@ def test_clip_pipeline(
         for task in ("captioning", "vqa"):
             assert registered[task]["registered"] is False
             assert "not applicable" in registered[task]["why"]
+        # the registered champion serves scores: the ITC logit, as the predictor ranks
+        import mlflow
+        import pandas as pd
+
+        from tests.mlflow_helpers import png_bytes
+        from vlp.tasks.predictor import load_predictor
+
+        frame = pd.DataFrame({"image": [png_bytes(40), png_bytes(40)], "text": ["red", "the"]})
+        served = mlflow.pyfunc.load_model("models:/vlp-retrieval@champion").predict(frame)
+        assert list(served.columns) == ["score"] and len(served) == 2
+        import io
+
+        from PIL import Image
+
+        images = [Image.open(io.BytesIO(b)) for b in frame["image"]]
+        scores = load_predictor(model_dir).score(images, list(frame["text"]))
+        assert served["score"].map(float).tolist() == pytest.approx(
+            [float(scores[0, 0]), float(scores[1, 1])], abs=1e-4
+        )

@@ -113,10 +113,16 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
     """Rank 0 trains (or loads) the tokenizer and saves it; the other ranks load that copy."""
     from vlp.models import build_tokenizer, load_tokenizer, save_tokenizer
 
+    if cfg.model.family == "clip":
+        # kept as saved: no BERT/BLIP tokens added (CLIP's text tower pools its end-of-text)
+        from vlp.models.clip import load_clip_tokenizer as load_tokenizer
     saved = work_dir(cfg) / "tokenizer"
     if info.is_main:
         if resume and saved.is_dir():
             tok = load_tokenizer(saved, str(saved))
+        elif cfg.model.family == "clip" and cfg.model.tokenizer_pretrained:
+            tok = load_tokenizer(cfg.model.tokenizer_pretrained, "model.tokenizer_pretrained")
+            save_tokenizer(tok, saved)
         else:
             tok = build_tokenizer(
                 cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits)

@@ -147,3 +147,18 @@ def test_logit_scale_is_clamped_at_100(tiny_cfg, tokenizer, batch):
         model.logit_scale.fill_(-1.0)
     clamp_logit_scale(model)
     assert model.logit_scale.item() == 0.0
+
+
+def test_scratch_clip_with_a_clip_tokenizer_pools_its_end_of_text(clip_dir, tiny_cfg):
+    from vlp.models.clip import load_clip_tokenizer
+
+    tok = load_clip_tokenizer(clip_dir, "model.tokenizer_pretrained")
+    torch.manual_seed(0)
+    model = build_clip(tiny_cfg(family="clip"), tok)
+    text = model.clip.config.text_config
+    assert (text.bos_token_id, text.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    _, feats = model.encode_text(**model.tokenize(TEXTS))
+    _, alone = model.encode_text(**model.tokenize(TEXTS[1:2]))
+    torch.testing.assert_close(alone[0], feats[1], atol=1e-5, rtol=0)
+    # pooled after the words (a causal tower's first token would be the same for every text)
+    assert not torch.allclose(feats[0], feats[1], atol=1e-3)

@@ -219,18 +219,22 @@ def load_clip_tokenizer(path: str | os.PathLike, key: str) -> PreTrainedTokenize
 
 
 def _bos_eos_pad(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
-    """Start, end-of-text and padding ids: [CLS]/[SEP]/[PAD] for a BERT-style tokenizer."""
-    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if bos is None or eos is None:
+    """Start, end-of-text and padding ids: the special tokens the tokenizer wraps a text in.
+
+    vlp's WordPiece tokenizer: [CLS] ... [SEP]; CLIP's: <|startoftext|> ... <|endoftext|>.
+    """
+    ids = tokenizer("a")["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    if len(ids) < 3 or ids[0] not in special or ids[-1] not in special:
         raise ConfigError(
-            "the clip family needs a tokenizer with start and end-of-text tokens "
-            "([CLS]/[SEP] or bos/eos)"
+            "the clip family needs a tokenizer that wraps every text in start and "
+            "end-of-text tokens (the text tower pools the end-of-text token)"
         )
+    bos, eos = ids[0], ids[-1]
     if eos == 2 and eos != len(tokenizer) - 1:
         # CLIPTextModel pools the largest id when eos_token_id is 2 (its legacy configs)
         raise ConfigError("the clip family cannot pool an end-of-text token of id 2")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return bos, eos, pad
 
 
