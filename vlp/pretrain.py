@@ -112,16 +112,17 @@ def corpus(data_dir: Path, splits: list[str]) -> list[str]:
 def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
     """Rank 0 trains (or loads) the tokenizer and saves it; the other ranks load that copy."""
     from vlp.models import build_tokenizer, load_tokenizer, save_tokenizer
+    from vlp.models.clip import load_clip_tokenizer
 
-    if cfg.model.family == "clip":
-        # kept as saved: no BERT/BLIP tokens added (CLIP's text tower pools its end-of-text)
-        from vlp.models.clip import load_clip_tokenizer as load_tokenizer
+    clip = cfg.model.family == "clip"
+    # the clip family keeps a tokenizer as saved: no BERT/BLIP tokens added
+    load = load_clip_tokenizer if clip else load_tokenizer
     saved = work_dir(cfg) / "tokenizer"
     if info.is_main:
         if resume and saved.is_dir():
-            tok = load_tokenizer(saved, str(saved))
-        elif cfg.model.family == "clip" and cfg.model.tokenizer_pretrained:
-            tok = load_tokenizer(cfg.model.tokenizer_pretrained, "model.tokenizer_pretrained")
+            tok = load(saved, str(saved))
+        elif clip and cfg.model.tokenizer_pretrained:
+            tok = load(cfg.model.tokenizer_pretrained, "model.tokenizer_pretrained")
             save_tokenizer(tok, saved)
         else:
             tok = build_tokenizer(
@@ -129,7 +130,7 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
             )
             save_tokenizer(tok, saved)
     barrier()
-    return tok if info.is_main else load_tokenizer(saved, str(saved))
+    return tok if info.is_main else load(saved, str(saved))
 
 
 def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, float]:
