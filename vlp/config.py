@@ -58,9 +58,7 @@ class ImagesConfig:
     predictors and serving reuse; `train_crop_scale` and `hflip` are training augmentation.
     """
 
-    size: (
-        int | None
-    )  # input side; None: the pretrained tower's processor size, else data.image_size
+    size: int | None  # input side; None: the pretrained tower's processor size, else data.image_size
     resize: Literal["squash", "shorter_side_crop"]
     mean: list[float]  # R, G, B
     std: list[float]
