@@ -15,6 +15,11 @@ and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), th
   (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
 - an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples.
 
+A task the pretrained model does not do (captioning and VQA for a dual encoder, whose
+finetune stage wrote a "not applicable" directory) is not scored: the metrics file says
+`{"applicable": false, "reason": ...}`, the results folder holds the same record, the plots
+are empty, and the MLflow run is tagged `vlp.applicable: false`.
+
 Each model is scored through `vlp.tasks.predictor.load_predictor`, the predictor that serving uses,
 with the inference settings of its own `task.json`: what is evaluated is what ships.
 Metric values come from `vlp.metrics` unchanged (official-equivalent implementations).
@@ -38,7 +43,7 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.finetune import INITS, is_skipped, model_name
+from vlp.finetune import INITS, is_skipped, model_name, not_applicable
 from vlp.io import atomic_write_csv, atomic_write_json, atomic_write_text, claim_dir
 from vlp.tasks import get_task, model_sha256
 from vlp.tasks.spec import Example, TaskEval
@@ -131,6 +136,25 @@ def metrics_document(
     return doc
 
 
+def _record_not_applicable(cfg: Config, task: str, reason: str) -> dict[str, Any]:
+    """The declared outputs of a task the model does not do, saying so, and a tagged run."""
+    from vlp.tracking import stage_run
+
+    spec = get_task(task)
+    doc = {"task": task, "applicable": False, "reason": reason}
+    results_dir = claim_dir(Path(cfg.evaluate.results_dir) / task, "results")
+    atomic_write_json(results_dir / "not_applicable.json", doc)
+    for init in INITS:
+        atomic_write_csv(plot_path(cfg, task, init), spec.plot_columns, [])
+    metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
+    atomic_write_json(metrics_path, doc)
+    tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
+    with stage_run(cfg, "evaluate", task=task, tags=tags) as run:
+        run.log_artifact(metrics_path)
+    print(f"evaluate {task}: not applicable: {reason}")
+    return doc
+
+
 def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
     """Run the evaluate stage for `task`; return the metrics document it wrote.
 
@@ -152,6 +176,9 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
     )
     inits = [i for i in INITS if i == "pretrained" or cfg.finetune.ablation]
     paths = {init: Path(cfg.evaluate.models_dir) / model_name(task, init) for init in inits}
+    reason = not_applicable(paths["pretrained"])
+    if reason is not None:
+        return _record_not_applicable(cfg, task, reason)
     for init, path in paths.items():
         if not path.is_dir() or is_skipped(path):
             raise ConfigError(

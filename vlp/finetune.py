@@ -18,6 +18,13 @@ task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives)
 captioning LM, VQA soft-score BCE on an answer decoder. With `finetune.ablation: false` the scratch run only writes
 a marker directory, so the DVC stage's output still exists.
 
+The pretrained model's family (`vlp.models.family`) decides what it can be finetuned for: a
+dual encoder (`model.family: clip`) does retrieval alone, trained with CLIP's contrastive loss.
+For captioning and VQA it writes a "not applicable" model directory (the reason in
+`NOT_APPLICABLE`, `task.json` with `applicable: false`) and an empty loss curve, records an
+MLflow run tagged `vlp.applicable: false`, and succeeds; `vlp evaluate` and `vlp register`
+carry the verdict on.
+
 Under `torchrun` training is data parallel across ranks and rank 0 alone writes files
 (model directory, loss curve, checkpoints in its work folder) and the MLflow run.
 """
@@ -41,6 +48,7 @@ from vlp.train.distributed import barrier, distributed
 
 INITS = ("pretrained", "scratch")
 SKIPPED_FILE = "ABLATION_OFF"
+NOT_APPLICABLE_FILE = "NOT_APPLICABLE"
 
 
 def model_name(task: str, init: str = "pretrained") -> str:
@@ -63,6 +71,12 @@ def is_skipped(path: Path) -> bool:
     return (Path(path) / SKIPPED_FILE).exists()
 
 
+def not_applicable(path: Path) -> str | None:
+    """Why a model directory holds no model because its task does not apply, or None."""
+    marker = Path(path) / NOT_APPLICABLE_FILE
+    return marker.read_text().strip() if marker.exists() else None
+
+
 def _check(task: str, init: str) -> None:
     get_task(task)
     if init not in INITS:
@@ -70,33 +84,28 @@ def _check(task: str, init: str) -> None:
 
 
 def base_model(cfg: Config, init: str) -> Any:
-    """The starting VLPModel: the pretrained one, or fresh weights with its tokenizer.
+    """The starting model (VLPModel or CLIPDualEncoder): the pretrained one, or fresh weights
+    with its tokenizer.
 
     The scratch model keeps the pretrained model's architecture and tokenizer so that the
     two differ only in their weights, which is what the ablation measures.
     """
-    from vlp.config import ModelConfig
-    from vlp.models import VLPModel, build_model, load_tokenizer
-    from vlp.models.vlp_model import CONFIG_NAME, TOKENIZER_DIR
+    from vlp.models.family import fresh_model, load_model
 
+    src = _init_dir(cfg)
+    if init == "pretrained":
+        return load_model(src)
+    torch.manual_seed(cfg.seed)
+    return fresh_model(src, temperature=cfg.pretrain.temperature)
+
+
+def _init_dir(cfg: Config) -> Path:
     src = Path(cfg.finetune.init_dir)
     if not src.is_dir():
         raise ConfigError(
             f"finetune.init_dir: {src} does not exist; run `vlp pretrain` (or `dvc repro pretrain`)"
         )
-    if init == "pretrained":
-        return VLPModel.from_pretrained(src)
-    saved = json.loads((src / CONFIG_NAME).read_text())["model"]
-    torch.manual_seed(cfg.seed)
-    if saved.get("init_from"):
-        # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
-        # rebuilt from the configs saved with it.
-        model = VLPModel.from_pretrained(src, weights=False)
-        with torch.no_grad():
-            model.temp.fill_(cfg.pretrain.temperature)
-        return model
-    tokenizer = load_tokenizer(src / TOKENIZER_DIR, f"{src}/{TOKENIZER_DIR}")
-    return build_model(ModelConfig(**saved), tokenizer, temperature=cfg.pretrain.temperature)
+    return src
 
 
 def loss_columns(history: list[dict[str, float]]) -> list[str]:
@@ -110,6 +119,22 @@ def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
     with atomic_dir(out, "finetuned-model") as tmp:
         (tmp / SKIPPED_FILE).write_text("finetune.ablation is false: no scratch model trained\n")
         (tmp / TASK_FILE).write_text(json.dumps({"task": task, "init": "scratch"}) + "\n")
+    return out
+
+
+def _write_not_applicable(cfg: Config, out: Path, task: str, init: str, reason: str) -> Path:
+    """The declared outputs of a task the pretrained model does not do, and a tagged run."""
+    from vlp.tracking import stage_run
+
+    print(f"finetune {task} ({init}): not applicable: {reason}")
+    atomic_write_csv(loss_curve_path(cfg, task, init), ["step", "loss"], [])
+    with atomic_dir(out, "finetuned-model") as tmp:
+        (tmp / NOT_APPLICABLE_FILE).write_text(reason + "\n")
+        info = {"task": task, "init": init, "applicable": False, "reason": reason}
+        (tmp / TASK_FILE).write_text(json.dumps(info) + "\n")
+    tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
+    with stage_run(cfg, "finetune", task=task, init=init, tags=tags):
+        pass
     return out
 
 
@@ -132,6 +157,14 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     )
     check_replaceable(out)  # before training, not after
     with distributed() as info:
+        from vlp.models.family import model_family, task_not_applicable
+
+        reason = task_not_applicable(model_family(_init_dir(cfg)), task)
+        if reason is not None:
+            if info.is_main:
+                _write_not_applicable(cfg, out, task, init, reason)
+            barrier()
+            return out
         if init == "scratch" and not cfg.finetune.ablation:
             if info.is_main:
                 _write_skipped(cfg, out, task)

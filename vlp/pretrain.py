@@ -15,13 +15,19 @@ are several times faster than from all captions with all objectives. The joint I
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
 the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's.
 
+With `model.family: clip` the model is a dual encoder (`vlp.models.clip`): from scratch
+(sized by `model`, with the trained tokenizer) or from the CLIPModel directory
+`model.init_from` (with its own tokenizer); it trains CLIP's contrastive loss alone, weighted
+`pretrain.itc_weight`. `itm_weight` and `lm_weight` do not apply to it (a note says so when
+they are non-zero) and neither does the caption warm-up, which it skips.
+
 The work folder (`work_dir`: both phases' checkpoints, the tokenizer) belongs to one run:
 a fresh run empties it before anything trains, and `resume` continues it only if it was
 written with the same `fingerprint` (training params and data hash); the resumed MLflow
 run is linked to the interrupted one.
 
-With `model.init_from` (a vlp model directory or a transformers BLIP checkpoint, see
-`init_model`) training starts from that model's weights and tokenizer instead of fresh ones,
+With `model.init_from` (a vlp model directory, a transformers BLIP or CLIPModel checkpoint,
+see `vlp.models.family.build_from_params`) training starts from that model's weights and tokenizer instead of fresh ones,
 and the checkpoint's image processor is saved beside the model. With `pretrain.enabled:
 false` nothing trains: `model.init_from` is saved as the pretrained model, in the same
 layout, and scored zero-shot (`save_init_from`).
@@ -45,7 +51,7 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
-from vlp.models.objectives import ObjectiveWeights, VLPObjective
+from vlp.models.objectives import CLIPObjective, ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
@@ -130,18 +136,25 @@ def corpus(data_dir: Path, splits: list[str]) -> list[str]:
 def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
     """Rank 0 trains (or loads) the tokenizer and saves it; the other ranks load that copy."""
     from vlp.models import build_tokenizer, load_tokenizer, save_tokenizer
+    from vlp.models.clip import load_clip_tokenizer
 
+    clip = cfg.model.family == "clip"
+    # the clip family keeps a tokenizer as saved: no BERT/BLIP tokens added
+    load = load_clip_tokenizer if clip else load_tokenizer
     saved = work_dir(cfg) / "tokenizer"
     if info.is_main:
         if resume and saved.is_dir():
-            tok = load_tokenizer(saved, str(saved))
+            tok = load(saved, str(saved))
+        elif clip and cfg.model.tokenizer_pretrained:
+            tok = load(cfg.model.tokenizer_pretrained, "model.tokenizer_pretrained")
+            save_tokenizer(tok, saved)
         else:
             tok = build_tokenizer(
                 cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits)
             )
             save_tokenizer(tok, saved)
     barrier()
-    return tok if info.is_main else load_tokenizer(saved, str(saved))
+    return tok if info.is_main else load(saved, str(saved))
 
 
 def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, float]:
@@ -195,6 +208,27 @@ def zero_shot_skipped(cfg: Config) -> str | None:
     return None
 
 
+def _clip_notes(p: Any) -> list[str]:
+    """What the clip family ignores of the pretrain section, as notes for the log."""
+    notes = []
+    ignored = [k for k in ("itm_weight", "lm_weight") if getattr(p, k) != 0]
+    if ignored:
+        notes.append(
+            f"pretrain.{' and pretrain.'.join(ignored)} ignored: the clip family trains the "
+            "contrastive loss alone (pretrain.itc_weight)"
+        )
+    if p.caption_warmup_steps > 0:
+        notes.append("pretrain.caption_warmup_steps ignored: a dual encoder has no decoder")
+    return notes
+
+
+def _objective(model: Any, cfg: Config, weights: ObjectiveWeights) -> Any:
+    """What the joint phase trains: VLPObjective(weights), or CLIP's loss for the clip family."""
+    if cfg.model.family == "clip":
+        return CLIPObjective(model, cfg.pretrain.itc_weight, local_loss=cfg.runtime.local_loss)
+    return VLPObjective(model, weights, local_loss=cfg.runtime.local_loss)
+
+
 def _check_batches_fit(
     n: int, what: str, settings: TrainSettings, world_size: int, remedy: str
 ) -> None:
@@ -240,57 +274,6 @@ def _summary(
     return metrics
 
 
-def init_source(cfg: Config) -> tuple[Path, str]:
-    """(`model.init_from`, its kind): "vlp" (a vlp model directory) or "blip" (transformers BLIP).
-
-    Anything else is a ConfigError naming `model.init_from`.
-    """
-    from vlp.models.blip import blip_architecture
-    from vlp.models.tokenizer import local_dir
-    from vlp.models.vlp_model import CONFIG_NAME
-
-    path = local_dir(cfg.model.init_from, "model.init_from")
-    if (path / CONFIG_NAME).is_file():
-        return path, "vlp"
-    if blip_architecture(path) is not None:
-        return path, "blip"
-    model_type = checkpoint_model_type(path)
-    if model_type == "clip":
-        # The clip family (`vlp.models.clip.CLIPDualEncoder`, model.family: clip) loads here.
-        raise ConfigError(
-            f"model.init_from: {path} holds a CLIP model; the clip family cannot load it yet"
-        )
-    raise ConfigError(
-        f"model.init_from: {path} holds neither a vlp model ({CONFIG_NAME}) nor a transformers "
-        f"BLIP checkpoint (config.json model_type 'blip'); its model type: {model_type!r}"
-    )
-
-
-def init_model(cfg: Config) -> Any:
-    """The model `model.init_from` holds (`init_source`), with its weights and tokenizer.
-
-    Seed torch first: parts a BLIP class lacks are initialised randomly (`vlp.models.blip`).
-    """
-    from vlp.models.blip import load_blip
-    from vlp.models.vlp_model import VLPModel
-
-    path, kind = init_source(cfg)
-    if kind == "vlp":
-        return VLPModel.from_pretrained(path)
-    return load_blip(path, cfg.model, cfg.pretrain.temperature)
-
-
-def checkpoint_model_type(path: Path) -> str | None:
-    """`model_type` of the transformers config.json in `path`, or None without one."""
-    config = path / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.init_from: cannot read {config}: {e}") from e
-
-
 def save_init_from(cfg: Config) -> Path:
     """`pretrain.enabled: false`: save `model.init_from` as the pretrained model, untrained.
 
@@ -300,6 +283,7 @@ def save_init_from(cfg: Config) -> Path:
     """
     from vlp.data.images import image_transforms
     from vlp.data.manifest import check_split_names
+    from vlp.models.family import build_from_params, check_init_from
     from vlp.tracking import check_stage_outputs, stage_run
     from vlp.train.loop import resolve_device
 
@@ -310,7 +294,7 @@ def save_init_from(cfg: Config) -> Path:
             "pretrain.enabled is false but model.init_from is not set: set model.init_from to "
             "the checkpoint directory to use as the pretrained model, or pretrain.enabled: true"
         )
-    init_source(cfg)
+    check_init_from(cfg.model)
     if p.eval_split is not None:
         check_split_names(p.eval_split, "pretrain.eval_split")
     out_dir = Path(p.out_dir)
@@ -326,7 +310,7 @@ def save_init_from(cfg: Config) -> Path:
         if info.is_main:
             check_replaceable(out_dir)
             torch.manual_seed(cfg.seed)
-            model = init_model(cfg)
+            model = build_from_params(cfg.model, None, p.temperature)
             transform = image_transforms(cfg)[0]
             params = {
                 **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
@@ -374,7 +358,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.shards import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
-    from vlp.models import build_model
+    from vlp.models.family import build_from_params, check_init_from
     from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
@@ -382,10 +366,15 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     if not p.enabled:
         return save_init_from(cfg)
     if cfg.model.init_from:
-        init_source(cfg)  # a bad checkpoint is refused before anything is written
+        check_init_from(cfg.model)  # a bad checkpoint is refused before anything is written
     if p.caption_warmup_steps < 0:
         raise ConfigError(
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
+        )
+    clip = cfg.model.family == "clip"
+    if clip and p.itc_weight == 0:
+        raise ConfigError(
+            "pretrain.itc_weight: 0, but the clip family trains the contrastive loss alone"
         )
     try:
         joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
@@ -422,7 +411,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             "lower pretrain.batch_size",
         )
         firsts = None
-        if p.caption_warmup_steps > 0:
+        if clip and info.is_main:
+            for note in _clip_notes(p):
+                print(f"pretrain: {note}")
+        if p.caption_warmup_steps > 0 and not clip:
             firsts = pairs_for_training(
                 cfg.data.root,
                 cfg.data.shards,
@@ -447,15 +439,11 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
         barrier()
-        if cfg.model.init_from:  # the checkpoint's weights and tokenizer
-            torch.manual_seed(cfg.seed)  # parts it lacks start alike on every rank and run
-            model = init_model(cfg)
-            tokenizer = model.tokenizer
-        else:
-            tokenizer = _tokenizer(cfg, info, resume)
-            torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-            model = build_model(cfg.model, tokenizer, temperature=p.temperature)
-        collate = make_pretrain_collate(tokenizer, model.cfg.max_text_length)
+        # a checkpoint (model.init_from) brings its weights and its own tokenizer
+        tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
+        model = build_from_params(cfg.model, tokenizer, temperature=p.temperature)
+        collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
 
         params = {
             **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
@@ -502,7 +490,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                     )
                     offset = warmup.steps
                 result = train(
-                    VLPObjective(model, joint_weights, local_loss=cfg.runtime.local_loss),
+                    _objective(model, cfg, joint_weights),
                     dataset,
                     collate,
                     settings,

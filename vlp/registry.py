@@ -236,7 +236,11 @@ def register_model(
 
 
 def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]:
-    """Register the finetuned model of `task` (or of every task) from the pipeline outputs."""
+    """Register the finetuned model of `task` (or of every task) from the pipeline outputs.
+
+    A task whose metrics file says `"applicable": false` (`vlp evaluate` of a task the model
+    does not do) is skipped, with the reason in its entry.
+    """
     from vlp.tracking import check_stage_outputs
 
     check_stage_outputs(cfg, {})
@@ -244,6 +248,10 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
     for t in _tasks(task):
         metrics_path = Path(cfg.runtime.metrics_dir) / f"{t}.json"
         metrics = read_metrics(metrics_path)
+        if metrics.get("applicable") is False:  # e.g. captioning for a dual encoder
+            why = str(metrics.get("reason", "not applicable to this model"))
+            results.append({"task": t, "registered": False, "why": f"not applicable: {why}"})
+            continue
         primary_metric_value(metrics, TASKS[t].primary_metric, str(metrics_path))
         results.append(
             register_model(

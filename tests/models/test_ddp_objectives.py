@@ -85,3 +85,47 @@ def test_itc_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions,
         for name, g in single.items():
             msg = f"{name} (local_loss={local_loss})"
             torch.testing.assert_close(ddp[name], g, atol=1e-6, rtol=1e-4, msg=msg)
+
+
+def _clip_worker(rank: int, world: int, store: str, model_dir: str, captions: list[str]) -> None:
+    from vlp.models.clip import CLIPDualEncoder
+    from vlp.models.objectives import CLIPObjective
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = CLIPDualEncoder.from_pretrained(model_dir)
+        items = _items(captions)
+        half = len(items) // world
+        batch = make_pretrain_collate(model.tokenizer, 16)(items[rank * half : (rank + 1) * half])
+        CLIPObjective(model)(**batch)["loss"].backward()
+        grads = _grads(model)
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save(grads, Path(model_dir) / "ddp_grads.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_loss_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions, tmp_path):
+    """CLIP's loss spans the world batch as ITC does: two half batches = one whole batch."""
+    from vlp.models.clip import build_clip
+    from vlp.models.objectives import CLIPObjective
+
+    captions = sorted(captions, key=len)[:6] + ["a red circle", "a red circle"]
+    torch.manual_seed(0)
+    model = build_clip(tiny_cfg(family="clip"), tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    CLIPObjective(model)(**make_pretrain_collate(tokenizer, 16)(_items(captions)))[
+        "loss"
+    ].backward()
+    single = _grads(model)
+
+    mp.spawn(
+        _clip_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m"), captions), nprocs=2
+    )
+    ddp = torch.load(tmp_path / "m" / "ddp_grads.pt", weights_only=True)
+    assert single.keys() == ddp.keys() and "clip.logit_scale" in ddp
+    for name, g in single.items():
+        torch.testing.assert_close(ddp[name], g, atol=1e-6, rtol=1e-4, msg=name)

@@ -1,7 +1,8 @@
-"""Models: image towers, BLIP text encoder/decoder, training objectives, tokenizer.
+"""Models: image towers, BLIP text encoder/decoder, the CLIP dual encoder, objectives, tokenizer.
 
-Public API: `build_model`, `VLPModel`, `VLPObjective`, `ObjectiveWeights`,
-`build_tokenizer`, `train_tokenizer`, `load_tokenizer`, `save_tokenizer`. Imports are lazy
+Public API: `build_model`, `VLPModel`, `CLIPDualEncoder`, `load_model` (any saved model, by
+its family), `VLPObjective`, `CLIPObjective`, `ObjectiveWeights`, `build_tokenizer`,
+`train_tokenizer`, `load_tokenizer`, `save_tokenizer`. Imports are lazy
 (see `__getattr__`) so `import vlp.models` stays cheap.
 """
 
@@ -12,7 +13,10 @@ from typing import Any
 _EXPORTS = {
     "VLPModel": "vlp.models.vlp_model",
     "build_model": "vlp.models.vlp_model",
+    "CLIPDualEncoder": "vlp.models.clip",
+    "load_model": "vlp.models.family",
     "VLPObjective": "vlp.models.objectives",
+    "CLIPObjective": "vlp.models.objectives",
     "ObjectiveWeights": "vlp.models.objectives",
     "build_tokenizer": "vlp.models.tokenizer",
     "train_tokenizer": "vlp.models.tokenizer",

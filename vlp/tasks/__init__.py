@@ -4,10 +4,10 @@ Each task is one package, `vlp/tasks/<name>/`, that owns its params section, tra
 setup, evaluation, predictor, plots and serving schema (`vlp.tasks.spec`); `TASKS` below
 is the one list of them that the stages, the registry, serving and the CLI go through.
 
-A finetuned task model is a directory holding a `VLPModel` (`save_pretrained` layout, with
-its tokenizer) plus `task.json` naming the task and its inference settings (image size,
-and e.g. `rerank_k`, `beam_size`, `max_length`; for VQA the answer vocabulary, with
-`answer_head.safetensors`). `vlp.tasks.predictor.load_predictor(model_dir)` turns such a
+A finetuned task model is a directory holding a `VLPModel` (for retrieval, possibly a
+dual encoder, `CLIPDualEncoder`; `save_pretrained` layout, with its tokenizer) plus
+`task.json` naming the task and its inference settings (image size, and e.g. `rerank_k`,
+`beam_size`, `max_length`; for VQA the answer vocabulary, with `answer_head.safetensors`). `vlp.tasks.predictor.load_predictor(model_dir)` turns such a
 directory into the task's `Predictor`, the one inference API: `vlp evaluate` scores it, the registry's pyfunc
 serves it.
 

@@ -24,7 +24,10 @@ if TYPE_CHECKING:
 
 
 class Predictor:
-    """ITC embeddings and scores of any finetuned task model; each task adds its own."""
+    """ITC embeddings and scores of any finetuned task model; each task adds its own.
+
+    `model` is a `VLPModel` or, for retrieval, a dual encoder (`CLIPDualEncoder`).
+    """
 
     def __init__(
         self, model: VLPModel, info: dict[str, Any], model_dir: Path, batch_size: int = 64
@@ -84,11 +87,11 @@ def load_predictor(
 
     `batch_size`: images, texts or (image, text) pairs per forward pass.
     """
-    from vlp.models.vlp_model import VLPModel
+    from vlp.models.family import load_model
     from vlp.tasks import TASKS, read_task_info
 
     info = read_task_info(model_dir)
-    model = VLPModel.from_pretrained(model_dir, device=device)
+    model = load_model(model_dir, device=device)
     return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
 
 

@@ -11,7 +11,7 @@ from vlp.tasks.spec import FinetuneBudget, Task
 class RetrievalConfig(FinetuneBudget):
     """`finetune.retrieval`: training budget and re-ranking depth."""
 
-    rerank_k: int  # ITC candidates per query re-ranked by ITM
+    rerank_k: int  # ITC candidates per query re-ranked by ITM (a dual encoder has none: ignored)
 
 
 TASK = Task(

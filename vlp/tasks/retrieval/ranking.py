@@ -71,9 +71,15 @@ def retrieval_scores(
     k: int,
     batch_size: int,
 ) -> RetrievalScores:
-    """ITC similarity and its ITM re-ranking for image->text and text->image retrieval."""
+    """ITC similarity and its ITM re-ranking for image->text and text->image retrieval.
+
+    `k` 0: no re-ranking (a dual encoder has no ITM head); both directions rank by the ITC
+    logit.
+    """
     sim = image_feat @ text_feat.t()
     itc_logits = sim / model.temp.detach()
+    if k == 0:
+        return RetrievalScores(itc=sim, i2t=itc_logits, t2i=itc_logits)
 
     def image_text(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
         # Trim the pair batch to its longest text: padding columns cost fusion time.

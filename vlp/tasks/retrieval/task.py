@@ -1,4 +1,9 @@
-"""Retrieval's torch side: ITC + ITM finetuning, the re-ranking predictor, R@K evaluation."""
+"""Retrieval's torch side: ITC + ITM finetuning, the re-ranking predictor, R@K evaluation.
+
+A dual encoder (`CLIPDualEncoder`, `model.family: clip`) has no ITM head: it is finetuned
+with CLIP's contrastive loss alone and ranks by ITC; its `task.json` records `rerank_k: 0`
+(`finetune.retrieval.rerank_k` is ignored for it).
+"""
 
 from __future__ import annotations
 
@@ -24,25 +29,41 @@ TOP_RESULTS = 10  # ranked items per query in the results file
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`."""
+    """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`;
+    a dual encoder with CLIP's contrastive loss (no re-ranking: `rerank_k` 0)."""
     from vlp.data.images import image_transforms
     from vlp.data.shards import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
-    from vlp.models.objectives import VLPObjective
+    from vlp.models.objectives import CLIPObjective, VLPObjective
 
+    dataset = pairs_for_training(
+        cfg.data.root,
+        cfg.data.shards,
+        cfg.finetune.splits,
+        *image_transforms(cfg, cfg.finetune.init_dir),
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    if is_dual_encoder(vlp):
+        return TrainingSetup(
+            CLIPObjective(vlp, local_loss=cfg.runtime.local_loss),
+            dataset,
+            make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
+            {"rerank_k": 0},
+        )
     return TrainingSetup(
         VLPObjective(vlp, LOSS_WEIGHTS, local_loss=cfg.runtime.local_loss),
-        pairs_for_training(
-            cfg.data.root,
-            cfg.data.shards,
-            cfg.finetune.splits,
-            *image_transforms(cfg, cfg.finetune.init_dir),
-            seed=cfg.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-        ),
+        dataset,
         make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
         {"rerank_k": cfg.finetune.retrieval.rerank_k},
     )
+
+
+def is_dual_encoder(model: Any) -> bool:
+    """Whether `model` is a dual encoder (no ITM head: retrieval ranks by ITC alone)."""
+    from vlp.models.clip import CLIPDualEncoder
+
+    return isinstance(model, CLIPDualEncoder)
 
 
 def save(module: Any, model_dir: Path) -> None:
@@ -51,7 +72,8 @@ def save(module: Any, model_dir: Path) -> None:
 
 
 class Predictor(BasePredictor):
-    """Retrieval: `score` is ITC top-k re-ranked by ITM in both directions (k = rerank_k)."""
+    """Retrieval: `score` is ITC top-k re-ranked by ITM in both directions (k = rerank_k);
+    a dual encoder's is its ITC logit (cosine / temperature), never re-ranked."""
 
     @torch.no_grad()
     def rank(self, images: Sequence[Image.Image], texts: Sequence[str]) -> RetrievalScores:
@@ -60,7 +82,7 @@ class Predictor(BasePredictor):
 
         image_embeds, image_feat = self._image_states(images)
         ids, mask, text_feat = encode_texts(self.model, list(texts), self.batch_size)
-        k = int(self.info["rerank_k"])
+        k = 0 if is_dual_encoder(self.model) else int(self.info["rerank_k"])
         return retrieval_scores(
             self.model, image_embeds, image_feat, ids, mask, text_feat, k, self.batch_size
         )
