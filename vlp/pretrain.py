@@ -38,6 +38,7 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
+from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
@@ -58,8 +59,6 @@ UNFINGERPRINTED = (
     "runtime.plots_dir",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
-# The pretrained model's evaluation transform (`ImageTransform.to_dict`), beside its weights.
-IMAGE_TRANSFORM_FILE = "image_transform.json"
 
 
 def work_dir(cfg: Config) -> Path:
