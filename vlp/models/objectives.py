@@ -12,6 +12,8 @@ batch, gradients included (`gather_rows`).
 
 A stage chooses what to train with `ObjectiveWeights` and trains `VLPObjective(model,
 weights)`, a module whose `forward(**batch)` returns the losses the training loop expects.
+The dual encoder (`CLIPDualEncoder`) trains `CLIPObjective`: the same ITC, with CLIP's
+logit scale as the temperature, and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.nn import functional as F
 from vlp.errors import ConfigError
 
 if TYPE_CHECKING:
+    from vlp.models.clip import CLIPDualEncoder
     from vlp.models.vlp_model import VLPModel
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -101,6 +104,24 @@ def clamp_temperature(model: VLPModel) -> None:
     """Keep the learnable ITC temperature in [0.001, 0.5] (in place, as ALBEF)."""
     with torch.no_grad():
         model.temp.clamp_(TEMP_MIN, TEMP_MAX)
+
+
+def contrastive_logits(
+    image_feat: torch.Tensor, text_feat: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sim_i2t, sim_t2i, pos) [B, B_world] of the local rows against the whole (world) batch.
+
+    Features are gathered from every process with their gradients (`gather_rows`); the
+    similarities are divided by the temperature `temp`; `pos` marks the captions of the
+    same image (`image_ids`).
+    """
+    image_feat_all = gather_rows(image_feat, with_grad=True)
+    text_feat_all = gather_rows(text_feat, with_grad=True)
+    ids_all = gather_rows(image_ids, with_grad=False)
+    pos = image_ids.unsqueeze(1) == ids_all.unsqueeze(0)  # [B, B_world]
+    sim_i2t = (image_feat @ text_feat_all.t()).float() / temp
+    sim_t2i = (text_feat @ image_feat_all.t()).float() / temp
+    return sim_i2t, sim_t2i, pos
 
 
 def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -209,12 +230,9 @@ class VLPObjective(nn.Module):
         if use["itc"] or use["itm"]:
             with torch.set_grad_enabled(torch.is_grad_enabled() and use["itc"]):
                 _, text_feat = model.encode_text(input_ids, attention_mask)
-                image_feat_all = gather_rows(image_feat, with_grad=True)
-                text_feat_all = gather_rows(text_feat, with_grad=True)
-            ids_all = gather_rows(image_ids, with_grad=False)
-            pos = image_ids.unsqueeze(1) == ids_all.unsqueeze(0)  # [B, B_world]
-            sim_i2t = (image_feat @ text_feat_all.t()).float() / model.temp
-            sim_t2i = (text_feat @ image_feat_all.t()).float() / model.temp
+                sim_i2t, sim_t2i, pos = contrastive_logits(
+                    image_feat, text_feat, image_ids, model.temp
+                )
             if use["itc"]:
                 out["loss_itc"] = itc_loss(sim_i2t, sim_t2i, pos)
             if use["itm"]:
@@ -231,3 +249,37 @@ class VLPObjective(nn.Module):
             out["loss_lm"] = lm_loss(model, image_embeds, input_ids, attention_mask)
         out["loss"] = sum(getattr(w, k) * out[f"loss_{k}"] for k in use if use[k])
         return out
+
+
+class CLIPObjective(nn.Module):
+    """A `CLIPDualEncoder` trained with CLIP's symmetric contrastive loss, weighted `weight`.
+
+    The loss is vlp's ITC (`contrastive_logits` + `itc_loss`: the world batch under DDP,
+    captions of the same image all positives) with CLIP's learnable logit scale as the
+    inverse temperature, clamped to at most 100 before every step. `forward(**batch)` takes
+    a `make_pretrain_collate` batch and returns {"loss", "loss_itc"}.
+    """
+
+    def __init__(self, model: CLIPDualEncoder, weight: float = 1.0) -> None:
+        super().__init__()
+        if float(weight) == 0.0:
+            raise ConfigError("the clip family trains the contrastive loss alone: its weight is 0")
+        self.model = model
+        self.weight = float(weight)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        from vlp.models.clip import clamp_logit_scale
+
+        model = self.model
+        clamp_logit_scale(model)
+        _, image_feat = model.encode_image(pixel_values)
+        _, text_feat = model.encode_text(input_ids, attention_mask)
+        sim_i2t, sim_t2i, pos = contrastive_logits(image_feat, text_feat, image_ids, model.temp)
+        loss = itc_loss(sim_i2t, sim_t2i, pos)
+        return {"loss": self.weight * loss, "loss_itc": loss}

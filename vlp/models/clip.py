@@ -1,0 +1,335 @@
+"""The dual encoder family: transformers' `CLIPModel` behind vlp's encoding interface.
+
+`CLIPDualEncoder` holds a `CLIPModel` (vision tower + text tower + projections + learnable
+logit scale) and its tokenizer. It encodes as `VLPModel` does, so retrieval, zero-shot
+evaluation and embedding export use either model unchanged:
+
+- `encode_image(pixels) -> (image_embeds [B,1+N,Hv], image_feat [B,E])`,
+- `encode_text(ids, mask) -> (text_embeds [B,T,Ht], text_feat [B,E])`,
+
+where the features are `CLIPModel.get_image_features` / `get_text_features`, L2-normalised.
+It has no fusion encoder and no decoder: it is trained with the contrastive loss alone
+(`vlp.models.objectives.CLIPObjective`) and does neither captioning nor VQA.
+
+The text tower pools the hidden state of the first end-of-text token (`eos_token_id` of the
+text config; CLIP's legacy id 2 pools the largest id instead). A CLIP checkpoint keeps its own
+tokenizer untouched; a model built from params uses vlp's trained WordPiece tokenizer, whose
+closing [SEP] is the end-of-text token and [CLS] the start.
+
+A model directory holds vlp_config.json (`model` with `family: clip`, and `clip_config`, the
+`CLIPConfig`), model.safetensors and tokenizer/, so it reloads without its source checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlp.errors import ConfigError
+from vlp.io import atomic_dir
+from vlp.models.tokenizer import local_dir
+
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+
+    from vlp.config import ModelConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "vlp_config.json"
+TOKENIZER_DIR = "tokenizer"
+# CLIP caps the logit scale at 100 (exp of the learned log-scale), as the paper does
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class CLIPDualEncoder(nn.Module):
+    """A transformers `CLIPModel` and its tokenizer, encoding as `VLPModel` does."""
+
+    def __init__(
+        self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, clip: CLIPModel
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.clip = clip
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """CLIP's learnable log logit scale: similarities are multiplied by its exp."""
+        return self.clip.logit_scale
+
+    @property
+    def temp(self) -> torch.Tensor:
+        """The contrastive temperature, 1 / exp(logit_scale); also the model's device anchor."""
+        return torch.exp(-self.clip.logit_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return self.clip.logit_scale.device
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B,3,S,S] -> (vision tokens [B,1+N,Hv], image_feat [B,E] L2-normalised).
+
+        Any S: the position table is interpolated when S is not the config's image size.
+        """
+        out = self.clip.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=True)
+        return out.last_hidden_state, F.normalize(out.pooler_output, dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B,T] -> (text tokens [B,T,Ht], text_feat [B,E] L2-normalised)."""
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state, F.normalize(out.pooler_output, dim=-1)
+
+    # ------------------------------------------------------------------ text helpers
+    def tokenize(
+        self, texts: Sequence[str], max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise texts to {"input_ids", "attention_mask"} (padded, truncated) on this model's device."""
+        enc = self.tokenizer(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=max_length or self.cfg.max_text_length,
+            return_tensors="pt",
+        )
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied tensors counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(
+        self, path: str | os.PathLike, extra_json: dict[str, Any] | None = None
+    ) -> None:
+        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically.
+
+        `extra_json` maps further file names to JSON content written in the same step.
+        """
+        from vlp.models.weights import save_weights
+
+        meta = {"model": dataclasses.asdict(self.cfg), "clip_config": self.clip.config.to_dict()}
+        with atomic_dir(Path(path), "model") as tmp:
+            save_weights(self, tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for name, content in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", fresh: bool = False
+    ) -> CLIPDualEncoder:
+        """Load a model written by `save_pretrained` (safetensors only, never pickle).
+
+        `fresh`: the same architecture and tokenizer with newly initialised weights (the
+        from-scratch ablation); seed torch first for reproducible weights.
+        """
+        from safetensors.torch import load_model
+        from transformers import CLIPConfig, CLIPModel
+
+        p = local_dir(path, "model directory")
+        meta = _read_meta(p)
+        if "clip_config" not in meta:
+            raise ConfigError(f"{p}/{CONFIG_NAME}: lacks 'clip_config'; not a clip model")
+        cfg = _model_config(meta["model"])
+        tokenizer = load_clip_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
+        model = cls(cfg, tokenizer, CLIPModel(CLIPConfig.from_dict(meta["clip_config"])))
+        if not fresh:
+            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+        return model.to(device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        base: ModelConfig | None = None,
+        device: str | torch.device = "cpu",
+        key: str = "model.init_from",
+    ) -> CLIPDualEncoder:
+        """Load a transformers `CLIPModel` directory (config.json, weights, tokenizer files).
+
+        The model's `cfg` describes the checkpoint's architecture; with `base` (the params'
+        model section) its `max_text_length` also caps the text length. The tokenizer is the
+        one saved beside the weights, unchanged.
+        """
+        from transformers import CLIPModel
+
+        p = local_dir(path, key)
+        if _checkpoint_type(p) != "clip":
+            raise ConfigError(f"{key}: {p} is not a transformers CLIPModel directory")
+        try:
+            clip = CLIPModel.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}: cannot load a CLIPModel from {p}: {e}") from e
+        tokenizer = load_clip_tokenizer(p, key)
+        cfg = model_config_from_clip(clip.config, str(p), base)
+        return cls(cfg, tokenizer, clip).to(device)
+
+
+def _read_meta(p: Path) -> dict[str, Any]:
+    if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+        raise ConfigError(f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return json.loads((p / CONFIG_NAME).read_text())
+
+
+def _model_config(d: dict[str, Any]) -> ModelConfig:
+    from vlp.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def _checkpoint_type(p: Path) -> str | None:
+    """The `model_type` of a transformers checkpoint directory's config.json, if any."""
+    path = p / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+
+
+def is_clip_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a transformers CLIPModel directory (config.json model_type clip)."""
+    return _checkpoint_type(Path(path)) == "clip"
+
+
+def load_clip_tokenizer(path: str | os.PathLike, key: str) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory, as saved (no special tokens added: CLIP pools its EOS)."""
+    from transformers import AutoTokenizer
+
+    p = local_dir(path, key)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {p}: {e}") from e
+
+
+def _bos_eos_pad(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
+    """Start, end-of-text and padding ids: [CLS]/[SEP]/[PAD] for a BERT-style tokenizer."""
+    bos = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    eos = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if bos is None or eos is None:
+        raise ConfigError(
+            "the clip family needs a tokenizer with start and end-of-text tokens "
+            "([CLS]/[SEP] or bos/eos)"
+        )
+    if eos == 2 and eos != len(tokenizer) - 1:
+        # CLIPTextModel pools the largest id when eos_token_id is 2 (its legacy configs)
+        raise ConfigError("the clip family cannot pool an end-of-text token of id 2")
+    return bos, eos, pad
+
+
+def clip_config(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float
+) -> CLIPConfig:
+    """A tiny from-scratch `CLIPConfig` from the params' model section.
+
+    Text and vision towers share hidden_size, num_heads and intermediate_size; embed_dim is
+    the projection size, max_text_length the text positions, the vocabulary the tokenizer's;
+    the logit scale starts at log(1 / temperature).
+    """
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    if temperature <= 0:
+        raise ConfigError(f"pretrain.temperature: must be > 0, got {temperature}")
+    bos, eos, pad = _bos_eos_pad(tokenizer)
+    common = {
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "projection_dim": cfg.embed_dim,
+    }
+    text = CLIPTextConfig(
+        **common,
+        vocab_size=len(tokenizer),
+        num_hidden_layers=cfg.num_text_layers,
+        max_position_embeddings=cfg.max_text_length,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    # image_size only sizes the position table; encode_image interpolates it to the input
+    vision = CLIPVisionConfig(
+        **common, num_hidden_layers=cfg.num_image_layers, image_size=64, patch_size=cfg.patch_size
+    )
+    return CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=cfg.embed_dim,
+        logit_scale_init_value=math.log(1.0 / temperature),
+    )
+
+
+def build_clip(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float = 0.07
+) -> CLIPDualEncoder:
+    """A from-scratch CLIPDualEncoder sized by the params' model section (`clip_config`)."""
+    from transformers import CLIPModel
+
+    for key in ("image_pretrained", "text_pretrained"):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"model.{key}: the clip family does not load single towers; "
+                "name a whole CLIPModel directory in model.init_from"
+            )
+    try:
+        config = clip_config(cfg, tokenizer, temperature)
+    except ValueError as e:  # the config's own architecture checks
+        raise ConfigError(f"model: not a valid CLIP architecture: {e}") from e
+    return CLIPDualEncoder(cfg, tokenizer, CLIPModel(config))
+
+
+def model_config_from_clip(
+    config: CLIPConfig, source: str, base: ModelConfig | None = None
+) -> ModelConfig:
+    """The `ModelConfig` that describes a CLIP checkpoint (towers' sizes, text length).
+
+    Sizes shared by both towers in vlp's params are the text tower's. `max_text_length` is
+    the text positions, capped by `base.max_text_length` when given.
+    """
+    from vlp.config import ModelConfig
+
+    text, vision = config.text_config, config.vision_config
+    length = text.max_position_embeddings
+    if base is not None:
+        length = min(length, base.max_text_length)
+    patch = vision.patch_size
+    return ModelConfig(
+        family="clip",
+        init_from=source,
+        image_tower="clip",
+        image_pretrained=None,
+        text_pretrained=None,
+        tokenizer_pretrained=None,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_text_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        intermediate_size=text.intermediate_size,
+        embed_dim=config.projection_dim,
+        max_text_length=length,
+        patch_size=patch if isinstance(patch, int) else int(patch[0]),
+        num_image_layers=vision.num_hidden_layers,
+        cnn_channels=[],
+    )
+
+
+def clamp_logit_scale(model: CLIPDualEncoder) -> None:
+    """Keep the learnable logit scale in [0, ln 100] (in place, as CLIP)."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
