@@ -113,6 +113,7 @@ class ImageTower(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.is_vit = backbone.config.model_type == "vit"
+        self.out_dim = out_dim  # the width of the tokens it returns
         width = backbone_width(backbone.config)
         self.proj = nn.Linear(width, out_dim)
         self.norm = nn.LayerNorm(out_dim)

@@ -61,7 +61,7 @@ class VLPModel(nn.Module):
         self,
         cfg: ModelConfig,
         tokenizer: PreTrainedTokenizerBase,
-        image_tower: ImageTower,
+        image_tower: nn.Module,
         text_encoder: nn.Module,
         text_decoder: nn.Module,
         temperature: float = 0.07,
@@ -73,7 +73,9 @@ class VLPModel(nn.Module):
         self.text_encoder = text_encoder
         self.text_decoder = text_decoder
         hidden = text_encoder.config.hidden_size
-        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
+        # image tokens are in the tower's width: the text width for vlp's towers, the
+        # vision width for BLIP's (whose text layers cross-attend to it directly)
+        self.vision_proj = nn.Linear(image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
@@ -237,12 +239,13 @@ class VLPModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu"
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", weights: bool = True
     ) -> VLPModel:
         """Load a model written by `save_pretrained` (safetensors only, never pickle).
 
-        Entries of vlp_config.json it does not read (e.g. the `loss_weights` that older
-        model directories carry) are ignored.
+        `weights=False`: the same architecture and tokenizer with freshly initialised weights
+        (seed torch first). Entries of vlp_config.json it does not read (e.g. the
+        `loss_weights` that older model directories carry) are ignored.
         """
         from safetensors.torch import load_model
         from transformers import CONFIG_MAPPING, BlipTextConfig
@@ -261,20 +264,22 @@ class VLPModel(nn.Module):
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg_dict.pop("model_type")].from_dict(image_cfg_dict)
-        model = _assemble(
-            cfg,
-            tokenizer,
-            ImageTower(backbone_from_config(image_cfg), text_cfg.hidden_size),
-            text_cfg,
-        )
-        load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+        if image_cfg.model_type == "blip_vision_model":
+            from vlp.models.blip import BlipImageTower
+
+            image_tower: nn.Module = BlipImageTower.from_config(image_cfg, fresh=not weights)
+        else:
+            image_tower = ImageTower(backbone_from_config(image_cfg), text_cfg.hidden_size)
+        model = _assemble(cfg, tokenizer, image_tower, text_cfg)
+        if weights:
+            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
         return model.to(device)
 
 
 def _assemble(
     cfg: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,
-    image_tower: ImageTower,
+    image_tower: nn.Module,
     text_cfg: Any,
     text_pretrained: str | None = None,
     temperature: float = 0.07,
