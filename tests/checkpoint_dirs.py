@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 
 from vlp.config import Config
@@ -40,45 +38,4 @@ def tiny_vlp_dir(cfg: Config, path: Path, rerank_k: int | None = None, seed: int
             }
         }
     model.save_pretrained(path, extra)
-    return path
-
-
-def tiny_clip_dir(path: Path, seed: int = 0) -> Path:
-    """A random tiny transformers CLIPModel directory with its CLIPTokenizer (a character-level
-    BPE vocabulary) and CLIPImageProcessor, as `save_pretrained` writes them."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,?!':":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tok_dir = path / ".tok"
-    tok_dir.mkdir()
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            max_position_embeddings=64,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            **layers,
-        ),
-        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **layers),
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ).save_pretrained(path)
     return path

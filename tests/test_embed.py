@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.checkpoint_dirs import tiny_clip_dir, tiny_vlp_dir
+from tests.checkpoint_dirs import tiny_vlp_dir
+from tests.clip_checkpoint import write_tiny_clip
 from vlp.cli import main
 from vlp.config import Config
 from vlp.data.manifest import read_pairs
@@ -37,8 +38,14 @@ def _rows(out: Path) -> tuple[dict, dict]:
     images = df[df["kind"] == "image"]
     texts = df[df["kind"] == "text"]
     return (
-        {int(i): np.asarray(e) for i, e in zip(images["image_id"], images["embedding"])},
-        {int(i): np.asarray(e) for i, e in zip(texts["caption_id"], texts["embedding"])},
+        {
+            int(i): np.asarray(e)
+            for i, e in zip(images["image_id"], images["embedding"], strict=True)
+        },
+        {
+            int(i): np.asarray(e)
+            for i, e in zip(texts["caption_id"], texts["embedding"], strict=True)
+        },
     )
 
 
@@ -83,7 +90,7 @@ def test_vlp_dir_embeddings_equal_the_models_own_features(
     with torch.no_grad():
         pixels = transform.pixels(_images(smoke_data, list(images["image_path"])))
         want_img = model.encode_image(pixels)[1]
-        for caption_id, caption in zip(pairs["caption_id"], pairs["caption"]):
+        for caption_id, caption in zip(pairs["caption_id"], pairs["caption"], strict=True):
             enc = model.tokenize([caption])  # alone: no padding at all
             want = model.encode_text(enc["input_ids"], enc["attention_mask"])[1][0]
             np.testing.assert_allclose(by_caption[int(caption_id)], want.numpy(), atol=1e-5)
@@ -96,7 +103,7 @@ def test_clip_dir_embeddings_equal_get_image_and_text_features(
 ) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    clip_dir = tiny_clip_dir(tmp_path / "clip")
+    clip_dir = write_tiny_clip(tmp_path / "clip")
     out = tmp_path / "emb.parquet"
     assert _embed(clip_dir, smoke_data, out, "--split", "test", "--precision", "fp32") == 0
     by_image, by_caption = _rows(out)
@@ -109,7 +116,13 @@ def test_clip_dir_embeddings_equal_get_image_and_text_features(
     with torch.no_grad():
         pixels = proc(images=_images(smoke_data, list(images["image_path"])), return_tensors="pt")
         img = F.normalize(model.get_image_features(**pixels).pooler_output, dim=-1)
-        enc = tok(list(pairs["caption"]), padding=True, return_tensors="pt")
+        enc = tok(
+            list(pairs["caption"]),
+            padding=True,
+            truncation=True,
+            max_length=model.config.text_config.max_position_embeddings,
+            return_tensors="pt",
+        )
         txt = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
     for row, image_id in enumerate(images["image_id"]):
         np.testing.assert_allclose(by_image[int(image_id)], img[row].numpy(), atol=1e-5)

@@ -81,7 +81,7 @@ def load_inference(
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     device = resolve_device(cfg.runtime.device, DistInfo())
-    encoder = load_encoder(model_dir, device)
+    encoder = load_encoder(model_dir, device, cfg.model, cfg.pretrain.temperature)
     return Inference(encoder, batch_size, resolve_precision(precision, device))
 
 

@@ -119,13 +119,18 @@ def checkpoint_temperature(path: Path) -> float | None:
 def _check_tokenizer(tok: PreTrainedTokenizerBase, text_config: Any, key: str) -> None:
     """ConfigError unless the tokenizer's special ids are those the BLIP text config uses."""
     ids = {
-        f"{DEC_TOKEN} (bos_token_id)": (tok.convert_tokens_to_ids(DEC_TOKEN), text_config.bos_token_id),
+        f"{DEC_TOKEN} (bos_token_id)": (
+            tok.convert_tokens_to_ids(DEC_TOKEN),
+            text_config.bos_token_id,
+        ),
         "[SEP] (sep_token_id)": (tok.sep_token_id, text_config.sep_token_id),
         "[PAD] (pad_token_id)": (tok.pad_token_id, text_config.pad_token_id),
     }
     for name, (got, want) in ids.items():
         if got != want:
-            raise ConfigError(f"{key}: the tokenizer's {name} is {got}; the BLIP config's is {want}")
+            raise ConfigError(
+                f"{key}: the tokenizer's {name} is {got}; the BLIP config's is {want}"
+            )
     enc = tok.convert_tokens_to_ids(ENC_TOKEN)
     if len(tok) > text_config.vocab_size:
         raise ConfigError(
@@ -177,7 +182,9 @@ def load_blip(
     p = local_dir(path, key)
     arch = blip_architecture(p, key)
     if arch is None:
-        raise ConfigError(f"{key}: {p} holds no transformers BLIP model (config.json model_type 'blip')")
+        raise ConfigError(
+            f"{key}: {p} holds no transformers BLIP model (config.json model_type 'blip')"
+        )
     try:
         hf = getattr(transformers, arch).from_pretrained(
             str(p), local_files_only=True, dtype=torch.float32

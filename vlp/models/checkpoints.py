@@ -25,12 +25,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
+
+if TYPE_CHECKING:
+    from vlp.config import ModelConfig
 
 CHECKPOINT_KINDS = ("vlp", "clip", "blip")
 # The pretrained model's evaluation transform (`ImageTransform.to_dict`), beside its weights.
@@ -144,40 +147,55 @@ def _vlp_transform(p: Path, task_info: dict[str, Any] | None) -> Any:
     return ImageTransform.from_dict(load_json(path, ConfigError))
 
 
-def _load_vlp(p: Path, device: torch.device) -> Encoder:
+def _load_vlp(
+    p: Path, device: torch.device, base: ModelConfig | None, temperature: float
+) -> Encoder:
+    from vlp.models.family import load_model
     from vlp.tasks import TASK_FILE, read_task_info
 
     task_info = read_task_info(p) if (p / TASK_FILE).is_file() else None
     transform = _vlp_transform(p, task_info)
-    meta = json.loads((p / _VLP_CONFIG).read_text())
-    if (meta.get("model") or {}).get("family", "fusion") == "clip":
-        from vlp.models.clip import CLIPDualEncoder
-
-        model = CLIPDualEncoder.from_pretrained(p, device=device)
-    else:
-        from vlp.models.vlp_model import VLPModel
-
-        model = VLPModel.from_pretrained(p, device=device)
-    return Encoder("vlp", p, model.eval(), transform, task_info)
+    return Encoder("vlp", p, load_model(p, device).eval(), transform, task_info)
 
 
-def _load_clip(p: Path, device: torch.device) -> Encoder:
+def _load_clip(
+    p: Path, device: torch.device, base: ModelConfig | None, temperature: float
+) -> Encoder:
     from vlp.models.clip import CLIPDualEncoder
 
-    model = CLIPDualEncoder.from_pretrained(p, device=device)
+    model = CLIPDualEncoder.from_checkpoint(p, base=None, device=device, key="--model")
     return Encoder("clip", p, model.eval(), processor_transform(p), None)
 
 
-def _load_blip(p: Path, device: torch.device) -> Encoder:
-    raise ConfigError(
-        f"{p}: BLIP checkpoints are not loadable yet (needs vlp.models.blip); "
-        "convert it with `vlp pretrain` and pretrain.enabled: false"
-    )
+def _load_blip(
+    p: Path, device: torch.device, base: ModelConfig | None, temperature: float
+) -> Encoder:
+    from vlp.models.blip import blip_architecture, load_blip
+
+    arch = blip_architecture(p, "--model")
+    if arch != "BlipForImageTextRetrieval":
+        raise ConfigError(
+            f"--model: {p} holds a {arch}; only BlipForImageTextRetrieval has the trained ITC "
+            "and ITM heads that encode and re-rank"
+        )
+    if base is None:
+        raise ConfigError(f"{p}: a BLIP checkpoint loads over a model config (params' model)")
+    model = load_blip(p, base, temperature, key="--model").to(device)
+    return Encoder("blip", p, model.eval(), processor_transform(p), None)
 
 
-def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> Encoder:
-    """Load the checkpoint at `path` (vlp, CLIP or BLIP directory) as an `Encoder` on `device`."""
+def load_encoder(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    base: ModelConfig | None = None,
+    temperature: float = 0.07,
+) -> Encoder:
+    """Load the checkpoint at `path` (vlp, CLIP or BLIP directory) as an `Encoder` on `device`.
+
+    A BLIP checkpoint needs `base` (params' model section) for what it does not decide, and
+    takes `temperature` as its ITC temperature unless its weights store one (BLIP's `temp`).
+    """
     p = local_dir(path, "--model")
     kind = checkpoint_kind(p)
     loader = {"vlp": _load_vlp, "clip": _load_clip, "blip": _load_blip}[kind]
-    return loader(p, torch.device(device))
+    return loader(p, torch.device(device), base, temperature)
