@@ -108,7 +108,11 @@ def test_generated_captions_equal_blip_captioning(checkpoints, tiny_cfg, num_bea
     pixels = _pixels(4)
     ours = model.generate_captions(pixels, num_beams=num_beams, max_length=8)
     out = hf.generate(
-        pixel_values=pixels, num_beams=num_beams, max_new_tokens=8, min_new_tokens=1, do_sample=False
+        pixel_values=pixels,
+        num_beams=num_beams,
+        max_new_tokens=8,
+        min_new_tokens=1,
+        do_sample=False,
     )
     theirs = [t.strip() for t in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
     assert ours == theirs
@@ -121,7 +125,9 @@ def test_vqa_checkpoint_loads_encoder_and_answer_decoder(checkpoints, tiny_cfg) 
     pixels, enc = _pixels(), model.tokenize(["what colour is the circle ?"] * 3)
     with torch.no_grad():
         # BLIP's VQA: the answer decoder reads the fused question states, every one of them
-        answers = model.generate_text(model.fuse(model.encode_image(pixels)[0], **enc), max_length=6)
+        answers = model.generate_text(
+            model.fuse(model.encode_image(pixels)[0], **enc), max_length=6
+        )
     out = hf.generate(
         input_ids=_with_first(enc["input_ids"], model.enc_token_id),
         pixel_values=pixels,
@@ -129,7 +135,9 @@ def test_vqa_checkpoint_loads_encoder_and_answer_decoder(checkpoints, tiny_cfg) 
         max_new_tokens=6,
         min_new_tokens=1,
     )
-    assert answers == [t.strip() for t in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert answers == [
+        t.strip() for t in model.tokenizer.batch_decode(out, skip_special_tokens=True)
+    ]
     assert any(answers)
 
 
@@ -181,7 +189,9 @@ def test_save_and_reload_without_the_checkpoint_keeps_outputs(
             )
     for a, b in zip(model.outputs, again.outputs, strict=True):
         assert torch.equal(a, b)
-    assert again.generate_captions(pixels, num_beams=1) == model.generate_captions(pixels, num_beams=1)
+    assert again.generate_captions(pixels, num_beams=1) == model.generate_captions(
+        pixels, num_beams=1
+    )
     assert again.tokenizer.get_vocab() == model.tokenizer.get_vocab()
     assert again.temp.item() == model.temp.item()
 

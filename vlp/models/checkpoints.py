@@ -20,8 +20,10 @@ whose `tokenize(texts)` gives their inputs, and the image transform to apply fir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +182,9 @@ def _load_blip(
         )
     if base is None:
         raise ConfigError(f"{p}: a BLIP checkpoint loads over a model config (params' model)")
-    model = load_blip(p, base, temperature, key="--model").to(device)
+    # texts as long as the checkpoint's positions allow, as a CLIP checkpoint's
+    unbounded = dataclasses.replace(base, max_text_length=sys.maxsize)
+    model = load_blip(p, unbounded, temperature, key="--model").to(device)
     return Encoder("blip", p, model.eval(), processor_transform(p), None)
 
 
@@ -194,6 +198,7 @@ def load_encoder(
 
     A BLIP checkpoint needs `base` (params' model section) for what it does not decide, and
     takes `temperature` as its ITC temperature unless its weights store one (BLIP's `temp`).
+    Raw checkpoints read texts up to their own text positions.
     """
     p = local_dir(path, "--model")
     kind = checkpoint_kind(p)
