@@ -384,7 +384,10 @@ def zeroshot(
     }
     if classify:
         images = labelled_images(data_dir, split, labels)
+        # an image-folder tree has no splits: it is the split
         params.update(labels=labels or "folders", templates=json.dumps(templates))
+        if labels is None:
+            params["split"] = "none"
         metrics = classification_metrics(run, data_dir, images, classes, templates)
     else:
         k = resolve_rerank_k(run, cfg, rerank_k)
