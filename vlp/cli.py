@@ -93,6 +93,40 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
     _print_json(scores, args.out)
 
 
+def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.zeroshot import zeroshot
+
+    scores = zeroshot(
+        cfg,
+        Path(args.model),
+        Path(args.data),
+        split=args.split,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        rerank_k=args.rerank_k,
+        classify=args.classify,
+        labels=args.labels,
+        classes_file=args.classes,
+        templates_file=args.templates,
+    )
+    _print_json(scores, args.out)
+
+
+def _cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.zeroshot import embed
+
+    out = embed(
+        cfg,
+        Path(args.model),
+        Path(args.data),
+        Path(args.out),
+        split=args.split,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    print(f"vlp embed: wrote {out}")
+
+
 def _cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.registry import register_task_models
 
@@ -144,6 +178,24 @@ def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
         )
     else:
         pipeline.serve(cfg)
+
+
+def _checkpoint_args(s: argparse.ArgumentParser) -> None:
+    """--model, --data, --precision and --batch-size of `vlp zeroshot` and `vlp embed`."""
+    s.add_argument("--model", required=True, help="vlp, CLIP or BLIP model directory")
+    s.add_argument("--data", required=True, help="dataset directory")
+    s.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="bf16 autocast or fp32 (default runtime.precision)",
+    )
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="per forward pass (default zeroshot.batch_size)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,6 +299,51 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--text-image", default=None)
     k.add_argument("--out", default=None)
     s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser(
+        "zeroshot",
+        help="measure any checkpoint without training it: retrieval R@K, or --classify",
+        description="MODEL is a vlp model directory, a transformers CLIPModel directory or a "
+        "BLIP retrieval directory. Retrieval on DATA's captions (ITM re-ranking when the model "
+        "has an ITM head), or with --classify zero-shot classification (top-1/top-5): DATA is "
+        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels.",
+    )
+    _checkpoint_args(s)
+    s.add_argument("--split", default=None, help="split measured (default zeroshot.split)")
+    s.add_argument(
+        "--rerank-k",
+        type=int,
+        default=None,
+        help="ITC candidates per query re-ranked by the ITM head; 0: ITC only (default: a "
+        "task model's own, else zeroshot.rerank_k)",
+    )
+    s.add_argument("--classify", action="store_true", help="zero-shot image classification")
+    s.add_argument(
+        "--labels",
+        default=None,
+        help="CSV/Parquet of image_id,label over DATA's images, or `shapes` (single-object "
+        "scenes of the shapes world, labelled by shape)",
+    )
+    s.add_argument(
+        "--classes", default=None, help="text file of class names, one a line (default: labels)"
+    )
+    s.add_argument(
+        "--templates",
+        default=None,
+        help="text file of prompt templates, one a line, {} for the class (default "
+        "zeroshot.templates)",
+    )
+    s.add_argument("--out", default=None, help="also write the scores JSON here")
+    s.set_defaults(func=_cmd_zeroshot)
+
+    s = sub.add_parser(
+        "embed",
+        help="write L2-normalised embeddings of a dataset's images and captions (Parquet)",
+    )
+    _checkpoint_args(s)
+    s.add_argument("--split", default=None, help="only this split (default: every split)")
+    s.add_argument("--out", required=True, help="Parquet file to write (its folder must exist)")
+    s.set_defaults(func=_cmd_embed)
 
     s = sub.add_parser("register", help="register finetuned task models in the MLflow registry")
     s.add_argument("task", choices=(*TASKS, "all"), nargs="?", default="all")

@@ -192,6 +192,16 @@ class EvaluateConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """`vlp zeroshot` and `vlp embed`: any checkpoint measured or embedded, untrained."""
+
+    split: str  # split measured by `vlp zeroshot`
+    batch_size: int  # images, texts or ITM pairs per forward pass
+    rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
+    templates: list[str]  # classification prompts; "{}" is the class name
+
+
+@dataclass
 class TrackingConfig:
     """MLflow tracking; `MLFLOW_TRACKING_URI` in the environment overrides `uri`."""
 
@@ -240,6 +250,7 @@ class Config:
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
+    zeroshot: ZeroShotConfig
     tracking: TrackingConfig
     registry: RegistryConfig
     serving: ServingConfig

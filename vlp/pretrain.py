@@ -51,6 +51,7 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
+from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 from vlp.models.objectives import CLIPObjective, ObjectiveWeights, VLPObjective
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
@@ -73,9 +74,6 @@ UNFINGERPRINTED = (
     "runtime.gradient_checkpointing",
 )
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
-# The pretrained model's evaluation transform (`to_dict`: size, resize, mean/std, or the image
-# processor file saved beside it), beside its weights.
-IMAGE_TRANSFORM_FILE = "image_transform.json"
 
 
 def work_dir(cfg: Config) -> Path:

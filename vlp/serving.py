@@ -11,6 +11,10 @@ and the `vlp` package as code, and answers one row per request item:
 
 (each task declares its columns: `inputs` and `output` of `vlp.tasks.<task>.TASK`)
 
+The retrieval model also answers embedding requests: with `params={"output": "embedding"}`
+each row holds an `image` or a `text` (the other left out or null) and the answer is its
+L2-normalised ITC embedding (`embedding`, a list of floats), the vectors `vlp embed` writes.
+
 Over REST, binary columns travel base64-encoded; MLflow decodes them using the signature.
 
 Requests are bounded by the `serving` limits recorded in the model at registration: at
@@ -42,16 +46,32 @@ DEFAULT_LOADER = "vlp.tasks.predictor:load_predictor"
 VLP_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+# Tasks whose pyfunc also returns embeddings (`params={"output": EMBEDDING}`): rows of an
+# `image` or a `text`, the retrieval inputs.
+EMBEDDING_TASKS = ("retrieval",)
+EMBEDDING = "embedding"
+
+
 def task_signature(task: str) -> Any:
-    """The MLflow signature of `task`'s pyfunc (see the table in the module docstring)."""
+    """The MLflow signature of `task`'s pyfunc (see the table in the module docstring).
+
+    An embedding task's columns are optional (an embedding row holds one of them) and its
+    `output` param chooses the answer: the task's own (default) or `embedding`.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     spec = get_task(task, RegistryError)
     out_name, out_type = spec.output
+    if task not in EMBEDDING_TASKS:
+        return ModelSignature(
+            inputs=Schema([ColSpec(t, n) for n, t in spec.inputs]),
+            outputs=Schema([ColSpec(out_type, out_name)]),
+        )
     return ModelSignature(
-        inputs=Schema([ColSpec(t, n) for n, t in spec.inputs]),
+        inputs=Schema([ColSpec(t, n, required=False) for n, t in spec.inputs]),
         outputs=Schema([ColSpec(out_type, out_name)]),
+        params=ParamSchema([ParamSpec("output", "string", out_name)]),
     )
 
 
@@ -127,7 +147,15 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         """
         from mlflow.exceptions import MlflowException
 
+        output = (params or {}).get("output") or get_task(self.task).output[0]
         try:
+            if output == EMBEDDING and self.task in EMBEDDING_TASKS:
+                return pd.DataFrame({EMBEDDING: self._embeddings(model_input)})
+            if output != get_task(self.task).output[0]:
+                raise RequestError(
+                    f"params output {output!r}: expected {get_task(self.task).output[0]!r}"
+                    + (f" or {EMBEDDING!r}" if self.task in EMBEDDING_TASKS else "")
+                )
             images = self._images(model_input)
         except RequestError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
@@ -140,6 +168,43 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         scores = np.asarray(self.predictor.score(images, list(model_input["text"])))
         return pd.DataFrame({"score": np.diagonal(scores).astype(float)})
 
+    def _embeddings(self, model_input: pd.DataFrame) -> list[list[float]]:
+        """The L2-normalised embedding of each row's image or text, in row order."""
+        if len(model_input) > self.limits.max_rows:
+            raise RequestError(
+                f"request has {len(model_input)} rows, over the limit of "
+                f"{self.limits.max_rows} (serving.max_rows)"
+            )
+
+        def given(column: str) -> list[bool]:
+            if column not in model_input.columns:
+                return [False] * len(model_input)
+            return [not _missing(v) for v in model_input[column]]
+
+        has_image, has_text = given("image"), given("text")
+        for row, (i, t) in enumerate(zip(has_image, has_text, strict=True)):
+            if i == t:
+                raise RequestError(
+                    f"row {row}: an embedding request row holds an image or a text, "
+                    f"not {'both' if i else 'neither'}"
+                )
+        transform = getattr(self.predictor, "transform", None)
+        image_rows = [r for r, i in enumerate(has_image) if i]
+        text_rows = [r for r, t in enumerate(has_text) if t]
+        images = [
+            decode_image(model_input["image"].iloc[r], r, self.limits.max_image_pixels, transform)
+            for r in image_rows
+        ]
+        texts = [str(model_input["text"].iloc[r]) for r in text_rows]
+        out: list[list[float]] = [[] for _ in range(len(model_input))]
+        if image_rows:
+            for r, vec in zip(image_rows, self.predictor.embed_images(images), strict=True):
+                out[r] = [float(x) for x in vec]
+        if text_rows:
+            for r, vec in zip(text_rows, self.predictor.embed_texts(texts), strict=True):
+                out[r] = [float(x) for x in vec]
+        return out
+
     def _images(self, model_input: pd.DataFrame) -> list[Any]:
         check_request(self.task, model_input, self.limits)
         transform = getattr(self.predictor, "transform", None)
@@ -147,6 +212,11 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
             decode_image(data, row, self.limits.max_image_pixels, transform)
             for row, data in enumerate(model_input["image"])
         ]
+
+
+def _missing(value: Any) -> bool:
+    """Whether a request cell is absent (None or NaN)."""
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def serving_limits(model_config: dict[str, Any]) -> ServingConfig:

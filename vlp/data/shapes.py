@@ -510,3 +510,27 @@ def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
 
 def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
+
+
+def single_shape_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """(image_id, image_path, label) of the single-object scenes among `pairs`, labelled by shape.
+
+    The manifests hold no labels: an image's first caption (lowest caption_id) follows the
+    canonical template, and for a one-object scene it is exactly one of the finitely many
+    canonical captions of a single shape, which names it. Images with more than one shape
+    are left out. For zero-shot classification (`vlp zeroshot --classify --labels shapes`).
+    """
+    by_caption = {
+        canonical_caption(
+            ShapesScene((ShapeObject(r, c, size, color, shape),), ((0.0, 0.0),))
+        ): shape
+        for r in range(3)
+        for c in range(3)
+        for size in SIZES
+        for color in COLORS
+        for shape in SHAPES
+    }
+    first = pairs.sort_values("caption_id").drop_duplicates("image_id")
+    labels = first["caption"].map(by_caption)
+    out = first.assign(label=labels).dropna(subset=["label"])
+    return out[["image_id", "image_path", "label"]].reset_index(drop=True)

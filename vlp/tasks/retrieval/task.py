@@ -16,7 +16,7 @@ import torch
 
 from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
-from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
+from vlp.tasks.retrieval.ranking import RetrievalScores, reranked_recall, retrieval_scores
 from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class Predictor(BasePredictor):
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """R@1/5/10 both ways (and rsum) after ITM re-ranking of the ITC top-k; ITC-only too."""
     from vlp.data.manifest import resolve_image
-    from vlp.metrics.retrieval import KS, recall_at_k
+    from vlp.metrics.retrieval import KS
     from vlp.tasks.predictor import split_images
 
     pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
@@ -113,15 +113,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     captions = [str(c) for c in pairs["caption"]]
 
     s = predictor.rank(pil, captions)
-    i2t, t2i, itc = (m.float().cpu() for m in (s.i2t, s.t2i, s.itc))
-    ranked_i2t = recall_at_k(i2t, text_to_image)
-    ranked_t2i = recall_at_k(t2i, text_to_image)
-    metrics = {key: v for key, v in ranked_i2t.items() if key.startswith("i2t_")}
-    metrics.update({key: v for key, v in ranked_t2i.items() if key.startswith("t2i_")})
-    metrics["rsum"] = sum(metrics[f"{d}_R@{x}"] for d in ("i2t", "t2i") for x in KS)
-    metrics["mean_R@1"] = (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
-    itc_only = recall_at_k(itc, text_to_image)
-    metrics.update({f"itc_{key}": v for key, v in itc_only.items() if "R@" in key or key == "rsum"})
+    i2t, t2i = s.i2t.float().cpu(), s.t2i.float().cpu()
+    metrics = reranked_recall(s, text_to_image)
 
     rows = [{"k": x, "i2t": metrics[f"i2t_R@{x}"], "t2i": metrics[f"t2i_R@{x}"]} for x in KS]
 

@@ -1,0 +1,495 @@
+"""Any checkpoint measured without training (`vlp zeroshot`) or exported as embeddings (`vlp embed`).
+
+The checkpoint is a directory `vlp.models.checkpoints.load_encoder` reads: a vlp model (the
+pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
+checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
+bf16 autocast when the precision resolves to bf16 (on CPU too; `runtime.precision` rules,
+as in training), with features returned as float32.
+
+- retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
+  retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
+  retrieval task does (`vlp.tasks.retrieval.ranking`); the ITC-only scores come as `itc_*`.
+- classification, as CLIP evaluates it: each class is embedded as the mean of its
+  normalised prompt embeddings (class name in every template), renormalised; an image's
+  class is the most similar one; top-1 and top-5 accuracy in percent. Labels come from an
+  image-folder tree (`DATA/<class>/<image>`, as ImageNet), a CSV/Parquet of
+  `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
+  scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
+- embeddings: one Parquet row per image and per caption of a dataset, L2-normalised.
+
+`vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, its
+content hash, the data, split and precision, and every number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from vlp.errors import ConfigError, DataError, OutputError
+
+if TYPE_CHECKING:
+    from vlp.config import Config
+    from vlp.models.checkpoints import Encoder
+
+PRECISIONS = ("auto", "fp32", "bf16")
+SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+EMBEDDINGS_MARKER = {b"vlp.output": b"embeddings"}  # Parquet metadata of files `vlp embed` wrote
+
+
+@dataclass
+class Inference:
+    """How a checkpoint runs: the encoder, batch size and autocast dtype (None: fp32)."""
+
+    encoder: Encoder
+    batch_size: int
+    amp_dtype: torch.dtype | None
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.amp_dtype is not None else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.encoder.device.type, dtype=self.amp_dtype)
+
+
+def load_inference(
+    cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
+) -> Inference:
+    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
+    from vlp.models.checkpoints import load_encoder
+    from vlp.train.distributed import DistInfo
+    from vlp.train.loop import resolve_device, resolve_precision
+
+    precision = precision or cfg.runtime.precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    batch_size = batch_size or cfg.zeroshot.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    device = resolve_device(cfg.runtime.device, DistInfo())
+    encoder = load_encoder(model_dir, device, cfg.model, cfg.pretrain.temperature)
+    return Inference(encoder, batch_size, resolve_precision(precision, device))
+
+
+# ---------------------------------------------------------------- features
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    """Features in float32, L2-normalised again after any bf16 rounding."""
+    return F.normalize(x.float(), dim=-1)
+
+
+def _image_batches(
+    data_dir: Path, image_paths: Sequence[str], batch_size: int, transform: Any
+) -> Iterator[torch.Tensor]:
+    """Pixel batches of the images at `image_paths` (relative to `data_dir`), decoded per batch."""
+    from vlp.data.manifest import image_roots, locate_image
+    from vlp.data.torch_data import open_image
+
+    roots = image_roots(data_dir)
+    for start in range(0, len(image_paths), batch_size):
+        batch = image_paths[start : start + batch_size]
+        yield transform.pixels([open_image(locate_image(data_dir, p, roots)) for p in batch])
+
+
+@torch.no_grad()
+def image_features(
+    run: Inference, data_dir: Path, image_paths: Sequence[str], keep_states: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(image states [N, L, H] if `keep_states` else None, normalised features [N, E] fp32)."""
+    states, feats = [], []
+    transform = run.encoder.transform
+    for pixels in _image_batches(data_dir, image_paths, run.batch_size, transform):
+        with run.autocast():
+            s, f = run.encoder.image_features(pixels)
+        feats.append(_normalised(f))
+        if keep_states:
+            states.append(s)
+    return (torch.cat(states) if keep_states else None), torch.cat(feats)
+
+
+@torch.no_grad()
+def text_features(run: Inference, texts: Sequence[str]) -> torch.Tensor:
+    """Normalised text features [M, E] (fp32); each batch padded to its own longest text."""
+    feats = []
+    for start in range(0, len(texts), run.batch_size):
+        with run.autocast():
+            feats.append(
+                _normalised(run.encoder.text_features(texts[start : start + run.batch_size]))
+            )
+    if not feats:
+        return torch.zeros((0, 0))
+    return torch.cat(feats)
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def _split_pairs(data_dir: Path, split: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(caption pairs, unique images in first-seen order) of a split (None: every split)."""
+    from vlp.data.manifest import PAIRS_FILE, no_rows_in_splits, read_pairs
+
+    if not (data_dir / PAIRS_FILE).is_file():
+        raise DataError(f"--data {data_dir}: no {PAIRS_FILE}; not a vlp dataset")
+    pairs = read_pairs(data_dir, split)
+    if pairs.empty:
+        raise no_rows_in_splits(data_dir, split, "caption pairs")
+    images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
+    return pairs, images
+
+
+def resolve_rerank_k(run: Inference, cfg: Config, rerank_k: int | None) -> int:
+    """ITM re-ranking depth: `--rerank-k`, else a task model's own, else `zeroshot.rerank_k`.
+
+    0 when the model has no ITM head (ITC ranking only).
+    """
+    if rerank_k is not None and rerank_k < 0:
+        raise ConfigError(f"--rerank-k: must be >= 0, got {rerank_k}")
+    if not run.encoder.has_itm:
+        return 0
+    if rerank_k is not None:
+        return rerank_k
+    info = run.encoder.task_info or {}
+    return int(info.get("rerank_k", cfg.zeroshot.rerank_k))
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    run: Inference, data_dir: Path, split: str, rerank_k: int
+) -> dict[str, float]:
+    """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
+    from vlp.metrics.retrieval import recall_at_k
+
+    pairs, images = _split_pairs(data_dir, split)
+    index = {int(i): n for n, i in enumerate(images["image_id"])}
+    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
+    captions = [str(c) for c in pairs["caption"]]
+    rerank = rerank_k > 0 and run.encoder.has_itm
+    states, image_feat = image_features(run, data_dir, list(images["image_path"]), rerank)
+    if rerank:
+        from vlp.models.embed import encode_texts
+        from vlp.tasks.retrieval.ranking import reranked_recall, retrieval_scores
+
+        model = run.encoder.model
+        with run.autocast():
+            ids, mask, text_feat = encode_texts(model, captions, run.batch_size)
+            text_feat = _normalised(text_feat)
+            scores = retrieval_scores(
+                model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size
+            )
+        metrics = reranked_recall(scores, text_to_image)
+    else:
+        text_feat = text_features(run, captions)
+        metrics = recall_at_k(image_feat @ text_feat.T, text_to_image)
+    return {
+        **metrics,
+        "rerank_k": float(rerank_k if rerank else 0),
+        "n_images": float(len(images)),
+        "n_texts": float(len(captions)),
+    }
+
+
+# ---------------------------------------------------------------- classification
+
+
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Non-empty stripped lines of a text file; ConfigError naming it if unreadable or empty."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ConfigError(f"{what} {path}: holds no lines")
+    return lines
+
+
+def check_templates(templates: Sequence[str], source: str) -> list[str]:
+    """The prompt templates, each holding "{}" exactly once; ConfigError naming `source`."""
+    if not templates:
+        raise ConfigError(f"{source}: no prompt templates")
+    for t in templates:
+        if t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
+            raise ConfigError(f"{source}: template {t!r} must hold '{{}}' (the class name) once")
+    return list(templates)
+
+
+def image_folder_labels(root: Path) -> pd.DataFrame:
+    """(image_path, label) of an image-folder tree `root/<class>/<image>`, as ImageNet's.
+
+    Images nested deeper count for their top folder's class; `image_path` is relative to root.
+    """
+    rows = [
+        (path.relative_to(root).as_posix(), cls.name)
+        for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for path in sorted(cls.rglob("*"))
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not rows:
+        raise DataError(f"--data {root}: no images in class folders ({root}/<class>/<image>)")
+    return pd.DataFrame(rows, columns=["image_path", "label"])
+
+
+def read_label_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet of image_id,label; DataError naming the file otherwise."""
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--labels {path}: cannot read it as CSV or Parquet ({e})") from None
+    missing = [c for c in ("image_id", "label") if c not in table.columns]
+    if missing:
+        raise DataError(f"--labels {path}: lacks column {missing[0]!r} (needs image_id,label)")
+    if table["image_id"].duplicated().any():
+        dup = table["image_id"][table["image_id"].duplicated()].iloc[0]
+        raise DataError(f"--labels {path}: image_id {dup} is labelled twice")
+    return table[["image_id", "label"]].astype({"label": str})
+
+
+def labelled_images(data_dir: Path, split: str, labels: str | None) -> pd.DataFrame:
+    """(image_path, label) of the images to classify.
+
+    `labels` None: `data_dir` is an image-folder tree (no manifests; the split is the
+    folder). `shapes`: the split's single-object shapes scenes. Else a CSV/Parquet of
+    `image_id,label` over the split's images (images it does not label are left out).
+    """
+    from vlp.data.manifest import PAIRS_FILE
+
+    if labels is None:
+        if (data_dir / PAIRS_FILE).is_file():
+            raise ConfigError(
+                f"--data {data_dir} is a vlp dataset: pass --labels FILE (CSV/Parquet of "
+                f"image_id,label) or --labels {SHAPES_LABELS} (the shapes world's shapes)"
+            )
+        return image_folder_labels(data_dir)
+    pairs, images = _split_pairs(data_dir, split)
+    if labels == SHAPES_LABELS:
+        from vlp.data.shapes import single_shape_labels
+
+        out = single_shape_labels(pairs)
+        if out.empty:
+            raise DataError(f"--data {data_dir}: no single-object shapes scene in split {split!r}")
+        return out[["image_path", "label"]]
+    table = read_label_table(Path(labels))
+    out = images.merge(table, on="image_id", how="inner")
+    if out.empty:
+        raise DataError(f"--labels {labels}: labels none of the images of split {split!r}")
+    return out[["image_path", "label"]].reset_index(drop=True)
+
+
+@torch.no_grad()
+def class_embeddings(
+    run: Inference, classes: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """[C, E]: per class, the mean of its normalised prompt embeddings, renormalised (CLIP)."""
+    prompts = [t.format(c) for c in classes for t in templates]
+    feats = text_features(run, prompts).reshape(len(classes), len(templates), -1)
+    return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+@torch.no_grad()
+def classification_metrics(
+    run: Inference,
+    data_dir: Path,
+    images: pd.DataFrame,
+    classes: Sequence[str] | None,
+    templates: Sequence[str],
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of zero-shot classification of labelled images.
+
+    `classes` None: the sorted labels present. A label outside `classes` is a DataError.
+    """
+    classes = list(classes) if classes else sorted(images["label"].unique())
+    if len(set(classes)) != len(classes):
+        raise ConfigError("--classes: a class is named twice")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(images["label"]) - set(index))
+    if unknown:
+        raise DataError(f"label {unknown[0]!r} is not one of the {len(classes)} classes")
+    target = torch.tensor([index[label] for label in images["label"]])
+    _, image_feat = image_features(run, data_dir, list(images["image_path"]))
+    logits = image_feat @ class_embeddings(run, classes, templates).T
+    top = logits.topk(min(5, len(classes)), dim=1).indices
+    hits = top == target[:, None]
+    return {
+        "top1_accuracy": 100.0 * hits[:, 0].float().mean().item(),
+        "top5_accuracy": 100.0 * hits.any(dim=1).float().mean().item(),
+        "chance_top1": 100.0 / len(classes),
+        "n_images": float(len(images)),
+        "n_classes": float(len(classes)),
+        "n_templates": float(len(templates)),
+    }
+
+
+# ---------------------------------------------------------------- the command
+
+
+def zeroshot(
+    cfg: Config,
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    split: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    rerank_k: int | None = None,
+    classify: bool = False,
+    labels: str | None = None,
+    classes_file: str | None = None,
+    templates_file: str | None = None,
+) -> dict[str, float]:
+    """Measure the checkpoint at `model_dir` on `data_dir`; record an MLflow run; return the scores."""
+    from vlp.data.manifest import check_split_names
+    from vlp.tasks import model_sha256
+    from vlp.tracking import check_stage_outputs, stage_run
+
+    split = split or cfg.zeroshot.split
+    check_split_names(split, "--split")
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: not a directory")
+    templates = (
+        check_templates(read_lines(templates_file, "--templates"), f"--templates {templates_file}")
+        if templates_file
+        else check_templates(cfg.zeroshot.templates, "zeroshot.templates")
+    )
+    classes = read_lines(classes_file, "--classes") if classes_file else None
+    if not classify and (labels or classes_file or templates_file):
+        raise ConfigError("--labels, --classes and --templates need --classify")
+    check_stage_outputs(cfg, {})
+    # hashed before loading: the scores belong to exactly these bytes
+    sha = model_sha256(model_dir)
+    run = load_inference(cfg, model_dir, precision, batch_size)
+    params: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_sha256": sha,
+        "checkpoint": run.encoder.kind,
+        "data": str(data_dir),
+        "split": split,
+        "precision": run.precision,
+        "batch_size": run.batch_size,
+        "mode": "classify" if classify else "retrieval",
+    }
+    if classify:
+        images = labelled_images(data_dir, split, labels)
+        # an image-folder tree has no splits: it is the split
+        params.update(labels=labels or "folders", templates=json.dumps(templates))
+        if labels is None:
+            params["split"] = "none"
+        metrics = classification_metrics(run, data_dir, images, classes, templates)
+    else:
+        k = resolve_rerank_k(run, cfg, rerank_k)
+        params["rerank_k"] = k
+        metrics = retrieval_metrics(run, data_dir, split, k)
+    with stage_run(cfg, "zeroshot", params=params, tags={"vlp.model_sha256": sha}) as mlrun:
+        mlrun.log_metrics(metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def check_embeddings_out(out: Path) -> None:
+    """OutputError unless `out` can take the embeddings: its folder exists, and it is new
+    or a file `vlp embed` wrote (never a directory or another file)."""
+    import pyarrow.parquet as pq
+
+    if not out.parent.is_dir():
+        raise OutputError(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a directory; name a .parquet file")
+    if not out.exists():
+        return
+    try:
+        meta = pq.read_schema(out).metadata or {}
+    except (OSError, ValueError):
+        meta = {}
+    if not all(meta.get(k) == v for k, v in EMBEDDINGS_MARKER.items()):
+        raise OutputError(
+            f"--out {out}: exists and was not written by `vlp embed`; move it away or "
+            "choose another path"
+        )
+
+
+def embeddings_table(run: Inference, data_dir: Path, split: str | None) -> Any:
+    """A pyarrow Table: one row per image, then one per caption, with its embedding.
+
+    Columns: kind ("image" | "text"), image_id, caption_id (null for images), image_path,
+    text (the caption; null for images), embedding (list<float32>, L2-normalised).
+    """
+    import pyarrow as pa
+
+    pairs, images = _split_pairs(data_dir, split)
+    _, image_feat = image_features(run, data_dir, list(images["image_path"]))
+    text_feat = text_features(run, [str(c) for c in pairs["caption"]])
+    n_img, n_txt = len(images), len(pairs)
+    feats = torch.cat([image_feat, text_feat]).cpu().numpy().astype(np.float32)
+    dim = feats.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim).cast(
+        pa.list_(pa.float32())
+    )
+    table = pa.table(
+        {
+            "kind": pa.array(["image"] * n_img + ["text"] * n_txt, pa.string()),
+            "image_id": pa.array(
+                [*images["image_id"].astype("int64"), *pairs["image_id"].astype("int64")],
+                pa.int64(),
+            ),
+            "caption_id": pa.array(
+                [None] * n_img + [int(c) for c in pairs["caption_id"]], pa.int64()
+            ),
+            "image_path": pa.array([*images["image_path"], *pairs["image_path"]], pa.string()),
+            "text": pa.array([None] * n_img + [str(c) for c in pairs["caption"]], pa.string()),
+            "embedding": embedding,
+        }
+    )
+    return table
+
+
+def embed(
+    cfg: Config,
+    model_dir: Path,
+    data_dir: Path,
+    out: Path,
+    *,
+    split: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+) -> Path:
+    """Write the embeddings of `data_dir`'s images and captions (one split, or all) to `out`."""
+    import pyarrow.parquet as pq
+
+    from vlp.data.manifest import check_split_names
+    from vlp.io import atomic_path
+    from vlp.tasks import model_sha256
+
+    if split is not None:
+        check_split_names(split, "--split")
+    out = Path(out)
+    check_embeddings_out(out)
+    run = load_inference(cfg, model_dir, precision, batch_size)
+    table = embeddings_table(run, data_dir, split)
+    meta = {
+        **EMBEDDINGS_MARKER,
+        b"vlp.model": str(model_dir).encode(),
+        b"vlp.model_sha256": model_sha256(model_dir).encode(),
+        b"vlp.data": str(data_dir).encode(),
+        b"vlp.split": (split or "all").encode(),
+        b"vlp.precision": run.precision.encode(),
+    }
+    check_embeddings_out(out)  # again: encoding may have taken long
+    with atomic_path(out) as tmp:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+    return out
