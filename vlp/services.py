@@ -199,6 +199,11 @@ def init_postgres(s: Settings, bin_dir: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
     _give_to_db_user(home)
+    if subprocess.run(_as_db_user(["test", "-w", str(home)])).returncode != 0:
+        raise ServiceError(
+            f"PostgreSQL: user {DB_USER} cannot reach {home}; set SERVICES_DIR in .env to a "
+            "folder whose parents it can enter"
+        )
     pwfile = home / "pwfile"
     pwfile.write_text(s.pg_password + "\n")
     _give_to_db_user(pwfile)
