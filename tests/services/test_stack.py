@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
@@ -38,12 +39,15 @@ class Pipelines:
 async def _trigger_and_wait(api: str, deployment: str, started: Any) -> Any:
     from prefect.client.orchestration import PrefectClient
     from prefect.flow_runs import wait_for_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async with PrefectClient(api=api) as client:
-        dep = await client.read_deployment_by_name(deployment)
-        run = await client.create_flow_run_from_deployment(dep.id)
-        started()
-        return await wait_for_flow_run(run.id, timeout=PIPELINE_TIMEOUT_S, client=client)
+    # the wait listens to the server's events, which it finds through the settings
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with PrefectClient(api=api) as client:
+            dep = await client.read_deployment_by_name(deployment)
+            run = await client.create_flow_run_from_deployment(dep.id)
+            started()
+            return await wait_for_flow_run(run.id, timeout=PIPELINE_TIMEOUT_S, client=client)
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +94,11 @@ def pipelines(stack: Stack) -> Iterator[Pipelines]:
     finally:
         for proc in second:
             proc.kill()
-        worker.send_signal(signal.SIGINT)
+        os.killpg(worker.pid, signal.SIGINT)  # the worker and any flow process it started
         try:
             worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            worker.kill()
+            os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
     yield Pipelines(str(flow_run.id), repo, repo2)
 
@@ -124,7 +128,9 @@ def test_runs_nested_runs_metrics_and_versions_land_in_postgresql(
     by_prefect = next(r[0] for r in parents if tags[r[0]]["vlp.driver"] == "prefect")
     assert tags[by_prefect]["vlp.prefect_flow_run_id"] == pipelines.flow_run_id
 
-    stages = {p[0]: [r for r in runs if tags[r[0]].get("mlflow.parentRunId") == p[0]] for p in parents}
+    stages = {
+        p[0]: [r for r in runs if tags[r[0]].get("mlflow.parentRunId") == p[0]] for p in parents
+    }
     names = {p: sorted(tags[r[0]]["mlflow.runName"] for r in rs) for p, rs in stages.items()}
     assert len(set(map(tuple, names.values()))) == 1  # the same stages under each parent
     assert "pretrain" in names[by_prefect]
