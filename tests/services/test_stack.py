@@ -24,7 +24,8 @@ import yaml
 from tests.services.conftest import VENV_BIN, Stack, copy_repo, pipeline_env
 from vlp.services import DVC_REMOTE, client_env, work_pool
 
-pytestmark = pytest.mark.slow  # servers, a Prefect worker and two smoke pipelines
+# servers, a Prefect worker and two smoke pipelines (the first test waits for them: minutes)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PIPELINE_TIMEOUT_S = 1800
 
