@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -97,14 +98,24 @@ async def _flow_run_breakdown(api: str, flow_run_id: object) -> dict[str, float]
     }
 
 
-def run_through_work_pool(flow_repo: Path, stack_env: dict[str, str], pool: str) -> list[dict]:
+def run_through_work_pool(
+    flow_repo: Path, stack_env: dict[str, str], pool: str
+) -> list[dict[str, float]]:
     """Deploy the flow of `flow_repo` on `pool`, run it twice through a worker (work, then
     nothing to do); return both runs' wall times and breakdowns."""
-    os.environ.update(stack_env)
     from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.pipeline import vlp_pipeline
 
+    # prefect has read its settings already (`up` made the work pool)
+    with temporary_settings({PREFECT_API_URL: stack_env["PREFECT_API_URL"]}):
+        return _deploy_and_run(vlp_pipeline, run_deployment, flow_repo, stack_env, pool)
+
+
+def _deploy_and_run(
+    vlp_pipeline: Any, run_deployment: Any, flow_repo: Path, stack_env: dict[str, str], pool: str
+) -> list[dict[str, float]]:
     vlp_pipeline.from_source(str(flow_repo), "flows/pipeline.py:vlp_pipeline").deploy(
         name="bench-flow-overhead",
         work_pool_name=pool,
