@@ -1,6 +1,7 @@
 # `make repro`: set up .venv if needed, then run the default pipeline (dvc repro).
 # `make test`:  set up .venv if needed, then lint and run the whole test suite (CI runs it).
 # `make test-fast`: lint and the fast tier (`pytest -m "not slow"`), for the edit-test loop.
+# `make services` / `make services-down`: the team stack on loopback (vlp/services.py; .env).
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 # dvc runs stage commands (`vlp ...`) through a shell: the venv must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint format
+.PHONY: setup repro test test-fast lint format services services-down
 
 setup: $(STAMP)
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,services]'
 	touch $(STAMP)
 
 repro: $(STAMP)
@@ -36,3 +37,10 @@ test: lint
 
 test-fast: lint
 	$(BIN)/pytest -m "not slow"
+
+# installs PostgreSQL (apt) if missing, starts what is not running, prints the URLs
+services: $(STAMP)
+	$(BIN)/python -m vlp.services up
+
+services-down:
+	$(BIN)/python -m vlp.services down

@@ -1,24 +1,33 @@
 """Prefect flow overhead against plain `dvc repro`: same stages, same data, one run each.
 
-    python benchmarks/bench_flow_overhead.py [--profile smoke] [--keep]
+    python benchmarks/bench_flow_overhead.py [--profile smoke] [--keep] [--work-pool]
 
 Copies the working tree (tracked and unignored files) into two fresh git + DVC repos,
 runs the whole pipeline once with `dvc repro` in one and once with the Prefect flow in
 the other (against a local temporary Prefect server, started beforehand and timed
 separately), and prints wall times and their ratio; then repeats both with nothing to do,
 which isolates the orchestration cost. Each repo gets its own MLflow store.
+
+With `--work-pool` the flow runs as a team runs it: a deployment on the work pool of the
+local team stack (`make services`, started if needed), executed by a `prefect worker`
+process, and both pipelines track to the stack's MLflow server. The report then splits the
+flow run's time into waiting for the worker, starting the flow process, the stages
+(`dvc repro --single-item`, from the task runs' own times) and the rest of the flow.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -61,13 +70,143 @@ def env() -> dict[str, str]:
     return out
 
 
+WORKER_QUERY_S = 5  # how often the worker asks the server for runs (Prefect's default: 10)
+
+
+async def _flow_run_breakdown(api: str, flow_run_id: object) -> dict[str, float]:
+    """Seconds of one finished flow run: queued, starting, stages, rest of the flow."""
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with PrefectClient(api=api) as client:
+        states = await client.read_flow_run_states(flow_run_id)
+        tasks = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    at = {}
+    for state in sorted(states, key=lambda s: s.timestamp):
+        at.setdefault(state.type.value, state.timestamp)
+    first = min(at.values())
+    stages = sum(t.total_run_time.total_seconds() for t in tasks)
+    running = (at["COMPLETED"] - at["RUNNING"]).total_seconds()
+    return {
+        "waiting for the worker": (at["PENDING"] - first).total_seconds(),
+        "worker starts the flow process": (at["RUNNING"] - at["PENDING"]).total_seconds(),
+        "stages (task runs)": stages,
+        "flow outside the stages": running - stages,
+        "total": (at["COMPLETED"] - first).total_seconds(),
+    }
+
+
+def run_through_work_pool(
+    flow_repo: Path, stack_env: dict[str, str], pool: str
+) -> list[dict[str, float]]:
+    """Deploy the flow of `flow_repo` on `pool`, run it twice through a worker (work, then
+    nothing to do); return both runs' wall times and breakdowns."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import vlp_pipeline
+
+    # prefect has read its settings already (`up` made the work pool)
+    with temporary_settings({PREFECT_API_URL: stack_env["PREFECT_API_URL"]}):
+        return _deploy_and_run(vlp_pipeline, run_deployment, flow_repo, stack_env, pool)
+
+
+def _deploy_and_run(
+    vlp_pipeline: Any, run_deployment: Any, flow_repo: Path, stack_env: dict[str, str], pool: str
+) -> list[dict[str, float]]:
+    vlp_pipeline.from_source(str(flow_repo), "flows/pipeline.py:vlp_pipeline").deploy(
+        name="bench-flow-overhead",
+        work_pool_name=pool,
+        parameters={"repo": str(flow_repo)},
+        print_next_steps=False,
+    )
+    worker_env = {**env(), **stack_env, "PYTHONPATH": str(flow_repo)}
+    worker_env["PREFECT_WORKER_QUERY_SECONDS"] = str(WORKER_QUERY_S)
+    worker = subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
+        cwd=flow_repo,
+        env=worker_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    runs = []
+    try:
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run = run_deployment("vlp-pipeline/bench-flow-overhead", timeout=None)
+            wall = time.perf_counter() - t0
+            if not run.state.is_completed():
+                raise SystemExit(f"flow run {run.id} ended {run.state.type.value}")
+            parts = asyncio.run(_flow_run_breakdown(stack_env["PREFECT_API_URL"], run.id))
+            runs.append({"wall": wall, **parts})
+    finally:
+        os.killpg(worker.pid, signal.SIGINT)
+        worker.wait()
+    return runs
+
+
+def main_work_pool(args: argparse.Namespace, tmp: Path) -> None:
+    from vlp.services import client_env, load_settings, up, work_pool
+
+    t0 = time.perf_counter()
+    up(ROOT)
+    up_s = time.perf_counter() - t0
+    settings = load_settings(ROOT)
+    stack_env = client_env(settings)
+    dvc_repo = copy_repo(tmp / "dvc", args.profile)
+    flow_repo = copy_repo(tmp / "flow", args.profile)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"],
+        cwd=dvc_repo,
+        env={**env(), **stack_env},
+        capture_output=True,
+        text=True,
+    )
+    dvc_s = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    work, noop = run_through_work_pool(flow_repo, stack_env, work_pool(ROOT))
+    print(f"profile               {args.profile}")
+    print(f"stack up              {up_s:8.1f} s  (make services; 0 when already running)")
+    print(f"dvc repro             {dvc_s:8.1f} s  (tracking to {stack_env['MLFLOW_TRACKING_URI']})")
+    print(
+        f"work-pool flow run    {work['wall']:8.1f} s  trigger to completed, as the caller sees it"
+    )
+    for key in ("waiting for the worker", "worker starts the flow process"):
+        print(f"  {key:34} {work[key]:7.1f} s")
+    print(f"  {'stages (task runs)':34} {work['stages (task runs)']:7.1f} s")
+    print(f"  {'flow outside the stages':34} {work['flow outside the stages']:7.1f} s")
+    print(
+        f"ratio flow/dvc        {work['wall'] / dvc_s:8.3f}  (worker polls every {WORKER_QUERY_S} s)"
+    )
+    print(
+        f"no-op work-pool run   {noop['wall']:8.1f} s  (stages {noop['stages (task runs)']:.1f} s)"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="smoke")
     p.add_argument("--keep", action="store_true", help="keep the temporary repos")
+    p.add_argument(
+        "--work-pool", action="store_true", help="run the flow through the team stack's work pool"
+    )
     args = p.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="vlp-bench-flow-"))
+    if args.work_pool:
+        try:
+            main_work_pool(args, tmp)
+        finally:
+            if args.keep:
+                print(f"repos kept in {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return 0
     try:
         dvc_repo = copy_repo(tmp / "dvc", args.profile)
         flow_repo = copy_repo(tmp / "flow", args.profile)

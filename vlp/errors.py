@@ -36,3 +36,8 @@ class RequestError(VlpError):
 class OutputError(VlpError):
     """An output location cannot be written, or holds files vlp did not write and so will not
     replace or delete (a params path, `--out`, the tracking store)."""
+
+
+class ServiceError(VlpError):
+    """A service of the local team stack (`make services`) cannot be installed, started or
+    stopped; the message names the service and its log file."""

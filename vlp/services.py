@@ -1,0 +1,554 @@
+"""A team's stack on this machine: PostgreSQL, an S3 store, an MLflow server, a Prefect server.
+
+    python -m vlp.services up | down | env | status     (`make services`, `make services-down`)
+
+Every service listens on 127.0.0.1, with the ports and credentials of one env file (`.env`,
+copied from `.env.example` when missing). State lives in `SERVICES_DIR` (`.services/`):
+the PostgreSQL cluster, logs, `pids.json` (what `down` stops, by PID) and `env.sh` (the
+variables that point the pipeline at the stack). The S3 store is moto's server: in memory,
+so its objects last until `down`; a team uses MinIO or S3 instead (deploy/compose.yaml).
+MLflow proxies artifacts to the bucket, so clients need no S3 credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import yaml
+
+from vlp.errors import ServiceError, VlpError
+
+ENV_KEYS = (
+    "SERVICES_DIR",
+    "POSTGRES_PORT",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "MLFLOW_DB",
+    "PREFECT_DB",
+    "S3_PORT",
+    "S3_ACCESS_KEY_ID",
+    "S3_SECRET_ACCESS_KEY",
+    "MLFLOW_BUCKET",
+    "DVC_BUCKET",
+    "MLFLOW_PORT",
+    "PREFECT_PORT",
+)
+HOST = "127.0.0.1"
+DVC_REMOTE = "team"  # the S3 remote of .dvc/config
+DB_USER = "postgres"  # the system user PostgreSQL runs as when started by root
+START_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The stack's ports, credentials and state folder, from the env file."""
+
+    root: Path  # the repository: prefect.yaml, .dvc/
+    state: Path  # SERVICES_DIR, absolute
+    pg_port: int
+    pg_user: str
+    pg_password: str
+    mlflow_db: str
+    prefect_db: str
+    s3_port: int
+    s3_key: str
+    s3_secret: str
+    mlflow_bucket: str
+    dvc_bucket: str
+    mlflow_port: int
+    prefect_port: int
+
+    def pg_url(self, db: str, driver: str = "postgresql") -> str:
+        auth = f"{quote(self.pg_user, safe='')}:{quote(self.pg_password, safe='')}"
+        return f"{driver}://{auth}@{HOST}:{self.pg_port}/{db}"
+
+    @property
+    def s3_url(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://{HOST}:{self.prefect_port}"
+
+    @property
+    def pids_file(self) -> Path:
+        return self.state / "pids.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of `path`; blank lines and `#` comments skipped, quotes stripped."""
+    values: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise ServiceError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
+        values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def load_settings(root: Path) -> Settings:
+    """The settings of `root/.env`, which is first copied from `.env.example` if missing."""
+    env_file = root / ".env"
+    if not env_file.exists():
+        shutil.copy(root / ".env.example", env_file)
+    values = read_env_file(env_file)
+    missing = [k for k in ENV_KEYS if not values.get(k)]
+    if missing:
+        raise ServiceError(f"{env_file}: missing {', '.join(missing)} (see .env.example)")
+
+    def port(key: str) -> int:
+        if not values[key].isdigit() or not 0 < int(values[key]) < 65536:
+            raise ServiceError(f"{env_file}: {key}={values[key]!r} is not a port number")
+        return int(values[key])
+
+    return Settings(
+        root=root,
+        state=(root / values["SERVICES_DIR"]).resolve(),
+        pg_port=port("POSTGRES_PORT"),
+        pg_user=values["POSTGRES_USER"],
+        pg_password=values["POSTGRES_PASSWORD"],
+        mlflow_db=values["MLFLOW_DB"],
+        prefect_db=values["PREFECT_DB"],
+        s3_port=port("S3_PORT"),
+        s3_key=values["S3_ACCESS_KEY_ID"],
+        s3_secret=values["S3_SECRET_ACCESS_KEY"],
+        mlflow_bucket=values["MLFLOW_BUCKET"],
+        dvc_bucket=values["DVC_BUCKET"],
+        mlflow_port=port("MLFLOW_PORT"),
+        prefect_port=port("PREFECT_PORT"),
+    )
+
+
+def work_pool(root: Path) -> str:
+    """The work pool of prefect.yaml's deployment (the stack creates it)."""
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    return spec["deployments"][0]["work_pool"]["name"]
+
+
+def client_env(s: Settings) -> dict[str, str]:
+    """What points the pipeline, the Prefect CLI and workers at the stack."""
+    return {"MLFLOW_TRACKING_URI": s.mlflow_url, "PREFECT_API_URL": f"{s.prefect_url}/api"}
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin() -> Path:
+    """The folder of `initdb`/`pg_ctl`, installing Debian's `postgresql` package if missing."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "postgresql"]):
+            done = subprocess.run([*sudo, *cmd], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ServiceError(
+                    f"PostgreSQL is not installed and `{' '.join(cmd)}` failed: "
+                    f"{done.stderr.strip()[-500:]}"
+                )
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            raise ServiceError("PostgreSQL: no /usr/lib/postgresql/*/bin/pg_ctl after install")
+    return found[-1].parent
+
+
+def _as_db_user(cmd: list[str]) -> list[str]:
+    """`cmd` as the `postgres` user when we are root (PostgreSQL refuses to run as root)."""
+    if os.geteuid() != 0:
+        return cmd
+    if subprocess.run(["id", "-u", DB_USER], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", "--no-create-home", DB_USER], check=True)
+    return ["runuser", "-u", DB_USER, "--", *cmd]
+
+
+def _give_to_db_user(path: Path) -> None:
+    if os.geteuid() == 0:
+        shutil.chown(path, DB_USER, DB_USER)
+
+
+def init_postgres(s: Settings, bin_dir: Path) -> Path:
+    """The cluster's data folder, created on first use (owner `POSTGRES_USER`, password auth)."""
+    home = s.state / "postgres"
+    data = home / "data"
+    if (data / "PG_VERSION").exists():
+        return data
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    _give_to_db_user(home)
+    if subprocess.run(_as_db_user(["test", "-w", str(home)])).returncode != 0:
+        raise ServiceError(
+            f"PostgreSQL: user {DB_USER} cannot reach {home}; set SERVICES_DIR in .env to a "
+            "folder whose parents it can enter"
+        )
+    pwfile = home / "pwfile"
+    pwfile.write_text(s.pg_password + "\n")
+    _give_to_db_user(pwfile)
+    try:
+        cmd = [str(bin_dir / "initdb"), "-D", str(data), "-U", s.pg_user, f"--pwfile={pwfile}"]
+        cmd += ["--auth=scram-sha-256", "--encoding=UTF8", "--no-sync", "--no-instructions"]
+        done = subprocess.run(_as_db_user(cmd), capture_output=True, text=True)
+    finally:
+        pwfile.unlink()
+    if done.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        raise ServiceError(f"PostgreSQL: initdb failed: {done.stderr.strip()[-1000:]}")
+    with open(data / "postgresql.conf", "a") as conf:
+        # TCP on loopback only; no Unix socket in a system folder
+        conf.write(f"\nlisten_addresses = '{HOST}'\nunix_socket_directories = ''\n")
+    return data
+
+
+def start_postgres(s: Settings) -> int:
+    """Start the cluster (waits until it accepts connections); return the postmaster PID."""
+    bin_dir = postgres_bin()
+    data = init_postgres(s, bin_dir)
+    log = data.parent / "postgres.log"
+    cmd = [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", f"-p {s.pg_port}"]
+    done = subprocess.run(
+        _as_db_user([*cmd, "-w", "-t", str(int(START_TIMEOUT_S)), "start"]),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise ServiceError(f"PostgreSQL did not start: {done.stderr.strip()} (log: {log})")
+    return int((data / "postmaster.pid").read_text().split()[0])
+
+
+def create_databases(s: Settings) -> None:
+    """The MLflow and Prefect databases, if missing."""
+    import psycopg2
+
+    conn = psycopg2.connect(s.pg_url("postgres"))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for db in (s.mlflow_db, s.prefect_db):
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{db}"')
+    finally:
+        conn.close()
+
+
+def stop_postgres(s: Settings, pid: int) -> None:
+    """`pg_ctl stop -m fast`; the postmaster is signalled directly if that fails."""
+    data = s.state / "postgres" / "data"
+    bin_dir = postgres_bin()
+    subprocess.run(
+        _as_db_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+        capture_output=True,
+    )
+    _stop_group(pid, own_group=False)
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def _spawn(s: Settings, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    """Start `cmd` in its own process group (its PID is the group's id), logging to a file."""
+    s.logs.mkdir(parents=True, exist_ok=True)
+    with open(s.logs / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=s.root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def _server_env(s: Settings) -> dict[str, str]:
+    """The environment of the servers: ours, less anything pointing at another stack."""
+    drop = ("MLFLOW_", "PREFECT_", "AWS_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def _venv_script(name: str) -> str:
+    script = Path(sys.executable).parent / name
+    return str(script) if script.exists() else name
+
+
+def start_s3(s: Settings) -> int:
+    return _spawn(
+        s,
+        "s3",
+        [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s.s3_port)],
+        _server_env(s),
+    )
+
+
+def s3_env(s: Settings) -> dict[str, str]:
+    """Credentials and endpoint of the S3 store, as boto3 and MLflow read them."""
+    return {
+        "AWS_ACCESS_KEY_ID": s.s3_key,
+        "AWS_SECRET_ACCESS_KEY": s.s3_secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": s.s3_url,
+    }
+
+
+def start_mlflow(s: Settings) -> int:
+    cmd = [_venv_script("mlflow"), "server", "--host", HOST, "--port", str(s.mlflow_port)]
+    cmd += ["--backend-store-uri", s.pg_url(s.mlflow_db, "postgresql+psycopg2")]
+    cmd += ["--artifacts-destination", f"s3://{s.mlflow_bucket}", "--workers", "2"]
+    # the server's job runner (GenAI jobs, 7 processes) serves nothing vlp uses
+    env = {**_server_env(s), **s3_env(s), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return _spawn(s, "mlflow", cmd, env)
+
+
+def start_prefect(s: Settings) -> int:
+    env = {
+        **_server_env(s),
+        "PREFECT_HOME": str(s.state / "prefect"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": s.pg_url(s.prefect_db, "postgresql+asyncpg"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    cmd = [_venv_script("prefect"), "server", "start", "--host", HOST]
+    return _spawn(s, "prefect", [*cmd, "--port", str(s.prefect_port)], env)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_ready(name: str, url: str, pid: int, log: Path, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll `url` until it answers 200; ServiceError if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise ServiceError(f"{name} exited while starting (log: {log}):\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise ServiceError(f"{name}: no answer from {url} within {timeout:.0f} s (log: {log})")
+
+
+def create_buckets(s: Settings) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s.s3_url,
+        aws_access_key_id=s.s3_key,
+        aws_secret_access_key=s.s3_secret,
+        region_name="us-east-1",
+    )
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in (s.mlflow_bucket, s.dvc_bucket):
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+
+
+def create_work_pool(s: Settings, name: str) -> None:
+    """The `process` work pool of prefect.yaml, if missing."""
+    import asyncio
+
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async def create() -> None:
+        async with PrefectClient(api=f"{s.prefect_url}/api") as client:
+            try:
+                await client.read_work_pool(name)
+            except ObjectNotFound:
+                await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+    asyncio.run(create())
+
+
+def configure_dvc_remote(s: Settings, repo: Path) -> None:
+    """The `team` remote's endpoint and credentials in `repo/.dvc/config.local` (not in git)."""
+    from configobj import ConfigObj
+
+    conf = ConfigObj(str(repo / ".dvc" / "config.local"))
+    conf[f'remote "{DVC_REMOTE}"'] = {
+        "url": f"s3://{s.dvc_bucket}/vlp",
+        "endpointurl": s.s3_url,
+        "access_key_id": s.s3_key,
+        "secret_access_key": s.s3_secret,
+    }
+    conf.write()
+
+
+# ---------------------------------------------------------------- up / down
+
+
+def read_pids(s: Settings) -> dict[str, int]:
+    if not s.pids_file.exists():
+        return {}
+    return {k: int(v) for k, v in json.loads(s.pids_file.read_text()).items()}
+
+
+def _write_pids(s: Settings, pids: dict[str, int]) -> None:
+    s.pids_file.write_text(json.dumps(pids, indent=1) + "\n")
+
+
+def urls(s: Settings) -> dict[str, str]:
+    return {
+        "postgres": f"postgresql://{HOST}:{s.pg_port}",
+        "s3": s.s3_url,
+        "mlflow": s.mlflow_url,
+        "prefect": s.prefect_url,
+    }
+
+
+def up(root: Path) -> dict[str, int]:
+    """Start every service not already running; wait until all are ready; return the PIDs."""
+    s = load_settings(root)
+    s.state.mkdir(parents=True, exist_ok=True)
+    pids = {k: v for k, v in read_pids(s).items() if _alive(v)}
+    try:
+        if "postgres" not in pids:
+            pids["postgres"] = start_postgres(s)
+            _write_pids(s, pids)
+        create_databases(s)
+        starters = {"s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+        for name, start in starters.items():
+            if name not in pids:
+                pids[name] = start(s)
+                _write_pids(s, pids)
+        wait_ready("s3", f"{s.s3_url}/moto-api/", pids["s3"], s.logs / "s3.log")
+        create_buckets(s)
+        wait_ready("mlflow", f"{s.mlflow_url}/health", pids["mlflow"], s.logs / "mlflow.log")
+        health = f"{s.prefect_url}/api/health"
+        wait_ready("prefect", health, pids["prefect"], s.logs / "prefect.log")
+        create_work_pool(s, work_pool(root))
+    except BaseException:
+        down(root)
+        raise
+    configure_dvc_remote(s, root)
+    exports = "".join(f"export {k}={v}\n" for k, v in client_env(s).items())
+    (s.state / "env.sh").write_text(exports)
+    return pids
+
+
+def _stop_group(pid: int, own_group: bool = True) -> None:
+    """SIGTERM the process (its whole group if it leads one), then SIGKILL what remains."""
+
+    def signal_all(sig: int) -> None:
+        try:
+            if own_group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def group_alive() -> bool:
+        if _alive(pid):
+            return True
+        if not own_group:
+            return False
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    if not group_alive():
+        return
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if group_alive():
+        signal_all(signal.SIGKILL)
+        while group_alive():
+            time.sleep(0.1)
+
+
+def down(root: Path) -> dict[str, int]:
+    """Stop every recorded service by its PID (servers first); return the PIDs stopped."""
+    s = load_settings(root)
+    pids = read_pids(s)
+    for name in ("prefect", "mlflow", "s3"):
+        if name in pids:
+            _stop_group(pids[name])
+    if "postgres" in pids:
+        stop_postgres(s, pids["postgres"])
+    left = [f"{name} (PID {pid})" for name, pid in pids.items() if _alive(pid)]
+    if left:
+        raise ServiceError(f"still running after stop: {', '.join(left)}")
+    s.pids_file.unlink(missing_ok=True)
+    return pids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlp.services", description=__doc__.splitlines()[0])
+    p.add_argument("action", choices=("up", "down", "env", "status"))
+    p.add_argument("--root", type=Path, default=Path.cwd(), help="the repository (default: .)")
+    args = p.parse_args(argv)
+    root = args.root.resolve()
+    try:
+        if args.action == "up":
+            start = time.perf_counter()
+            pids = up(root)
+            s = load_settings(root)
+            for name, url in urls(s).items():
+                print(f"{name:9} {url}  (PID {pids[name]})")
+            print(f"ready in {time.perf_counter() - start:.1f} s; point the pipeline at it with:")
+            print(f"  . {s.state / 'env.sh'}")
+        elif args.action == "down":
+            stopped = down(root)
+            print(f"stopped: {', '.join(f'{k} (PID {v})' for k, v in stopped.items()) or 'none'}")
+        elif args.action == "env":
+            for k, v in client_env(load_settings(root)).items():
+                print(f"export {k}={v}")
+        else:
+            s = load_settings(root)
+            pids = read_pids(s)
+            for name, url in urls(s).items():
+                pid = pids.get(name)
+                state = "running" if pid and _alive(pid) else "stopped"
+                print(f"{name:9} {url}  {state}" + (f" (PID {pid})" if pid else ""))
+    except VlpError as e:
+        print(f"vlp services: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
