@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.blip_helpers import make_blip_checkpoint, words_of
+from tests.checkpoints.blip import make_blip_checkpoint, words_of
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.clip_checkpoint import write_tiny_clip
+from tests.checkpoints.clip import write_tiny_clip
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
 from vlp.models.clip import CLIPDualEncoder

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.checkpoint_dirs import tiny_vlp_dir
-from tests.clip_checkpoint import write_tiny_clip
+from tests.checkpoints.clip import write_tiny_clip
+from tests.checkpoints.vlp import tiny_vlp_dir
 from vlp.cli import main
 from vlp.config import Config
 from vlp.data.manifest import read_pairs

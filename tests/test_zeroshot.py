@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.blip_helpers import make_blip_checkpoint
-from tests.checkpoint_dirs import TRANSFORM, tiny_vlp_dir
-from tests.clip_checkpoint import write_tiny_clip
+from tests.checkpoints.blip import make_blip_checkpoint
+from tests.checkpoints.clip import write_tiny_clip
+from tests.checkpoints.vlp import TRANSFORM, tiny_vlp_dir
 from vlp.cli import main
 from vlp.config import Config
 from vlp.data.manifest import read_pairs

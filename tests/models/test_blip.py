@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.blip_helpers import IMAGE_SIZE, TEXT_WIDTH, VISION_WIDTH, make_blip_checkpoint
+from tests.checkpoints.blip import IMAGE_SIZE, TEXT_WIDTH, VISION_WIDTH, make_blip_checkpoint
 from vlp.errors import ConfigError
 from vlp.models.blip import BLIP_CLASSES, load_blip
 from vlp.models.vlp_model import VLPModel

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.clip_checkpoint import write_tiny_clip
+from tests.checkpoints.clip import write_tiny_clip
 from vlp.errors import ConfigError
 from vlp.models.clip import CLIPDualEncoder, build_clip, clamp_logit_scale
 from vlp.models.family import fresh_model, load_model, model_family

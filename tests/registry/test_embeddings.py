@@ -13,7 +13,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from tests.checkpoint_dirs import TRANSFORM, tiny_vlp_dir
+from tests.checkpoints.vlp import TRANSFORM, tiny_vlp_dir
 from vlp.config import Config
 from vlp.registry import register_model
 from vlp.tasks import model_sha256

@@ -23,7 +23,6 @@ for image-text matching and [DEC] first for captions, as vlp's `fuse` and `decod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,23 +140,15 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, text_config: Any, key: str) -
 
 def _model_config(model_cfg: ModelConfig, config: Any, path: Path) -> ModelConfig:
     """`model_cfg` with the architecture fields the checkpoint decides."""
-    text, vision = config.text_config, config.vision_config
-    return dataclasses.replace(
+    from vlp.models.family import checkpoint_model_config
+
+    return checkpoint_model_config(
+        config,
+        path,
         model_cfg,
-        init_from=str(path),
+        family="fusion",
         image_tower=BLIP_TOWER,
-        image_pretrained=None,
-        text_pretrained=None,
-        tokenizer_pretrained=None,
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_text_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        intermediate_size=text.intermediate_size,
         embed_dim=config.image_text_hidden_size,
-        max_text_length=min(model_cfg.max_text_length, text.max_position_embeddings),
-        patch_size=vision.patch_size,
-        num_image_layers=vision.num_hidden_layers,
     )
 
 

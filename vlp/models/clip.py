@@ -35,17 +35,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.io import atomic_dir
 from vlp.models.tokenizer import local_dir
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    num_parameters,
+    save_model_dir,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
     from vlp.config import ModelConfig
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "vlp_config.json"
-TOKENIZER_DIR = "tokenizer"
+
 # CLIP caps the logit scale at 100 (exp of the learned log-scale), as the paper does
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -96,18 +101,13 @@ class CLIPDualEncoder(nn.Module):
         self, texts: Sequence[str], max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Tokenise texts to {"input_ids", "attention_mask"} (padded, truncated) on this model's device."""
-        enc = self.tokenizer(
-            list(texts),
-            padding="longest",
-            truncation=True,
-            max_length=max_length or self.cfg.max_text_length,
-            return_tensors="pt",
+        return tokenize(
+            self.tokenizer, texts, max_length or self.cfg.max_text_length, self.temp.device
         )
-        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied tensors counted once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return num_parameters(self)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(
@@ -117,15 +117,8 @@ class CLIPDualEncoder(nn.Module):
 
         `extra_json` maps further file names to JSON content written in the same step.
         """
-        from vlp.models.weights import save_weights
-
         meta = {"model": dataclasses.asdict(self.cfg), "clip_config": self.clip.config.to_dict()}
-        with atomic_dir(Path(path), "model") as tmp:
-            save_weights(self, tmp / WEIGHTS_NAME)
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            for name, content in (extra_json or {}).items():
-                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        save_model_dir(self, self.tokenizer, path, meta, extra_json)
 
     @classmethod
     def from_pretrained(
@@ -306,30 +299,10 @@ def model_config_from_clip(
     Sizes shared by both towers in vlp's params are the text tower's. `max_text_length` is
     the text positions, capped by `base.max_text_length` when given.
     """
-    from vlp.config import ModelConfig
+    from vlp.models.family import checkpoint_model_config
 
-    text, vision = config.text_config, config.vision_config
-    length = text.max_position_embeddings
-    if base is not None:
-        length = min(length, base.max_text_length)
-    patch = vision.patch_size
-    return ModelConfig(
-        family="clip",
-        init_from=source,
-        image_tower="clip",
-        image_pretrained=None,
-        text_pretrained=None,
-        tokenizer_pretrained=None,
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_text_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        intermediate_size=text.intermediate_size,
-        embed_dim=config.projection_dim,
-        max_text_length=length,
-        patch_size=patch if isinstance(patch, int) else int(patch[0]),
-        num_image_layers=vision.num_hidden_layers,
-        cnn_channels=[],
+    return checkpoint_model_config(
+        config, source, base, family="clip", image_tower="clip", embed_dim=config.projection_dim
     )
 
 

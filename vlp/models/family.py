@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.weights import CONFIG_NAME
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
 
 FAMILIES = ("fusion", "clip")
-CONFIG_NAME = "vlp_config.json"
 # The tasks a dual encoder does: no fusion encoder (ITM, VQA) and no text decoder (captions)
 DUAL_ENCODER_TASKS = ("retrieval",)
 
@@ -50,6 +50,47 @@ def model_family(path: str | os.PathLike) -> str:
         return "clip"
     raise ConfigError(
         f"{p}: not a vlp model directory (no {CONFIG_NAME}) nor a transformers CLIPModel directory"
+    )
+
+
+def checkpoint_model_config(
+    config: Any,
+    source: str | os.PathLike,
+    base: ModelConfig | None,
+    *,
+    family: str,
+    image_tower: str,
+    embed_dim: int,
+) -> ModelConfig:
+    """The `ModelConfig` of a transformers checkpoint with text and vision towers (CLIP, BLIP).
+
+    Sizes vlp's params share between the towers are the text tower's; `max_text_length` is
+    the text positions, capped by `base.max_text_length` when `base` is given.
+    """
+    from vlp.config import ModelConfig
+
+    text, vision = config.text_config, config.vision_config
+    length = text.max_position_embeddings
+    if base is not None:
+        length = min(length, base.max_text_length)
+    patch = vision.patch_size
+    return ModelConfig(
+        family=family,
+        init_from=str(source),
+        image_tower=image_tower,
+        image_pretrained=None,
+        text_pretrained=None,
+        tokenizer_pretrained=None,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_text_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        intermediate_size=text.intermediate_size,
+        embed_dim=embed_dim,
+        max_text_length=length,
+        patch_size=patch if isinstance(patch, int) else int(patch[0]),
+        num_image_layers=vision.num_hidden_layers,
+        cnn_channels=[],
     )
 
 

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,7 +36,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.io import atomic_dir
 from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
 from vlp.models.towers import (
     ImageTower,
@@ -47,15 +45,19 @@ from vlp.models.towers import (
     text_config,
     text_config_from_pretrained,
 )
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    num_parameters,
+    save_model_dir,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from vlp.config import ModelConfig
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "vlp_config.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 class VLPModel(nn.Module):
@@ -205,19 +207,13 @@ class VLPModel(nn.Module):
         self, texts: Sequence[str], max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Tokenise texts to {"input_ids", "attention_mask"} (padded, truncated) on this model's device."""
-        enc = self.tokenizer(
-            list(texts),
-            padding="longest",
-            truncation=True,
-            max_length=max_length or self.cfg.max_text_length,
-            return_tensors="pt",
+        return tokenize(
+            self.tokenizer, texts, max_length or self.cfg.max_text_length, self.temp.device
         )
-        device = self.temp.device
-        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (tied tensors counted once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return num_parameters(self)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(
@@ -227,19 +223,12 @@ class VLPModel(nn.Module):
 
         `extra_json` maps further file names to JSON content written in the same step.
         """
-        from vlp.models.weights import save_weights
-
         meta = {
             "model": dataclasses.asdict(self.cfg),
             "text_config": self.text_encoder.config.to_dict(),
             "image_config": self.image_tower.backbone.config.to_dict(),
         }
-        with atomic_dir(Path(path), "model") as tmp:
-            save_weights(self, tmp / WEIGHTS_NAME)
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            for name, content in (extra_json or {}).items():
-                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        save_model_dir(self, self.tokenizer, path, meta, extra_json)
 
     @classmethod
     def from_pretrained(

@@ -1,14 +1,59 @@
-"""Model weights as safetensors files whose bytes depend on the weights alone."""
+"""A saved vlp model directory: its layout, and safetensors weights whose bytes depend on the
+weights alone.
+
+Every family writes the same layout: `model.safetensors`, `vlp_config.json` (the `model`
+params it was built from plus the transformers configs it needs to rebuild itself),
+`tokenizer/`, and the JSON files a stage adds (the image transform, `task.json`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from vlp.io import umask
+from vlp.io import atomic_dir, umask
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "vlp_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_model_dir(
+    module: torch.nn.Module,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    meta: dict[str, Any],
+    extra_json: dict[str, Any] | None = None,
+) -> None:
+    """Write weights, `meta` as vlp_config.json, the tokenizer and `extra_json` (file name ->
+    JSON content) into the model directory `path`, atomically."""
+    with atomic_dir(Path(path), "model") as tmp:
+        save_weights(module, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask"} of `texts`, padded to the longest and truncated, on `device`."""
+    enc = tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    """Number of distinct parameters of `module` (tied tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
 def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
