@@ -148,6 +148,17 @@ def _deploy_and_run(
     return runs
 
 
+def timed_dvc_repro(repo: Path, environ: dict[str, str]) -> float:
+    """Seconds `dvc repro` takes in `repo`; exits with its output's tail if it fails."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(VENV_BIN / "dvc"), "repro"], cwd=repo, env=environ, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return time.perf_counter() - t0
+
+
 def main_work_pool(args: argparse.Namespace, tmp: Path) -> None:
     from vlp.services import client_env, load_settings, up, work_pool
 
@@ -158,17 +169,7 @@ def main_work_pool(args: argparse.Namespace, tmp: Path) -> None:
     stack_env = client_env(settings)
     dvc_repo = copy_repo(tmp / "dvc", args.profile)
     flow_repo = copy_repo(tmp / "flow", args.profile)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [str(VENV_BIN / "dvc"), "repro"],
-        cwd=dvc_repo,
-        env={**env(), **stack_env},
-        capture_output=True,
-        text=True,
-    )
-    dvc_s = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    dvc_s = timed_dvc_repro(dvc_repo, {**env(), **stack_env})
     work, noop = run_through_work_pool(flow_repo, stack_env, work_pool(ROOT))
     print(f"profile               {args.profile}")
     print(f"stack up              {up_s:8.1f} s  (make services; 0 when already running)")
@@ -211,17 +212,7 @@ def main() -> int:
         dvc_repo = copy_repo(tmp / "dvc", args.profile)
         flow_repo = copy_repo(tmp / "flow", args.profile)
 
-        t0 = time.perf_counter()
-        proc = subprocess.run(
-            [str(VENV_BIN / "dvc"), "repro"],
-            cwd=dvc_repo,
-            env=env(),
-            capture_output=True,
-            text=True,
-        )
-        dvc_s = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"dvc repro failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        dvc_s = timed_dvc_repro(dvc_repo, env())
 
         os.environ.clear()
         os.environ.update(env())

@@ -134,7 +134,7 @@ def _write_not_applicable(cfg: Config, out: Path, task: str, init: str, reason: 
         (tmp / TASK_FILE).write_text(json.dumps(info) + "\n")
     tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
     with stage_run(cfg, "finetune", task=task, init=init, tags=tags):
-        pass
+        pass  # the run itself is the record: tagged not applicable, nothing trained
     return out
 
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,14 +35,7 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
-from vlp.models.weights import (
-    CONFIG_NAME,
-    TOKENIZER_DIR,
-    WEIGHTS_NAME,
-    num_parameters,
-    save_model_dir,
-    tokenize,
-)
+from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
@@ -55,7 +47,7 @@ if TYPE_CHECKING:
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
-class CLIPDualEncoder(nn.Module):
+class CLIPDualEncoder(SavedModel):
     """A transformers `CLIPModel` and its tokenizer, encoding as `VLPModel` does."""
 
     def __init__(
@@ -96,29 +88,10 @@ class CLIPDualEncoder(nn.Module):
         out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state, F.normalize(out.pooler_output, dim=-1)
 
-    # ------------------------------------------------------------------ text helpers
-    def tokenize(
-        self, texts: Sequence[str], max_length: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Tokenise texts to {"input_ids", "attention_mask"} (padded, truncated) on this model's device."""
-        return tokenize(
-            self.tokenizer, texts, max_length or self.cfg.max_text_length, self.temp.device
-        )
-
-    def num_parameters(self) -> int:
-        """Number of distinct parameters (tied tensors counted once)."""
-        return num_parameters(self)
-
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(
-        self, path: str | os.PathLike, extra_json: dict[str, Any] | None = None
-    ) -> None:
-        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically.
-
-        `extra_json` maps further file names to JSON content written in the same step.
-        """
-        meta = {"model": dataclasses.asdict(self.cfg), "clip_config": self.clip.config.to_dict()}
-        save_model_dir(self, self.tokenizer, path, meta, extra_json)
+    def architecture_configs(self) -> dict[str, Any]:
+        """The `CLIPConfig`."""
+        return {"clip_config": self.clip.config.to_dict()}
 
     @classmethod
     def from_pretrained(

@@ -79,26 +79,17 @@ def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
             num_stages=len(cfg.cnn_channels),
         )
     # image_size only sizes the position table; forward interpolates it to the real size
+    transformer = {
+        "image_size": 64,
+        "patch_size": cfg.patch_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_image_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+    }
     if cfg.image_tower == "clip":
-        return CLIPVisionConfig(
-            image_size=64,
-            patch_size=cfg.patch_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_image_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            attention_dropout=0.0,
-        )
-    return ViTConfig(
-        image_size=64,
-        patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_image_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+        return CLIPVisionConfig(**transformer, attention_dropout=0.0)
+    return ViTConfig(**transformer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,14 +44,7 @@ from vlp.models.towers import (
     text_config,
     text_config_from_pretrained,
 )
-from vlp.models.weights import (
-    CONFIG_NAME,
-    TOKENIZER_DIR,
-    WEIGHTS_NAME,
-    num_parameters,
-    save_model_dir,
-    tokenize,
-)
+from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +52,7 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
 
 
-class VLPModel(nn.Module):
+class VLPModel(SavedModel):
     """Image tower + BLIP text encoder (unimodal and fusion) + caption decoder + ITC/ITM heads."""
 
     def __init__(
@@ -202,33 +194,13 @@ class VLPModel(nn.Module):
         image_embeds, _ = self.encode_image(pixel_values)
         return self.generate_text(image_embeds, num_beams=num_beams, max_length=max_length)
 
-    # ------------------------------------------------------------------ text helpers
-    def tokenize(
-        self, texts: Sequence[str], max_length: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Tokenise texts to {"input_ids", "attention_mask"} (padded, truncated) on this model's device."""
-        return tokenize(
-            self.tokenizer, texts, max_length or self.cfg.max_text_length, self.temp.device
-        )
-
-    def num_parameters(self) -> int:
-        """Number of distinct parameters (tied tensors counted once)."""
-        return num_parameters(self)
-
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(
-        self, path: str | os.PathLike, extra_json: dict[str, Any] | None = None
-    ) -> None:
-        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically.
-
-        `extra_json` maps further file names to JSON content written in the same step.
-        """
-        meta = {
-            "model": dataclasses.asdict(self.cfg),
+    def architecture_configs(self) -> dict[str, Any]:
+        """The text and image towers' transformers configs."""
+        return {
             "text_config": self.text_encoder.config.to_dict(),
             "image_config": self.image_tower.backbone.config.to_dict(),
         }
-        save_model_dir(self, self.tokenizer, path, meta, extra_json)
 
     @classmethod
     def from_pretrained(

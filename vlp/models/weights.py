@@ -8,9 +8,11 @@ params it was built from plus the transformers configs it needs to rebuild itsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,36 +26,53 @@ CONFIG_NAME = "vlp_config.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_model_dir(
-    module: torch.nn.Module,
-    tokenizer: Any,
-    path: str | os.PathLike,
-    meta: dict[str, Any],
-    extra_json: dict[str, Any] | None = None,
-) -> None:
-    """Write weights, `meta` as vlp_config.json, the tokenizer and `extra_json` (file name ->
-    JSON content) into the model directory `path`, atomically."""
-    with atomic_dir(Path(path), "model") as tmp:
-        save_weights(module, tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        for name, content in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+class SavedModel(torch.nn.Module, ABC):
+    """What every model family shares: its `cfg` (params' model section) and `tokenizer`,
+    text inputs, a parameter count and the model-directory write (`save_pretrained`).
 
+    A family gives the transformers configs that rebuild it (`architecture_configs`).
+    """
 
-def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """{"input_ids", "attention_mask"} of `texts`, padded to the longest and truncated, on `device`."""
-    enc = tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    cfg: Any
+    tokenizer: Any
 
+    @abstractmethod
+    def architecture_configs(self) -> dict[str, Any]:
+        """vlp_config.json entries besides `model`: the transformers configs as dicts."""
 
-def num_parameters(module: torch.nn.Module) -> int:
-    """Number of distinct parameters of `module` (tied tensors counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    def tokenize(
+        self, texts: Sequence[str], max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise texts to {"input_ids", "attention_mask"} (padded to the longest, truncated
+        at `max_length`, default `cfg.max_text_length`) on this model's device."""
+        enc = self.tokenizer(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=max_length or self.cfg.max_text_length,
+            return_tensors="pt",
+        )
+        device = next(self.parameters()).device
+        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied tensors counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def save_pretrained(
+        self, path: str | os.PathLike, extra_json: dict[str, Any] | None = None
+    ) -> None:
+        """Write model.safetensors + vlp_config.json + tokenizer/ into `path`, atomically.
+
+        `extra_json` maps further file names to JSON content written in the same step.
+        """
+        meta = {"model": dataclasses.asdict(self.cfg), **self.architecture_configs()}
+        with atomic_dir(Path(path), "model") as tmp:
+            save_weights(self, tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            for name, content in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
