@@ -217,6 +217,278 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], world_size: int) -> dict
     return dict(zip(keys, stacked.tolist(), strict=True))
 
 
+@dataclass
+class _Position:
+    """Where a run stands: optimizer steps, epoch, micro-batches consumed in it, history."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything one `train` call holds while it runs."""
+
+    settings: TrainSettings
+    info: DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    steps_per_epoch: int
+    total_steps: int
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ckpt_dir: Path
+    pos: _Position
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+
+def _epoch_sampler(dataset: Dataset, s: TrainSettings, info: DistInfo) -> Sampler | None:
+    """The sampler of a map-style dataset (None for a streamed one).
+
+    One sampler for 1 or N processes: with N ranks, rank r takes every N-th index of the
+    same seeded permutation, so the union of the ranks' micro-batches is exactly the
+    single-process micro-batch. A streamed dataset (`vlp.data.shards.ShardPairs`) splits
+    itself by rank and worker and is told each epoch and micro-batch size with `set_epoch`.
+    """
+    if isinstance(dataset, IterableDataset):
+        return None
+    return DistributedSampler(
+        dataset,
+        num_replicas=info.world_size,
+        rank=info.rank,
+        shuffle=True,
+        seed=s.seed,
+        drop_last=True,
+    )
+
+
+def _total_steps(dataset: Dataset, s: TrainSettings, steps_per_epoch: int) -> int:
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"batch_size * grad_accum_steps = {s.batch_size * s.grad_accum_steps} is larger "
+            f"than the dataset ({len(dataset)} samples)"
+        )
+    return s.max_steps if s.max_steps > 0 else s.epochs * steps_per_epoch
+
+
+def _restore(run: _Run, resume: bool) -> None:
+    """Clear stale checkpoints, or load the newest one into `run` when resuming."""
+    s, info = run.settings, run.info
+    if info.is_main and resume:
+        claim_dir(run.ckpt_dir, "checkpoints")  # a foreign folder fails now, not at a checkpoint
+    elif info.is_main:
+        remove_dir(run.ckpt_dir)  # stale checkpoints of an older run
+    found = list_checkpoints(run.ckpt_dir) if resume else []
+    if not found:
+        return
+    state = load_checkpoint(found[-1], run.model)
+    saved = state["settings"]
+    now = {**dataclasses.asdict(s), "world_size": run.world}
+    for key in _RESUME_KEYS:
+        if saved.get(key) != now[key]:
+            raise ConfigError(
+                f"{key}: checkpoint {found[-1]} was written with {saved.get(key)!r}, "
+                f"now {now[key]!r}; resume needs the same value (or start without --resume)"
+            )
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.pos = _Position(
+        state["step"], state["epoch"], state["micro_in_epoch"], list(state["history"])
+    )
+    rngs = state["rng"]
+    set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+
+
+def _checkpoint(run: _Run) -> Path | None:
+    """Save the run's exact state on rank 0 (RNG states of every rank); all ranks wait."""
+    rngs = [rng_state()]
+    if run.world > 1:
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng_state())
+    path = None
+    if run.info.is_main:
+        pos = run.pos
+        state = {
+            "step": pos.step,
+            "epoch": pos.epoch,
+            "micro_in_epoch": pos.micro_done,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rngs,
+            "history": pos.history,
+            "settings": {**dataclasses.asdict(run.settings), "world_size": run.world},
+        }
+        path = save_checkpoint(
+            run.ckpt_dir, pos.step, run.model, state, keep=run.settings.keep_checkpoints
+        )
+    barrier()
+    return path
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    if world == 1:
+        return model
+    # find_unused_parameters: a finetuning task (or an objective weighted 0) leaves
+    # whole heads without gradients; the extra graph walk is cheap at these sizes.
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
+
+
+def _loader(
+    dataset: Dataset,
+    collate_fn: Callable[[list[Any]], Mapping[str, Any]] | None,
+    run: _Run,
+    keys: _EpochKeys,
+) -> DataLoader:
+    """One DataLoader for the whole run, so workers persist across epochs.
+
+    Each epoch refills its sampler `keys`. A dataset with per-epoch randomness
+    (augmentation) says so with `takes_epoch` and gets (index, epoch) keys: its draws then
+    depend on neither the workers nor a resume.
+    """
+    s = run.settings
+    return DataLoader(
+        dataset,
+        batch_size=s.batch_size // run.world,
+        sampler=None if isinstance(dataset, IterableDataset) else keys,
+        collate_fn=collate_fn,
+        num_workers=s.num_workers,
+        persistent_workers=s.num_workers > 0,
+        drop_last=True,
+        pin_memory=run.device.type == "cuda",
+        # Own generator: worker seeding must not draw from the global RNG, or a
+        # resumed run's model RNG would drift from the uninterrupted one.
+        generator=torch.Generator().manual_seed(s.seed),
+    )
+
+
+def _epoch_batches(
+    run: _Run, dataset: Dataset, sampler: Sampler | None, keys: _EpochKeys, loader: DataLoader
+) -> Iterator[Any]:
+    """The micro-batches left in the current epoch (skipping what a resumed run consumed)."""
+    pos, micro_bs = run.pos, run.settings.batch_size // run.world
+    if sampler is not None:
+        sampler.set_epoch(pos.epoch)
+        # Skip what an interrupted run already consumed: same permutation, later start.
+        end = run.steps_per_epoch * run.settings.grad_accum_steps * micro_bs
+        indices = list(sampler)[pos.micro_done * micro_bs : end]
+        takes_epoch = bool(getattr(dataset, "takes_epoch", False))
+        keys.items = [(i, pos.epoch) for i in indices] if takes_epoch else indices
+        return iter(loader)
+    dataset.set_epoch(pos.epoch, micro_bs)
+    batches = iter(loader)
+    for _ in range(pos.micro_done):  # the same seeded stream: skip what was consumed
+        next(batches)
+    return batches
+
+
+def _accumulate(run: _Run, batches: Iterator[Any]) -> dict[str, torch.Tensor]:
+    """Forward and backward over one step's micro-batches; the mean of their `loss*` values."""
+    accum, amp_dtype = run.settings.grad_accum_steps, run.amp_dtype
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        batch = _to_device(next(batches), run.device)
+        # DDP all-reduces gradients only on the last micro-batch of a step.
+        sync = run.world == 1 or micro == accum - 1
+        with nullcontext() if sync else run.net.no_sync():
+            with torch.autocast(
+                run.device.type, dtype=amp_dtype or torch.bfloat16, enabled=bool(amp_dtype)
+            ):
+                out = run.net(**batch)
+            (out["loss"] / accum).backward()
+        for k, v in out.items():
+            if k == "loss" or k.startswith("loss_"):
+                sums[k] = sums.get(k, 0) + v.detach().float() / accum
+    return sums
+
+
+def _optimizer_step(run: _Run, sums: dict[str, torch.Tensor], t0: float) -> dict[str, float]:
+    """Clip, step and advance the position; the step's rank-averaged metrics."""
+    s, model, pos = run.settings, run.model, run.pos
+    if s.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]
+        )
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    pos.step += 1
+    pos.micro_done += s.grad_accum_steps
+    if pos.micro_done >= run.steps_per_epoch * s.grad_accum_steps:
+        # store the position as "start of next epoch"
+        pos.epoch, pos.micro_done = pos.epoch + 1, 0
+    sums["grad_norm"] = grad_norm.detach().float()
+    metrics = _mean_across_ranks(sums, run.world)
+    samples = s.batch_size * s.grad_accum_steps
+    metrics.update(lr=lr, samples_per_s=samples / (time.perf_counter() - t0), epoch=pos.epoch)
+    pos.history.append({"step": pos.step, **metrics})
+    return metrics
+
+
+def _show_progress(run: _Run, bar: tqdm, metrics: dict[str, float], show: bool) -> None:
+    step, total = run.pos.step, run.total_steps
+    bar.update(1)
+    if step % max(run.settings.log_every, 1) and step != total:
+        return
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.0f}")
+    if run.info.is_main and not show:
+        print(
+            f"step {step}/{total} loss {metrics['loss']:.4f} "
+            f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _start(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    s: TrainSettings,
+    info: DistInfo,
+    out_dir: Path,
+    resume: bool,
+) -> _Run:
+    """Seed, place the model, build optimizer and schedule, and restore a resumed run."""
+    device = resolve_device(s.device, info)
+    amp_dtype = resolve_precision(s.precision, device)
+    steps_per_epoch = epoch_steps(len(dataset), s, info.world_size)
+    total_steps = _total_steps(dataset, s, steps_per_epoch)
+    if device.type == "cpu":
+        # Bitwise-reproducible resume on CPU; warn_only keeps ops without a deterministic
+        # kernel usable instead of raising.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(s.seed + info.rank)
+    if s.gradient_checkpointing:
+        from vlp.models.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr), lr=s.lr)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
+    run = _Run(
+        s, info, device, amp_dtype, steps_per_epoch, total_steps, model, model,
+        optimizer, scheduler, Path(out_dir) / "checkpoints", _Position(),
+    )  # fmt: skip
+    _restore(run, resume)
+    run.net = _wrap_ddp(model, device, info.world_size)
+    return run
+
+
 def train(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -235,216 +507,50 @@ def train(
     exactly where it stopped (same sampler order, RNG states, optimizer and schedule).
     """
     s = settings
-    info = init_distributed()
-    world, rank = info.world_size, info.rank
-    device = resolve_device(s.device, info)
-    amp_dtype = resolve_precision(s.precision, device)
-    steps_per_epoch = epoch_steps(len(dataset), s, world)
-    micro_bs = s.batch_size // world
-    accum = s.grad_accum_steps
-
-    # One sampler for 1 or N processes: with N ranks, rank r takes every N-th index of the
-    # same seeded permutation, so the union of the ranks' micro-batches is exactly the
-    # single-process micro-batch.
-    # A streamed dataset (`vlp.data.shards.ShardPairs`) splits itself by rank and worker and
-    # is told each epoch and micro-batch size with `set_epoch` instead.
-    streamed = isinstance(dataset, IterableDataset)
-    sampler = None
-    if not streamed:
-        sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=s.seed, drop_last=True
-        )
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"batch_size * grad_accum_steps = {s.batch_size * accum} is larger than the "
-            f"dataset ({len(dataset)} samples)"
-        )
-    total_steps = s.max_steps if s.max_steps > 0 else s.epochs * steps_per_epoch
-
     was_deterministic = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    if device.type == "cpu":
-        # Bitwise-reproducible resume on CPU; warn_only keeps ops without a deterministic
-        # kernel usable instead of raising.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    _seed_everything(s.seed + rank)
-    if s.gradient_checkpointing:
-        from vlp.models.activation_checkpointing import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
-    model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay, s.lr), lr=s.lr)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
-
-    ckpt_dir = Path(out_dir) / "checkpoints"
-    step, epoch, micro_done = 0, 0, 0  # micro_done: micro-batches consumed in this epoch
-    history: list[dict[str, float]] = []
-    if info.is_main and resume:
-        claim_dir(ckpt_dir, "checkpoints")  # a foreign folder fails now, not at a checkpoint
-    elif info.is_main:
-        remove_dir(ckpt_dir)  # stale checkpoints of an older run
-    found = list_checkpoints(ckpt_dir) if resume else []
-    if found:
-        state = load_checkpoint(found[-1], model)
-        saved = state["settings"]
-        now = {**dataclasses.asdict(s), "world_size": world}
-        for key in _RESUME_KEYS:
-            if saved.get(key) != now[key]:
-                raise ConfigError(
-                    f"{key}: checkpoint {found[-1]} was written with {saved.get(key)!r}, "
-                    f"now {now[key]!r}; resume needs the same value (or start without --resume)"
-                )
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, micro_done = state["step"], state["epoch"], state["micro_in_epoch"]
-        history = list(state["history"])
-        rngs = state["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-
-    net: torch.nn.Module = model
-    if world > 1:
-        # find_unused_parameters: a finetuning task (or an objective weighted 0) leaves
-        # whole heads without gradients; the extra graph walk is cheap at these sizes.
-        net = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True,
-        )
-
-    def checkpoint() -> Path | None:
-        rngs = [rng_state()]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state())
-        path = None
-        if info.is_main:
-            state = {
-                "step": step,
-                "epoch": epoch,
-                "micro_in_epoch": micro_done,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                "history": history,
-                "settings": {**dataclasses.asdict(s), "world_size": world},
-            }
-            path = save_checkpoint(ckpt_dir, step, model, state, keep=s.keep_checkpoints)
-        barrier()
-        return path
-
-    # One DataLoader for the whole run, so workers persist across epochs; each epoch
-    # refills its sampler. A dataset with per-epoch randomness (augmentation) says so with
-    # `takes_epoch` and gets (index, epoch) keys: its draws then depend on neither the
-    # workers nor a resume.
+    info = init_distributed()
+    sampler = _epoch_sampler(dataset, s, info)
+    run = _start(model, dataset, s, info, out_dir, resume)
+    pos = run.pos
     keys = _EpochKeys()
-    loader = DataLoader(
-        dataset,
-        batch_size=micro_bs,
-        sampler=None if streamed else keys,
-        collate_fn=collate_fn,
-        num_workers=s.num_workers,
-        persistent_workers=s.num_workers > 0,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        # Own generator: worker seeding must not draw from the global RNG, or a
-        # resumed run's model RNG would drift from the uninterrupted one.
-        generator=torch.Generator().manual_seed(s.seed),
-    )
-    takes_epoch = bool(getattr(dataset, "takes_epoch", False))
-
+    loader = _loader(dataset, collate_fn, run, keys)
     show = info.is_main and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=step, disable=not show, unit="step", desc="train")
-    net.train()
+    bar = tqdm(total=run.total_steps, initial=pos.step, disable=not show, unit="step", desc="train")
+    run.net.train()
     last_ckpt: Path | None = None  # set on rank 0 only
     last_ckpt_step = -1  # the same on every rank: decides the collective final checkpoint
-    t_run, samples_run = time.perf_counter(), 0
+    t_run, start_step = time.perf_counter(), pos.step
     try:
-        while step < total_steps:
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-                # Skip what an interrupted run already consumed: same permutation, later start.
-                indices = list(sampler)[micro_done * micro_bs : steps_per_epoch * accum * micro_bs]
-                keys.items = [(i, epoch) for i in indices] if takes_epoch else indices
-                batches = iter(loader)
-            else:
-                dataset.set_epoch(epoch, micro_bs)
-                batches = iter(loader)
-                for _ in range(micro_done):  # the same seeded stream: skip what was consumed
-                    next(batches)
-            epoch_done = False
-            while not epoch_done and step < total_steps:
+        while pos.step < run.total_steps:
+            epoch = pos.epoch
+            batches = _epoch_batches(run, dataset, sampler, keys, loader)
+            while pos.epoch == epoch and pos.step < run.total_steps:
                 t0 = time.perf_counter()
-                sums: dict[str, torch.Tensor] = {}
-                for micro in range(accum):
-                    batch = _to_device(next(batches), device)
-                    # DDP all-reduces gradients only on the last micro-batch of a step.
-                    sync = world == 1 or micro == accum - 1
-                    with nullcontext() if sync else net.no_sync():
-                        with torch.autocast(
-                            device.type, dtype=amp_dtype or torch.bfloat16, enabled=bool(amp_dtype)
-                        ):
-                            out = net(**batch)
-                        (out["loss"] / accum).backward()
-                    for k, v in out.items():
-                        if k == "loss" or k.startswith("loss_"):
-                            sums[k] = sums.get(k, 0) + v.detach().float() / accum
-                if s.max_grad_norm > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm(
-                        [p.grad for p in model.parameters() if p.grad is not None]
-                    )
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                micro_done += accum
-                epoch_done = micro_done >= steps_per_epoch * accum
-                if epoch_done:  # store the position as "start of next epoch"
-                    epoch, micro_done = epoch + 1, 0
-
-                sums["grad_norm"] = grad_norm.detach().float()
-                metrics = _mean_across_ranks(sums, world)
-                dt = time.perf_counter() - t0
-                samples_run += s.batch_size * accum
-                metrics.update(lr=lr, samples_per_s=s.batch_size * accum / dt, epoch=epoch)
-                history.append({"step": step, **metrics})
-                bar.update(1)
-                if step % max(s.log_every, 1) == 0 or step == total_steps:
-                    bar.set_postfix(
-                        loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.0f}"
-                    )
-                    if info.is_main and not show:
-                        print(
-                            f"step {step}/{total_steps} loss {metrics['loss']:.4f} "
-                            f"lr {lr:.2e} {metrics['samples_per_s']:.0f} samples/s",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                if s.checkpoint_every > 0 and step % s.checkpoint_every == 0:
-                    last_ckpt, last_ckpt_step = checkpoint(), step
+                metrics = _optimizer_step(run, _accumulate(run, batches), t0)
+                _show_progress(run, bar, metrics, show)
+                if s.checkpoint_every > 0 and pos.step % s.checkpoint_every == 0:
+                    last_ckpt, last_ckpt_step = _checkpoint(run), pos.step
                 if info.is_main and on_log is not None:
-                    on_log(metrics, step)
-        if last_ckpt_step != step:
-            last_ckpt = checkpoint()
+                    on_log(metrics, pos.step)
+        if last_ckpt_step != pos.step:
+            last_ckpt = _checkpoint(run)
     finally:
         bar.close()
         torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
     wall = time.perf_counter() - t_run
-    final = {k: v for k, v in history[-1].items() if k == "loss" or k.startswith("loss_")}
+    samples_run = (pos.step - start_step) * s.batch_size * s.grad_accum_steps
+    final = {k: v for k, v in pos.history[-1].items() if k == "loss" or k.startswith("loss_")}
     return TrainResult(
-        steps=step,
-        history=history,
+        steps=pos.step,
+        history=pos.history,
         final=final,
         wall_s=wall,
         samples_per_s=samples_run / wall if wall > 0 else 0.0,
         checkpoint=last_ckpt,
-        device=str(device),
-        precision="bf16" if amp_dtype else "fp32",
-        world_size=world,
+        device=str(run.device),
+        precision="bf16" if run.amp_dtype else "fp32",
+        world_size=run.world,
     )
