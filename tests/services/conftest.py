@@ -105,8 +105,8 @@ def stack() -> Iterator[Stack]:
         down = services(repo, "down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not read_pids(settings)
-        assert not [pid for pid in pids.values() if _alive(pid)]
+        assert not [proc for proc in pids.values() if _alive(proc.pid)]
         for name in ("s3", "mlflow", "prefect"):  # each server led its own process group
             with pytest.raises(ProcessLookupError):
-                os.killpg(pids[name], 0)
+                os.killpg(pids[name].pid, 0)
         shutil.rmtree(base, ignore_errors=True)
