@@ -44,11 +44,12 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: an exited process waiting for init to reap it (a zombie) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
