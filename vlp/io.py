@@ -52,19 +52,16 @@ def umask() -> int:
     return mask
 
 
-def _new_file(path: Path, mode: int = 0o666) -> None:
+def _new_file(path: Path) -> None:
     # O_EXCL and mode 0666: created like any file (umask applies), never reusing one.
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 @contextmanager
-def atomic_path(path: Path, mode: int = 0o666) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
-
-    The temp file is created with `mode` (less the umask) and keeps it through the rename.
-    """
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    tmp_path = _fresh_beside(path, lambda tmp: _new_file(tmp, mode))
+    tmp_path = _fresh_beside(path, _new_file)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -74,13 +71,6 @@ def atomic_path(path: Path, mode: int = 0o666) -> Iterator[Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_secret(path: Path, text: str) -> None:
-    """`atomic_write_text` for a file holding passwords or keys: mode 0600 from creation on,
-    so no other user can open it at any moment, whatever the umask."""
-    with atomic_path(path, mode=0o600) as tmp:
         tmp.write_text(text)
 
 

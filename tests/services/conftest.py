@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vlp.services import Settings, client_env, load_settings, read_pids
+from vlp.services import read_pids
+from vlp.stack_settings import Settings, client_env, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent

@@ -19,8 +19,9 @@ import pytest
 
 from tests.services.conftest import REPO_ROOT, _free_port
 from vlp.errors import ServiceError
-from vlp.services import down, load_settings, main, up, wait_ready
+from vlp.services import down, main, up, wait_ready
 from vlp.stack_processes import Proc, identify, listener_of, running, spawn
+from vlp.stack_settings import load_settings
 
 ANSWER_200 = """
 import http.server, sys

@@ -14,14 +14,16 @@ from vlp.config import load_config
 from vlp.errors import ServiceError
 from vlp.services import (
     DVC_REMOTE,
-    ENV_KEYS,
-    PLACEHOLDER,
-    SECRET_KEYS,
     configure_dvc_remote,
-    load_settings,
     main,
     mlflow_command,
     prefect_command,
+)
+from vlp.stack_settings import (
+    ENV_KEYS,
+    PLACEHOLDER,
+    SECRET_KEYS,
+    load_settings,
     read_env_file,
     secret_warnings,
     work_pool,
