@@ -60,3 +60,15 @@ def test_up_again_keeps_the_running_servers(stack: Stack) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert read_pids(stack.settings) == before
     assert all(running(proc) for proc in before.values())
+
+
+def test_mlflow_keeps_its_records_in_postgresql(stack: Stack) -> None:
+    """The backend store URI reaches the server through its environment, and it is used."""
+    import psycopg2
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(stack.settings.mlflow_url).create_experiment("exposure-check")
+    s = stack.settings
+    with psycopg2.connect(s.pg_url(s.mlflow_db)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT name FROM experiments WHERE experiment_id = %s", (int(experiment_id),))
+        assert cur.fetchall() == [("exposure-check",)]
