@@ -3,11 +3,18 @@
     python -m vlp.services up | down | env | status     (`make services`, `make services-down`)
 
 Every service listens on 127.0.0.1, with the ports and credentials of one env file (`.env`,
-copied from `.env.example` when missing). State lives in `SERVICES_DIR` (`.services/`):
-the PostgreSQL cluster, logs, `pids.json` (what `down` stops, by PID) and `env.sh` (the
-variables that point the pipeline at the stack). The S3 store is moto's server: in memory,
-so its objects last until `down`; a team uses MinIO or S3 instead (deploy/compose.yaml).
-MLflow proxies artifacts to the bucket, so clients need no S3 credentials.
+made from `.env.example` with fresh random passwords when missing; mode 0600). State lives
+in `SERVICES_DIR` (`.services/`): the PostgreSQL cluster, logs, `pids.json` (what `down`
+stops: each PID with its start time and command line, so a PID reused by another process
+is left alone) and `env.sh` (the variables that point the pipeline at the stack). The S3
+store is moto's server: in memory, so its objects last until `down`; it checks no
+credentials; a team uses MinIO or S3 instead (deploy/compose.yaml). MLflow proxies
+artifacts to the bucket, so clients need no S3 credentials. Neither MLflow nor Prefect asks
+for a login here: anyone who can reach 127.0.0.1 on this machine can use them.
+
+This module holds the services (install, start, readiness, stop) and the command line; the
+env file and `Settings` are in `vlp.stack_settings`, what a PID or a port belongs to in
+`vlp.stack_processes`.
 """
 
 from __future__ import annotations
@@ -16,142 +23,41 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
-
-import yaml
+from urllib.parse import urlsplit
 
 from vlp.errors import ServiceError, VlpError
-
-ENV_KEYS = (
-    "SERVICES_DIR",
-    "POSTGRES_PORT",
-    "POSTGRES_USER",
-    "POSTGRES_PASSWORD",
-    "MLFLOW_DB",
-    "PREFECT_DB",
-    "S3_PORT",
-    "S3_ACCESS_KEY_ID",
-    "S3_SECRET_ACCESS_KEY",
-    "MLFLOW_BUCKET",
-    "DVC_BUCKET",
-    "MLFLOW_PORT",
-    "PREFECT_PORT",
+from vlp.io import atomic_write_json, atomic_write_text
+from vlp.stack_processes import (
+    Proc,
+    describe_users,
+    identify,
+    listener_of,
+    port_users,
+    reap,
+    running,
+    spawn,
+    stop_group,
 )
-HOST = "127.0.0.1"
+from vlp.stack_settings import (
+    HOST,
+    PORT_KEYS,
+    Settings,
+    client_env,
+    load_settings,
+    secret_warnings,
+    work_pool,
+    write_private,
+)
+
 DVC_REMOTE = "team"  # the S3 remote of .dvc/config
 DB_USER = "postgres"  # the system user PostgreSQL runs as when started by root
 START_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The stack's ports, credentials and state folder, from the env file."""
-
-    root: Path  # the repository: prefect.yaml, .dvc/
-    state: Path  # SERVICES_DIR, absolute
-    pg_port: int
-    pg_user: str
-    pg_password: str
-    mlflow_db: str
-    prefect_db: str
-    s3_port: int
-    s3_key: str
-    s3_secret: str
-    mlflow_bucket: str
-    dvc_bucket: str
-    mlflow_port: int
-    prefect_port: int
-
-    def pg_url(self, db: str, driver: str = "postgresql") -> str:
-        auth = f"{quote(self.pg_user, safe='')}:{quote(self.pg_password, safe='')}"
-        return f"{driver}://{auth}@{HOST}:{self.pg_port}/{db}"
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://{HOST}:{self.s3_port}"
-
-    @property
-    def mlflow_url(self) -> str:
-        return f"http://{HOST}:{self.mlflow_port}"
-
-    @property
-    def prefect_url(self) -> str:
-        return f"http://{HOST}:{self.prefect_port}"
-
-    @property
-    def pids_file(self) -> Path:
-        return self.state / "pids.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.state / "logs"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of `path`; blank lines and `#` comments skipped, quotes stripped."""
-    values: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep or not key.strip():
-            raise ServiceError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
-
-
-def load_settings(root: Path) -> Settings:
-    """The settings of `root/.env`, which is first copied from `.env.example` if missing."""
-    env_file = root / ".env"
-    if not env_file.exists():
-        shutil.copy(root / ".env.example", env_file)
-    values = read_env_file(env_file)
-    missing = [k for k in ENV_KEYS if not values.get(k)]
-    if missing:
-        raise ServiceError(f"{env_file}: missing {', '.join(missing)} (see .env.example)")
-
-    def port(key: str) -> int:
-        if not values[key].isdigit() or not 0 < int(values[key]) < 65536:
-            raise ServiceError(f"{env_file}: {key}={values[key]!r} is not a port number")
-        return int(values[key])
-
-    return Settings(
-        root=root,
-        state=(root / values["SERVICES_DIR"]).resolve(),
-        pg_port=port("POSTGRES_PORT"),
-        pg_user=values["POSTGRES_USER"],
-        pg_password=values["POSTGRES_PASSWORD"],
-        mlflow_db=values["MLFLOW_DB"],
-        prefect_db=values["PREFECT_DB"],
-        s3_port=port("S3_PORT"),
-        s3_key=values["S3_ACCESS_KEY_ID"],
-        s3_secret=values["S3_SECRET_ACCESS_KEY"],
-        mlflow_bucket=values["MLFLOW_BUCKET"],
-        dvc_bucket=values["DVC_BUCKET"],
-        mlflow_port=port("MLFLOW_PORT"),
-        prefect_port=port("PREFECT_PORT"),
-    )
-
-
-def work_pool(root: Path) -> str:
-    """The work pool of prefect.yaml's deployment (the stack creates it)."""
-    spec = yaml.safe_load((root / "prefect.yaml").read_text())
-    return spec["deployments"][0]["work_pool"]["name"]
-
-
-def client_env(s: Settings) -> dict[str, str]:
-    """What points the pipeline, the Prefect CLI and workers at the stack."""
-    return {"MLFLOW_TRACKING_URI": s.mlflow_url, "PREFECT_API_URL": f"{s.prefect_url}/api"}
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -205,7 +111,7 @@ def init_postgres(s: Settings, bin_dir: Path) -> Path:
             "folder whose parents it can enter"
         )
     pwfile = home / "pwfile"
-    pwfile.write_text(s.pg_password + "\n")
+    write_private(pwfile, s.pg_password + "\n")
     _give_to_db_user(pwfile)
     try:
         cmd = [str(bin_dir / "initdb"), "-D", str(data), "-U", s.pg_user, f"--pwfile={pwfile}"]
@@ -222,8 +128,8 @@ def init_postgres(s: Settings, bin_dir: Path) -> Path:
     return data
 
 
-def start_postgres(s: Settings) -> int:
-    """Start the cluster (waits until it accepts connections); return the postmaster PID."""
+def start_postgres(s: Settings) -> Proc:
+    """Start the cluster (waits until it accepts connections); return the postmaster."""
     bin_dir = postgres_bin()
     data = init_postgres(s, bin_dir)
     log = data.parent / "postgres.log"
@@ -235,7 +141,11 @@ def start_postgres(s: Settings) -> int:
     )
     if done.returncode != 0:
         raise ServiceError(f"PostgreSQL did not start: {done.stderr.strip()} (log: {log})")
-    return int((data / "postmaster.pid").read_text().split()[0])
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    proc = identify(pid)
+    if proc is None:
+        raise ServiceError(f"PostgreSQL exited right after starting (log: {log})")
+    return proc
 
 
 def create_databases(s: Settings) -> None:
@@ -254,7 +164,7 @@ def create_databases(s: Settings) -> None:
         conn.close()
 
 
-def stop_postgres(s: Settings, pid: int) -> None:
+def stop_postgres(s: Settings, postmaster: Proc) -> None:
     """`pg_ctl stop -m fast`; the postmaster is signalled directly if that fails."""
     data = s.state / "postgres" / "data"
     bin_dir = postgres_bin()
@@ -262,26 +172,14 @@ def stop_postgres(s: Settings, pid: int) -> None:
         _as_db_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
         capture_output=True,
     )
-    _stop_group(pid, own_group=False)
+    stop_group(postmaster, own_group=False)
 
 
 # ---------------------------------------------------------------- server processes
 
 
-def _spawn(s: Settings, name: str, cmd: list[str], env: dict[str, str]) -> int:
-    """Start `cmd` in its own process group (its PID is the group's id), logging to a file."""
-    s.logs.mkdir(parents=True, exist_ok=True)
-    with open(s.logs / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=s.root,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return proc.pid
+def _spawn(s: Settings, name: str, cmd: list[str], env: dict[str, str]) -> Proc:
+    return spawn(cmd, s.root, env, s.logs / f"{name}.log")
 
 
 def _server_env(s: Settings) -> dict[str, str]:
@@ -295,7 +193,7 @@ def _venv_script(name: str) -> str:
     return str(script) if script.exists() else name
 
 
-def start_s3(s: Settings) -> int:
+def start_s3(s: Settings) -> Proc:
     return _spawn(
         s,
         "s3",
@@ -314,53 +212,87 @@ def s3_env(s: Settings) -> dict[str, str]:
     }
 
 
-def start_mlflow(s: Settings) -> int:
+def mlflow_command(s: Settings) -> tuple[list[str], dict[str, str]]:
+    """The MLflow server's argv and environment. The database password travels in the
+    environment (readable by this user and root only), never in argv (`ps` shows argv to
+    every user)."""
     cmd = [_venv_script("mlflow"), "server", "--host", HOST, "--port", str(s.mlflow_port)]
-    cmd += ["--backend-store-uri", s.pg_url(s.mlflow_db, "postgresql+psycopg2")]
     cmd += ["--artifacts-destination", f"s3://{s.mlflow_bucket}", "--workers", "2"]
-    # the server's job runner (GenAI jobs, 7 processes) serves nothing vlp uses
-    env = {**_server_env(s), **s3_env(s), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **_server_env(s),
+        **s3_env(s),
+        "MLFLOW_BACKEND_STORE_URI": s.pg_url(s.mlflow_db, "postgresql+psycopg2"),
+        # the server's job runner (GenAI jobs, 7 processes) serves nothing vlp uses
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    return cmd, env
+
+
+def start_mlflow(s: Settings) -> Proc:
+    cmd, env = mlflow_command(s)
     return _spawn(s, "mlflow", cmd, env)
 
 
-def start_prefect(s: Settings) -> int:
+def prefect_command(s: Settings) -> tuple[list[str], dict[str, str]]:
+    """The Prefect server's argv and environment (the database URL in the latter)."""
     env = {
         **_server_env(s),
         "PREFECT_HOME": str(s.state / "prefect"),
         "PREFECT_API_DATABASE_CONNECTION_URL": s.pg_url(s.prefect_db, "postgresql+asyncpg"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # browsers may call the API from the server's own UI only, not from any web page
+        "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": ",".join(_loopback_origins(s.prefect_port)),
     }
     cmd = [_venv_script("prefect"), "server", "start", "--host", HOST]
-    return _spawn(s, "prefect", [*cmd, "--port", str(s.prefect_port)], env)
+    return [*cmd, "--port", str(s.prefect_port)], env
+
+
+def start_prefect(s: Settings) -> Proc:
+    cmd, env = prefect_command(s)
+    return _spawn(s, "prefect", cmd, env)
+
+
+def _loopback_origins(port: int) -> list[str]:
+    return [f"http://{HOST}:{port}", f"http://localhost:{port}"]
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    reap(pid)
+    return identify(pid) is not None
+
+
+def check_port_free(name: str, port: int) -> None:
+    """ServiceError naming the service, port and holder if something listens on `port`."""
+    users = port_users(port)
+    if users is not None:
+        raise ServiceError(
+            f"{name}: port {port} is already in use by {describe_users(users)}; stop it or "
+            f"set {PORT_KEYS.get(name, 'another port')} in .env"
+        )
 
 
 def wait_ready(name: str, url: str, pid: int, log: Path, timeout: float = START_TIMEOUT_S) -> None:
-    """Poll `url` until it answers 200; ServiceError if the process dies or time runs out."""
+    """Wait until process `pid` (or its group) listens on the port of `url` and `url` answers
+    200. ServiceError if the process dies, another process holds the port, or time runs out."""
+    port = urlsplit(url).port
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
             raise ServiceError(f"{name} exited while starting (log: {log}):\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        ours = listener_of(port, pid)
+        if ours is False:
+            raise ServiceError(
+                f"{name}: port {port} is held by {describe_users(port_users(port) or set())}, "
+                f"not by {name} (PID {pid}); stop it or set {PORT_KEYS[name]} in .env"
+            )
+        if ours:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
         time.sleep(0.25)
     raise ServiceError(f"{name}: no answer from {url} within {timeout:.0f} s (log: {log})")
 
@@ -403,27 +335,32 @@ def configure_dvc_remote(s: Settings, repo: Path) -> None:
     """The `team` remote's endpoint and credentials in `repo/.dvc/config.local` (not in git)."""
     from configobj import ConfigObj
 
-    conf = ConfigObj(str(repo / ".dvc" / "config.local"))
+    path = repo / ".dvc" / "config.local"
+    conf = ConfigObj(str(path))
     conf[f'remote "{DVC_REMOTE}"'] = {
         "url": f"s3://{s.dvc_bucket}/vlp",
         "endpointurl": s.s3_url,
         "access_key_id": s.s3_key,
         "secret_access_key": s.s3_secret,
     }
-    conf.write()
+    conf.filename = None  # write() then returns the lines instead of writing in place
+    write_private(path, "\n".join(conf.write()) + "\n")
 
 
 # ---------------------------------------------------------------- up / down
 
+SERVICES = ("postgres", "s3", "mlflow", "prefect")
 
-def read_pids(s: Settings) -> dict[str, int]:
+
+def read_pids(s: Settings) -> dict[str, Proc]:
+    """The processes recorded by `up` (a bare PID, of an older `up`, matches no process)."""
     if not s.pids_file.exists():
         return {}
-    return {k: int(v) for k, v in json.loads(s.pids_file.read_text()).items()}
+    return {k: Proc.from_json(v) for k, v in json.loads(s.pids_file.read_text()).items()}
 
 
-def _write_pids(s: Settings, pids: dict[str, int]) -> None:
-    s.pids_file.write_text(json.dumps(pids, indent=1) + "\n")
+def _write_pids(s: Settings, pids: dict[str, Proc]) -> None:
+    atomic_write_json(s.pids_file, {name: proc.to_json() for name, proc in pids.items()})
 
 
 def urls(s: Settings) -> dict[str, str]:
@@ -435,85 +372,83 @@ def urls(s: Settings) -> dict[str, str]:
     }
 
 
-def up(root: Path) -> dict[str, int]:
-    """Start every service not already running; wait until all are ready; return the PIDs."""
+def _start_missing(s: Settings, pids: dict[str, Proc]) -> None:
+    """Start each service not in `pids`, recording it at once (so `down` can stop it)."""
+    for name in SERVICES:  # refuse before starting anything
+        if name not in pids:
+            check_port_free(name, s.port(name))
+    if "postgres" not in pids:
+        pids["postgres"] = start_postgres(s)
+        _write_pids(s, pids)
+    elif not listener_of(s.pg_port, pids["postgres"].pid):
+        raise ServiceError(
+            f"postgres: {pids['postgres'].describe()} is not listening on port {s.pg_port}"
+        )
+    create_databases(s)
+    starters = {"s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
+    for name, start in starters.items():
+        if name not in pids:
+            pids[name] = start(s)
+            _write_pids(s, pids)
+
+
+def up(root: Path) -> dict[str, Proc]:
+    """Start every service not already running; wait until all are ready; return them."""
     s = load_settings(root)
     s.state.mkdir(parents=True, exist_ok=True)
-    pids = {k: v for k, v in read_pids(s).items() if _alive(v)}
+    pids = {k: v for k, v in read_pids(s).items() if running(v)}
     try:
-        if "postgres" not in pids:
-            pids["postgres"] = start_postgres(s)
-            _write_pids(s, pids)
-        create_databases(s)
-        starters = {"s3": start_s3, "mlflow": start_mlflow, "prefect": start_prefect}
-        for name, start in starters.items():
-            if name not in pids:
-                pids[name] = start(s)
-                _write_pids(s, pids)
-        wait_ready("s3", f"{s.s3_url}/moto-api/", pids["s3"], s.logs / "s3.log")
+        _start_missing(s, pids)
+        wait_ready("s3", f"{s.s3_url}/moto-api/", pids["s3"].pid, s.logs / "s3.log")
         create_buckets(s)
-        wait_ready("mlflow", f"{s.mlflow_url}/health", pids["mlflow"], s.logs / "mlflow.log")
+        wait_ready("mlflow", f"{s.mlflow_url}/health", pids["mlflow"].pid, s.logs / "mlflow.log")
         health = f"{s.prefect_url}/api/health"
-        wait_ready("prefect", health, pids["prefect"], s.logs / "prefect.log")
+        wait_ready("prefect", health, pids["prefect"].pid, s.logs / "prefect.log")
         create_work_pool(s, work_pool(root))
     except BaseException:
         down(root)
         raise
     configure_dvc_remote(s, root)
     exports = "".join(f"export {k}={v}\n" for k, v in client_env(s).items())
-    (s.state / "env.sh").write_text(exports)
+    atomic_write_text(s.state / "env.sh", exports)
     return pids
 
 
-def _stop_group(pid: int, own_group: bool = True) -> None:
-    """SIGTERM the process (its whole group if it leads one), then SIGKILL what remains."""
-
-    def signal_all(sig: int) -> None:
-        try:
-            if own_group:
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def group_alive() -> bool:
-        if _alive(pid):
-            return True
-        if not own_group:
-            return False
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    if not group_alive():
-        return
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while group_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if group_alive():
-        signal_all(signal.SIGKILL)
-        while group_alive():
-            time.sleep(0.1)
-
-
-def down(root: Path) -> dict[str, int]:
-    """Stop every recorded service by its PID (servers first); return the PIDs stopped."""
+def down(root: Path) -> tuple[dict[str, Proc], dict[str, Proc]]:
+    """Stop every recorded service (servers first); return those stopped, and the stale
+    records: PIDs now used by other processes, which are left alone."""
     s = load_settings(root)
     pids = read_pids(s)
+    stale = {name: proc for name, proc in pids.items() if not _ours_or_gone(proc)}
     for name in ("prefect", "mlflow", "s3"):
-        if name in pids:
-            _stop_group(pids[name])
-    if "postgres" in pids:
+        if name in pids and name not in stale:
+            stop_group(pids[name])
+    if "postgres" in pids and "postgres" not in stale:
         stop_postgres(s, pids["postgres"])
-    left = [f"{name} (PID {pid})" for name, pid in pids.items() if _alive(pid)]
+    left = [f"{name} ({proc.describe()})" for name, proc in pids.items() if running(proc)]
     if left:
         raise ServiceError(f"still running after stop: {', '.join(left)}")
     s.pids_file.unlink(missing_ok=True)
-    return pids
+    return {k: v for k, v in pids.items() if k not in stale}, stale
+
+
+def _ours_or_gone(proc: Proc) -> bool:
+    """False when the recorded PID now names another process."""
+    reap(proc.pid)
+    now = identify(proc.pid)
+    return now is None or now == proc
+
+
+def _show(procs: dict[str, Proc]) -> str:
+    return ", ".join(f"{name} (PID {proc.pid})" for name, proc in procs.items()) or "none"
+
+
+def _status(s: Settings) -> None:
+    pids = read_pids(s)
+    for name, url in urls(s).items():
+        proc = pids.get(name)
+        state = "running" if proc and running(proc) else "stopped"
+        print(f"{name:9} {url}  {state}" + (f" (PID {proc.pid})" if proc else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -523,27 +458,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = args.root.resolve()
     try:
+        s = load_settings(root)
+        for warning in secret_warnings(root):
+            print(f"vlp services: warning: {warning}", file=sys.stderr)
         if args.action == "up":
             start = time.perf_counter()
             pids = up(root)
-            s = load_settings(root)
             for name, url in urls(s).items():
-                print(f"{name:9} {url}  (PID {pids[name]})")
+                print(f"{name:9} {url}  (PID {pids[name].pid})")
             print(f"ready in {time.perf_counter() - start:.1f} s; point the pipeline at it with:")
             print(f"  . {s.state / 'env.sh'}")
         elif args.action == "down":
-            stopped = down(root)
-            print(f"stopped: {', '.join(f'{k} (PID {v})' for k, v in stopped.items()) or 'none'}")
+            stopped, stale = down(root)
+            print(f"stopped: {_show(stopped)}")
+            if stale:
+                print(f"left alone (their PIDs now belong to other processes): {_show(stale)}")
         elif args.action == "env":
-            for k, v in client_env(load_settings(root)).items():
+            for k, v in client_env(s).items():
                 print(f"export {k}={v}")
         else:
-            s = load_settings(root)
-            pids = read_pids(s)
-            for name, url in urls(s).items():
-                pid = pids.get(name)
-                state = "running" if pid and _alive(pid) else "stopped"
-                print(f"{name:9} {url}  {state}" + (f" (PID {pid})" if pid else ""))
+            _status(s)
     except VlpError as e:
         print(f"vlp services: error: {e}", file=sys.stderr)
         return e.exit_code

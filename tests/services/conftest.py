@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from vlp.services import Settings, client_env, load_settings, read_pids
+from vlp.services import read_pids
+from vlp.stack_settings import Settings, client_env, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -44,11 +45,12 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs: an exited process waiting for init to reap it (a zombie) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @dataclass
@@ -105,8 +107,8 @@ def stack() -> Iterator[Stack]:
         down = services(repo, "down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not read_pids(settings)
-        assert not [pid for pid in pids.values() if _alive(pid)]
+        assert not [proc for proc in pids.values() if _alive(proc.pid)]
         for name in ("s3", "mlflow", "prefect"):  # each server led its own process group
             with pytest.raises(ProcessLookupError):
-                os.killpg(pids[name], 0)
+                os.killpg(pids[name].pid, 0)
         shutil.rmtree(base, ignore_errors=True)

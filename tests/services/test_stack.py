@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from tests.services.conftest import VENV_BIN, Stack, copy_repo, pipeline_env
-from vlp.services import DVC_REMOTE, client_env, work_pool
+from vlp.services import DVC_REMOTE
+from vlp.stack_settings import client_env, work_pool
 
 # servers, a Prefect worker and two smoke pipelines (the first test waits for them: minutes)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
