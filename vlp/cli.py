@@ -24,9 +24,10 @@ PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}
 
 
 def _print_json(obj: object, out: str | None) -> None:
-    """Print `obj` as JSON and, with `out`, write it there first (a reader that stops early,
-    `| head`, does not cost the file)."""
+    """Print `obj` as JSON and, with `out`, write it there first: a reader that stops early
+    (`| head`) does not cost the file, and a file that cannot be written still shows."""
     text = json.dumps(obj, indent=2, sort_keys=False)
+    error = None
     if out:
         from vlp.errors import OutputError
         from vlp.io import atomic_write_text
@@ -34,12 +35,14 @@ def _print_json(obj: object, out: str | None) -> None:
         try:
             atomic_write_text(Path(out), text + "\n")
         except OSError as e:
-            raise OutputError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+            error = OutputError(f"--out {out}: cannot write it ({e.strerror or e})")
     print(text)
+    if error is not None:
+        raise error
 
 
 def _check_out(out: str | None) -> None:
-    """OutputError before any work when `--out` cannot be written."""
+    """OutputError when `--out` cannot be written: checked before long work or registry changes."""
     if out:
         from vlp.io import check_writable
 
@@ -94,7 +97,6 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.metrics import files
 
-    _check_out(args.out)
     if args.kind == "captions":
         scores = files.score_caption_files(Path(args.results), Path(args.annotations))
     elif args.kind == "vqa":
@@ -111,7 +113,7 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.zeroshot import zeroshot
 
-    _check_out(args.out)
+    _check_out(args.out)  # before the models run
     scores = zeroshot(
         cfg,
         Path(args.model),
