@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import select
+import signal
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from vlp.config import VQA_PROTOCOLS, Config, load_config
 from vlp.errors import VlpError
@@ -20,8 +24,10 @@ PROMOTE_EXIT = {"promoted": 0, "kept": 3, "refused": 4}
 
 
 def _print_json(obj: object, out: str | None) -> None:
+    """Print `obj` as JSON and, with `out`, write it there first: a reader that stops early
+    (`| head`) does not cost the file, and a file that cannot be written still shows."""
     text = json.dumps(obj, indent=2, sort_keys=False)
-    print(text)
+    error = None
     if out:
         from vlp.errors import OutputError
         from vlp.io import atomic_write_text
@@ -29,7 +35,18 @@ def _print_json(obj: object, out: str | None) -> None:
         try:
             atomic_write_text(Path(out), text + "\n")
         except OSError as e:
-            raise OutputError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+            error = OutputError(f"--out {out}: cannot write it ({e.strerror or e})")
+    print(text)
+    if error is not None:
+        raise error
+
+
+def _check_out(out: str | None) -> None:
+    """OutputError when `--out` cannot be written: checked before long work or registry changes."""
+    if out:
+        from vlp.io import check_writable
+
+        check_writable({f"--out {out}": Path(out).parent})
 
 
 def _cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
@@ -96,6 +113,7 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.zeroshot import zeroshot
 
+    _check_out(args.out)  # before the models run
     scores = zeroshot(
         cfg,
         Path(args.model),
@@ -130,12 +148,14 @@ def _cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.registry import register_task_models
 
+    _check_out(args.out)
     _print_json(register_task_models(cfg, args.task), args.out)
 
 
 def _cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
     from vlp.registry import outcome, promote, promote_all
 
+    _check_out(args.out)
     if args.task == "all":
         out = promote_all(cfg, force=args.force, reason=args.reason, pipeline=args.pipeline)
         decisions = out
@@ -391,18 +411,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.params_path = Path(args.params)
+def _reader_gone(stream: TextIO) -> bool:
+    """Whether `stream` is a pipe or socket whose reading end has been closed."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), 0)  # no events asked: errors and hang-ups only
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Load the config and run the command; a user error is one line on stderr and exit 2."""
     try:
         cfg = load_config(args.params_path, args.profile, args.overrides)
         status = args.func(cfg, args)
+        sys.stdout.flush()  # a reader that has gone shows here, not in the flush at exit
     except VlpError as e:
-        print(f"vlp {args.command}: error: {e}", file=sys.stderr)
+        # one line, whatever the message quotes (a YAML parser's excerpt, a driver's SQL)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"vlp {args.command}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     return status or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.params_path = Path(args.params)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        gone = [s for s in (sys.stdout, sys.stderr) if _reader_gone(s)]
+        if not gone:
+            raise
+        # the reader stopped early (`vlp ... | head -1`): end quietly with the status of a
+        # Unix tool ended by SIGPIPE; Python would otherwise report the lost output at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in gone:
+            os.dup2(devnull, stream.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ class ServingConfig:
 
     max_image_pixels: int  # 4096 x 4096: a 12-megapixel photo passes
     max_rows: int  # the predictors' batch size: one request, one forward batch
+    max_text_chars: int  # characters per text field, checked before any tokenisation
+    max_text_tokens: int  # tokens per row, counted by the model's tokenizer
 
 
 @dataclass

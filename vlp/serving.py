@@ -18,11 +18,14 @@ L2-normalised ITC embedding (`embedding`, a list of floats), the vectors `vlp em
 Over REST, binary columns travel base64-encoded; MLflow decodes them using the signature.
 
 Requests are bounded by the `serving` limits recorded in the model at registration: at
-most `max_rows` rows, and images of at most `max_image_pixels` pixels, checked from the
-image header before any pixel is decoded. Images are decoded one at a time and shrunk to
-the model's input size straight away. A request that breaks a limit, lacks a column or
-holds bytes that are not an image is refused with MLflow's HTTP 400 and a one-line reason
-naming the row, without a stack trace.
+most `max_rows` rows, images of at most `max_image_pixels` pixels, checked from the
+image header before any pixel is decoded, and texts of at most `max_text_chars`
+characters, checked before any tokenisation, and `max_text_tokens` tokens, counted by the
+model's tokenizer before the model runs. Images are decoded one at a time and shrunk to
+the model's input size straight away. A request that breaks a limit, lacks a column, holds
+a text that is not a string or bytes that are not an image is refused with MLflow's HTTP
+400 and a one-line reason naming the row and the field, without a stack trace. Any other
+failure is the server's: HTTP 500 with a one-line message, the traceback in the server log.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
+import logging
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ from vlp.tasks import get_task
 
 DEFAULT_LOADER = "vlp.tasks.predictor:load_predictor"
 VLP_PACKAGE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 # Tasks whose pyfunc also returns embeddings (`params={"output": EMBEDDING}`): rows of an
@@ -89,6 +95,27 @@ def check_request(task: str, model_input: pd.DataFrame, limits: ServingConfig) -
         )
 
 
+def text_columns(task: str) -> list[str]:
+    """`task`'s text input columns (the string columns of its signature)."""
+    return [name for name, kind in get_task(task, RequestError).inputs if kind == "string"]
+
+
+def check_text(value: Any, row: int, column: str, limits: ServingConfig) -> str:
+    """One request text, unless it is not a string or is over `max_text_chars` characters.
+
+    Only the length of the Python string is read: nothing is tokenised yet.
+    """
+    if not isinstance(value, str):
+        got = "null" if _missing(value) else type(value).__name__
+        raise RequestError(f"row {row}: {column} must be a string, got {got}")
+    if len(value) > limits.max_text_chars:
+        raise RequestError(
+            f"row {row}: {column} is {len(value)} characters, over the limit of "
+            f"{limits.max_text_chars} (serving.max_text_chars)"
+        )
+    return value
+
+
 def decode_image(data: Any, row: int, max_pixels: int, transform: Any = None) -> Any:
     """One request image as an RGB PIL image, fitted by `transform` (an `ImageTransform`) if given.
 
@@ -118,12 +145,14 @@ def decode_image(data: Any, row: int, max_pixels: int, transform: Any = None) ->
 class VLPTaskModel(mlflow.pyfunc.PythonModel):
     """Pyfunc over a task predictor loaded from the `model_dir` artifact.
 
-        `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
-        from params.yaml when the model was registered) and `loader`
-        ("module:function", default `vlp.tasks.predictor.load_predictor`), which returns an object with
-        `caption(images)`, `answer(images, questions)` and `score(images, texts) -> [N, M]` as
-        the task needs. A predictor with a `transform` (`vlp.data.images.ImageTransform`) gets
-    images already fitted by it, as soon as each is decoded.
+    `model_config` holds `task`, the `serving` limits (`max_image_pixels`, `max_rows`,
+    `max_text_chars`, `max_text_tokens`, from params.yaml when the model was registered)
+    and `loader` ("module:function", default `vlp.tasks.predictor.load_predictor`), which
+    returns an object with `caption(images)`, `answer(images, questions)` and
+    `score(images, texts) -> [N, M]` as the task needs. A predictor with a `transform`
+    (`vlp.data.images.ImageTransform`) gets images already fitted by it, as soon as each is
+    decoded; one with `count_tokens(texts) -> [int]` has every text checked against
+    `max_text_tokens` before it runs.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -143,29 +172,44 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         """One prediction per row of `model_input`.
 
         A bad request raises MLflow's INVALID_PARAMETER_VALUE (HTTP 400 when served) with
-        the one-line reason and no stack trace.
+        the one-line reason; any other failure INTERNAL_ERROR (HTTP 500) naming only the
+        kind of error, its traceback logged. Neither carries a stack trace to the client.
         """
         from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
-        output = (params or {}).get("output") or get_task(self.task).output[0]
         try:
-            if output == EMBEDDING and self.task in EMBEDDING_TASKS:
-                return pd.DataFrame({EMBEDDING: self._embeddings(model_input)})
-            if output != get_task(self.task).output[0]:
-                raise RequestError(
-                    f"params output {output!r}: expected {get_task(self.task).output[0]!r}"
-                    + (f" or {EMBEDDING!r}" if self.task in EMBEDDING_TASKS else "")
-                )
-            images = self._images(model_input)
+            return self._predict(model_input, (params or {}).get("output"))
         except RequestError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
+        except Exception as e:
+            log.exception("%s model failed on a request", self.task)
+            raise MlflowException(
+                f"the {self.task} model failed on this request ({type(e).__name__}); "
+                "the server log has the details",
+                error_code=INTERNAL_ERROR,
+            ) from e
+
+    def _predict(self, model_input: pd.DataFrame, output: str | None) -> pd.DataFrame:
+        own = get_task(self.task).output[0]
+        output = output or own
+        if output == EMBEDDING and self.task in EMBEDDING_TASKS:
+            return pd.DataFrame({EMBEDDING: self._embeddings(model_input)})
+        if output != own:
+            raise RequestError(
+                f"params output {output!r}: expected {own!r}"
+                + (f" or {EMBEDDING!r}" if self.task in EMBEDDING_TASKS else "")
+            )
+        check_request(self.task, model_input, self.limits)
+        rows = range(len(model_input))
+        texts = {c: self._texts(model_input, c, rows) for c in text_columns(self.task)}
+        images = self._images(model_input, rows)
         if self.task == "captioning":
             return pd.DataFrame({"caption": list(self.predictor.caption(images))})
         if self.task == "vqa":
-            answers = self.predictor.answer(images, list(model_input["question"]))
-            return pd.DataFrame({"answer": list(answers)})
+            return pd.DataFrame({"answer": list(self.predictor.answer(images, texts["question"]))})
         # one (image, text) pair per row: the diagonal of the image x text score matrix
-        scores = np.asarray(self.predictor.score(images, list(model_input["text"])))
+        scores = np.asarray(self.predictor.score(images, texts["text"]))
         return pd.DataFrame({"score": np.diagonal(scores).astype(float)})
 
     def _embeddings(self, model_input: pd.DataFrame) -> list[list[float]]:
@@ -188,14 +232,10 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
                     f"row {row}: an embedding request row holds an image or a text, "
                     f"not {'both' if i else 'neither'}"
                 )
-        transform = getattr(self.predictor, "transform", None)
         image_rows = [r for r, i in enumerate(has_image) if i]
         text_rows = [r for r, t in enumerate(has_text) if t]
-        images = [
-            decode_image(model_input["image"].iloc[r], r, self.limits.max_image_pixels, transform)
-            for r in image_rows
-        ]
-        texts = [str(model_input["text"].iloc[r]) for r in text_rows]
+        texts = self._texts(model_input, "text", text_rows)
+        images = self._images(model_input, image_rows)
         out: list[list[float]] = [[] for _ in range(len(model_input))]
         if image_rows:
             for r, vec in zip(image_rows, self.predictor.embed_images(images), strict=True):
@@ -205,12 +245,27 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
                 out[r] = [float(x) for x in vec]
         return out
 
-    def _images(self, model_input: pd.DataFrame) -> list[Any]:
-        check_request(self.task, model_input, self.limits)
+    def _texts(self, model_input: pd.DataFrame, column: str, rows: Sequence[int]) -> list[str]:
+        """`column`'s texts at `rows`, within `max_text_chars` and, where the predictor
+        counts tokens, `max_text_tokens`; RequestError naming the first row over."""
+        texts = [check_text(model_input[column].iloc[r], r, column, self.limits) for r in rows]
+        count_tokens = getattr(self.predictor, "count_tokens", None)
+        if count_tokens is None or not texts:
+            return texts
+        for row, n in zip(rows, count_tokens(texts), strict=True):
+            if n > self.limits.max_text_tokens:
+                raise RequestError(
+                    f"row {row}: {column} is {n} tokens, over the limit of "
+                    f"{self.limits.max_text_tokens} (serving.max_text_tokens)"
+                )
+        return texts
+
+    def _images(self, model_input: pd.DataFrame, rows: Sequence[int]) -> list[Any]:
+        """The images at `rows`, decoded one at a time and fitted by the predictor's transform."""
         transform = getattr(self.predictor, "transform", None)
+        column = model_input["image"]
         return [
-            decode_image(data, row, self.limits.max_image_pixels, transform)
-            for row, data in enumerate(model_input["image"])
+            decode_image(column.iloc[r], r, self.limits.max_image_pixels, transform) for r in rows
         ]
 
 
@@ -221,13 +276,14 @@ def _missing(value: Any) -> bool:
 
 def serving_limits(model_config: dict[str, Any]) -> ServingConfig:
     """The request limits recorded in a logged model's `model_config`."""
-    missing = [k for k in ("max_image_pixels", "max_rows") if k not in model_config]
+    keys = [f.name for f in dataclasses.fields(ServingConfig)]
+    missing = [k for k in keys if k not in model_config]
     if missing:
-        raise RegistryError(f"model_config: missing key {missing[0]} (serving limits)")
-    return ServingConfig(
-        max_image_pixels=int(model_config["max_image_pixels"]),
-        max_rows=int(model_config["max_rows"]),
-    )
+        raise RegistryError(
+            f"model_config: missing key {missing[0]} (serving limits); register the model "
+            "again to record them"
+        )
+    return ServingConfig(**{k: int(model_config[k]) for k in keys})
 
 
 def pip_requirements() -> list[str]:

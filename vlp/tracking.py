@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from vlp.config import Config, tracking_uri
-from vlp.errors import OutputError
+from vlp.errors import ConfigError, OutputError
 from vlp.io import check_writable
 
 PARENT_RUN_ENV = "VLP_PARENT_RUN_ID"
@@ -320,9 +320,24 @@ def connect(cfg: Config) -> str:
         db = _local_store(uri.split("?")[0])
         db.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{db}.lock"):
-            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+            _open_store(uri, db)
     _READY_STORES.add(uri)
     return uri
+
+
+def _open_store(uri: str, db: Path) -> None:
+    """Connect to (and create or migrate) the SQLite store; ConfigError if it is not one."""
+    import mlflow
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except SQLAlchemyError as e:
+        # the driver's first line says what is wrong ("file is not a database"); the rest is SQL
+        reason = str(getattr(e, "orig", None) or e).splitlines()[0]
+        raise ConfigError(
+            f"tracking store {uri}: {db} is not an MLflow database ({reason})"
+        ) from None
 
 
 def setup_mlflow(cfg: Config) -> str:

@@ -40,7 +40,8 @@ def test_embedding_rows_keep_their_order_and_bad_rows_are_refused() -> None:
             return np.array([[0.0, 1.0, len(t)] for t in texts], dtype=np.float32)
 
     model = VLPTaskModel()
-    model.task, model.limits, model.predictor = "retrieval", ServingConfig(600, 3), Fixed()
+    limits = ServingConfig(max_image_pixels=600, max_rows=3, max_text_chars=9, max_text_tokens=9)
+    model.task, model.limits, model.predictor = "retrieval", limits, Fixed()
     frame = pd.DataFrame({"image": [None, _png(0), None], "text": ["abc", None, "hello"]})
     out = model.predict(None, frame, params={"output": "embedding"})
     assert out["embedding"].tolist() == [[0, 1, 3], [1, 0, 28], [0, 1, 5]]

@@ -58,6 +58,12 @@ class Predictor:
         chunks = self._chunks(len(images))
         return encode_images(self.model, (self._pixels(images[sl]) for sl in chunks))
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text as the model's tokenizer splits it, special tokens included,
+        before the truncation at `max_text_length` that encoding applies."""
+        ids = self.model.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
+
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """L2-normalised ITC image embeddings [N, E] (float32)."""
