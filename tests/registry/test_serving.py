@@ -24,6 +24,7 @@ from PIL.PngImagePlugin import PngImageFile
 from tests.mlflow_helpers import (
     STANDIN,
     STANDIN_LOADER,
+    evaluated_metrics,
     free_port,
     http_process,
     make_standin_model,
@@ -32,7 +33,6 @@ from tests.mlflow_helpers import (
 from vlp.config import Config, ServingConfig, load_config
 from vlp.registry import register_model
 from vlp.serving import VLPTaskModel
-from vlp.tasks import model_sha256
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 GARBAGE = b"\x89PNG\r\n\x1a\n but not really a PNG"
@@ -129,8 +129,7 @@ def _register_standin_captioner(cfg: Config) -> None:
         cfg,
         "captioning",
         model_dir,
-        {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)},
-        eval_hash="h",
+        evaluated_metrics(model_dir, {"CIDEr": 1.0}),
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
     )
