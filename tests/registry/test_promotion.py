@@ -101,6 +101,51 @@ def test_different_eval_data_is_refused_unless_forced(store_cfg: Config) -> None
     assert _aliases("vlp-vqa")["champion"] == "2"
 
 
+def test_another_split_or_unrecorded_data_is_refused_naming_both(store_cfg: Config) -> None:
+    _register(store_cfg, "vqa", "a", 0.3)
+    _register(store_cfg, "vqa", "b", 0.9, split="val")
+    refused = promote(store_cfg, "vqa")
+    assert refused["decision"] == "refused"
+    assert "version 2: val of data/shapes (data d1)" in refused["why"]
+    assert "champion version 1: test of data/shapes (data d1)" in refused["why"]
+    # a champion registered without the record (by hand, or by older code) is no yardstick
+    _set_tag("vlp-vqa", "1", "vlp.eval_split", None)
+    _register(store_cfg, "vqa", "c", 0.9)
+    refused = promote(store_cfg, "vqa")
+    assert refused["decision"] == "refused"
+    assert "champion version 1: no recorded evaluation data" in refused["why"]
+    assert _aliases("vlp-vqa") == {"champion": "1", "challenger": "3"}
+
+
+def test_a_model_is_never_promoted_over_itself(store_cfg: Config) -> None:
+    # one model directory: registered with its test scores, then with its (higher) val scores
+    model_dir = make_standin_model(Path("models/retrieval"), "w")
+    for split, rsum in (("test", 1.0), ("val", 2.0)):
+        register_model(
+            store_cfg,
+            "retrieval",
+            model_dir,
+            evaluated_metrics(model_dir, {"rsum": rsum}, split=split),
+            loader=STANDIN_LOADER,
+            extra_code_paths=[STANDIN],
+        )
+    for force in (False, True):
+        decision = promote(store_cfg, "retrieval", force=force)
+        assert decision["decision"] == "unchanged"
+        assert decision["why"].startswith(
+            f"version 2 is the same model as champion version 1 (model {model_sha256(model_dir)[:12]})"
+            ": nothing to gain"
+        )
+    assert _aliases("vlp-retrieval") == {"champion": "1", "challenger": "2"}
+    assert _tags("vlp-retrieval", "2")["vlp.last_decision"] == "unchanged"
+    tags = _tags("vlp-retrieval", "2")
+    assert (tags["vlp.eval_split"], tags["vlp.eval_data"], tags["vlp.eval_data_hash"]) == (
+        "val",
+        "data/shapes",
+        "d1",
+    )
+
+
 def test_every_task_loads_as_a_pyfunc_with_a_signature(store_cfg: Config) -> None:
     image = png_bytes(10)
     inputs = {
@@ -201,6 +246,13 @@ def test_register_refuses_metrics_not_measured_on_the_registered_model(
     message = str(err.value)
     assert message.startswith("metrics/vqa.json: scores are of model ")
     assert model_sha256(other)[:12] in message and model_sha256(model_dir)[:12] in message
+    assert mlflow.MlflowClient(cfg.tracking.uri).search_registered_models() == []
+
+    metrics_file.write_text(
+        json.dumps({"overall": 50.0, "pretrained": {"model_sha256": model_sha256(model_dir)}})
+    )
+    with pytest.raises(RegistryError, match=r"metrics/vqa\.json: records no 'evaluated_on'"):
+        register_task_models(cfg, "vqa")
     assert mlflow.MlflowClient(cfg.tracking.uri).search_registered_models() == []
 
     version = _register(cfg, "vqa", "a", 0.3)
