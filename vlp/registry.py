@@ -31,11 +31,9 @@ DECISIONS_TAG = "vlp.decisions"
 METRIC_TAG = "vlp.primary_metric_value"
 EVALUATED_ON_KEY = "evaluated_on"  # its key in metrics/<task>.json (written by `vlp evaluate`)
 # the evaluation record on a version: split, data folder, content hash of the data read
-EVAL_SPLIT_TAG, EVAL_DATA_TAG, EVAL_HASH_TAG = (
-    "vlp.eval_split",
-    "vlp.eval_data",
-    "vlp.eval_data_hash",
-)
+EVAL_SPLIT_TAG = "vlp.eval_split"
+EVAL_DATA_TAG = "vlp.eval_data"
+EVAL_HASH_TAG = "vlp.eval_data_hash"
 EVALUATED_ON_TAGS = {"split": EVAL_SPLIT_TAG, "data": EVAL_DATA_TAG, "data_hash": EVAL_HASH_TAG}
 MODEL_HASH_TAG = "vlp.model_sha256"  # content hash of the registered model directory
 EVALUATED_HASH_TAG = "vlp.evaluated_model_sha256"  # hash of the model the metrics scored
@@ -352,7 +350,6 @@ def _comparable(challenger: Any, champion: Any) -> bool:
 
 def _decide(challenger: Any, champion: Any | None, metric: str, force: bool) -> tuple[str, str]:
     """(decision, why) of the gate; see `promote`."""
-    new = float(challenger.tags.get(METRIC_TAG, "nan"))
     unproven = _unproven(challenger)
     if champion is not None and champion.version == challenger.version:
         return "unchanged", "challenger already is the champion"
@@ -375,7 +372,7 @@ def _decide(challenger: Any, champion: Any | None, metric: str, force: bool) -> 
             f"{_evaluated_on(champion)}): scores are not comparable; evaluate both on the "
             "same split and data, or use --force to override"
         )
-    old = float(champion.tags.get(METRIC_TAG, "nan"))
+    new, old = (float(v.tags.get(METRIC_TAG, "nan")) for v in (challenger, champion))
     if new > old:
         return "promoted", f"{metric} {new:.4g} > {old:.4g}"
     return "rejected", f"{metric} {new:.4g} <= champion {old:.4g}"
