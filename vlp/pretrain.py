@@ -463,6 +463,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             fp = fingerprint(cfg)
             record = claim_work_dir(work_dir(cfg), fp, resume)
+            inputs = read_inputs(cfg, fp["data"], fp["params"].get("data.shards"))
         barrier()
         # a checkpoint (model.init_from) brings its weights and its own tokenizer
         tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
@@ -484,11 +485,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             from vlp.tracking import stage_run
 
             run_ctx = stage_run(
-                cfg,
-                "pretrain",
-                params=params,
-                resumes=record.get("mlflow_run_id"),
-                inputs=read_inputs(cfg, fp["data"], fp["params"].get("data.shards")),
+                cfg, "pretrain", params=params, resumes=record.get("mlflow_run_id"), inputs=inputs
             )
         else:
             run_ctx = nullcontext(None)

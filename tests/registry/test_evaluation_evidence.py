@@ -78,3 +78,6 @@ def test_a_model_scored_on_val_is_neither_compared_with_test_scores_nor_with_its
     assert (evaluate["vlp.input.model"], evaluate["vlp.input.data"]) == (model, data_hash)
     register = _run_tags(client, "register-retrieval")
     assert (register["vlp.input.model"], register["vlp.eval_split"]) == (model, "val")
+    # the session's pretrained model was trained on the same data (its own store, beside it)
+    pretrain_store = mlflow.MlflowClient(f"sqlite:///{smoke_pretrained.parent / 'mlflow.db'}")
+    assert _run_tags(pretrain_store, "pretrain")["vlp.input.data"] == data_hash
