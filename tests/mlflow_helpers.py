@@ -16,10 +16,12 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vlp.config import Config
+from vlp.tracking import COMMAND_HTTP_LIMITS
 
 STANDIN = Path(__file__).resolve().parent / "registry" / "standin_predictor.py"
 STANDIN_LOADER = "standin_predictor:load_predictor"
@@ -43,6 +45,9 @@ def store_cfg(
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     for var in ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
         monkeypatch.delenv(var, raising=False)
+    # registry commands put these in the process environment: set here, they are undone
+    for name, value in COMMAND_HTTP_LIMITS.items():
+        monkeypatch.setenv(name, value)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -74,6 +79,20 @@ def make_standin_model(path: Path, word: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "standin.json").write_text(json.dumps({"word": word}))
     return path
+
+
+def evaluated_metrics(
+    model_dir: Path, scores: dict[str, Any], split: str = "test", data_hash: str = "d1"
+) -> dict[str, Any]:
+    """`scores` as `vlp evaluate` records them: of the model at `model_dir`, on `split` of
+    a dataset whose content hash is `data_hash`."""
+    from vlp.tasks import model_sha256
+
+    return {
+        **scores,
+        "model_sha256": model_sha256(model_dir),
+        "evaluated_on": {"split": split, "data": "data/shapes", "data_hash": data_hash},
+    }
 
 
 def png_bytes(size: int = 12) -> bytes:

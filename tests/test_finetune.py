@@ -238,7 +238,7 @@ def test_ablation_off_writes_a_placeholder_and_evaluates_pretrained_only(
     assert is_skipped(finetune(cfg, "vqa", init="scratch"))
     assert (tmp_path / "plots" / "finetune_vqa_scratch.csv").read_text() == "step,loss\n"
     doc = evaluate(cfg, "vqa")
-    assert set(doc) == {"overall", "pretrained"}
+    assert set(doc) == {"overall", "pretrained", "evaluated_on"}
     assert (tmp_path / "plots" / "vqa_accuracy_scratch.csv").read_text() == "answer_type,accuracy\n"
 
 

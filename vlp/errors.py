@@ -41,3 +41,7 @@ class OutputError(VlpError):
 class ServiceError(VlpError):
     """A service of the local team stack (`make services`) cannot be installed, started or
     stopped; the message names the service and its log file."""
+
+
+class TrackingError(VlpError):
+    """The MLflow tracking store cannot be reached or used; the message names its URI."""

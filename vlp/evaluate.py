@@ -8,12 +8,16 @@ and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), th
   "delta": {...}}` where `<primary>` is the task's primary metric (retrieval `rsum`,
   captioning `CIDEr`, vqa `overall`) of the pretrained-init model and `delta` is
   pretrained minus scratch for every metric; each init's block also names the model it
-  scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`);
+  scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`), and
+  `evaluated_on` names the data: `{"split", "data" (the folder), "data_hash"}`, the
+  content hash of the dataset read (`vlp.data.manifest.dataset_hash`). `vlp register`
+  copies both onto the registered version, and `vlp promote` compares only like with like;
 - `results/<task>/<init>.json`: COCO caption results, VQA results, or retrieval rankings;
 - `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows;
 - plots (in `runtime.plots_dir`): `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
   (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
-- an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples.
+- an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples,
+  tagged with the same hashes (`vlp.input.model`, `vlp.input.model_scratch`, `vlp.input.data`).
 
 A task the pretrained model does not do (captioning and VQA for a dual encoder, whose
 finetune stage wrote a "not applicable" directory) is not scored: the metrics file says
@@ -112,15 +116,25 @@ def examples_html(task: str, init: str, examples: list[Example]) -> str:
     )
 
 
+def evaluated_on(cfg: Config) -> dict[str, str]:
+    """What evaluation reads: `evaluate.split` of `eval_data`, and that dataset's content hash."""
+    from vlp.data.manifest import dataset_hash
+
+    data = eval_data(cfg)
+    return {"split": cfg.evaluate.split, "data": str(data), "data_hash": dataset_hash(data)}
+
+
 def metrics_document(
     cfg: Config,
     task: str,
     per_init: dict[str, dict[str, float]],
     model_hashes: dict[str, str],
+    data: dict[str, str],
 ) -> dict[str, Any]:
     """`metrics/<task>.json`: primary metric on top, both inits and their difference.
 
-    Each init's block carries `model_sha256`, the hash of the model directory it scored.
+    Each init's block carries `model_sha256`, the hash of the model directory it scored;
+    `evaluated_on` is `data`, the record of what was evaluated (`evaluated_on`).
     """
     primary = get_task(task).primary_metric
     pre = per_init["pretrained"]
@@ -133,6 +147,7 @@ def metrics_document(
         doc["delta"] = {
             k: pre[k] - scratch[k] for k in pre if k in scratch and not k.endswith("_s")
         }
+    doc["evaluated_on"] = data
     return doc
 
 
@@ -149,10 +164,31 @@ def _record_not_applicable(cfg: Config, task: str, reason: str) -> dict[str, Any
     metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
     atomic_write_json(metrics_path, doc)
     tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
-    with stage_run(cfg, "evaluate", task=task, tags=tags) as run:
+    model = Path(cfg.evaluate.models_dir) / task
+    inputs = {"model": (model, model_sha256(model))}  # the record that says so
+    with stage_run(cfg, "evaluate", task=task, tags=tags, inputs=inputs) as run:
         run.log_artifact(metrics_path)
     print(f"evaluate {task}: not applicable: {reason}")
     return doc
+
+
+def _write_results(cfg: Config, task: str, init: str, results_dir: Path, ev: TaskEval) -> None:
+    """One init's results, plot rows and examples (HTML and JSON)."""
+    atomic_write_json(results_dir / f"{init}.json", ev.results)
+    atomic_write_csv(plot_path(cfg, task, init), get_task(task).plot_columns, ev.plot_rows)
+    atomic_write_text(results_dir / f"examples_{init}.html", examples_html(task, init, ev.examples))
+    atomic_write_json(
+        results_dir / f"examples_{init}.json",
+        [
+            {
+                "image": str(e.image_path),
+                "query": e.query,
+                "ground_truth": e.ground_truth,
+                "prediction": e.prediction,
+            }
+            for e in ev.examples
+        ],
+    )
 
 
 def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
@@ -189,34 +225,23 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
     params = {"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))}
     if task == "vqa":
         params["vqa_protocol"] = cfg.evaluate.vqa_protocol
-    with stage_run(cfg, "evaluate", task=task, params=params) as run:
+    # hashed before loading: the scores belong to exactly these bytes
+    hashes = {init: model_sha256(path) for init, path in paths.items()}
+    data = evaluated_on(cfg)
+    inputs = {
+        "data": (data["data"], data["data_hash"]),
+        **{("model" if i == "pretrained" else f"model_{i}"): (paths[i], hashes[i]) for i in inits},
+    }
+    with stage_run(cfg, "evaluate", task=task, params=params, inputs=inputs) as run:
         per_init: dict[str, dict[str, float]] = {}
-        # hashed before loading: the scores belong to exactly these bytes
-        hashes = {init: model_sha256(path) for init, path in paths.items()}
         for init in inits:
             t0 = time.perf_counter()
             ev = evaluate_model(cfg, paths[init])
             per_init[init] = {**ev.metrics, "eval_s": time.perf_counter() - t0}
-            atomic_write_json(results_dir / f"{init}.json", ev.results)
-            atomic_write_csv(plot_path(cfg, task, init), spec.plot_columns, ev.plot_rows)
-            atomic_write_text(
-                results_dir / f"examples_{init}.html", examples_html(task, init, ev.examples)
-            )
-            atomic_write_json(
-                results_dir / f"examples_{init}.json",
-                [
-                    {
-                        "image": str(e.image_path),
-                        "query": e.query,
-                        "ground_truth": e.ground_truth,
-                        "prediction": e.prediction,
-                    }
-                    for e in ev.examples
-                ],
-            )
+            _write_results(cfg, task, init, results_dir, ev)
         if "scratch" not in inits:  # the DVC stage declares the scratch plot anyway
             atomic_write_csv(plot_path(cfg, task, "scratch"), spec.plot_columns, [])
-        doc = metrics_document(cfg, task, per_init, hashes)
+        doc = metrics_document(cfg, task, per_init, hashes, data)
         metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
         atomic_write_json(metrics_path, doc)
 

@@ -8,7 +8,9 @@ finetuned task model directory (see `vlp.tasks`):
   `finetune.out_dir/<task>_scratch` (the ablation: same architecture, tokenizer and budget,
   weights freshly initialised);
 - `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
-- an MLflow stage run `finetune-<task>-<init>` with every step's losses.
+- an MLflow stage run `finetune-<task>-<init>` with every step's losses, tagged with the
+  content hashes of what it read: the starting model (`vlp.input.init`) and the dataset
+  (`vlp.input.data`).
 
 Both inits preprocess images as the pretrained model does: with the image processor it keeps
 (`preprocessor_config.json`, saved into the finetuned model too), else the `images` params.
@@ -108,6 +110,19 @@ def _init_dir(cfg: Config) -> Path:
     return src
 
 
+def read_inputs(cfg: Config, data: bool = True) -> dict[str, tuple[str, str]]:
+    """What a finetune run reads, by content hash (`stage_run` inputs): the starting model
+    (`finetune.init_dir`) and, when `data`, the dataset."""
+    from vlp.data.manifest import dataset_hash
+    from vlp.tasks import model_sha256
+
+    src = _init_dir(cfg)
+    inputs = {"init": (str(src), model_sha256(src))}
+    if data:
+        inputs["data"] = (cfg.data.root, dataset_hash(cfg.data.root))
+    return inputs
+
+
 def loss_columns(history: list[dict[str, float]]) -> list[str]:
     """The loss curve's columns: step, loss and every loss_* a training history has."""
     return ["step", "loss", *sorted({k for h in history for k in h if k.startswith("loss_")})]
@@ -133,7 +148,8 @@ def _write_not_applicable(cfg: Config, out: Path, task: str, init: str, reason: 
         info = {"task": task, "init": init, "applicable": False, "reason": reason}
         (tmp / TASK_FILE).write_text(json.dumps(info) + "\n")
     tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
-    with stage_run(cfg, "finetune", task=task, init=init, tags=tags):
+    inputs = read_inputs(cfg, data=False)  # the family that rules the task out
+    with stage_run(cfg, "finetune", task=task, init=init, tags=tags, inputs=inputs):
         pass  # the run itself is the record: tagged not applicable, nothing trained
     return out
 
@@ -172,6 +188,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             return out
         t0 = time.perf_counter()
         tcfg = cfg.finetune.task(task)
+        inputs = read_inputs(cfg) if info.is_main else {}  # hashed before anything is loaded
         vlp = base_model(cfg, init)
         # the pretrained model's image processor if it keeps one (both inits: the ablation
         # changes the weights alone); each task's setup trains with this same transform
@@ -196,7 +213,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         # loop writes them from rank 0 alone, so the other ranks get a path they never create.
         work_ctx = scratch_dir(work_name) if info.is_main else nullcontext(work_name)
         run_ctx = (
-            stage_run(cfg, "finetune", task=task, init=init, params=params)
+            stage_run(cfg, "finetune", task=task, init=init, params=params, inputs=inputs)
             if info.is_main
             else nullcontext(None)
         )

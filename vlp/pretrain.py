@@ -24,7 +24,8 @@ they are non-zero) and neither does the caption warm-up, which it skips.
 The work folder (`work_dir`: both phases' checkpoints, the tokenizer) belongs to one run:
 a fresh run empties it before anything trains, and `resume` continues it only if it was
 written with the same `fingerprint` (training params and data hash); the resumed MLflow
-run is linked to the interrupted one.
+run is linked to the interrupted one. The MLflow run records what it read by content hash
+(`read_inputs`): the dataset, its shards' index, and any checkpoint directory it starts from.
 
 With `model.init_from` (a vlp model directory, a transformers BLIP or CLIPModel checkpoint,
 see `vlp.models.family.build_from_params`) training starts from that model's weights and tokenizer instead of fresh ones,
@@ -113,6 +114,30 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
         index = (Path(cfg.data.shards) / INDEX_FILE).read_bytes()
         params["data.shards"] = hashlib.sha256(index).hexdigest()
     return {"params": params, "data": dataset_hash(cfg.data.root)}
+
+
+CHECKPOINT_KEYS = ("init_from", "image_pretrained", "text_pretrained", "tokenizer_pretrained")
+
+
+def read_inputs(
+    cfg: Config, data_hash: str, shards_hash: str | None = None
+) -> dict[str, tuple[str, str]]:
+    """What a pretrain run reads, by content hash (`stage_run` inputs).
+
+    The dataset (`data_hash`, as in the fingerprint), the shard index it streams from
+    (`shards_hash`, idem) and each checkpoint directory of the model section
+    (`model.init_from`, `*_pretrained`).
+    """
+    from vlp.tasks import model_sha256
+
+    inputs = {"data": (cfg.data.root, data_hash)}
+    if shards_hash is not None:
+        inputs["shards"] = (str(cfg.data.shards), shards_hash)
+    for key in CHECKPOINT_KEYS:
+        path = getattr(cfg.model, key)
+        if path and Path(path).is_dir():
+            inputs[f"model.{key}"] = (path, model_sha256(path))
+    return inputs
 
 
 def corpus(data_dir: Path, splits: list[str]) -> list[str]:
@@ -280,7 +305,7 @@ def save_init_from(cfg: Config) -> Path:
     params say `pretrain.enabled: false` and whose `vlp.init_from` tag names the checkpoint.
     """
     from vlp.data.images import image_transforms
-    from vlp.data.manifest import check_split_names
+    from vlp.data.manifest import check_split_names, dataset_hash
     from vlp.models.family import build_from_params, check_init_from
     from vlp.tracking import check_stage_outputs, stage_run
     from vlp.train.loop import resolve_device
@@ -318,7 +343,8 @@ def save_init_from(cfg: Config) -> Path:
                 "num_parameters": model.num_parameters(),
             }
             tags = {"vlp.init_from": str(cfg.model.init_from)}
-            with stage_run(cfg, "pretrain", params=params, tags=tags) as run:
+            inputs = read_inputs(cfg, dataset_hash(cfg.data.root))
+            with stage_run(cfg, "pretrain", params=params, tags=tags, inputs=inputs) as run:
                 model.save_pretrained(
                     out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()}
                 )
@@ -435,7 +461,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 "(the warm-up is a recipe for the shapes world)",
             )
         if info.is_main:
-            record = claim_work_dir(work_dir(cfg), fingerprint(cfg), resume)
+            fp = fingerprint(cfg)
+            record = claim_work_dir(work_dir(cfg), fp, resume)
+            inputs = read_inputs(cfg, fp["data"], fp["params"].get("data.shards"))
         barrier()
         # a checkpoint (model.init_from) brings its weights and its own tokenizer
         tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
@@ -456,7 +484,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         if info.is_main:
             from vlp.tracking import stage_run
 
-            run_ctx = stage_run(cfg, "pretrain", params=params, resumes=record.get("mlflow_run_id"))
+            run_ctx = stage_run(
+                cfg, "pretrain", params=params, resumes=record.get("mlflow_run_id"), inputs=inputs
+            )
         else:
             run_ctx = nullcontext(None)
         with run_ctx as run:

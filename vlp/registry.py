@@ -1,12 +1,14 @@
 """Register finetuned task models in MLflow and gate `champion` on the primary metric.
 
 Aliases, not stages: every new version gets `challenger`; `promote` moves `champion` to
-it only if its primary metric is higher (same evaluation data, or `force`). Scores count
-only for the model they were measured on: registration needs metrics whose recorded
-`model_sha256` is the registered directory's content hash, and `promote` refuses a
-version whose tags do not show that match. Decisions are tags on the versions; the
-champion history is a tag on the registered model, so `rollback` can restore the
-previous champion.
+it only if its primary metric is higher on the same evaluation data, or with `force`.
+Scores count only for the model and data they were measured on: `vlp evaluate` records
+both in the metrics file (`model_sha256` of the model directory it scored; `evaluated_on`:
+split, data folder and the content hash of the dataset it read), registration needs the
+model hash to be the registered directory's and copies that record onto the version, and
+`promote` compares only versions evaluated on the same split of the same data, never a
+model with itself. Decisions are tags on the versions; the champion history is a tag on
+the registered model, so `rollback` can restore the previous champion.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ CHALLENGER = "challenger"
 HISTORY_TAG = "vlp.champion_history"
 DECISIONS_TAG = "vlp.decisions"
 METRIC_TAG = "vlp.primary_metric_value"
+EVALUATED_ON_KEY = "evaluated_on"  # its key in metrics/<task>.json (written by `vlp evaluate`)
+# the evaluation record on a version: split, data folder, content hash of the data read
+EVAL_SPLIT_TAG = "vlp.eval_split"
+EVAL_DATA_TAG = "vlp.eval_data"
 EVAL_HASH_TAG = "vlp.eval_data_hash"
+EVALUATED_ON_TAGS = {"split": EVAL_SPLIT_TAG, "data": EVAL_DATA_TAG, "data_hash": EVAL_HASH_TAG}
 MODEL_HASH_TAG = "vlp.model_sha256"  # content hash of the registered model directory
 EVALUATED_HASH_TAG = "vlp.evaluated_model_sha256"  # hash of the model the metrics scored
 MODEL_HASH_KEY = "model_sha256"  # its key in metrics/<task>.json (written by `vlp evaluate`)
@@ -55,11 +62,12 @@ def _tasks(task: str) -> list[str]:
 
 
 def _client(cfg: Config) -> Any:
+    """A client of the tracking store; TrackingError naming it within seconds if it is down."""
     import mlflow
 
-    from vlp.tracking import connect
+    from vlp.tracking import connect_for_command
 
-    connect(cfg)
+    connect_for_command(cfg)
     return mlflow.MlflowClient()
 
 
@@ -128,61 +136,23 @@ def _numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-def eval_data_hash(cfg: Config, task: str, metrics: dict[str, Any] | None = None) -> str:
-    """Identity of the data `task` was evaluated on: `<split>:<DVC hashes>`.
+def evaluated_on(metrics: dict[str, Any], source: str, task: str) -> dict[str, str]:
+    """The evaluation record of a metrics mapping: split, data folder and data content hash.
 
-    The metrics file's own `eval_data_hash` if it has one; else the evaluation split
-    and the DVC hashes of the `evaluate@<task>` stage's inputs inside the evaluated
-    dataset (`evaluate.data_root`, else `data.root`), falling back to the dataset hash.
+    RegistryError naming `source` when it has none (metrics not written by `vlp evaluate`).
     """
-    from vlp.tracking import data_hash, stage_input_hashes
-
-    if metrics and isinstance(metrics.get("eval_data_hash"), str):
-        return metrics["eval_data_hash"]
-    root = (cfg.evaluate.data_root or cfg.data.root).rstrip("/")
-    hashes = {
-        p: h
-        for p, h in stage_input_hashes(f"evaluate@{task}").items()
-        if p == root or p.startswith(root + "/")
-    }
-    if hashes:
-        digest = ",".join(f"{p}={h}" for p, h in sorted(hashes.items()))
-    else:
-        digest = data_hash(cfg) if root == cfg.data.root.rstrip("/") else f"{root}=unknown"
-    return f"{cfg.evaluate.split}:{digest}"
+    record = metrics.get(EVALUATED_ON_KEY)
+    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in EVALUATED_ON_TAGS):
+        return {k: record[k] for k in EVALUATED_ON_TAGS}
+    raise RegistryError(
+        f"{source}: records no '{EVALUATED_ON_KEY}' (split, data, data_hash of the evaluated "
+        f"data), so its scores cannot be compared with another version's; "
+        f"run `vlp evaluate {task}`, then register"
+    )
 
 
-# ---------------------------------------------------------------- register
-
-
-def register_model(
-    cfg: Config,
-    task: str,
-    model_dir: Path,
-    metrics: dict[str, Any],
-    *,
-    eval_hash: str,
-    source: str | None = None,
-    loader: str | None = None,
-    extra_code_paths: list[Path] | None = None,
-) -> dict[str, Any]:
-    """Log `model_dir` as a pyfunc in a `register` stage run, register it, tag it `challenger`.
-
-    `metrics` must record the content hash of `model_dir` as `model_sha256` (what
-    `vlp evaluate` writes): scores of another model are refused with a RegistryError
-    naming `source` (the metrics file). The first version of a model (no champion yet)
-    also becomes `champion`.
-    """
-    import mlflow
-
-    from vlp.serving import DEFAULT_LOADER, log_task_model
-    from vlp.tracking import log_to_pipeline_run, profile_label, stage_run
-
-    if not Path(model_dir).is_dir():
-        raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
-    source = source or f"metrics for {task}"
-    metric = get_task(task, RegistryError).primary_metric
-    value = primary_metric_value(metrics, metric, source)
+def _scored_model(model_dir: Path, metrics: dict[str, Any], source: str, task: str) -> str:
+    """The content hash of `model_dir`; RegistryError unless `metrics` scored exactly it."""
     model_hash, evaluated = model_sha256(model_dir), evaluated_model_hash(metrics)
     if evaluated is None:
         raise RegistryError(
@@ -196,8 +166,45 @@ def register_model(
             f"{_short(model_hash)} (changed since it was evaluated); "
             f"run `vlp evaluate {task}`, then register"
         )
+    return model_hash
+
+
+# ---------------------------------------------------------------- register
+
+
+def register_model(
+    cfg: Config,
+    task: str,
+    model_dir: Path,
+    metrics: dict[str, Any],
+    *,
+    source: str | None = None,
+    loader: str | None = None,
+    extra_code_paths: list[Path] | None = None,
+) -> dict[str, Any]:
+    """Log `model_dir` as a pyfunc in a `register` stage run, register it, tag it `challenger`.
+
+    `metrics` must record the content hash of `model_dir` as `model_sha256` and the data it
+    was scored on as `evaluated_on` (what `vlp evaluate` writes): scores of another model,
+    or of unrecorded data, are refused with a RegistryError naming `source` (the metrics
+    file). The first version of a model (no champion yet) also becomes `champion`.
+    """
+    import mlflow
+
+    from vlp.serving import DEFAULT_LOADER, log_task_model
+    from vlp.tracking import log_to_pipeline_run, profile_label, stage_run
+
+    client = _client(cfg)
+    if not Path(model_dir).is_dir():
+        raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
+    source = source or f"metrics for {task}"
+    metric = get_task(task, RegistryError).primary_metric
+    value = primary_metric_value(metrics, metric, source)
+    model_hash = _scored_model(Path(model_dir), metrics, source, task)
+    record = {EVALUATED_ON_TAGS[k]: v for k, v in evaluated_on(metrics, source, task).items()}
     name = model_name(cfg, task)
-    with stage_run(cfg, "register", task=task, tags={EVAL_HASH_TAG: eval_hash}) as run:
+    inputs = {"model": (model_dir, model_hash)}
+    with stage_run(cfg, "register", task=task, tags=record, inputs=inputs) as run:
         run.log_metrics(_numeric(metrics))
         info = log_task_model(
             task,
@@ -207,19 +214,17 @@ def register_model(
             limits=cfg.serving,
             extra_code_paths=extra_code_paths,
         )
-        parent_id = mlflow.get_run(run.run_id).data.tags.get("mlflow.parentRunId")
-    if parent_id:
+        tags = mlflow.get_run(run.run_id).data.tags
+    if parent_id := tags.get("mlflow.parentRunId"):
         log_to_pipeline_run(cfg, parent_id, {f"{task}.{metric}": value})
-    client = _client(cfg)
     version = str(info.registered_model_version)
-    tags = mlflow.get_run(run.run_id).data.tags
     for key, val in {
         "vlp.task": task,
         "vlp.primary_metric": metric,
         METRIC_TAG: repr(value),
-        EVAL_HASH_TAG: eval_hash,
+        **record,
         MODEL_HASH_TAG: model_hash,
-        EVALUATED_HASH_TAG: evaluated,
+        EVALUATED_HASH_TAG: model_hash,  # `_scored_model` checked they are the same
         "vlp.run_id": run.run_id,
         "vlp.git_commit": tags.get("vlp.git_commit", "none"),
         "vlp.params_hash": tags.get("vlp.params_hash", "none"),
@@ -244,6 +249,7 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
     from vlp.tracking import check_stage_outputs
 
     check_stage_outputs(cfg, {})
+    _client(cfg)  # a store that is down is named before anything is read
     results = []
     for t in _tasks(task):
         metrics_path = Path(cfg.runtime.metrics_dir) / f"{t}.json"
@@ -259,7 +265,6 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
                 t,
                 Path(cfg.evaluate.models_dir) / t,  # the model these metrics score
                 metrics,
-                eval_hash=eval_data_hash(cfg, t, metrics),
                 source=str(metrics_path),
             )
         )
@@ -270,12 +275,20 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version `alias` points at; None if the model or alias does not exist.
+
+    Any other failure (a store that stopped answering) is a TrackingError, never "none".
+    """
     from mlflow.exceptions import MlflowException
+
+    from vlp.tracking import NOT_FOUND_CODES, store_error
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in NOT_FOUND_CODES:
+            return None
+        raise store_error(client.tracking_uri, e) from None
 
 
 def _json_tag(tags: dict[str, str], key: str) -> list[dict[str, Any]]:
@@ -317,13 +330,63 @@ def _unproven(version: Any) -> str | None:
     )
 
 
+def _evaluated_on(version: Any) -> str:
+    """Where a version was evaluated, for messages: `<split> of <data> (data <hash>)`."""
+    tags = version.tags
+    if not all(tags.get(t) for t in EVALUATED_ON_TAGS.values()):
+        return f"version {version.version}: no recorded evaluation data"
+    return (
+        f"version {version.version}: {tags[EVAL_SPLIT_TAG]} of {tags[EVAL_DATA_TAG]} "
+        f"(data {tags[EVAL_HASH_TAG][:12]})"
+    )
+
+
+def _comparable(challenger: Any, champion: Any) -> bool:
+    """Whether both versions record an evaluation on the same split of the same data."""
+    keys = (EVAL_SPLIT_TAG, EVAL_HASH_TAG)
+    new, old = ([v.tags.get(k) for k in keys] for v in (challenger, champion))
+    return all(new) and new == old
+
+
+def _decide(challenger: Any, champion: Any | None, metric: str, force: bool) -> tuple[str, str]:
+    """(decision, why) of the gate; see `promote`."""
+    unproven = _unproven(challenger)
+    if champion is not None and champion.version == challenger.version:
+        return "unchanged", "challenger already is the champion"
+    if unproven and not force:
+        return "refused", f"{unproven}; evaluate and register it again, or use --force to override"
+    forced = f"forced although {unproven}" if unproven else "forced"
+    if champion is None:
+        return "promoted", "no champion yet" + (f"; {forced}" if unproven else "")
+    model_hash = challenger.tags.get(MODEL_HASH_TAG)
+    if model_hash and model_hash == champion.tags.get(MODEL_HASH_TAG):
+        return "unchanged", (
+            f"version {challenger.version} is the same model as champion version "
+            f"{champion.version} (model {_short(model_hash)}): nothing to gain"
+        )
+    if force:
+        return "promoted", forced
+    if not _comparable(challenger, champion):
+        return "refused", (
+            f"evaluated on different data ({_evaluated_on(challenger)}; champion "
+            f"{_evaluated_on(champion)}): scores are not comparable; evaluate both on the "
+            "same split and data, or use --force to override"
+        )
+    new, old = (float(v.tags.get(METRIC_TAG, "nan")) for v in (challenger, champion))
+    if new > old:
+        return "promoted", f"{metric} {new:.4g} > {old:.4g}"
+    return "rejected", f"{metric} {new:.4g} <= champion {old:.4g}"
+
+
 def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> dict[str, Any]:
     """Move `champion` to `challenger` if its primary metric is higher on the same eval data.
 
     Returns the decision: promoted | rejected | refused | unchanged. Refused: the
     challenger's tags do not show its metrics were measured on its own model (content
-    hashes), or it was evaluated on different data than the champion. `force` promotes
-    regardless; every decision is recorded on the version(s) involved.
+    hashes), or it was evaluated on another split or other data than the champion.
+    Unchanged: it is the champion, or the same model (content hash) as the champion.
+    `force` overrides a refusal; every decision but "already the champion" is recorded on
+    the version(s) involved.
     """
     metric = get_task(task, RegistryError).primary_metric
     name = model_name(cfg, task)
@@ -335,33 +398,13 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
     new = float(challenger.tags.get(METRIC_TAG, "nan"))
     old = float(champion.tags.get(METRIC_TAG, "nan")) if champion else None
     metrics = {"metric": metric, "challenger": new, "champion": old}
-    new_hash = challenger.tags.get(EVAL_HASH_TAG)
-    old_hash = champion.tags.get(EVAL_HASH_TAG) if champion else None
-    unproven = _unproven(challenger)
-    if champion is not None and champion.version == challenger.version:
-        decision, why = "unchanged", "challenger already is the champion"
-    elif unproven and not force:
-        decision = "refused"
-        why = f"{unproven}; evaluate and register it again, or use --force to override"
-    elif champion is None:
-        decision, why = "promoted", "no champion yet"
-    elif force:
-        decision, why = "promoted", "forced"
-    elif new_hash != old_hash:
-        decision = "refused"
-        why = f"evaluated on different data ({new_hash} vs {old_hash}); use --force to override"
-    elif new > old:
-        decision, why = "promoted", f"{metric} {new:.4g} > {old:.4g}"
-    else:
-        decision, why = "rejected", f"{metric} {new:.4g} <= champion {old:.4g}"
-    if unproven and decision == "promoted":
-        why = f"{why}; forced although {unproven}"
+    decision, why = _decide(challenger, champion, metric, force)
     if reason:
         why = f"{why}; {reason}"
     entry = {"decision": decision, "by": _who(), "at": _now(), "why": why, "metrics": metrics}
-    if decision != "unchanged":
+    if champion is None or champion.version != challenger.version:
         _record(client, name, challenger.version, entry)
-        if champion is not None:
+        if champion is not None and decision != "unchanged":
             role = "replaced" if decision == "promoted" else "defended"
             _record(client, name, champion.version, {**entry, "decision": role})
     if decision == "promoted":
@@ -415,9 +458,13 @@ def rollback(cfg: Config, task: str, reason: str = "") -> dict[str, Any]:
     client = _client(cfg)
     from mlflow.exceptions import MlflowException
 
+    from vlp.tracking import NOT_FOUND_CODES, store_error
+
     try:
         model = client.get_registered_model(name)
     except MlflowException as e:
+        if e.error_code not in NOT_FOUND_CODES:
+            raise store_error(client.tracking_uri, e) from None
         raise RegistryError(f"{name}: no such registered model") from e
     history = _json_tag(model.tags, HISTORY_TAG)
     if len(history) < 2:

@@ -8,6 +8,11 @@ Every stage run is nested under one *pipeline run* (the parent). Which parent:
 3. else the parent is found-or-created by a *pipeline key*: hash of git commit, params
    hash and data hash. Each `dvc repro` stage is a separate `vlp ...` process; they all
    compute the same key and so land under the same parent without any shared state.
+
+What a run read is recorded from the files it opened (`vlp.input.<role>`: content hashes
+the stage computes); dvc.lock's entries are recorded as what they are, the pipeline's lock
+(`vlp.dvc_lock.<path>`). Every run also names the process that writes it (host, pid, start
+time), so that a later stage can close the runs of a process that was killed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +32,7 @@ from urllib.parse import urlparse
 import yaml
 
 from vlp.config import Config, tracking_uri
-from vlp.errors import ConfigError, OutputError
+from vlp.errors import ConfigError, OutputError, TrackingError
 from vlp.io import check_writable
 
 PARENT_RUN_ENV = "VLP_PARENT_RUN_ID"
@@ -42,6 +49,19 @@ TAG_KIND = "vlp.kind"
 TAG_PIPELINE_KEY = "vlp.pipeline_key"
 TAG_RESUMED_FROM = "vlp.resumed_from_run_id"
 TAG_RESUMED_BY = "vlp.resumed_by_run_id"
+TAG_INPUT = "vlp.input."  # + role: content hash of an input the run opened (+ ".path": where)
+TAG_DVC_LOCK = "vlp.dvc_lock."  # + path: the hash dvc.lock records for it, not one computed here
+TAG_HOST, TAG_PID, TAG_PROCESS_START = "vlp.host", "vlp.pid", "vlp.process_start"
+# MLflow's own HTTP defaults (7 retries, exponential backoff from 2 s, 120 s a request) make
+# a registry command wait minutes for a server that is down; these bound it to seconds. A
+# value already set in the environment wins.
+COMMAND_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+# a store answering one of these has the store's answer: the thing asked for is not there
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def mlflow_key(name: str) -> str:
@@ -217,24 +237,43 @@ def profile_label(cfg: Config) -> str:
 
 
 def lineage_tags(cfg: Config, stage: str | None = None, root: Path = Path(".")) -> dict[str, str]:
-    """Tags tying a run to its code, params and data: git commit/dirty, params and DVC hashes.
+    """Tags tying a run to its code and params, and to the pipeline's dvc.lock.
 
-    `stage` is the DVC stage name whose input hashes are recorded (as `vlp.dvc.<path>`).
+    `stage` is the DVC stage whose deps' dvc.lock hashes are recorded (as
+    `vlp.dvc_lock.<path>`); without one (a pipeline run), the lock's hash of `data.root`.
+    These say what the lock holds, not what a run read: see `input_tags`.
     """
     commit, dirty = git_state()
     tags = {
         "vlp.git_commit": commit,
         "vlp.git_dirty": str(dirty).lower(),
         "vlp.params_hash": cfg.section_hash(),
-        "vlp.data_hash": data_hash(cfg, root),
         "vlp.profile": profile_label(cfg),
     }
     if stage:
         tags["vlp.dvc_stage"] = stage
-        for path, digest in stage_input_hashes(stage, root).items():
-            tags[f"vlp.dvc.{path}"] = digest
+        locked = stage_input_hashes(stage, root)
+    else:
+        outs = _locked_outs(_read_yaml(root / "dvc.lock"))
+        digest = _lookup_hash(cfg.data.root, outs)
+        locked = {_norm(cfg.data.root): digest} if digest else {}
+    for path, digest in locked.items():
+        tags[f"{TAG_DVC_LOCK}{path}"] = digest
     if fid := flow_run_id():
         tags["vlp.prefect_flow_run_id"] = fid
+    return tags
+
+
+def input_tags(inputs: dict[str, tuple[str | os.PathLike, str]]) -> dict[str, str]:
+    """Tags naming what a run opened: role -> (path, content hash it computed from the files).
+
+    `{"data": ("data/shapes", "ab12..")}` -> `vlp.input.data` = the hash and
+    `vlp.input.data.path` = the path.
+    """
+    tags = {}
+    for role, (path, digest) in inputs.items():
+        tags[f"{TAG_INPUT}{role}"] = digest
+        tags[f"{TAG_INPUT}{role}.path"] = str(path)
     return tags
 
 
@@ -340,6 +379,119 @@ def _open_store(uri: str, db: Path) -> None:
         ) from None
 
 
+def store_error(uri: str, error: Exception) -> TrackingError:
+    """A TrackingError naming the store and, in a few words, why it did not answer."""
+    text = " ".join(str(error).split())
+    reason = re.search(r"\[Errno -?\d+\] [^'\")]+|timed? ?out", text)
+    why = reason.group(0) if reason else text[:200]
+    return TrackingError(
+        f"tracking store {uri}: cannot reach it ({why}); start it, or set "
+        "MLFLOW_TRACKING_URI (or tracking.uri) to a store that answers"
+    )
+
+
+def connect_for_command(cfg: Config) -> str:
+    """`connect` for a short command (register, promote, rollback); return the store's URI.
+
+    MLflow's HTTP retries and timeouts are bounded (`COMMAND_HTTP_LIMITS`) and the store
+    is asked once: one that does not answer is a TrackingError naming it, within seconds.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for name, value in COMMAND_HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
+    uri = tracking_uri(cfg)
+    try:
+        connect(cfg)
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except MlflowException as e:
+        raise store_error(uri, e) from None
+    return uri
+
+
+# ---------------------------------------------------------------- writer processes
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, `<boot id>:<start tick>`) of a process of this machine; None if
+    /proc cannot tell (no such process, or no /proc)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        # the command name in parentheses may hold spaces: count fields after it
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], f"{boot}:{fields[19]}"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags naming the process that writes a run: host, pid and when it started."""
+    stat = _proc_stat(os.getpid())
+    return {
+        TAG_HOST: socket.gethostname(),
+        TAG_PID: str(os.getpid()),
+        TAG_PROCESS_START: stat[1] if stat else "",
+    }
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process a run's `process_tags` name has surely ended.
+
+    Only this machine's processes can be checked: a run of another host, or without the
+    tags, counts as live. A pid now held by a process that started at another time, or
+    by a zombie, counts as ended.
+    """
+    pid = tags.get(TAG_PID, "")
+    if tags.get(TAG_HOST) != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    stat = _proc_stat(int(pid))
+    if stat is None:
+        return False
+    state, started = stat
+    recorded = tags.get(TAG_PROCESS_START)
+    return state in ("Z", "X") or bool(recorded) and started != recorded
+
+
+def _running(client: Any, exp_id: str, where: str) -> list[Any]:
+    return client.search_runs(
+        [exp_id], filter_string=f"{where} and attributes.status = 'RUNNING'", max_results=1000
+    )
+
+
+def close_abandoned_runs(exp_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `stage` left RUNNING by a process that has ended; return their ids.
+
+    Their parent runs too, once no child of theirs is alive and the process that made
+    the parent (a flow, or the stage that created it) has ended as well. Runs of live
+    processes, of other hosts, or without process tags are left alone.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    closed, parents = [], set()
+    for run in _running(client, exp_id, f"tags.`vlp.stage` = '{stage}'"):
+        if process_gone(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            parents.add(run.data.tags.get("mlflow.parentRunId"))
+    for parent_id in parents - {None}:
+        parent = client.get_run(parent_id)
+        if parent.info.status != "RUNNING" or not process_gone(parent.data.tags):
+            continue
+        children = _running(client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+        if all(process_gone(child.data.tags) for child in children):
+            client.set_terminated(parent_id, status="KILLED")
+            closed.append(parent_id)
+    return closed
+
+
 def setup_mlflow(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; return the experiment id.
 
@@ -381,6 +533,7 @@ def start_pipeline_run(
     key = key or pipeline_key(cfg)
     tags = {
         **lineage_tags(cfg),
+        **process_tags(),
         TAG_KIND: "pipeline",
         TAG_PIPELINE_KEY: key,
         "vlp.driver": driver,
@@ -465,15 +618,20 @@ def stage_run(
     tags: dict[str, str] | None = None,
     init: str | None = None,
     resumes: str | None = None,
+    inputs: dict[str, tuple[str | os.PathLike, str]] | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for `stage` (optionally one `task`), nested under the pipeline run.
 
     `init` ("pretrained" | "scratch") is recorded as `vlp.init` and in the run name.
     `resumes` is the id of an interrupted run this one continues (see `link_resumed`).
+    `inputs` names what the stage read, with the content hashes it computed (`input_tags`).
+    Runs of this stage that a killed process left RUNNING are closed first
+    (`close_abandoned_runs`).
     """
     import mlflow
 
-    setup_mlflow(cfg)
+    exp_id = setup_mlflow(cfg)
+    close_abandoned_runs(exp_id, stage)
     # outside `dvc repro`: the name dvc.yaml gives this stage (`finetune@vqa-scratch`)
     member = "-".join(p for p in (task, init) if p)
     dvc_stage = os.environ.get(DVC_STAGE_ENV) or (f"{stage}@{member}" if member else stage)
@@ -488,6 +646,8 @@ def stage_run(
     name = "-".join(p for p in (stage, task, init) if p)
     all_tags = {
         **lineage_tags(cfg, dvc_stage),
+        **input_tags(inputs or {}),
+        **process_tags(),
         TAG_KIND: "stage",
         "vlp.stage": stage,
         **({"vlp.task": task} if task else {}),

@@ -17,8 +17,10 @@ as in training), with features returned as float32.
   scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
 - embeddings: one Parquet row per image and per caption of a dataset, L2-normalised.
 
-`vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, its
-content hash, the data, split and precision, and every number.
+`vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, the data,
+split and precision, every number, and the content hashes of what it read: the model
+(`vlp.input.model`), the dataset or image folder (`vlp.input.data`, `dataset_hash`) and a
+label file (`vlp.input.labels`).
 """
 
 from __future__ import annotations
@@ -393,9 +395,30 @@ def zeroshot(
         k = resolve_rerank_k(run, cfg, rerank_k)
         params["rerank_k"] = k
         metrics = retrieval_metrics(run, data_dir, split, k)
-    with stage_run(cfg, "zeroshot", params=params, tags={"vlp.model_sha256": sha}) as mlrun:
+    inputs = read_inputs(model_dir, sha, data_dir, labels)
+    tags = {"vlp.model_sha256": sha}
+    with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:
         mlrun.log_metrics(metrics)
     return metrics
+
+
+def read_inputs(
+    model_dir: Path, model_hash: str, data_dir: Path, labels: str | None
+) -> dict[str, tuple[str, str]]:
+    """What `vlp zeroshot` reads, by content hash (`stage_run` inputs): the model, the
+    dataset or image folder, and a label file (not `--labels shapes`, which is no file)."""
+    import hashlib
+
+    from vlp.data.manifest import dataset_hash
+
+    inputs = {
+        "model": (str(model_dir), model_hash),
+        "data": (str(data_dir), dataset_hash(data_dir)),
+    }
+    if labels is not None and labels != SHAPES_LABELS:
+        with open(labels, "rb") as f:
+            inputs["labels"] = (labels, hashlib.file_digest(f, "sha256").hexdigest())
+    return inputs
 
 
 # ---------------------------------------------------------------- embeddings

@@ -14,9 +14,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from tests.checkpoints.vlp import TRANSFORM, tiny_vlp_dir
+from tests.mlflow_helpers import evaluated_metrics
 from vlp.config import Config
 from vlp.registry import register_model
-from vlp.tasks import model_sha256
 
 
 def _png(seed: int) -> bytes:
@@ -62,8 +62,8 @@ def test_registered_retrieval_model_returns_the_models_normalised_embeddings(
     from vlp.models.vlp_model import VLPModel
 
     model_dir = tiny_vlp_dir(store_cfg, Path("models/retrieval").resolve(), rerank_k=2)
-    metrics = {"rsum": 1.0, "model_sha256": model_sha256(model_dir)}
-    register_model(store_cfg, "retrieval", model_dir, metrics, eval_hash="h")
+    metrics = evaluated_metrics(model_dir, {"rsum": 1.0})
+    register_model(store_cfg, "retrieval", model_dir, metrics)
     served = mlflow.pyfunc.load_model("models:/vlp-retrieval@champion")
     assert served.metadata.get_params_schema().to_dict()[0]["name"] == "output"
 

@@ -11,22 +11,31 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model, png_bytes
+from tests.mlflow_helpers import (
+    STANDIN,
+    STANDIN_LOADER,
+    evaluated_metrics,
+    make_standin_model,
+    png_bytes,
+)
 from vlp.config import Config
 from vlp.errors import RegistryError, ResultsError
 from vlp.registry import promote, promote_all, register_model, register_task_models, rollback
 from vlp.tasks import TASKS, model_sha256
 
 
-def _register(cfg: Config, task: str, word: str, value: float, eval_hash: str = "h1") -> str:
+def _register(
+    cfg: Config, task: str, word: str, value: float, split: str = "test", data_hash: str = "d1"
+) -> str:
     metric = TASKS[task].primary_metric
     model_dir = make_standin_model(Path(f"models/{task}-{word}"), word)
     out = register_model(
         cfg,
         task,
         model_dir,
-        {metric: value, "extra": {"B@4": 0.1}, "model_sha256": model_sha256(model_dir)},
-        eval_hash=eval_hash,
+        evaluated_metrics(
+            model_dir, {metric: value, "extra": {"B@4": 0.1}}, split=split, data_hash=data_hash
+        ),
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
     )
@@ -80,14 +89,61 @@ def test_gate_promotes_only_better_challengers_and_rollback_restores(store_cfg: 
 
 
 def test_different_eval_data_is_refused_unless_forced(store_cfg: Config) -> None:
-    _register(store_cfg, "vqa", "a", 0.3, eval_hash="h1")
-    _register(store_cfg, "vqa", "b", 0.9, eval_hash="h2")
+    _register(store_cfg, "vqa", "a", 0.3, data_hash="d1")
+    _register(store_cfg, "vqa", "b", 0.9, data_hash="d2")
     refused = promote(store_cfg, "vqa")
     assert refused["decision"] == "refused" and "different data" in refused["why"]
+    assert "version 2: test of data/shapes (data d2)" in refused["why"]
+    assert "champion version 1: test of data/shapes (data d1)" in refused["why"]
     assert _aliases("vlp-vqa")["champion"] == "1"
     forced = promote(store_cfg, "vqa", force=True, reason="new test split")
     assert forced["decision"] == "promoted"
     assert _aliases("vlp-vqa")["champion"] == "2"
+
+
+def test_another_split_or_unrecorded_data_is_refused_naming_both(store_cfg: Config) -> None:
+    _register(store_cfg, "vqa", "a", 0.3)
+    _register(store_cfg, "vqa", "b", 0.9, split="val")
+    refused = promote(store_cfg, "vqa")
+    assert refused["decision"] == "refused"
+    assert "version 2: val of data/shapes (data d1)" in refused["why"]
+    assert "champion version 1: test of data/shapes (data d1)" in refused["why"]
+    # a champion registered without the record (by hand, or by older code) is no yardstick
+    _set_tag("vlp-vqa", "1", "vlp.eval_split", None)
+    _register(store_cfg, "vqa", "c", 0.9)
+    refused = promote(store_cfg, "vqa")
+    assert refused["decision"] == "refused"
+    assert "champion version 1: no recorded evaluation data" in refused["why"]
+    assert _aliases("vlp-vqa") == {"champion": "1", "challenger": "3"}
+
+
+def test_a_model_is_never_promoted_over_itself(store_cfg: Config) -> None:
+    # one model directory: registered with its test scores, then with its (higher) val scores
+    model_dir = make_standin_model(Path("models/retrieval"), "w")
+    for split, rsum in (("test", 1.0), ("val", 2.0)):
+        register_model(
+            store_cfg,
+            "retrieval",
+            model_dir,
+            evaluated_metrics(model_dir, {"rsum": rsum}, split=split),
+            loader=STANDIN_LOADER,
+            extra_code_paths=[STANDIN],
+        )
+    for force in (False, True):
+        decision = promote(store_cfg, "retrieval", force=force)
+        assert decision["decision"] == "unchanged"
+        assert decision["why"].startswith(
+            f"version 2 is the same model as champion version 1 (model {model_sha256(model_dir)[:12]})"
+            ": nothing to gain"
+        )
+    assert _aliases("vlp-retrieval") == {"champion": "1", "challenger": "2"}
+    assert _tags("vlp-retrieval", "2")["vlp.last_decision"] == "unchanged"
+    tags = _tags("vlp-retrieval", "2")
+    assert (tags["vlp.eval_split"], tags["vlp.eval_data"], tags["vlp.eval_data_hash"]) == (
+        "val",
+        "data/shapes",
+        "d1",
+    )
 
 
 def test_every_task_loads_as_a_pyfunc_with_a_signature(store_cfg: Config) -> None:
@@ -158,30 +214,6 @@ def test_cli_promote_and_rollback(
     assert _aliases("vlp-vqa")["champion"] == "1"
 
 
-def test_eval_data_hash_covers_the_evaluated_data_and_split_only(store_cfg: Config) -> None:
-    from vlp.registry import eval_data_hash
-
-    Path(".dvc").mkdir()
-    Path("dvc.yaml").write_text(
-        "stages:\n  evaluate:\n    foreach: [captioning, vqa]\n    do:\n"
-        "      cmd: vlp evaluate ${item}\n"
-        "      deps: [data/shapes, 'models/finetuned/${item}']\n"
-    )
-    Path("dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n"
-        "  generate:\n    cmd: g\n    outs:\n    - {path: data/shapes, md5: d1.dir}\n"
-        "  finetune@vqa-pretrained:\n    cmd: f\n"
-        "    outs:\n    - {path: models/finetuned/vqa, md5: m1.dir}\n"
-    )
-    cfg = dataclasses.replace(
-        store_cfg, data=dataclasses.replace(store_cfg.data, root="data/shapes")
-    )
-    assert eval_data_hash(cfg, "vqa") == "test:data/shapes=d1.dir"  # the model is not data
-    val = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split="val"))
-    assert eval_data_hash(val, "vqa") == "val:data/shapes=d1.dir"
-    assert eval_data_hash(cfg, "vqa", {"eval_data_hash": "given"}) == "given"
-
-
 def _set_tag(name: str, version: str, key: str, value: str | None) -> None:
     """Edit a version's tag as someone registering by hand (or older code) would leave it."""
     client = mlflow.MlflowClient()
@@ -214,6 +246,13 @@ def test_register_refuses_metrics_not_measured_on_the_registered_model(
     message = str(err.value)
     assert message.startswith("metrics/vqa.json: scores are of model ")
     assert model_sha256(other)[:12] in message and model_sha256(model_dir)[:12] in message
+    assert mlflow.MlflowClient(cfg.tracking.uri).search_registered_models() == []
+
+    metrics_file.write_text(
+        json.dumps({"overall": 50.0, "pretrained": {"model_sha256": model_sha256(model_dir)}})
+    )
+    with pytest.raises(RegistryError, match=r"metrics/vqa\.json: records no 'evaluated_on'"):
+        register_task_models(cfg, "vqa")
     assert mlflow.MlflowClient(cfg.tracking.uri).search_registered_models() == []
 
     version = _register(cfg, "vqa", "a", 0.3)

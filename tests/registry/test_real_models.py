@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.mlflow_helpers import free_port, http_process
+from tests.mlflow_helpers import evaluated_metrics, free_port, http_process
 from vlp.config import Config
 from vlp.registry import register_model
-from vlp.tasks import TASKS, model_sha256
+from vlp.tasks import TASKS
 
 pytestmark = pytest.mark.slow  # trains every task model and serves one
 
@@ -72,8 +72,8 @@ def test_every_real_task_model_loads_and_predicts(
     }
     for task in TASKS:
         metric = TASKS[task].primary_metric
-        metrics = {metric: 1.0, "model_sha256": model_sha256(finetuned[task])}
-        register_model(store_cfg, task, finetuned[task], metrics, eval_hash="h")
+        metrics = evaluated_metrics(finetuned[task], {metric: 1.0})
+        register_model(store_cfg, task, finetuned[task], metrics)
         model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")
         out = model.predict(frames[task])
         column = {"captioning": "caption", "vqa": "answer", "retrieval": "score"}[task]
@@ -91,8 +91,8 @@ def test_served_champion_captions_an_image(
     store_cfg: Config, finetuned: dict[str, Path], tmp_path: Path
 ) -> None:
     model_dir = shutil.copytree(finetuned["captioning"], tmp_path / "captioning")
-    metrics = {"CIDEr": 1.0, "model_sha256": model_sha256(model_dir)}
-    register_model(store_cfg, "captioning", model_dir, metrics, eval_hash="h")
+    metrics = evaluated_metrics(model_dir, {"CIDEr": 1.0})
+    register_model(store_cfg, "captioning", model_dir, metrics)
     image = _image_bytes(store_cfg)
     expected = mlflow.pyfunc.load_model("models:/vlp-captioning@champion").predict(
         pd.DataFrame({"image": [image]})

@@ -25,6 +25,7 @@ from tests.checkpoints.vlp import tiny_vlp_dir
 from tests.mlflow_helpers import (
     STANDIN,
     STANDIN_LOADER,
+    evaluated_metrics,
     free_port,
     http_process,
     make_standin_model,
@@ -33,7 +34,7 @@ from tests.mlflow_helpers import (
 from vlp.config import Config, ServingConfig, load_config
 from vlp.registry import register_model
 from vlp.serving import DEFAULT_LOADER, VLPTaskModel
-from vlp.tasks import TASKS, model_sha256
+from vlp.tasks import TASKS
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 GARBAGE = b"\x89PNG\r\n\x1a\n but not really a PNG"
@@ -206,8 +207,7 @@ def _register_standin(cfg: Config, task: str = "captioning") -> None:
         cfg,
         task,
         model_dir,
-        {TASKS[task].primary_metric: 1.0, "model_sha256": model_sha256(model_dir)},
-        eval_hash="h",
+        evaluated_metrics(model_dir, {TASKS[task].primary_metric: 1.0}),
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
     )

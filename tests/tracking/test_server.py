@@ -13,13 +13,13 @@ import pytest
 from tests.mlflow_helpers import (
     STANDIN,
     STANDIN_LOADER,
+    evaluated_metrics,
     free_port,
     http_process,
     make_standin_model,
 )
 from vlp.config import Config
 from vlp.registry import promote, register_model
-from vlp.tasks import model_sha256
 from vlp.tracking import stage_run
 
 pytestmark = pytest.mark.slow  # an MLflow server and stage subprocesses
@@ -51,8 +51,7 @@ def test_pipeline_against_an_mlflow_server(
                 store_cfg,
                 "captioning",
                 model_dir,
-                {"CIDEr": value, "model_sha256": model_sha256(model_dir)},
-                eval_hash="h",
+                evaluated_metrics(model_dir, {"CIDEr": value}),
                 loader=STANDIN_LOADER,
                 extra_code_paths=[STANDIN],
             )

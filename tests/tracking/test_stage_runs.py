@@ -82,12 +82,13 @@ def test_stage_runs_nest_under_one_parent_with_lineage(cfg: Config, tmp_path: Pa
         assert run.data.tags["vlp.git_commit"] == commit
         assert run.data.tags["vlp.git_dirty"] == "false"
         assert run.data.tags["vlp.params_hash"] == cfg.section_hash()
-        assert run.data.tags["vlp.data_hash"] == "0123abcd.dir"
-    # pretrain's data dep lies inside the locked data/shapes output: its hash is recorded
-    assert a.data.tags["vlp.dvc.data/shapes/pairs.parquet"] == "0123abcd.dir"
+    # what dvc.lock says, under its name: pretrain's data dep lies inside the locked
+    # data/shapes output, so that output's hash is recorded
+    assert a.data.tags["vlp.dvc_lock.data/shapes/pairs.parquet"] == "0123abcd.dir"
+    assert parent.data.tags["vlp.dvc_lock.data/shapes"] == "0123abcd.dir"
     # outside `dvc repro` a run names its dvc.yaml stage, foreach members included
     assert b.data.tags["vlp.dvc_stage"] == "finetune@retrieval-scratch"
-    assert b.data.tags["vlp.dvc.data/shapes"] == "0123abcd.dir"
+    assert b.data.tags["vlp.dvc_lock.data/shapes"] == "0123abcd.dir"
     assert a.data.params == {"lr": "0.1"} and a.data.metrics == {"loss": 2.0}
     # artifacts go to the project's artifact folder, not ./mlruns
     assert list((tmp_path / "mlartifacts").rglob("note.txt"))

@@ -257,16 +257,18 @@ def dataset_hash(data_dir: str | os.PathLike) -> str:
 
     Manifests count byte for byte, images by path and size: a dataset directory's images
     are never rewritten in place (imports add files), and reading every image of a large
-    dataset would cost minutes each time the hash is taken.
+    dataset would cost minutes each time the hash is taken. A directory without manifests
+    (an image-folder tree, `DIR/<class>/<image>`) counts every file in it, by the same rule.
     """
     root = Path(data_dir)
     digest = hashlib.sha256()
     images: set[str] = set()
-    for name in (PAIRS_FILE, VQA_FILE):
-        path = root / name
-        if path.is_file():
-            digest.update(f"{name}\n".encode() + path.read_bytes())
-            images.update(_read(path, {"image_path": "str"}, None)["image_path"])
+    manifests = [root / name for name in (PAIRS_FILE, VQA_FILE) if (root / name).is_file()]
+    for path in manifests:
+        digest.update(f"{path.name}\n".encode() + path.read_bytes())
+        images.update(_read(path, {"image_path": "str"}, None)["image_path"])
+    if not manifests:
+        images = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     for rel in sorted(images):
         image = resolve_image(root, rel)
         size = image.stat().st_size if image.is_file() else -1
