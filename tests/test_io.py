@@ -141,13 +141,19 @@ def test_an_indexed_output_that_gained_a_file_is_neither_replaced_nor_deleted(
     assert not ran and _contents(out) == before
 
 
-def test_an_indexed_output_whose_index_is_unreadable_is_kept(tmp_path: Path) -> None:
+def test_an_indexed_output_whose_index_is_unreadable_is_kept_unless_swapped_out(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "out"
     _indexed(out)
     (out / "index.txt").unlink()
     with pytest.raises(OutputError, match=rf"{out}: cannot tell which files vlp wrote"):
         remove_dir(out)
     assert (out / "sub" / "a.txt").exists()
+    # the same state left by a swap cut short while deleting the previous output: removed
+    os.replace(out, tmp_path / ".out.old")
+    _indexed(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_an_unwritable_place_is_named_before_the_block_runs(tmp_path: Path) -> None:

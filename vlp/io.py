@@ -13,6 +13,7 @@ index: see `index_outputs`) is also refused once it holds a file its index does 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -220,11 +221,31 @@ def atomic_dir(path: Path, kind: str) -> Iterator[Path]:
         (tmp / OUTPUT_MARKER).write_text(_marker_text(kind))
         check_replaceable(path)  # again: the block may have run for minutes
         old = path.with_name(f".{path.name}.old")
-        remove_dir(old)  # left by a swap that was interrupted
+        if old.exists() or old.is_symlink():  # left by a swap that was interrupted
+            if old.is_symlink() or not (old / OUTPUT_MARKER).is_file():
+                check_replaceable(old)
+            _remove_swapped_out(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_swapped_out(old)
+
+
+def _remove_swapped_out(old: Path) -> None:
+    """Delete the folder a swap moved the previous output to, its marker last.
+
+    Its files were checked as vlp's just before the swap; a deletion cut short leaves the
+    marker, so the next swap removes the rest without asking again.
+    """
+    for entry in old.iterdir():
+        if entry.name == OUTPUT_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    shutil.rmtree(old)
 
 
 def load_json(path: Path, error: type[Exception]) -> Any:

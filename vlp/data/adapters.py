@@ -5,8 +5,10 @@ questions + annotations, and CSV/Parquet tables of (image_path, caption[, split]
 
 Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
 `OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
-with other content, an image given a second path, or an image put in a second split is an
-error naming it, and the dataset stays as it was. Splits belong to images: `--split` applies
+with other content, an image given a second path, an image put in a second split, or one
+image file under two ids in two splits is an error naming it, and the dataset stays as it
+was. OUT may not be or lie in a folder vlp writes as a whole (one holding the output marker,
+such as `vlp generate`'s data/shapes): vlp and `dvc repro` would replace it, imports and all. Splits belong to images: `--split` applies
 to images not yet in the dataset, an image already there keeps its split (so VQA v2
 questions land on the Karpathy split of their image).
 
@@ -15,8 +17,9 @@ is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), 
 paths stay relative to OUT. DVC versions only the first kind (`dvc add OUT` does not
 follow symlinked folders), so a dataset meant for the pipeline keeps its images inside
 OUT. Ids must be
-integers (JSON numbers without a fraction, integer table cells); an image file that leads
-through a symlink out of OUT (other than those links) is refused.
+integers that fit in int64 (JSON numbers without a fraction, integer table cells), and
+captions, questions and file names text; an image file that leads through a symlink out of
+OUT (other than those links) is refused.
 """
 
 from __future__ import annotations
