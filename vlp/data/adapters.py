@@ -7,19 +7,19 @@ Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
 `OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
 with other content, an image given a second path, an image put in a second split, or one
 image file under two ids in two splits is an error naming it, and the dataset stays as it
-was. OUT may not be or lie in a folder vlp writes as a whole (one holding the output marker,
-such as `vlp generate`'s data/shapes): vlp and `dvc repro` would replace it, imports and all. Splits belong to images: `--split` applies
-to images not yet in the dataset, an image already there keeps its split (so VQA v2
-questions land on the Karpathy split of their image).
+was. Splits belong to images: `--split` applies to images not yet in the dataset, an image
+already there keeps its split (so VQA v2 questions land on the Karpathy split of their
+image). OUT may not be or lie in a folder vlp writes as a whole (one holding the output
+marker, such as `vlp generate`'s data/shapes): vlp and `dvc repro` would replace it,
+imports and all.
 
 Images stay where they are: a folder inside OUT is referenced directly; a folder elsewhere
 is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), so manifest
 paths stay relative to OUT. DVC versions only the first kind (`dvc add OUT` does not
 follow symlinked folders), so a dataset meant for the pipeline keeps its images inside
-OUT. Ids must be
-integers that fit in int64 (JSON numbers without a fraction, integer table cells), and
-captions, questions and file names text; an image file that leads through a symlink out of
-OUT (other than those links) is refused.
+OUT. Ids must be integers that fit in int64 (JSON numbers without a fraction, integer
+table cells), and captions, questions and file names text; an image file that leads through
+a symlink out of OUT (other than those links) is refused.
 """
 
 from __future__ import annotations
@@ -299,7 +299,8 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
     for where, img in _objects(doc, "images", split_json):
         image_id = _id_field(img, "cocoid" if "cocoid" in img else "imgid", where)
         name = _text(img, "filename", where)
-        subdir = _text(img, "filepath", where, empty=True) if "filepath" in img else ""
+        has_dir = img.get("filepath") is not None
+        subdir = _text(img, "filepath", where, empty=True) if has_dir else ""
         rel = f"{subdir}/{name}" if subdir else name
         split = _check_split(_text(img, "split", where), where)
         for swhere, sent in _objects(img, "sentences", where, sep="."):
