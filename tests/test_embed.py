@@ -176,3 +176,33 @@ def test_a_directory_that_is_no_checkpoint_is_a_one_line_error(
     assert _embed(tmp_path / model, smoke_data, tmp_path / "e.parquet") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "vlp embed: error:" in err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path):
+    """An existing folder in which no file can be created (for root too, where possible)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    candidates = [folder, Path("/sys/fs")]  # root ignores the mode; sysfs refuses root too
+    try:
+        for candidate in candidates:
+            try:
+                (candidate / ".vlp-probe").touch()
+                (candidate / ".vlp-probe").unlink()
+            except OSError:
+                yield candidate
+                return
+        pytest.skip("no read-only folder available to this user")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_out_folder_is_named_before_encoding(
+    smoke_cfg: Config, smoke_data: Path, tmp_path: Path, capsys, read_only_folder: Path
+) -> None:
+    model_dir = tiny_vlp_dir(smoke_cfg, tmp_path / "vlp")
+    out = read_only_folder / "e.parquet"
+    assert _embed(model_dir, smoke_data, out, "--split", "test") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {out}: cannot write in {read_only_folder}" in err

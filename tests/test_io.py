@@ -15,8 +15,13 @@ from vlp.io import (
     atomic_dir,
     atomic_write_json,
     claim_dir,
+    index_outputs,
     remove_dir,
 )
+
+# An output kind whose own `index.txt` lists the files vlp wrote into it.
+INDEXED = "indexed-test-output"
+index_outputs(INDEXED, lambda path: (path / "index.txt").read_text().split())
 
 
 @pytest.fixture
@@ -105,3 +110,59 @@ def test_remove_and_claim_refuse_foreign_dirs(tmp_path: Path) -> None:
     remove_dir(ours)
     assert not ours.exists()
     remove_dir(ours)  # missing: nothing to do
+
+
+def _indexed(out: Path) -> None:
+    with atomic_dir(out, INDEXED) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("vlp's\n")
+        (tmp / "index.txt").write_text("index.txt sub/a.txt\n")
+
+
+@pytest.mark.parametrize("added", ["photo.jpg", "sub/photo.jpg", "sub/deeper/photo.jpg", "link"])
+def test_an_indexed_output_that_gained_a_file_is_neither_replaced_nor_deleted(
+    tmp_path: Path, added: str
+) -> None:
+    out = tmp_path / "out"
+    _indexed(out)
+    _indexed(out)  # its own files only: replaced
+    if added == "link":
+        (out / "link").symlink_to(tmp_path, target_is_directory=True)
+    else:
+        (out / added).parent.mkdir(parents=True, exist_ok=True)
+        (out / added).write_text("the user's only copy\n")
+    before = _contents(out)
+    ran = False
+    with pytest.raises(OutputError, match=rf"{out}: holds {added}, which vlp did not write"):
+        with atomic_dir(out, INDEXED):
+            ran = True
+    with pytest.raises(OutputError, match=rf"holds {added}"):
+        remove_dir(out)
+    assert not ran and _contents(out) == before
+
+
+def test_an_indexed_output_whose_index_is_unreadable_is_kept_unless_swapped_out(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    _indexed(out)
+    (out / "index.txt").unlink()
+    with pytest.raises(OutputError, match=rf"{out}: cannot tell which files vlp wrote"):
+        remove_dir(out)
+    assert (out / "sub" / "a.txt").exists()
+    # the same state left by a swap cut short while deleting the previous output: removed
+    os.replace(out, tmp_path / ".out.old")
+    _indexed(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_unwritable_place_is_named_before_the_block_runs(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected\n")
+    ran = False
+    with pytest.raises(OutputError, match=rf"{blocker}/out: cannot write in {blocker}"):
+        with atomic_dir(blocker / "out", "test"):
+            ran = True
+    assert not ran
+    with pytest.raises(OutputError, match=rf"{blocker}/out: cannot write in {blocker}"):
+        claim_dir(blocker / "out", "test")

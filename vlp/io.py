@@ -6,11 +6,14 @@ vlp writes is as readable as anything else the user creates.
 
 A directory that vlp may later replace or delete wholesale holds an `OUTPUT_MARKER` file
 naming what wrote it. vlp replaces or deletes only missing or empty directories and those
-holding the marker; anything else raises `OutputError` and stays as it is.
+holding the marker; anything else raises `OutputError` and stays as it is. An output whose
+own index lists every file vlp wrote into it (a dataset's manifests, a shard directory's
+index: see `index_outputs`) is also refused once it holds a file its index does not list.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vlp.errors import OutputError
+from vlp.errors import OutputError, VlpError
 
 OUTPUT_MARKER = ".vlp-output"
 
@@ -94,6 +97,50 @@ def _marker_text(kind: str) -> str:
     return f"vlp output: {kind}\nvlp may delete and rewrite this directory.\n"
 
 
+# Kind of output -> the files (paths relative to it) its own index says vlp wrote. The index,
+# not a listing in the marker, keeps the marker's bytes what they always were: DVC hashes it.
+_INDEXED_OUTPUTS: dict[str, Callable[[Path], Iterable[str]]] = {}
+
+
+def index_outputs(kind: str, files: Callable[[Path], Iterable[str]]) -> None:
+    """Declare that an output of `kind` lists what vlp wrote into it: `files(path)`.
+
+    Such an output that holds any other file (a user's photos copied in, say) is not
+    replaced or deleted; the OutputError names the file.
+    """
+    _INDEXED_OUTPUTS[kind] = files
+
+
+def _marker_kind(path: Path) -> str:
+    try:
+        first = (path / OUTPUT_MARKER).read_text(errors="replace").split("\n", 1)[0]
+    except OSError:
+        return ""
+    return first.removeprefix("vlp output:").strip()
+
+
+def _unlisted_file(path: Path) -> str | None:
+    """A file (or link) in the vlp output `path` that its index does not list, if any."""
+    files = _INDEXED_OUTPUTS.get(_marker_kind(path))
+    if files is None:
+        return None
+    try:
+        listed = {os.path.normpath(f) for f in files(path)} | {OUTPUT_MARKER}
+    except (VlpError, OSError, ValueError) as e:
+        raise OutputError(
+            f"{path}: cannot tell which files vlp wrote into it ({e}); vlp will not replace "
+            "it: move it away or choose another output path"
+        ) from None
+    for root, dirs, names in os.walk(path):
+        base = Path(root).relative_to(path)
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in sorted([*names, *links]):
+            rel = (base / name).as_posix()
+            if rel not in listed:
+                return rel
+    return None
+
+
 def check_replaceable(path: Path) -> None:
     """Raise OutputError unless `path` is missing, an empty directory or one vlp wrote."""
     path = Path(path)
@@ -104,7 +151,15 @@ def check_replaceable(path: Path) -> None:
             f"{path}: exists and is not a directory vlp wrote; move it away or choose "
             f"another output path"
         )
-    if (path / OUTPUT_MARKER).is_file() or not any(path.iterdir()):
+    if (path / OUTPUT_MARKER).is_file():
+        unlisted = _unlisted_file(path)
+        if unlisted is None:
+            return
+        raise OutputError(
+            f"{path}: holds {unlisted}, which vlp did not write; vlp will not replace or "
+            f"delete it: move your files out of {path} or choose another output path"
+        )
+    if not any(path.iterdir()):
         return
     raise OutputError(
         f"{path}: not empty and not written by vlp (no {OUTPUT_MARKER} file); vlp will not "
@@ -120,6 +175,7 @@ def claim_dir(path: Path, kind: str) -> Path:
     """
     path = Path(path)
     check_replaceable(path)
+    check_writable({str(path): path})
     path.mkdir(parents=True, exist_ok=True)
     marker = path / OUTPUT_MARKER
     if not marker.is_file():
@@ -149,21 +205,47 @@ def scratch_dir(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path, kind: str) -> Iterator[Path]:
     """Yield a fresh temp directory beside `path`; swap it in for `path` on success.
 
-    `path` must be missing, empty or a directory vlp wrote (OutputError otherwise, raised
-    before the block runs); the new directory gets the marker naming `kind`.
+    `path` must be missing, empty or a directory vlp wrote, in a folder vlp can write in
+    (OutputError otherwise, raised before the block runs); the new directory gets the
+    marker naming `kind`.
     """
     path = Path(path)
     check_replaceable(path)
+    # now, not after the block's work: the temp folder goes beside `path`, and the old
+    # contents must be deletable
+    check_writable({str(path): path.parent})
+    if path.is_dir():
+        check_writable({str(path): path})
     with scratch_dir(path) as tmp:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(_marker_text(kind))
         check_replaceable(path)  # again: the block may have run for minutes
         old = path.with_name(f".{path.name}.old")
-        remove_dir(old)  # left by a swap that was interrupted
+        if old.exists() or old.is_symlink():  # left by a swap that was interrupted
+            if old.is_symlink() or not (old / OUTPUT_MARKER).is_file():
+                check_replaceable(old)
+            _remove_swapped_out(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            _remove_swapped_out(old)
+
+
+def _remove_swapped_out(old: Path) -> None:
+    """Delete the folder a swap moved the previous output to, its marker last.
+
+    Its files were checked as vlp's just before the swap; a deletion cut short leaves the
+    marker, so the next swap removes the rest without asking again.
+    """
+    for entry in old.iterdir():
+        if entry.name == OUTPUT_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    shutil.rmtree(old)
 
 
 def load_json(path: Path, error: type[Exception]) -> Any:

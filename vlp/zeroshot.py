@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError, DataError, OutputError
+from vlp.io import check_writable
 
 if TYPE_CHECKING:
     from vlp.config import Config
@@ -433,6 +434,7 @@ def check_embeddings_out(out: Path) -> None:
         raise OutputError(f"--out {out}: folder {out.parent} does not exist")
     if out.is_dir():
         raise OutputError(f"--out {out}: is a directory; name a .parquet file")
+    check_writable({f"--out {out}": out.parent})
     if not out.exists():
         return
     try:

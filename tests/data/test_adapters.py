@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -577,3 +579,190 @@ def test_linking_an_outside_folder_says_dvc_will_not_version_its_images(tmp_path
     printed = capsys.readouterr().out
     assert f"`dvc add {outside / 'ds'}` does not version images behind a link" in printed
     assert f"move the folder into {outside / 'ds' / 'images'}/" in printed
+
+
+def _import_cli(*args: str) -> int:
+    return main(["--params", str(REPO_PARAMS), "import", *args])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("inside", ["", "images/mine"])
+def test_import_into_a_folder_vlp_generated_is_refused(smoke_data, tmp_path, capsys, inside):
+    generated = tmp_path / "shapes"
+    shutil.copytree(smoke_data, generated)
+    _image(generated / "images" / "mine" / "a.png", (1, 2, 3))
+    before = _tree(generated)
+    table = tmp_path / "t.csv"
+    table.write_text("image_path,caption\na.png,my photo\n")
+    out = generated / inside if inside else generated
+    args = ["table", "--table", str(table), "--images", str(generated / "images" / "mine")]
+    assert _import_cli(*args, "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{generated} is a folder vlp writes" in err and "import into another folder" in err
+    assert _tree(generated) == before
+
+
+def _vqa_docs(tmp_path: Path, question: dict | None = None, ann: dict | None = None) -> list[str]:
+    q = {"image_id": 42, "question": "Is it red?", "question_id": 1, **(question or {})}
+    a = {
+        "question_id": 1,
+        "image_id": 42,
+        "question_type": "is it",
+        "answer_type": "yes/no",
+        "multiple_choice_answer": "yes",
+        "answers": [{"answer": "yes", "answer_id": i} for i in range(10)],
+        **(ann or {}),
+    }
+    qs = _dump(tmp_path / "q.json", {"questions": [q]})
+    an = _dump(tmp_path / "a.json", {"annotations": [a]})
+    return ["vqa", "--questions", str(qs), "--annotations", str(an)]
+
+
+def _karpathy(tmp_path: Path, image: object) -> list[str]:
+    return ["karpathy", "--split-json", str(_dump(tmp_path / "k.json", {"images": [image]}))]
+
+
+def _karpathy_image(**changes: object) -> dict:
+    sentence = {"raw": "A red square.", "sentid": 10}
+    image = {"filename": _coco_name(42), "cocoid": 42, "split": "test", "sentences": [sentence]}
+    return {**image, **changes}
+
+
+BIG = 2**63
+BAD_INPUTS = {
+    "coco caption id >= 2^63": (
+        lambda t: ["coco", "--annotations", str(_dump(t / "c.json", _coco_doc(caption_id=BIG)))],
+        rf"c\.json: annotations\[0\]: id {BIG} does not fit in 64 bits",
+    ),
+    "coco image id >= 2^63": (
+        lambda t: ["coco", "--annotations", str(_dump(t / "c.json", _coco_doc(image_id=BIG)))],
+        rf"annotations\[0\]: image_id {BIG} does not fit in 64 bits",
+    ),
+    "vqa question id >= 2^63": (
+        lambda t: _vqa_docs(t, {"question_id": BIG}),
+        rf"q\.json: questions\[0\]: question_id {BIG} does not fit",
+    ),
+    "karpathy cocoid >= 2^63": (
+        lambda t: _karpathy(t, _karpathy_image(cocoid=BIG)),
+        rf"k\.json: images\[0\]: cocoid {BIG} does not fit",
+    ),
+    "karpathy sentid >= 2^63": (
+        lambda t: _karpathy(t, _karpathy_image(sentences=[{"raw": "x", "sentid": BIG}])),
+        rf"images\[0\]\.sentences\[0\]: sentid {BIG} does not fit",
+    ),
+    "karpathy image not an object": (
+        lambda t: _karpathy(t, 5),
+        r"k\.json: images\[0\]: expected an object, got 5",
+    ),
+    "karpathy sentences not a list": (
+        lambda t: _karpathy(t, _karpathy_image(sentences=5)),
+        r"k\.json: images\[0\]: 'sentences' must be a list",
+    ),
+    "karpathy sentence not an object": (
+        lambda t: _karpathy(t, _karpathy_image(sentences=[5])),
+        r"images\[0\]\.sentences\[0\]: expected an object, got 5",
+    ),
+    "vqa answers not a list": (
+        lambda t: _vqa_docs(t, ann={"answers": 5}),
+        r"a\.json: annotations\[0\]: answers 5 must be a list",
+    ),
+    "coco caption null": (
+        lambda t: ["coco", "--annotations", str(_dump(t / "c.json", _caption_doc(None)))],
+        r"c\.json: annotations\[0\]: caption None is not text",
+    ),
+    "coco caption an object": (
+        lambda t: ["coco", "--annotations", str(_dump(t / "c.json", _caption_doc({"a": 1})))],
+        r"c\.json: annotations\[0\]: caption \{'a': 1\} is not text",
+    ),
+    "coco caption a number": (
+        lambda t: ["coco", "--annotations", str(_dump(t / "c.json", _caption_doc(5)))],
+        r"c\.json: annotations\[0\]: caption 5 is not text",
+    ),
+    "coco file_name null": (
+        lambda t: [
+            "coco",
+            "--annotations",
+            str(_dump(t / "c.json", {**_coco_doc(), "images": [{"id": 42, "file_name": None}]})),
+        ],
+        r"c\.json: images\[0\]: file_name None is not text",
+    ),
+    "karpathy raw null": (
+        lambda t: _karpathy(t, _karpathy_image(sentences=[{"raw": None, "sentid": 1}])),
+        r"images\[0\]\.sentences\[0\]: raw None is not text",
+    ),
+    "vqa question a number": (
+        lambda t: _vqa_docs(t, {"question": 7}),
+        r"q\.json: questions\[0\]: question 7 is not text",
+    ),
+}
+
+
+def _caption_doc(caption: object) -> dict:
+    doc = _coco_doc()
+    doc["annotations"][0]["caption"] = caption
+    return doc
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_malformed_records_are_named_and_nothing_is_written(tmp_path, coco_images, capsys, case):
+    args, message = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    assert _import_cli(*args(tmp_path), "--images", str(coco_images), "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_table_ids_beyond_64_bits_and_captions_not_text_are_named(tmp_path):
+    _image(tmp_path / "pics" / "a.png", (1, 2, 3))
+    csv = tmp_path / "t.csv"
+    csv.write_text(f"image_path,caption,image_id\na.png,a thing,{BIG}\n")
+    with pytest.raises(DataError, match=rf"t\.csv: row 0: image_id {BIG} does not fit"):
+        import_table(csv, tmp_path / "pics", tmp_path / "out")
+    table = tmp_path / "t.parquet"
+    pd.DataFrame({"image_path": ["a.png"], "caption": [5]}).to_parquet(table)
+    with pytest.raises(DataError, match=r"t\.parquet: row 0: caption 5 is not text"):
+        import_table(table, tmp_path / "pics", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_vqa_with_a_missing_image_folder_is_named(tmp_path, capsys):
+    q = _vqa_docs(tmp_path)
+    missing = tmp_path / "nowhere"
+    assert _import_cli(*q, "--images", str(missing), "--out", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{missing}: image folder not found" in err
+
+
+def test_an_unwritable_out_is_named_before_reading_images(tmp_path, coco_images, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected\n")
+    ann = _dump(tmp_path / "c.json", _coco_doc())
+    out = blocker / "out"
+    assert _import_cli("coco", "--annotations", str(ann), "--images", str(coco_images),
+                       "--out", str(out)) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--out {out}: cannot write in {blocker}" in err
+
+
+def test_one_image_file_under_a_new_id_in_another_split_is_refused(tmp_path, coco_train_val):
+    _, val = coco_train_val
+    out = tmp_path / "out"
+    import_coco(_coco_captions(tmp_path / "val.json", "val2014", [42], 200), val, out, "test")
+    before = (out / "pairs.parquet").read_bytes()
+    table = tmp_path / "t.csv"
+    table.write_text(
+        "image_path,caption,image_id,split\nCOCO_val2014_000000000042.jpg,x,99,train\n"
+    )
+    path = "images/val2014/COCO_val2014_000000000042.jpg"
+    with pytest.raises(
+        DataError,
+        match=rf"t\.csv: image file '{path}' would be in two splits: "
+        r"image_id 42 \(test\) and image_id 99 \(train\)",
+    ):
+        import_table(table, val, out)
+    assert (out / "pairs.parquet").read_bytes() == before

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from vlp.config import write_variant_params
 
@@ -96,3 +97,33 @@ def test_editing_a_profile_leaves_the_pipeline_up_to_date(dvc_repo):
     params.write_text(params.read_text().replace("n_pretrain: 48", "n_pretrain: 40"))
     changed = _run(dvc_repo, "status", "generate")
     assert "params.yaml" in changed and "modified:           data" in changed
+
+
+def test_photos_are_not_imported_into_the_generated_dataset_dvc_checks_out(dvc_repo, capsys):
+    """`dvc repro`/`dvc checkout` restore data/shapes from the cache as it was generated,
+    deleting whatever was added to it: vlp import refuses to add to it."""
+    from vlp.cli import main
+
+    _run(dvc_repo, "repro", "generate")
+    data = dvc_repo / "data" / "shapes"
+    photos = data / "images" / "photos"
+    photos.mkdir()
+    Image.new("RGB", (24, 20), (1, 2, 3)).save(photos / "a.png")
+    table = dvc_repo / "photos.csv"
+    table.write_text("image_path,caption\na.png,my only photo of it\n")
+    before = _digest(data)
+    code = main(
+        ["--params", str(dvc_repo / "params.yaml"), "import", "table", "--table", str(table),
+         "--images", str(photos), "--out", str(data)]
+    )  # fmt: skip
+    assert code == 2 and "import into another folder" in capsys.readouterr().err
+    assert _digest(data) == before
+    # imported elsewhere, the photo survives DVC restoring the generated dataset
+    mine = dvc_repo / "mine"
+    shutil.move(photos, mine / "images")
+    assert main(
+        ["--params", str(dvc_repo / "params.yaml"), "import", "table", "--table", str(table),
+         "--images", str(mine / "images"), "--out", str(mine)]
+    ) == 0  # fmt: skip
+    _run(dvc_repo, "checkout", "--force", "generate")
+    assert (mine / "images" / "a.png").is_file() and not photos.exists()

@@ -180,11 +180,36 @@ def test_generate_refuses_a_foreign_folder_and_keeps_every_file(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp dirs left
 
 
-def test_generate_replaces_its_own_output(smoke_data, tmp_path):
+def test_generate_replaces_its_own_output(smoke_cfg, smoke_data, tmp_path):
+    out = tmp_path / "shapes"
+    older = dataclasses.replace(smoke_cfg.data, n_test=smoke_cfg.data.n_test + 3)
+    generate_dataset(older, out)  # an older run's images, more than this one writes
+    assert _generate_cli(out) == 0
+    assert _digest(out) == _digest(smoke_data)
+    # DVC hashes the marker with the data: its bytes are those of every earlier version
+    marker = "vlp output: dataset\nvlp may delete and rewrite this directory.\n"
+    assert (out / OUTPUT_MARKER).read_text() == marker
+
+
+@pytest.mark.parametrize("added", ["images/mine/photo.jpg", "photo.jpg", "pairs.csv"])
+def test_generate_keeps_a_dataset_that_gained_files_it_did_not_write(
+    smoke_data, tmp_path, capsys, added
+):
     out = tmp_path / "shapes"
     assert _generate_cli(out) == 0
-    assert (out / OUTPUT_MARKER).is_file()
-    (out / "stale.txt").write_text("from an older run\n")
-    assert _generate_cli(out) == 0
-    assert not (out / "stale.txt").exists()
-    assert _digest(out) == _digest(smoke_data)
+    (out / added).parent.mkdir(parents=True, exist_ok=True)
+    (out / added).write_bytes(b"the user's only copy")
+    before = _digest(out)
+    assert _generate_cli(out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"holds {added}, which vlp did not write" in err
+    assert _digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # no temp dirs left
+
+
+def test_generate_names_an_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected\n")
+    assert _generate_cli(blocker / "shapes") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write in {blocker}" in err

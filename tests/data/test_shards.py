@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -15,7 +17,7 @@ from torch.utils.data import DataLoader
 from vlp.cli import main
 from vlp.data.images import image_transforms
 from vlp.data.manifest import read_pairs, read_vqa
-from vlp.data.shards import ShardPairs, read_index, validate_shards, write_shards
+from vlp.data.shards import ShardPairs, _totals, read_index, validate_shards, write_shards
 from vlp.data.torch_data import PairsDataset, collate, make_pretrain_collate
 from vlp.errors import DataError, OutputError
 from vlp.io import OUTPUT_MARKER
@@ -155,8 +157,83 @@ def test_count_mismatch_is_named(shards, tmp_path):
     index = json.loads((copy / "shards.json").read_text())
     index["shards"][1]["samples"] = 11
     (copy / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"shard-000001\.tar: 11 samples but 10 images"):
+        validate_shards(copy)
+
+
+def _edit_index(shard_dir: Path, edit) -> None:
+    """Apply `edit` to the index's shard entries, keeping its totals their sums."""
+    path = shard_dir / "shards.json"
+    index = json.loads(path.read_text())
+    edit(index["shards"])
+    index["total"] = _totals(index["shards"])
+    path.write_text(json.dumps(index))
+
+
+def _one_more_image(shards: list[dict]) -> None:
+    shards[1]["samples"] += 1
+    next(iter(shards[1]["splits"].values()))["images"] += 1
+
+
+def test_an_index_whose_counts_are_not_the_tars_is_refused(shards, smoke_cfg, tmp_path):
+    copy = _copy(shards, tmp_path)
+    _edit_index(copy, _one_more_image)
+    with pytest.raises(DataError, match=r"shard-000001\.tar: holds 10 samples .* records 11"):
+        _stream(copy, smoke_cfg)  # the epoch length would come from these counts
     with pytest.raises(DataError, match=r"shard-000001\.tar: holds 10 samples"):
         validate_shards(copy)
+    index = json.loads((copy / "shards.json").read_text())
+    index["total"]["samples"] += 1
+    (copy / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"shards\.json: total .* is not the sum"):
+        _stream(copy, smoke_cfg)
+
+
+def test_an_index_of_no_shards_is_refused(shards, tmp_path, capsys):
+    copy = _copy(shards, tmp_path)
+    _edit_index(copy, lambda entries: entries.clear())
+    with pytest.raises(DataError, match=r"shards\.json: lists no shards"):
+        validate_shards(copy)
+    assert main(["validate", "--data", str(copy)]) == 2
+    assert "lists no shards" in capsys.readouterr().err
+
+
+def test_validation_decodes_every_image(shards, tmp_path):
+    copy = _copy(shards, tmp_path)
+    shard = copy / "shard-000002.tar"
+    _flip_member(shard, ".png")  # the PNG signature: not an image any more
+    digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+    _edit_index(copy, lambda entries: entries[2].update(sha256=digest))
+    with pytest.raises(DataError, match=r"shard-000002\.tar: sample \S+: cannot decode image"):
+        validate_shards(copy)
+
+
+@pytest.mark.parametrize("where", ["data", "data/shards", "."])
+def test_shards_overlapping_their_dataset_are_refused(smoke_data, tmp_path, capsys, where):
+    data = Path(shutil.copytree(smoke_data, tmp_path / "data"))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    out = tmp_path / where
+    assert main(["shard", "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "overlaps the dataset" in err
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_a_shard_directory_that_gained_a_file_is_kept(smoke_data, tmp_path):
+    out = tmp_path / "s"
+    write_shards(smoke_data, out, splits=["val"])
+    (out / "photo.jpg").write_bytes(b"the user's only copy")
+    with pytest.raises(OutputError, match=rf"{out}: holds photo\.jpg, which vlp did not write"):
+        write_shards(smoke_data, out, splits=["val"])
+    assert (out / "photo.jpg").read_bytes() == b"the user's only copy"
+
+
+def test_an_unwritable_shard_out_is_named(smoke_data, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is expected\n")
+    assert main(["shard", "--data", str(smoke_data), "--out", str(blocker / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot write in {blocker}" in err
 
 
 def test_reader_yields_the_pairs_of_its_splits(shards, smoke_cfg, smoke_data):

@@ -5,18 +5,21 @@ questions + annotations, and CSV/Parquet tables of (image_path, caption[, split]
 
 Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
 `OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
-with other content, an image given a second path, or an image put in a second split is an
-error naming it, and the dataset stays as it was. Splits belong to images: `--split` applies
-to images not yet in the dataset, an image already there keeps its split (so VQA v2
-questions land on the Karpathy split of their image).
+with other content, an image given a second path, an image put in a second split, or one
+image file under two ids in two splits is an error naming it, and the dataset stays as it
+was. Splits belong to images: `--split` applies to images not yet in the dataset, an image
+already there keeps its split (so VQA v2 questions land on the Karpathy split of their
+image). OUT may not be or lie in a folder vlp writes as a whole (one holding the output
+marker, such as `vlp generate`'s data/shapes): vlp and `dvc repro` would replace it,
+imports and all.
 
 Images stay where they are: a folder inside OUT is referenced directly; a folder elsewhere
 is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), so manifest
 paths stay relative to OUT. DVC versions only the first kind (`dvc add OUT` does not
 follow symlinked folders), so a dataset meant for the pipeline keeps its images inside
-OUT. Ids must be
-integers (JSON numbers without a fraction, integer table cells); an image file that leads
-through a symlink out of OUT (other than those links) is refused.
+OUT. Ids must be integers that fit in int64 (JSON numbers without a fraction, integer
+table cells), and captions, questions and file names text; an image file that leads through
+a symlink out of OUT (other than those links) is refused.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ from vlp.data.manifest import (
     write_manifest,
 )
 from vlp.errors import DataError, OutputError
-from vlp.io import atomic_write_json, load_json
+from vlp.io import OUTPUT_MARKER, atomic_write_json, check_writable, load_json
+
+# Manifest ids are int64.
+_ID_RANGE = range(-(2**63), 2**63)
 
 
 def _load_json(path: Path) -> Any:
@@ -62,16 +68,39 @@ def _field(record: Any, key: str, where: str) -> Any:
     return record[key]
 
 
-def _records(doc: Any, key: str, path: Path) -> list[Any]:
-    items = _field(doc, key, str(path))
+def _records(doc: Any, key: str, where: Any) -> list[Any]:
+    items = _field(doc, key, str(where))
     if not isinstance(items, list):
-        raise DataError(f"{path}: {key!r} must be a list")
+        raise DataError(f"{where}: {key!r} must be a list")
     return items
+
+
+def _objects(doc: Any, key: str, where: Any, sep: str = ": ") -> list[tuple[str, dict]]:
+    """(where, record) of each item of the list `doc[key]`; DataError naming one not an object."""
+    found = []
+    for i, item in enumerate(_records(doc, key, where)):
+        here = f"{where}{sep}{key}[{i}]"
+        if not isinstance(item, dict):
+            raise DataError(f"{here}: expected an object, got {item!r}")
+        found.append((here, item))
+    return found
+
+
+def _text(record: Any, key: str, where: str, empty: bool = False) -> str:
+    """The string `record[key]`; DataError naming it if it is missing, not text, or empty."""
+    value = _field(record, key, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key} {value!r} is not text")
+    if not empty and not value.strip():
+        raise DataError(f"{where}: {key} is empty")
+    return value
 
 
 def _id(value: Any, key: str, where: str) -> int:
     """`value` as an id; DataError naming it unless it is an integer (3.0, "3" and True are not)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if int(value) not in _ID_RANGE:
+            raise DataError(f"{where}: {key} {value} does not fit in 64 bits")
         return int(value)
     raise DataError(f"{where}: {key} {value!r} is not an integer")
 
@@ -209,18 +238,40 @@ def _check_is_manifest(path: Path) -> None:
         )
 
 
+def _open_dataset(images: Path, out: Path) -> tuple[ImageFolder, Dataset]:
+    """The image folder's place in OUT and what OUT holds, once OUT is known to take an import."""
+    check_import_out(out)
+    return plan_image_folder(images, out), Dataset.read(out)
+
+
+def check_import_out(out: Path) -> None:
+    """OutputError unless OUT may take imported rows: writable, and not in a folder vlp replaces.
+
+    A folder holding vlp's output marker (`vlp generate`'s data/shapes, a shard directory)
+    is rewritten as a whole by vlp and by `dvc repro`/`dvc checkout`: rows and images
+    imported into it would be lost.
+    """
+    out = Path(out)
+    for folder in (out, *out.absolute().parents):
+        if (folder / OUTPUT_MARKER).is_file():
+            raise OutputError(
+                f"--out {out}: {folder} is a folder vlp writes (it holds {OUTPUT_MARKER}) "
+                "and replaces as a whole, with whatever was imported into it; "
+                "import into another folder"
+            )
+    check_writable({f"--out {out}": out})
+
+
 def import_coco(annotations: Path, images: Path, out: Path, split: str = "train") -> dict:
     """COCO captions (`captions_*.json`: images[], annotations[]) added to OUT/pairs.parquet."""
     _check_split(split, "--split")
     doc = _load_json(annotations)
     files = {}
-    for i, img in enumerate(_records(doc, "images", annotations)):
-        where = f"{annotations}: images[{i}]"
-        files[_id_field(img, "id", where)] = str(_field(img, "file_name", where))
-    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
+    for where, img in _objects(doc, "images", annotations):
+        files[_id_field(img, "id", where)] = _text(img, "file_name", where)
+    folder, dataset = _open_dataset(images, out)
     rows = []
-    for i, ann in enumerate(_records(doc, "annotations", annotations)):
-        where = f"{annotations}: annotations[{i}]"
+    for where, ann in _objects(doc, "annotations", annotations):
         image_id = _id_field(ann, "image_id", where)
         if image_id not in files:
             raise DataError(f"{where}: image_id {image_id} is not in images[]")
@@ -229,7 +280,7 @@ def import_coco(annotations: Path, images: Path, out: Path, split: str = "train"
                 caption_id=_id_field(ann, "id", where),
                 image_id=image_id,
                 image_path=_join(out, folder, files[image_id], where),
-                caption=str(_field(ann, "caption", where)).strip(),
+                caption=_text(ann, "caption", where).strip(),
                 split=dataset.split_of(image_id, split),
             )
         )
@@ -243,22 +294,22 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
     file's splits are the images' splits.
     """
     doc = _load_json(split_json)
-    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
+    folder, dataset = _open_dataset(images, out)
     rows = []
-    for i, img in enumerate(_records(doc, "images", split_json)):
-        where = f"{split_json}: images[{i}]"
+    for where, img in _objects(doc, "images", split_json):
         image_id = _id_field(img, "cocoid" if "cocoid" in img else "imgid", where)
-        name = str(_field(img, "filename", where))
-        rel = f"{img['filepath']}/{name}" if img.get("filepath") else name
-        split = _check_split(str(_field(img, "split", where)), where)
-        for j, sent in enumerate(_field(img, "sentences", where)):
-            swhere = f"{where}.sentences[{j}]"
+        name = _text(img, "filename", where)
+        has_dir = img.get("filepath") is not None
+        subdir = _text(img, "filepath", where, empty=True) if has_dir else ""
+        rel = f"{subdir}/{name}" if subdir else name
+        split = _check_split(_text(img, "split", where), where)
+        for swhere, sent in _objects(img, "sentences", where, sep="."):
             rows.append(
                 dict(
                     caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else None,
                     image_id=image_id,
                     image_path=_join(out, folder, rel, swhere),
-                    caption=str(_field(sent, "raw", swhere)).strip(),
+                    caption=_text(sent, "raw", swhere).strip(),
                     split=split,
                 )
             )
@@ -275,6 +326,18 @@ def _coco_image_names(images: Path) -> dict[int, str]:
     return names
 
 
+def _answers(ann: dict, where: str) -> list[str]:
+    answers = _field(ann, "answers", where)
+    if not isinstance(answers, list):
+        raise DataError(f"{where}: answers {answers!r} must be a list")
+    found = []
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, dict):
+            raise DataError(f"{where}: answers[{i}]: expected an object, got {answer!r}")
+        found.append(_text(answer, "answer", f"{where}: answers[{i}]", empty=True))
+    return found
+
+
 def import_vqa(
     questions: Path, annotations: Path, images: Path, out: Path, split: str = "train"
 ) -> dict:
@@ -287,20 +350,18 @@ def import_vqa(
     _check_split(split, "--split")
     qdoc, adoc = _load_json(questions), _load_json(annotations)
     anns = {}
-    for i, ann in enumerate(_records(adoc, "annotations", annotations)):
-        anns[_id_field(ann, "question_id", f"{annotations}: annotations[{i}]")] = (i, ann)
+    for where, ann in _objects(adoc, "annotations", annotations):
+        anns[_id_field(ann, "question_id", where)] = (where, ann)
     subtype = qdoc.get("data_subtype") if isinstance(qdoc, dict) else None
+    folder, dataset = _open_dataset(images, out)
     by_id = None if subtype else _coco_image_names(images)
-    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
     rows = []
-    for i, q in enumerate(_records(qdoc, "questions", questions)):
-        where = f"{questions}: questions[{i}]"
+    for where, q in _objects(qdoc, "questions", questions):
         qid = _id_field(q, "question_id", where)
         image_id = _id_field(q, "image_id", where)
         if qid not in anns:
             raise DataError(f"{where}: question_id {qid} has no entry in {annotations}")
-        j, ann = anns[qid]
-        awhere = f"{annotations}: annotations[{j}]"
+        awhere, ann = anns[qid]
         path = dataset.path_of(image_id)
         if path is None:
             if by_id is None:
@@ -310,17 +371,16 @@ def import_vqa(
             else:
                 raise DataError(f"{where}: no image file for image_id {image_id} in {images}")
             path = _join(out, folder, name, where)
-        answers = [str(_field(a, "answer", awhere)) for a in _field(ann, "answers", awhere)]
         rows.append(
             dict(
                 question_id=qid,
                 image_id=image_id,
                 image_path=path,
-                question=str(_field(q, "question", where)).strip(),
-                question_type=str(_field(ann, "question_type", awhere)),
-                answers=answers,
-                answer_type=str(_field(ann, "answer_type", awhere)),
-                multiple_choice_answer=str(_field(ann, "multiple_choice_answer", awhere)),
+                question=_text(q, "question", where).strip(),
+                question_type=_text(ann, "question_type", awhere, empty=True),
+                answers=_answers(ann, awhere),
+                answer_type=_text(ann, "answer_type", awhere),
+                multiple_choice_answer=_text(ann, "multiple_choice_answer", awhere, empty=True),
                 split=dataset.split_of(image_id, split),
             )
         )
@@ -333,7 +393,7 @@ def _table_id(rec: dict[str, Any], key: str, where: str) -> int:
     """An id cell of a table: an integer, or CSV text of one ("7"; not "7.0" or "x7")."""
     value = rec[key]
     if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
+        value = int(value)
     return _id(value, key, where)
 
 
@@ -351,7 +411,8 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         if table.suffix == ".parquet":
             df = pd.read_parquet(table)
         else:  # ids as text: pandas would turn "7" into 7.0 in a column with a "1.9"
-            df = pd.read_csv(table, dtype={"image_id": str, "caption_id": str})
+            text = dict.fromkeys(("image_id", "caption_id", "image_path", "caption", "split"), str)
+            df = pd.read_csv(table, dtype=text)
     except Exception as e:  # pandas/pyarrow raise many types for a malformed table
         raise DataError(f"{table}: cannot read table: {e}") from e
     for col in ("image_path", "caption"):
@@ -362,7 +423,7 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         empty = df[col].isna().to_numpy().nonzero()[0] if col in df.columns else []
         if len(empty):
             raise DataError(f"{table}: row {empty[0]}: {col} is empty")
-    folder, dataset = plan_image_folder(images, out), Dataset.read(out)
+    folder, dataset = _open_dataset(images, out)
     if "split" not in df.columns:
         _check_split(split, "--split")
     image_ids = {path: image_id for image_id, (path, _) in dataset.images.items()}
@@ -371,18 +432,18 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         where = f"{table}: row {i}"
         if pd.isna(rec["image_path"]) or pd.isna(rec["caption"]):
             raise DataError(f"{where}: empty image_path or caption")
-        path = _join(out, folder, str(rec["image_path"]), where)
+        path = _join(out, folder, _text(rec, "image_path", where), where)
         if "image_id" in rec:
             image_id = _table_id(rec, "image_id", where)
         else:
             image_id = image_ids.setdefault(path, _next_id(image_ids.values()))
-        given = _check_split(str(rec["split"]), where) if "split" in rec else split
+        given = _check_split(_text(rec, "split", where), where) if "split" in rec else split
         rows.append(
             dict(
                 caption_id=_table_id(rec, "caption_id", where) if "caption_id" in rec else None,
                 image_id=image_id,
                 image_path=path,
-                caption=str(rec["caption"]).strip(),
+                caption=_text(rec, "caption", where).strip(),
                 split=given if "split" in rec else dataset.split_of(image_id, split),
             )
         )
@@ -453,7 +514,8 @@ def _plain(value: Any) -> Any:
 
 
 def _check_images(df: pd.DataFrame, source: str) -> None:
-    """DataError naming the first image with two paths or two splits across the manifests."""
+    """DataError naming the first image with two paths or two splits across the manifests, or
+    the first image file that is in two splits under two ids."""
     for column, what in (("image_path", "path"), ("split", "split")):
         values = df.groupby("image_id")[column].unique()
         bad = values[values.map(len) > 1]
@@ -463,6 +525,17 @@ def _check_images(df: pd.DataFrame, source: str) -> None:
                 f"{source}: image_id {image_id} would have two {what}s: "
                 + " and ".join(repr(_plain(v)) for v in found)
             )
+    # one file under two ids: its splits must agree, or a test image is also trained on
+    splits = df.groupby("image_path")["split"].nunique()
+    for path in splits[splits > 1].index[:1]:
+        ids = df[df["image_path"] == path].drop_duplicates(["image_id", "split"])
+        raise DataError(
+            f"{source}: image file {path!r} would be in two splits: "
+            + " and ".join(
+                f"image_id {int(i)} ({s})"
+                for i, s in zip(ids["image_id"], ids["split"], strict=True)
+            )
+        )
 
 
 def _add(dataset: Dataset, name: str, rows: list[dict], folder: ImageFolder, source: str) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from vlp.errors import ConfigError, DataError
-from vlp.io import atomic_path
+from vlp.io import atomic_path, index_outputs
 
 PAIRS_FILE = "pairs.parquet"
 VQA_FILE = "vqa.parquet"
@@ -274,3 +274,21 @@ def dataset_hash(data_dir: str | os.PathLike) -> str:
         size = image.stat().st_size if image.is_file() else -1
         digest.update(f"{rel}\0{size}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def dataset_files(data_dir: str | os.PathLike) -> set[str]:
+    """The files of a dataset directory its manifests account for: themselves and their images."""
+    root = Path(data_dir)
+    files: set[str] = set()
+    for name in (PAIRS_FILE, VQA_FILE):
+        path = root / name
+        if path.is_file():
+            files.add(name)
+            paths = _read(path, {"image_path": "str"}, None, columns=["image_path"])
+            files.update(os.path.normpath(str(p)) for p in paths["image_path"])
+    return files
+
+
+# `vlp generate` writes datasets: one that holds a file its manifests do not name is the
+# user's too, and is not replaced.
+index_outputs("dataset", dataset_files)

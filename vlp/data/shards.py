@@ -37,6 +37,8 @@ from torch.utils.data import IterableDataset
 from vlp.data.images import Augmentation, ImageTransform, swap_left_right
 from vlp.data.manifest import (
     SHARD_INDEX_FILE as INDEX_FILE,
+)
+from vlp.data.manifest import (
     check_split_names,
     has_vqa,
     image_roots,
@@ -45,8 +47,8 @@ from vlp.data.manifest import (
     read_pairs,
     read_vqa,
 )
-from vlp.errors import DataError
-from vlp.io import atomic_dir, atomic_write_json, load_json
+from vlp.errors import DataError, OutputError
+from vlp.io import atomic_dir, atomic_write_json, index_outputs, load_json
 
 INDEX_FORMAT = "vlp-shards/1"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -120,6 +122,7 @@ def write_shards(
     directory vlp wrote.
     """
     data_dir = Path(data_dir)
+    _check_apart(data_dir, Path(out))
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard: must be >= 1, got {samples_per_shard}")
     if splits:
@@ -162,6 +165,17 @@ def write_shards(
     return index
 
 
+def _check_apart(data_dir: Path, out: Path) -> None:
+    """OutputError if the shard directory is the dataset, lies in it or holds it: replacing
+    `out` as a whole would delete the dataset's files, or put the shards among them."""
+    data, shards = data_dir.resolve(), out.resolve()
+    if data == shards or data in shards.parents or shards in data.parents:
+        raise OutputError(
+            f"--out {out}: overlaps the dataset --data {data_dir}; write the shards to a "
+            "folder outside it"
+        )
+
+
 def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
     splits: dict[str, dict[str, int]] = {}
     for shard in shards:
@@ -179,7 +193,8 @@ def _totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
 def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
     """The index of a shard directory, checked against the files: each shard present, sized as recorded.
 
-    A cheap check for the start of every reader; `validate_shards` reads every byte.
+    A cheap check for the start of every reader; `validate_shards` reads every byte. An
+    index of no shards, or whose totals are not the sums of its shards, is refused.
     """
     shard_dir = Path(shard_dir)
     path = shard_dir / INDEX_FILE
@@ -187,25 +202,55 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise DataError(f"{path}: not a vlp shard index (format {INDEX_FORMAT})")
     try:
+        if not index["shards"]:
+            raise DataError(f"{path}: lists no shards")
         for shard in index["shards"]:
-            name = shard["name"]
-            if Path(name).name != name:
-                raise DataError(f"{path}: shard name {name!r} is not a file name")
-            size = (shard_dir / name).stat().st_size if (shard_dir / name).is_file() else None
-            if size is None:
-                raise DataError(f"{shard_dir / name}: shard listed in {INDEX_FILE} not found")
-            if size != shard["bytes"]:
-                raise DataError(
-                    f"{shard_dir / name}: {size} bytes, {INDEX_FILE} records {shard['bytes']} "
-                    "(truncated or rewritten)"
-                )
-    except (KeyError, TypeError) as e:
+            _check_shard_file(shard_dir, shard)
+        if index["total"] != _totals(index["shards"]):
+            raise DataError(
+                f"{path}: total {index['total']} is not the sum of its shards' counts "
+                f"{_totals(index['shards'])}"
+            )
+    except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{path}: malformed shard index ({e!r})") from None
     return index
 
 
+def _check_shard_file(shard_dir: Path, shard: dict[str, Any]) -> None:
+    name = shard["name"]
+    if not isinstance(name, str) or Path(name).name != name:
+        raise DataError(f"{shard_dir / INDEX_FILE}: shard name {name!r} is not a file name")
+    size = (shard_dir / name).stat().st_size if (shard_dir / name).is_file() else None
+    if size is None:
+        raise DataError(f"{shard_dir / name}: shard listed in {INDEX_FILE} not found")
+    if size != shard["bytes"]:
+        raise DataError(
+            f"{shard_dir / name}: {size} bytes, {INDEX_FILE} records {shard['bytes']} "
+            "(truncated or rewritten)"
+        )
+    images = sum(counts["images"] for counts in shard["splits"].values())
+    if images != shard["samples"]:
+        raise DataError(
+            f"{shard_dir / INDEX_FILE}: {name}: {shard['samples']} samples but {images} "
+            "images over its splits"
+        )
+
+
+def shard_files(shard_dir: str | os.PathLike) -> set[str]:
+    """The files of a shard directory its index accounts for: itself and the shards it lists."""
+    index = load_json(Path(shard_dir) / INDEX_FILE, DataError)
+    try:
+        return {INDEX_FILE, *(str(shard["name"]) for shard in index["shards"])}
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{Path(shard_dir) / INDEX_FILE}: malformed shard index ({e!r})") from None
+
+
+index_outputs("shards", shard_files)
+
+
 def validate_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    """Check every shard against the index: sha256, readable tar, one image + JSON per sample, counts.
+    """Check every shard against the index: sha256, readable tar, one decodable image + JSON
+    per sample, counts.
 
     Returns the index; DataError naming the first bad shard.
     """
@@ -216,29 +261,60 @@ def validate_shards(shard_dir: str | os.PathLike) -> dict[str, Any]:
         digest = _sha256(path)
         if digest != shard["sha256"]:
             raise DataError(f"{path}: sha256 {digest[:12]}... differs from {INDEX_FILE}")
-        counts: dict[str, dict[str, int]] = {}
-        samples = 0
-        try:
-            for key, members in _tar_samples(path):
-                record = _parse_record(members, key, path)
-                if len(members) != 2 or not any(ext != "json" for ext in members):
-                    raise DataError(f"{path}: sample {key}: expected one image and one JSON")
-                acc = counts.setdefault(str(record["split"]), {"images": 0, "captions": 0})
-                acc["images"] += 1
-                acc["captions"] += len(record["captions"])
-                samples += 1
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"{path}: unreadable tar: {e}") from None
-        if samples != shard["samples"] or counts != shard["splits"]:
-            raise DataError(
-                f"{path}: holds {samples} samples {counts}, {INDEX_FILE} records "
-                f"{shard['samples']} {shard['splits']}"
-            )
+        check_shard_counts(path, shard, decode=True)
     return index
 
 
-def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of consecutive members sharing a key, as webdataset groups them."""
+def check_shard_counts(path: Path, shard: dict[str, Any], decode: bool = False) -> None:
+    """DataError unless the tar `path` holds the samples its index entry `shard` records.
+
+    Reads each sample's JSON record (and, with `decode`, decodes its image); DataError
+    naming the first sample without one image and one record.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    samples = 0
+    try:
+        for key, members in _tar_samples(path, read_images=decode):
+            record = _parse_record(members, key, path)
+            images = [ext for ext in members if ext != "json"]
+            if len(images) != 1:
+                raise DataError(f"{path}: sample {key}: expected one image and one JSON")
+            if decode:
+                _open_image(members[images[0]], path, key).close()
+            acc = counts.setdefault(str(record["split"]), {"images": 0, "captions": 0})
+            acc["images"] += 1
+            acc["captions"] += len(record["captions"])
+            samples += 1
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: unreadable tar: {e}") from None
+    if samples != shard["samples"] or counts != shard["splits"]:
+        raise DataError(
+            f"{path}: holds {samples} samples {counts}, {INDEX_FILE} records "
+            f"{shard['samples']} {shard['splits']}"
+        )
+
+
+def _open_image(data: bytes, shard: Any, key: Any) -> Image.Image:
+    """The decoded image of a sample; DataError naming the shard and sample if it is not one."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as e:
+        raise DataError(f"{shard}: sample {key}: cannot decode image: {e}") from None
+    return img
+
+
+def _tar_samples(path: Path, read_images: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of consecutive members sharing a key, as webdataset groups them.
+
+    Without `read_images`, only JSON members are read (other members' bytes are empty).
+    """
     key, members = None, {}
     with tarfile.open(path, "r:") as tar:
         for info in tar:
@@ -250,6 +326,9 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 yield key, members
                 members = {}
             key = stem
+            if ext != "json" and not read_images:
+                members[ext] = b""
+                continue
             f = tar.extractfile(info)
             members[ext] = f.read() if f is not None else b""
     if key is not None:
@@ -314,11 +393,14 @@ class ShardPairs(IterableDataset):
         self.shard_dir = Path(shard_dir)
         self.splits = sorted(set(splits))
         index = read_index(self.shard_dir)
-        self.urls = [
-            str(self.shard_dir / s["name"])
+        used = [
+            s
             for s in index["shards"]
             if any(s["splits"].get(name, {}).get("images") for name in self.splits)
         ]
+        for shard in used:  # the epoch length comes from the index: it must be the tars'
+            check_shard_counts(self.shard_dir / shard["name"], shard)
+        self.urls = [str(self.shard_dir / s["name"]) for s in used]
         per_split = index["total"]["splits"]
         what = "images" if first_caption_only else "captions"
         self.n_samples = sum(per_split.get(name, {}).get(what, 0) for name in self.splits)
@@ -365,9 +447,7 @@ class ShardPairs(IterableDataset):
         stages: list[Any] = [*source, wds.tarfile_to_samples(handler=_raise_data_error)]
         if self.shuffle_buffer > 1:
             seed = int(np.random.default_rng([*stream_seed, 1]).integers(2**31))
-            stages.append(
-                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)
-            )
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
         rng = np.random.default_rng([*stream_seed, 2])
         stream_id, n_streams = rank * workers + worker, world * workers
         stages.append(lambda src: self._pairs(src, rng, epoch, stream_id, n_streams))
@@ -392,11 +472,7 @@ class ShardPairs(IterableDataset):
             images = [ext for ext in sample if not ext.startswith("__") and ext != "json"]
             if len(images) != 1:
                 raise DataError(f"{url}: sample {key}: expected one image, found {images}")
-            try:
-                with Image.open(io.BytesIO(sample[images[0]])) as img:
-                    img.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{url}: sample {key}: cannot decode image: {e}") from None
+            img = _open_image(sample[images[0]], url, key)
             captions = record["captions"]
             pick = 0 if self.first_caption_only else int(rng.integers(len(captions)))
             caption = captions[pick]

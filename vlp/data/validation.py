@@ -336,13 +336,14 @@ def validate_dataset(
     if docs_dir is not None and (failures or docs_on_success):
         try:
             _build_docs(context, docs_dir)
-        except OSError as e:
+        except (OSError, OutputError) as e:
             summary["docs_error"] = _write_error(docs_dir, e)
     return summary
 
 
-def _write_error(path: Path, e: OSError) -> str:
-    return f"cannot write the report to {path} ({e.strerror or e})"
+def _write_error(path: Path, e: OSError | OutputError) -> str:
+    why = e if isinstance(e, OutputError) else e.strerror or e
+    return f"cannot write the report to {path} ({why})"
 
 
 def _error_message(summary: dict[str, Any], docs: Path | None) -> str:
