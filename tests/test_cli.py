@@ -37,15 +37,6 @@ NO_OUTPUT = {("rollback",), ("flow",)}
 
 # Commands whose crashes on these inputs are fixed on another branch; strict, so that the
 # mark must go once they pass.
-ELSEWHERE = "fixed with the data commands (generate, import, shard, embed)"
-PENDING: set[tuple[str, tuple[str, ...]]] = {
-    ("read-only", ("generate",)),
-    ("read-only", ("import", "coco")),
-    ("read-only", ("import", "karpathy")),
-    ("read-only", ("import", "vqa")),
-    ("read-only", ("import", "table")),
-    ("read-only", ("shard",)),
-}
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list:
@@ -283,17 +274,8 @@ def _vlp(ws: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _cases(table: dict[tuple[str, ...], Case], kind: str) -> list:
-    return [
-        pytest.param(
-            words,
-            marks=[pytest.mark.xfail(strict=True, reason=ELSEWHERE)]
-            if (kind, words) in PENDING
-            else [],
-            id=" ".join(words),
-        )
-        for words in table
-    ]
+def _cases(table: dict[tuple[str, ...], Case]) -> list:
+    return [pytest.param(words, id=" ".join(words)) for words in table]
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, words: tuple, names: str) -> None:
@@ -304,14 +286,14 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, words: tuple, na
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("words", _cases(MALFORMED, "malformed"))
+@pytest.mark.parametrize("words", _cases(MALFORMED))
 def test_malformed_input_is_one_line_naming_it(ws: Path, words: tuple[str, ...]) -> None:
     args, names = MALFORMED[words]
     _assert_one_line_error(_vlp(ws, args), words, names)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("words", _cases(READ_ONLY, "read-only"))
+@pytest.mark.parametrize("words", _cases(READ_ONLY))
 def test_unwritable_output_is_one_line_naming_it(ws: Path, words: tuple[str, ...]) -> None:
     args, names = READ_ONLY[words]
     assert (ws / "blocker").is_file()
