@@ -42,7 +42,8 @@ from vlp.tracking import (
 # `vlp` marks what retrying cannot fix with this in its message: a user error (bad params,
 # bad data; exit 2) or a promotion refused for a person to resolve (exit 4).
 USER_ERROR_MARK = ": error: "
-# How `dvc repro` reports the promotion gate's refusal (`vlp promote` exit 4).
+# How `dvc repro` reports the promotion gate's refusal (`vlp promote` exit 4): an outcome
+# of the run, which goes on, not a failed stage.
 REFUSED_MARK = f", exited with {PROMOTE_EXIT['refused']}"
 # Optional params naming what the stages read besides their declared DVC dependencies
 # (null: not used): a variant checks them when set, with every dependency (`data.root`).

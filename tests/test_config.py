@@ -16,6 +16,7 @@ from vlp.config import (
     load_config,
     parse_override,
     profile_dir,
+    shapes_dir,
     write_variant_params,
 )
 from vlp.errors import ConfigError
@@ -202,7 +203,7 @@ def test_non_finite_and_out_of_range_numbers_are_config_errors(override, message
     assert err.startswith("vlp pretrain: error: ") and len(err.splitlines()) == 1
 
 
-def test_a_profile_writes_its_outputs_in_its_own_folder():
+def test_a_profile_writes_its_outputs_in_its_own_folder(tmp_path):
     default = load_config(REPO_PARAMS)
     smoke = load_config(REPO_PARAMS, "smoke", ["pretrain.out_dir=/tmp/x"])
     apart = profile_dir("smoke")
@@ -216,8 +217,14 @@ def test_a_profile_writes_its_outputs_in_its_own_folder():
     assert smoke.finetune.init_dir == "profiles/smoke/models/pretrained"
     assert smoke.evaluate.models_dir == smoke.finetune.out_dir
     assert smoke.runtime.metrics_dir == "profiles/smoke/metrics"
-    # inputs stay where they are; `default` is no profile
-    assert smoke.data.root == default.data.root
+    # the generated shapes world moves with them (`vlp --profile smoke generate` writes it)
+    assert smoke.data.root == str(shapes_dir("smoke")) == "profiles/smoke/data/shapes"
+    assert shapes_dir() == Path(default.data.root)
+    # a dataset of the user's stays where it is; `default` is no profile
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    params = tmp_path / "params.yaml"
+    params.write_text(REPO_PARAMS.read_text().replace("root: data/shapes", "root: data/coco"))
+    assert load_config(params, "smoke").data.root == "data/coco"
     assert load_config(REPO_PARAMS, "default") == default
 
 
@@ -234,8 +241,8 @@ def test_a_variant_params_file_keeps_the_pipeline_output_folders(tmp_path):
 def test_a_profile_stage_leaves_the_default_pipeline_outputs_alone(
     tmp_path,
     smoke_data,
-    empty_store,
-    monkeypatch,  # noqa: F811
+    empty_store,  # noqa: F811
+    monkeypatch,
 ):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
