@@ -246,7 +246,7 @@ def test_two_node_training_from_shards(
         joint = _expected(shards, smoke_cfg, rank, False, p.max_steps * micro, micro)
         assert got == warmup + joint
     assert streams[0] != streams[1]
-    assert (cwd / "models" / "pretrained" / "model.safetensors").is_file()
+    assert (cwd / OUT / "models" / "pretrained" / "model.safetensors").is_file()
     metrics = json.loads((cwd / OUT / "metrics" / "pretrain.json").read_text())
     assert (metrics["steps"], metrics["world_size"]) == (p.max_steps, 2)
     (run,) = _stage_runs(cwd)
@@ -254,7 +254,7 @@ def test_two_node_training_from_shards(
 
     outs = two_nodes(["finetune", "retrieval"], ("finetune.ablation=false",))
     assert sum(o.count('"model_dir"') for o in outs) == 1
-    assert (cwd / "models" / "finetuned" / "retrieval" / "task.json").is_file()
+    assert (cwd / OUT / "models" / "finetuned" / "retrieval" / "task.json").is_file()
     ft = smoke_cfg.finetune.retrieval
     streams = _streamed(cwd)
     for got in streams:
