@@ -8,7 +8,9 @@ nothing to do. A run with a profile or overrides is a variant, run like `dvc exp
 has them applied, then saved with `dvc exp save`, so it is listed and compared in
 `dvc exp show` and the workspace's params.yaml, metrics, plots and dvc.lock are untouched.
 The flow opens the MLflow pipeline run itself and hands it to every stage process through
-`VLP_PARENT_RUN_ID` (and a variant's profile through `VLP_PROFILE`).
+`VLP_PARENT_RUN_ID` (and a variant's profile through `VLP_PROFILE`, which also keeps
+its registered models apart: `vlp.registry.model_name`). A promotion the gate refuses is
+an outcome of the run, logged and kept with it, not a failure of the flow.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from vlp.cli import PROMOTE_EXIT
 from vlp.config import Config, load_config, tracking_uri, write_variant_params
-from vlp.errors import ConfigError, OutputError
+from vlp.errors import ConfigError, DataError, OutputError
 from vlp.tracking import (
     FLOW_RUN_ENV,
     PARENT_RUN_ENV,
@@ -39,6 +42,19 @@ from vlp.tracking import (
 # `vlp` marks what retrying cannot fix with this in its message: a user error (bad params,
 # bad data; exit 2) or a promotion refused for a person to resolve (exit 4).
 USER_ERROR_MARK = ": error: "
+# How `dvc repro` reports the promotion gate's refusal (`vlp promote` exit 4): an outcome
+# of the run, which goes on, not a failed stage.
+REFUSED_MARK = f", exited with {PROMOTE_EXIT['refused']}"
+# Optional params naming what the stages read besides their declared DVC dependencies
+# (null: not used): a variant checks them when set, with every dependency (`data.root`).
+OPTIONAL_INPUT_KEYS = (
+    "data.shards",
+    "evaluate.data_root",
+    "model.init_from",
+    "model.image_pretrained",
+    "model.text_pretrained",
+    "model.tokenizer_pretrained",
+)
 
 
 class StageFailed(RuntimeError):
@@ -84,17 +100,78 @@ def variant_workspace(root: Path) -> Iterator[Path]:
                 shutil.copy2(src, dst)
             elif dst.is_file():
                 dst.unlink()  # deleted in the workspace
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "config", "--local", "cache.dir", cache],
-            cwd=work,
-            check=True,
-            capture_output=True,
-        )
+        # links where the file system allows, never symlinks: vlp refuses images that
+        # lead out of their dataset
+        for key, value in (("cache.dir", cache), ("cache.type", "reflink,hardlink,copy")):
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "config", "--local", key, value],
+                cwd=work,
+                check=True,
+                capture_output=True,
+            )
         yield work
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(work)], cwd=root)
         shutil.rmtree(work.parent, ignore_errors=True)
         subprocess.run(["git", "worktree", "prune"], cwd=root)
+
+
+def checkout_tracked_data(work: Path) -> list[str]:
+    """Check out every `dvc add`ed path of the worktree `work` from the shared DVC cache.
+
+    A git worktree holds a dataset's `.dvc` file, not its files. Returns the `.dvc` files;
+    a DataError naming them if the cache lacks their data (`dvc add` or `dvc pull` first).
+    """
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with chdir(work), Repo(".") as repo:
+        tracked = sorted(s.relpath for s in repo.index.stages if not isinstance(s, PipelineStage))
+    if not tracked:
+        return []
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "checkout", *tracked],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        why = " ".join((done.stdout + done.stderr).split())[-300:]
+        raise DataError(
+            f"{', '.join(tracked)}: cannot check the tracked data out of the DVC cache for a "
+            f"variant ({why}); `dvc add` or `dvc pull` it first"
+        )
+    return tracked
+
+
+def check_variant_inputs(work: Path, cfg: Config) -> None:
+    """Refuse, before any stage runs, an input a variant's stages could not read.
+
+    The inputs: every dependency of a dvc.yaml stage, and each `OPTIONAL_INPUT_KEYS` set.
+    A relative one must be in the worktree `work` (git or DVC tracks it) or be written by a
+    stage; an absolute one must exist. A DataError names its key (or stage) otherwise.
+    """
+    outs, deps = stage_paths(work)
+    names = {Path(cfg.data.root): "data.root"}
+    for key in OPTIONAL_INPUT_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            names[Path(value)] = key
+            deps.setdefault(Path(value), key)
+    for path, stage in deps.items():
+        what = names.get(path, f"stage {stage}")
+        if path.is_absolute():
+            if not path.exists():
+                raise DataError(f"{what}: {path} not found")
+        elif not (work / path).exists() and not any(
+            path == out or out in path.parents for out in outs
+        ):
+            raise DataError(
+                f"{what}: {path} is not in the variant's worktree: neither git nor DVC tracks "
+                f"it and no stage writes it; `dvc add {path}` (keep the .dvc file), or use "
+                "an absolute path"
+            )
 
 
 def save_experiment(work: Path, name: str) -> None:
@@ -135,6 +212,26 @@ def pipeline_stages(repo: Path) -> list[str]:
         return [s.addressing for s in order if isinstance(s, PipelineStage)]
 
 
+def stage_paths(repo: Path) -> tuple[set[Path], dict[Path, str]]:
+    """What the dvc.yaml stages of `repo` write, and each path they depend on with the
+    first stage that does (params files aside); relative to `repo` unless absolute."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    outs: set[Path] = set()
+    deps: dict[Path, str] = {}
+    with chdir(repo), Repo(".") as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            if not isinstance(stage, PipelineStage):
+                continue
+            outs.update(Path(out.def_path) for out in stage.outs)
+            for dep in stage.deps:
+                if not isinstance(dep, ParamsDependency):
+                    deps.setdefault(Path(dep.def_path), stage.addressing)
+    return outs, deps
+
+
 @task(name="dvc-stage", task_run_name="{stage}", retry_condition_fn=_retry_if_transient)
 def run_stage(stage: str, repo: str, env: dict[str, str]) -> dict[str, Any]:
     """Run one DVC stage (`dvc repro --single-item`); skipped by DVC if up to date."""
@@ -149,6 +246,10 @@ def run_stage(stage: str, repo: str, env: dict[str, str]) -> dict[str, Any]:
     output = (proc.stdout + proc.stderr).strip()
     for line in output.splitlines()[-40:]:
         log.info("  %s", line)
+    if proc.returncode != 0 and REFUSED_MARK in output:
+        # the gate did its job: a person resolves it (`vlp promote TASK --force`, ...)
+        log.warning("stage %s: promotion refused; the champion is kept", stage)
+        return {"stage": stage, "ran": True, "seconds": round(seconds, 2), "outcome": "refused"}
     if proc.returncode != 0:
         transient = USER_ERROR_MARK not in output
         raise StageFailed(stage, proc.returncode, output[-2000:], transient)
@@ -177,10 +278,13 @@ def vlp_pipeline(
     params_path = root / params if not Path(params).is_absolute() else Path(params)
     if not profile and not overrides:
         return _run_pipeline(root, root, load_config(params_path), None)
-    cfg = load_config(params_path, profile, overrides)  # a bad key fails before any work
+    load_config(params_path, profile, overrides)  # a bad key fails before any work
     name = experiment or f"{profile or 'set'}-{time.strftime('%Y%m%d-%H%M%S')}"
     with variant_workspace(root) as work:
-        write_variant_params(params_path, work / params_path.relative_to(root), profile, overrides)
+        dest = work / params_path.relative_to(root)
+        cfg = write_variant_params(params_path, dest, profile, overrides)
+        checkout_tracked_data(work)
+        check_variant_inputs(work, cfg)
         results = _run_pipeline(root, work, cfg, profile)
         save_experiment(work, name)
     get_run_logger().info("variant saved as DVC experiment %s (see `dvc exp show`)", name)

@@ -16,13 +16,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def smoke_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """The repo's params.yaml with profile `smoke`, every output path inside a session tmp dir.
 
-    Shared by the whole session: do not mutate it; derive a copy with `dataclasses.replace`.
+    Labelled `default`: its runs and registered model names are the default pipeline's,
+    each test having its own store. Shared by the whole session: do not mutate it; derive
+    a copy with `dataclasses.replace`.
     """
     root = tmp_path_factory.mktemp("smoke")
     cfg = load_config(REPO_ROOT / "params.yaml", profile="smoke")
     pretrained, finetuned = str(root / "models" / "pretrained"), str(root / "models" / "finetuned")
     return dataclasses.replace(
         cfg,
+        profile="default",
         runtime=dataclasses.replace(
             cfg.runtime, metrics_dir=str(root / "metrics"), plots_dir=str(root / "plots")
         ),

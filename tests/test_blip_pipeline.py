@@ -13,12 +13,14 @@ import torch
 from tests.checkpoints.blip import make_blip_checkpoint, words_of
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
+from vlp.config import profile_dir
 
 pytestmark = pytest.mark.slow  # finetunes and evaluates four models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE")
 SMOKE = ["--params", str(REPO_ROOT / "params.yaml"), "--profile", "smoke"]
+OUT = profile_dir("smoke")  # where the smoke profile writes, data included
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def workdir(
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     for var in TRACKING_ENV:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)  # every params path is relative: data/, models/, metrics/ here
+    monkeypatch.chdir(tmp_path)  # the profile's data/, models/, metrics/ here
     assert main([*SMOKE, "generate"]) == 0
     return tmp_path
 
@@ -39,7 +41,9 @@ def workdir(
 def _blip(workdir: Path) -> Path:
     from vlp.data.manifest import read_pairs
 
-    captions = read_pairs(workdir / "data" / "shapes", ["pretrain", "train", "test"])["caption"]
+    captions = read_pairs(workdir / OUT / "data" / "shapes", ["pretrain", "train", "test"])[
+        "caption"
+    ]
     return make_blip_checkpoint(workdir / "blip", words=words_of(captions), image_size=32)
 
 
@@ -53,14 +57,14 @@ def test_a_blip_checkpoint_is_the_pretrained_model_of_the_whole_pipeline(workdir
     sets = ["--set", f"model.init_from={ckpt}", "--set", "pretrain.enabled=false"]
     assert main([*SMOKE, *sets, "pretrain"]) == 0
 
-    pretrained = workdir / "models" / "pretrained"
-    doc = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    pretrained = workdir / OUT / "models" / "pretrained"
+    doc = json.loads((workdir / OUT / "metrics" / "pretrain.json").read_text())
     assert doc["steps"] == 0 and doc["init_from"] == str(ckpt)
     assert 0.0 <= doc["zeroshot_t2i_R@1"] <= 100.0 and doc["zeroshot_n_images"] == 8
-    with (workdir / "plots" / "pretrain_loss.csv").open() as f:
+    with (workdir / OUT / "plots" / "pretrain_loss.csv").open() as f:
         assert list(csv.reader(f)) == [["step", "loss", "loss_itc", "loss_itm", "loss_lm", "lr"]]
     assert AutoImageProcessor.from_pretrained(str(pretrained)).size["height"] == 32
-    assert not (workdir / "models" / "pretrained.work").exists()  # nothing trained
+    assert not (workdir / OUT / "models" / "pretrained.work").exists()  # nothing trained
 
     # the saved model, without the checkpoint, reproduces BLIP's ITC similarities
     model = VLPModel.from_pretrained(pretrained).eval()
@@ -82,17 +86,19 @@ def test_a_blip_checkpoint_is_the_pretrained_model_of_the_whole_pipeline(workdir
     for task in ("retrieval", "captioning"):
         for init in ("pretrained", "scratch"):
             assert main([*SMOKE, *sets, "finetune", task, "--init", init]) == 0
-            info = json.loads((workdir / "models" / "finetuned" / task / "task.json").read_text())
+            info = json.loads(
+                (workdir / OUT / "models" / "finetuned" / task / "task.json").read_text()
+            )
             assert info["steps"] == 3
     assert main([*SMOKE, *sets, "evaluate", "retrieval"]) == 0
-    scores = json.loads((workdir / "metrics" / "retrieval.json").read_text())
+    scores = json.loads((workdir / OUT / "metrics" / "retrieval.json").read_text())
     for init in ("pretrained", "scratch"):
         assert 0.0 <= scores[init]["rsum"] <= 600.0
     assert scores["delta"]["rsum"] == pytest.approx(
         scores["pretrained"]["rsum"] - scores["scratch"]["rsum"]
     )
     # the scratch ablation has BLIP's architecture and tokenizer, not its weights
-    scratch = VLPModel.from_pretrained(workdir / "models" / "finetuned" / "retrieval_scratch")
+    scratch = VLPModel.from_pretrained(workdir / OUT / "models" / "finetuned" / "retrieval_scratch")
     assert scratch.tokenizer.get_vocab() == model.tokenizer.get_vocab()
     assert type(scratch.image_tower) is type(model.image_tower)
     assert scratch.vision_proj.weight.shape == model.vision_proj.weight.shape
@@ -106,7 +112,7 @@ def test_init_from_with_enabled_true_trains_from_the_checkpoint(workdir: Path) -
     ckpt = _blip(workdir)
     sets = ["--set", f"model.init_from={ckpt}", "--set", "pretrain.caption_warmup_steps=0"]
     assert main([*SMOKE, *sets, "--set", "pretrain.max_steps=2", "pretrain"]) == 0
-    trained = VLPModel.from_pretrained(workdir / "models" / "pretrained")
+    trained = VLPModel.from_pretrained(workdir / OUT / "models" / "pretrained")
     from vlp.config import load_config
 
     cfg = load_config(REPO_ROOT / "params.yaml", "smoke")
@@ -118,7 +124,7 @@ def test_init_from_with_enabled_true_trains_from_the_checkpoint(workdir: Path) -
     # two small steps from BLIP's weights: moved, but close (a fresh init would be far)
     assert not torch.equal(before[key], after[key])
     assert (before[key] - after[key]).abs().max() < 0.05
-    assert json.loads((workdir / "metrics" / "pretrain.json").read_text())["steps"] == 2
+    assert json.loads((workdir / OUT / "metrics" / "pretrain.json").read_text())["steps"] == 2
 
 
 def test_pretrain_disabled_needs_init_from_and_init_from_must_be_a_known_model(
@@ -141,4 +147,4 @@ def test_pretrain_disabled_needs_init_from_and_init_from_must_be_a_known_model(
     assert main([*SMOKE, *sets, "pretrain"]) == 2
     err = capsys.readouterr().err
     assert "model.init_from" in err and "set model.family: clip" in err
-    assert not (workdir / "models").exists()  # nothing written
+    assert not (workdir / OUT / "models").exists()  # nothing written

@@ -18,6 +18,7 @@ import torch
 from tests.checkpoints.clip import write_tiny_clip
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
+from vlp.config import profile_dir
 from vlp.models.clip import CLIPDualEncoder
 from vlp.models.family import load_model
 
@@ -48,7 +49,8 @@ def test_clip_pipeline(
     for var in TRACKING_ENV:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # every output in the params' relative folders
+    monkeypatch.chdir(tmp_path)  # every output in the smoke profile's folder here
+    outputs = tmp_path / profile_dir("smoke")
     sets = ["--set", "model.family=clip", "--set", f"data.root={smoke_data}"]
     if start == "checkpoint":
         ckpt = write_tiny_clip(tmp_path / "tiny-clip")
@@ -66,9 +68,9 @@ def test_clip_pipeline(
     # the smoke profile keeps the fusion weights and warm-up: the clip family says it ignores them
     assert "pretrain.itm_weight and pretrain.lm_weight ignored" in out
     assert "caption_warmup_steps ignored" in out
-    pretrained = load_model(tmp_path / "models" / "pretrained")
+    pretrained = load_model(outputs / "models" / "pretrained")
     assert isinstance(pretrained, CLIPDualEncoder) and pretrained.cfg.family == "clip"
-    metrics = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((outputs / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 4 and "caption_warmup_steps" not in metrics
     assert set(k for k in metrics if k.startswith("loss_")) == {
         "loss_first",
@@ -93,14 +95,14 @@ def test_clip_pipeline(
 
     for init in ("pretrained", "scratch"):
         vlp("finetune", "retrieval", "--init", init)
-    model_dir = tmp_path / "models" / "finetuned" / "retrieval"
+    model_dir = outputs / "models" / "finetuned" / "retrieval"
     info = json.loads((model_dir / "task.json").read_text())
     assert info["rerank_k"] == 0 and info["steps"] == 3
     finetuned = load_model(model_dir)
-    scratch = load_model(tmp_path / "models" / "finetuned" / "retrieval_scratch")
+    scratch = load_model(outputs / "models" / "finetuned" / "retrieval_scratch")
     assert finetuned.clip.config.to_dict() == scratch.clip.config.to_dict()
     assert scratch.tokenizer.get_vocab() == pretrained.tokenizer.get_vocab()
-    with (tmp_path / "plots" / "finetune_retrieval_pretrained.csv").open() as f:
+    with (outputs / "plots" / "finetune_retrieval_pretrained.csv").open() as f:
         assert {"loss", "loss_itc"} <= set(next(csv.reader(f)))
 
     for task in ("captioning", "vqa"):
@@ -109,7 +111,7 @@ def test_clip_pipeline(
             assert "not applicable" in out
             na = json.loads(
                 (
-                    tmp_path
+                    outputs
                     / "models"
                     / "finetuned"
                     / f"{task}{'_scratch' * (init == 'scratch')}"
@@ -120,15 +122,15 @@ def test_clip_pipeline(
 
     for task in ("retrieval", "captioning", "vqa"):
         vlp("evaluate", task)
-    doc = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
+    doc = json.loads((outputs / "metrics" / "retrieval.json").read_text())
     pre = doc["pretrained"]
     assert doc["rsum"] == pre["rsum"] and "scratch" in doc
     # no re-ranking: the ranked recalls are the ITC ones
     assert pre["i2t_R@1"] == pre["itc_i2t_R@1"] and pre["t2i_R@5"] == pre["itc_t2i_R@5"]
     for task in ("captioning", "vqa"):
-        na = json.loads((tmp_path / "metrics" / f"{task}.json").read_text())
+        na = json.loads((outputs / "metrics" / f"{task}.json").read_text())
         assert na["applicable"] is False and "dual encoder" in na["reason"]
-        assert (tmp_path / "results" / task / "not_applicable.json").exists()
+        assert (outputs / "results" / task / "not_applicable.json").exists()
 
     runs = _runs(tmp_path / "mlflow.db")
     for name in ("finetune-captioning-pretrained", "evaluate-vqa"):
@@ -150,7 +152,7 @@ def test_clip_pipeline(
         from vlp.tasks.predictor import load_predictor
 
         frame = pd.DataFrame({"image": [png_bytes(40), png_bytes(40)], "text": ["red", "the"]})
-        served = mlflow.pyfunc.load_model("models:/vlp-retrieval@champion").predict(frame)
+        served = mlflow.pyfunc.load_model("models:/vlp-retrieval-smoke@champion").predict(frame)
         assert list(served.columns) == ["score"] and len(served) == 2
         import io
 

@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
 from vlp.config import (
+    OUTPUT_KEYS,
     Config,
     load_config,
     parse_override,
+    profile_dir,
+    shapes_dir,
     write_variant_params,
 )
 from vlp.errors import ConfigError
@@ -134,7 +138,7 @@ def test_a_variant_params_file_keeps_comments_and_loads_as_the_variant(tmp_path)
 @pytest.mark.parametrize(
     ("overrides", "profile", "message"),
     [
-        (["pretrain.lr=abc"], None, "pretrain.lr: expected a number"),
+        (["pretrain.lr=abc"], None, "pretrain.lr: expected a finite number"),
         (["pretrain.nope=1"], None, "unknown key pretrain.nope"),
         (["finetune.vqa.epochs=1.5"], None, "finetune.vqa.epochs: expected an integer"),
         (["pretrain.lr"], None, "must look like section.key=value"),
@@ -175,3 +179,82 @@ def test_a_task_section_without_one_of_its_keys_names_it(tmp_path):
     params.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="missing key finetune.captioning.max_length"):
         load_config(params)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.lr=.inf", "pretrain.lr: expected a finite number, got inf"),
+        ("pretrain.lr=-.inf", "pretrain.lr: expected a finite number, got -inf"),
+        ("runtime.max_grad_norm=.nan", "runtime.max_grad_norm: expected a finite number, got nan"),
+        ("images.mean=[0.5, .nan, 0.5]", "images.mean: expected list.float., got"),
+        ("pretrain.lr=1" + "0" * 400, "pretrain.lr: expected a finite number, got 1000"),
+        ("seed=1e23", "seed: expected an integer, got '1e23'"),
+        ("seed=1.0e+23", "seed: expected an integer, got 1e.23"),
+        ("seed=100000000000000000000000", "seed: 100000000000000000000000 is out of range"),
+        ("model.cnn_channels=[8, 100000000000000000000000]", "model.cnn_channels: expected"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_config_errors(override, message, capsys):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO_PARAMS, overrides=[override])
+    assert main(["--params", str(REPO_PARAMS), "--set", override, "pretrain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlp pretrain: error: ") and len(err.splitlines()) == 1
+
+
+def test_a_profile_writes_its_outputs_in_its_own_folder(tmp_path):
+    default = load_config(REPO_PARAMS)
+    smoke = load_config(REPO_PARAMS, "smoke", ["pretrain.out_dir=/tmp/x"])
+    apart = profile_dir("smoke")
+    assert apart == Path("profiles/smoke")
+    for section, key in OUTPUT_KEYS:
+        before = getattr(getattr(default, section), key)
+        after = getattr(getattr(smoke, section), key)
+        expected = "/tmp/x" if (section, key) == ("pretrain", "out_dir") else str(apart / before)
+        assert after == expected, (section, key)
+    # one stage's outputs are the next one's inputs, inside the same folder
+    assert smoke.finetune.init_dir == "profiles/smoke/models/pretrained"
+    assert smoke.evaluate.models_dir == smoke.finetune.out_dir
+    assert smoke.runtime.metrics_dir == "profiles/smoke/metrics"
+    # the generated shapes world moves with them (`vlp --profile smoke generate` writes it)
+    assert smoke.data.root == str(shapes_dir("smoke")) == "profiles/smoke/data/shapes"
+    assert shapes_dir() == Path(default.data.root)
+    # a dataset of the user's stays where it is; `default` is no profile
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    params = tmp_path / "params.yaml"
+    params.write_text(REPO_PARAMS.read_text().replace("root: data/shapes", "root: data/coco"))
+    assert load_config(params, "smoke").data.root == "data/coco"
+    assert load_config(REPO_PARAMS, "default") == default
+
+
+def test_a_variant_params_file_keeps_the_pipeline_output_folders(tmp_path):
+    """A variant's params are a pipeline of their own: dvc.yaml names its output folders."""
+    shutil.copy(REPO_PROFILES, tmp_path / "profiles.yaml")
+    cfg = write_variant_params(REPO_PARAMS, tmp_path / "params.yaml", "smoke")
+    default = load_config(REPO_PARAMS)
+    assert cfg.runtime == dataclasses.replace(default.runtime, log_every=1)
+    assert cfg.pretrain.out_dir == default.pretrain.out_dir and cfg.profile == "smoke"
+
+
+@pytest.mark.slow  # trains the smoke model for a few steps
+def test_a_profile_stage_leaves_the_default_pipeline_outputs_alone(
+    tmp_path,
+    smoke_data,
+    empty_store,  # noqa: F811
+    monkeypatch,
+):
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    for name in ("metrics/pretrain.json", "plots/pretrain_loss.csv"):
+        Path(name).parent.mkdir(exist_ok=True)
+        Path(name).write_text("the default pipeline's\n")
+    out = tmp_path / "x"
+    args = ["--params", str(REPO_PARAMS), "--profile", "smoke", "--set", f"data.root={smoke_data}"]
+    args += ["--set", "runtime.device=cpu", "--set", f"pretrain.out_dir={out}", "pretrain"]
+    assert main(args) == 0
+    for name in ("metrics/pretrain.json", "plots/pretrain_loss.csv"):
+        assert Path(name).read_text() == "the default pipeline's\n"
+        assert (Path("profiles/smoke") / name).is_file()
+    assert (out / "config.json").is_file() or any(out.iterdir())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from tests.mlflow_helpers import empty_store  # noqa: F401
-from vlp.config import Config
+from vlp.config import Config, profile_dir
 from vlp.errors import ConfigError, OutputError
 from vlp.evaluate import evaluate
 from vlp.finetune import base_model, finetune, is_skipped, model_dir
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow  # finetuning and evaluating real models
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the environment that would point a stage at another store or parent run
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE")
+OUT = profile_dir("smoke")  # where a `--profile smoke` command writes
 
 
 @pytest.fixture
@@ -484,14 +485,14 @@ def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
 
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     sets = ["--set", f"data.root={smoke_data}", "--set", f"finetune.init_dir={smoke_pretrained}"]
-    sets += ["--set", "finetune.ablation=false"]  # outputs in the params' relative folders
+    sets += ["--set", "finetune.ablation=false"]  # outputs in the smoke profile's folder
 
     done = _torchrun(tmp_path, [*sets, "finetune", "retrieval"])
     assert done.stdout.count('"model_dir"') == 1  # one rank reports
-    out = tmp_path / "models" / "finetuned" / "retrieval"
+    out = tmp_path / OUT / "models" / "finetuned" / "retrieval"
     assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no work folders
     assert json.loads((out / "task.json").read_text())["steps"] == 3
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / OUT / "plots").iterdir()) == [
         "finetune_retrieval_pretrained.csv"
     ]
     trained = VLPModel.from_pretrained(out).state_dict()
@@ -500,10 +501,10 @@ def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
 
     done = _torchrun(tmp_path, [*sets, "evaluate", "retrieval"])
     assert done.stdout.count('"rsum"') == 2  # one document printed: top level + pretrained
-    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == ["retrieval.json"]
-    doc = json.loads((tmp_path / "metrics" / "retrieval.json").read_text())
+    assert sorted(p.name for p in (tmp_path / OUT / "metrics").iterdir()) == ["retrieval.json"]
+    doc = json.loads((tmp_path / OUT / "metrics" / "retrieval.json").read_text())
     assert doc["pretrained"]["model_sha256"] == model_sha256(out)
-    assert sorted(p.name for p in (tmp_path / "results" / "retrieval").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / OUT / "results" / "retrieval").iterdir()) == [
         ".vlp-output",
         "examples_pretrained.html",
         "examples_pretrained.json",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from vlp.config import VQA_PROTOCOLS, Config, load_config
+from vlp.config import VQA_PROTOCOLS, Config, load_config, shapes_dir
 from vlp.errors import VlpError
 from vlp.tasks import TASK_NAMES as TASKS
 
@@ -50,9 +50,9 @@ def _check_out(out: str | None) -> None:
 
 
 def _cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
-    from vlp.data.shapes import SHAPES_DIR, generate_dataset
+    from vlp.data.shapes import generate_dataset
 
-    generate_dataset(cfg.data, Path(args.out or SHAPES_DIR))
+    generate_dataset(cfg.data, Path(args.out) if args.out else shapes_dir(cfg.profile))
 
 
 def _cmd_import(cfg: Config, args: argparse.Namespace) -> None:
@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("generate", help="generate the embedded shapes dataset")
-    s.add_argument("--out", default=None, help="output directory (default data/shapes)")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default data/shapes; with --profile NAME profiles/NAME/data/shapes)",
+    )
     s.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("import", help="import a real-format dataset into canonical manifests")

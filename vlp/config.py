@@ -5,7 +5,8 @@ defaults: the dataclasses below have none, so a missing key or file is a ConfigE
 `profiles.yaml` beside it holds named overlays (e.g. `smoke`, tiny sizes for tests),
 applied with `--profile`; `--set section.key=value` overrides are applied after the
 profile. Profiles are not DVC params, so editing one leaves the default pipeline up to
-date. Each stage reads its own section plus `seed`, `runtime`, `data`, `model` and
+date; a profile's commands write under `profiles/<name>/` (`profile_output_settings`), so
+they never overwrite the default pipeline's outputs. Each stage reads its own section plus `seed`, `runtime`, `data`, `model` and
 `tracking`; the training stages also read `images`.
 """
 
@@ -15,6 +16,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -33,6 +35,29 @@ from vlp.tasks.vqa import VQAConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 PROFILES_FILE = "profiles.yaml"
+# Where `vlp generate` writes (the generate stage's out in dvc.yaml); the stages read
+# `data.root`, which is this folder unless it names a dataset of the user's.
+SHAPES_DIR = "data/shapes"
+# Where a profile's runs write in the workspace (`profiles/<name>/metrics`, ...), apart from
+# the default pipeline's DVC outputs.
+PROFILES_DIR = Path("profiles")
+# Every key naming a folder the stages write, or read from another stage's output: under a
+# profile each moves into the profile's folder, so one profile stage feeds the next.
+OUTPUT_KEYS: tuple[tuple[str, str], ...] = (
+    ("runtime", "metrics_dir"),
+    ("runtime", "plots_dir"),
+    ("validate", "report_dir"),
+    ("pretrain", "out_dir"),
+    ("finetune", "init_dir"),
+    ("finetune", "out_dir"),
+    ("evaluate", "models_dir"),
+    ("evaluate", "results_dir"),
+)
+# Keys naming a dataset: under a profile they move with the outputs only when they name
+# the shapes world `vlp generate` writes, never a dataset of the user's.
+DATA_KEYS: tuple[tuple[str, str], ...] = (("data", "root"), ("evaluate", "data_root"))
+# An int param must fit the 64-bit integers torch and numpy take (seeds, sizes, steps).
+INT_LIMIT = 2**63
 
 
 @dataclass
@@ -294,10 +319,12 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, dict) and all(
             _type_ok(k, kt) and _type_ok(v, vt) for k, v in value.items()
         )
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is float:  # finite: inf or nan would only fail later, inside a stage
+        if isinstance(value, float):
+            return math.isfinite(value)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < INT_LIMIT
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < INT_LIMIT
     return isinstance(value, tp)
 
 
@@ -307,11 +334,25 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return {
             "int": "an integer",
-            "float": "a number",
+            "float": "a finite number",
             "str": "a string",
             "bool": "true/false",
         }.get(tp.__name__, tp.__name__)
     return str(tp).replace("typing.", "")
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    """An int where a float is wanted as that float; an int past 64 bits is a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return value
+    if tp is float:
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: expected a finite number, got {value}") from None
+    if tp is int and abs(value) >= INT_LIMIT:
+        raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer is needed)")
+    return value
 
 
 def _build(cls: type, raw: Any, where: str, source: str) -> Any:
@@ -334,8 +375,7 @@ def _build(cls: type, raw: Any, where: str, source: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, key, source)
         else:
-            if tp is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+            value = _scalar(value, tp, key)
             if not _type_ok(value, tp):
                 raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
             kwargs[name] = value
@@ -391,6 +431,40 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 def profiles_path(params: str | os.PathLike) -> Path:
     """The profiles file that belongs to a params file: `profiles.yaml` beside it."""
     return Path(params).with_name(PROFILES_FILE)
+
+
+def profile_dir(profile: str) -> Path:
+    """The folder a profile's runs write in, relative to the working directory."""
+    return PROFILES_DIR / profile
+
+
+def shapes_dir(profile: str = "default") -> Path:
+    """Where `vlp generate` writes by default: `data/shapes`, in a profile's own folder."""
+    if profile == "default":
+        return Path(SHAPES_DIR)
+    return profile_dir(profile) / SHAPES_DIR
+
+
+def profile_output_settings(raw: dict[str, Any], profile: str | None) -> list[Setting]:
+    """Each output folder of params (`OUTPUT_KEYS`) moved under `profile_dir(profile)`.
+
+    `metrics` becomes `profiles/smoke/metrics`: a stage run with a profile in the workspace
+    cannot overwrite the default pipeline's DVC outputs, metrics or plots. The shapes world
+    moves too (`shapes_dir`), and `DATA_KEYS` naming it with it. Applied before the
+    profile's own keys and `--set`, which win. No profile: nothing moves.
+    """
+    if not profile or profile == "default":
+        return []
+    settings: list[Setting] = []
+    for keys in OUTPUT_KEYS + DATA_KEYS:
+        section = raw.get(keys[0])
+        value = section.get(keys[1]) if isinstance(section, dict) else None
+        if not isinstance(value, str):  # anything else is reported when the config is built
+            continue
+        if keys in DATA_KEYS and Path(value) != Path(SHAPES_DIR):
+            continue
+        settings.append((keys, str(profile_dir(profile) / value)))
+    return settings
 
 
 def variant_settings(
@@ -457,11 +531,14 @@ def load_config(
 ) -> Config:
     """Read params.yaml, apply the named profile (profiles.yaml), then `--set` overrides.
 
-    A missing params file or key is a ConfigError: params.yaml is the one source of defaults.
+    With a profile, the output folders move under `profiles/<name>/` first
+    (`profile_output_settings`). A missing params file or key is a ConfigError:
+    params.yaml is the one source of defaults.
     """
     p = Path(path)
     raw = _read_yaml(p, "params file")
-    apply_settings(raw, variant_settings(p, profile, overrides))
+    settings = variant_settings(p, profile, overrides)
+    apply_settings(raw, profile_output_settings(raw, profile) + settings)
     return config_from_dict(raw, profile or "default", str(p))
 
 
@@ -473,8 +550,11 @@ def write_variant_params(
 ) -> Config:
     """Write params.yaml with a profile and `--set` overrides applied to `dest`; return its Config.
 
-    Checked first: a bad key raises ConfigError and writes nothing. The edit is a YAML
-    round trip, so comments and layout survive, as with `dvc exp run --set-param`.
+    The output folders stay as params.yaml has them: `dest` is the params of a pipeline of
+    its own (a variant's worktree), whose dvc.yaml names them. The returned Config is
+    `dest`'s, labelled with the profile. Checked first: a bad key raises ConfigError and
+    writes nothing. The edit is a YAML round trip, so comments and layout survive, as with
+    `dvc exp run --set-param`.
     """
     import io
 
@@ -494,7 +574,7 @@ def write_variant_params(
     buf = io.StringIO()
     rt.dump(doc, buf)
     atomic_write_text(Path(dest), buf.getvalue())
-    return cfg
+    return dataclasses.replace(load_config(dest), profile=cfg.profile)
 
 
 def tracking_uri(cfg: Config) -> str:

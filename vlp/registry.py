@@ -51,8 +51,18 @@ KEEP = 30  # entries kept in the JSON history/decision tags (tag values are size
 
 
 def model_name(cfg: Config, task: str) -> str:
-    """Registered model name of `task`, e.g. `vlp-captioning`."""
-    return f"{cfg.registry.name_prefix}{task}"
+    """Registered model name of `task`: `vlp-captioning`, or `vlp-captioning-smoke` in a run
+    of profile `smoke`.
+
+    A profile's models (a direct `vlp --profile NAME` command, or a stage of its flow run)
+    are registered and promoted apart from the default pipeline's: they never compete
+    with its champions.
+    """
+    from vlp.tracking import profile_label
+
+    profile = profile_label(cfg)
+    suffix = "" if profile == "default" else f"-{profile}"
+    return f"{cfg.registry.name_prefix}{task}{suffix}"
 
 
 def _tasks(task: str) -> list[str]:

@@ -13,12 +13,13 @@ import mlflow
 import pytest
 
 from vlp.cli import main
-from vlp.config import Config
+from vlp.config import Config, profile_dir
 from vlp.tasks import model_sha256
 
 pytestmark = pytest.mark.slow  # finetunes, evaluates and registers real models
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
+OUT = profile_dir("smoke")  # where `vlp --profile smoke` writes
 
 
 def test_scores_of_a_replaced_model_are_refused_until_it_is_evaluated(
@@ -42,30 +43,32 @@ def test_scores_of_a_replaced_model_are_refused_until_it_is_evaluated(
     assert vlp("finetune", "retrieval") == 0
     assert vlp("evaluate", "retrieval") == 0
     assert vlp("register", "retrieval") == 0  # version 1, champion
-    evaluated = model_sha256(Path("models/finetuned/retrieval"))
+    evaluated = model_sha256(OUT / "models" / "finetuned" / "retrieval")
     assert (
-        json.loads(Path("metrics/retrieval.json").read_text())["pretrained"]["model_sha256"]
+        json.loads((OUT / "metrics" / "retrieval.json").read_text())["pretrained"]["model_sha256"]
         == evaluated
     )
 
     # another model (another learning rate) replaces the evaluated one; metrics/ still holds
     # the old scores
     assert vlp("finetune", "retrieval", overrides=("finetune.retrieval.lr=0.05",)) == 0
-    replaced = model_sha256(Path("models/finetuned/retrieval"))
+    replaced = model_sha256(OUT / "models" / "finetuned" / "retrieval")
     assert replaced != evaluated
     capsys.readouterr()
     assert vlp("register", "retrieval") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("vlp register: error: metrics/retrieval.json: scores are of model")
+    assert err.startswith(f"vlp register: error: {OUT}/metrics/retrieval.json: scores are of model")
     assert evaluated[:12] in err and replaced[:12] in err and len(err.splitlines()) == 1
     client = mlflow.MlflowClient(store_cfg.tracking.uri)
-    assert [str(v.version) for v in client.search_model_versions("name='vlp-retrieval'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='vlp-retrieval-smoke'")] == [
+        "1"
+    ]
     # promote has nothing new to judge: champion stays
     assert vlp("promote", "retrieval") == 2
 
     assert vlp("evaluate", "retrieval") == 0
     assert vlp("register", "retrieval") == 0  # version 2, challenger
-    tags = client.get_model_version("vlp-retrieval", "2").tags
+    tags = client.get_model_version("vlp-retrieval-smoke", "2").tags
     assert tags["vlp.model_sha256"] == tags["vlp.evaluated_model_sha256"] == replaced
     capsys.readouterr()
     status = vlp("promote", "retrieval")

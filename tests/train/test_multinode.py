@@ -22,11 +22,13 @@ import torch
 
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from tests.train.test_ddp import TOLERANCE
+from vlp.config import profile_dir
 
 pytestmark = pytest.mark.slow  # three training processes, two launchers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE")
+OUT = profile_dir("smoke")  # where the smoke profile writes
 # ITC alone on a ViT tower: per-sample terms over the world batch and no BatchNorm, so two
 # ranks of 8 equal one process of 16 (ITM draws its negatives per rank, and LM averages over
 # each rank's tokens: those two equal one process in expectation only).
@@ -123,7 +125,7 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
     outs = _two_nodes(multi, sets, ["pretrain"])
     assert sum(o.count('"world_size": 2') for o in outs) == 1  # rank 0 reports, on one node
 
-    weights = "models/pretrained/model.safetensors"
+    weights = OUT / "models" / "pretrained" / "model.safetensors"
     one = safetensors.torch.load_file(single / weights)
     two = safetensors.torch.load_file(multi / weights)
     assert one.keys() == two.keys()
@@ -132,7 +134,9 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
     # float-order difference in a near-zero gradient can move its weight a few times further
     assert (diffs > TOLERANCE).float().mean() < 1e-3
     assert diffs.max() <= 5 * TOLERANCE
-    metrics = [json.loads((d / "metrics" / "pretrain.json").read_text()) for d in (single, multi)]
+    metrics = [
+        json.loads((d / OUT / "metrics" / "pretrain.json").read_text()) for d in (single, multi)
+    ]
     assert metrics[0]["steps"] == metrics[1]["steps"] > 0
     assert (metrics[0]["world_size"], metrics[1]["world_size"]) == (1, 2)
     assert abs(metrics[0]["loss_itc_last"] - metrics[1]["loss_itc_last"]) < TOLERANCE
@@ -143,7 +147,7 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
     finetune += ["finetune.ablation=false"]
     outs = _two_nodes(multi, finetune, ["finetune", "retrieval"])
     assert sum(o.count('"model_dir"') for o in outs) == 1
-    assert (multi / "models" / "finetuned" / "retrieval" / "task.json").is_file()
+    assert (multi / OUT / "models" / "finetuned" / "retrieval" / "task.json").is_file()
     runs = {r.info.run_name: r for r in _stage_runs(multi)}
     assert runs.keys() == {"pretrain", "finetune-retrieval-pretrained"}
     assert runs["finetune-retrieval-pretrained"].data.params["world_size"] == "2"
@@ -242,15 +246,15 @@ def test_two_node_training_from_shards(
         joint = _expected(shards, smoke_cfg, rank, False, p.max_steps * micro, micro)
         assert got == warmup + joint
     assert streams[0] != streams[1]
-    assert (cwd / "models" / "pretrained" / "model.safetensors").is_file()
-    metrics = json.loads((cwd / "metrics" / "pretrain.json").read_text())
+    assert (cwd / OUT / "models" / "pretrained" / "model.safetensors").is_file()
+    metrics = json.loads((cwd / OUT / "metrics" / "pretrain.json").read_text())
     assert (metrics["steps"], metrics["world_size"]) == (p.max_steps, 2)
     (run,) = _stage_runs(cwd)
     assert run.info.run_name == "pretrain" and run.data.params["world_size"] == "2"
 
     outs = two_nodes(["finetune", "retrieval"], ("finetune.ablation=false",))
     assert sum(o.count('"model_dir"') for o in outs) == 1
-    assert (cwd / "models" / "finetuned" / "retrieval" / "task.json").is_file()
+    assert (cwd / OUT / "models" / "finetuned" / "retrieval" / "task.json").is_file()
     ft = smoke_cfg.finetune.retrieval
     streams = _streamed(cwd)
     for got in streams:

@@ -57,9 +57,6 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (0, 0, 0)
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges, still deterministic
 _OBJECT_COUNT_WEIGHTS = (0.2, 0.4, 0.4)  # P(1), P(2), P(3) shapes per scene
-# Where `vlp generate` writes (the generate stage's out in dvc.yaml); the stages read
-# `data.root`, which is this folder unless it names a dataset of the user's.
-SHAPES_DIR = "data/shapes"
 
 
 @dataclass(frozen=True, order=True)
