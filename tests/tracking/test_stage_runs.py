@@ -72,7 +72,7 @@ def test_stage_runs_nest_under_one_parent_with_lineage(cfg: Config, tmp_path: Pa
     parent = _run(parent_id)
     assert parent.data.tags["vlp.kind"] == "pipeline"
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name.startswith(f"pipeline-smoke-{commit[:7]}")
+    assert parent.info.run_name.startswith(f"pipeline-default-{commit[:7]}")  # smoke_cfg: default
     # the whole config is on the parent, so two pipeline runs compare param by param
     assert parent.data.params["pretrain.max_steps"] == str(cfg.pretrain.max_steps)
 
