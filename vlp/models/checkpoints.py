@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlp.data.images import ImageTransform, saved_transform
 from vlp.errors import ConfigError
+from vlp.io import load_json
 from vlp.models.tokenizer import local_dir
+from vlp.tasks import TASK_FILE, TASKS
 
 if TYPE_CHECKING:
     from vlp.config import ModelConfig
@@ -73,11 +76,45 @@ class Encoder:
         )[1]
 
 
-def _vlp_transform(p: Path, task_info: dict[str, Any] | None) -> Any:
-    from vlp.data.images import saved_transform
-    from vlp.io import load_json
-    from vlp.tasks import image_transform
+def read_task_info(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `task.json` of a finetuned model directory, with its task's inference settings.
 
+    ConfigError naming the file if it is absent, malformed or lacks a setting.
+    """
+    path = Path(model_dir) / TASK_FILE
+    if not path.exists():
+        raise ConfigError(f"{path}: not found; {model_dir} is not a finetuned task model")
+    info = load_json(path, ConfigError)
+    if not isinstance(info, dict) or info.get("task") not in TASKS:
+        raise ConfigError(f"{path}: key 'task' must be one of {', '.join(TASKS)}")
+    for key in ("image_size", *TASKS[info["task"]].settings):
+        if key not in info:
+            raise ConfigError(f"{path}: lacks the {info['task']} setting {key!r}")
+    if not isinstance(info["image_size"], int) or info["image_size"] < 1:
+        raise ConfigError(f"{path}: image_size must be a positive integer")
+    if not isinstance(info.get("image_transform", {}), dict):
+        raise ConfigError(f"{path}: image_transform must be a mapping")
+    return info
+
+
+def image_transform(info: dict[str, Any], model_dir: str | os.PathLike | None = None) -> Any:
+    """The evaluation transform of a task model: its `task.json` (`info`) and directory.
+
+    A model directory with an image processor (`preprocessor_config.json`) is preprocessed by
+    it (`saved_transform`); otherwise by the `ImageTransform` task.json
+    records. A model without `image_transform` predates it and was trained with the bicubic
+    square resize and mean = std = 0.5.
+    """
+    recorded = info.get(
+        "image_transform", {"resize": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}
+    )
+    recorded = {**recorded, "size": info["image_size"]}
+    if model_dir is None:
+        return ImageTransform.from_dict(recorded)
+    return saved_transform(model_dir, recorded)
+
+
+def _vlp_transform(p: Path, task_info: dict[str, Any] | None) -> Any:
     if task_info is not None:
         return image_transform(task_info, p)
     path = p / IMAGE_TRANSFORM_FILE
@@ -93,7 +130,6 @@ def _load_vlp(
     p: Path, device: torch.device, base: ModelConfig | None, temperature: float
 ) -> Encoder:
     from vlp.models.family import load_model
-    from vlp.tasks import TASK_FILE, read_task_info
 
     task_info = read_task_info(p) if (p / TASK_FILE).is_file() else None
     transform = _vlp_transform(p, task_info)

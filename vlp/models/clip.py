@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
+from vlp.models.towers import checkpoint_model_config
 from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
 
 if TYPE_CHECKING:
@@ -272,8 +273,6 @@ def model_config_from_clip(
     Sizes shared by both towers in vlp's params are the text tower's. `max_text_length` is
     the text positions, capped by `base.max_text_length` when given.
     """
-    from vlp.models.family import checkpoint_model_config
-
     return checkpoint_model_config(
         config, source, base, family="clip", image_tower="clip", embed_dim=config.projection_dim
     )

@@ -53,47 +53,6 @@ def model_family(path: str | os.PathLike) -> str:
     )
 
 
-def checkpoint_model_config(
-    config: Any,
-    source: str | os.PathLike,
-    base: ModelConfig | None,
-    *,
-    family: str,
-    image_tower: str,
-    embed_dim: int,
-) -> ModelConfig:
-    """The `ModelConfig` of a transformers checkpoint with text and vision towers (CLIP, BLIP).
-
-    Sizes vlp's params share between the towers are the text tower's; `max_text_length` is
-    the text positions, capped by `base.max_text_length` when `base` is given.
-    """
-    from vlp.config import ModelConfig
-
-    text, vision = config.text_config, config.vision_config
-    length = text.max_position_embeddings
-    if base is not None:
-        length = min(length, base.max_text_length)
-    patch = vision.patch_size
-    return ModelConfig(
-        family=family,
-        init_from=str(source),
-        image_tower=image_tower,
-        image_pretrained=None,
-        text_pretrained=None,
-        tokenizer_pretrained=None,
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_text_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        intermediate_size=text.intermediate_size,
-        embed_dim=embed_dim,
-        max_text_length=length,
-        patch_size=patch if isinstance(patch, int) else int(patch[0]),
-        num_image_layers=vision.num_hidden_layers,
-        cnn_channels=[],
-    )
-
-
 def task_not_applicable(family: str, task: str) -> str | None:
     """Why a model of `family` cannot be finetuned for `task`, or None when it can."""
     if family == "clip" and task not in DUAL_ENCODER_TASKS:

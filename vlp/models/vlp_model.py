@@ -17,7 +17,7 @@ parameters at the default size.
 
 The image tower is any module returning [B, N, out_dim] tokens and holding its transformers
 `backbone` (whose config is saved): vlp's towers (`vlp.models.towers`, tokens in the text
-width) or BLIP's vision model (`vlp.models.blip`, tokens in the vision width, which BLIP's
+width) or BLIP's vision model (`towers.BlipImageTower`, tokens in the vision width, which BLIP's
 text layers cross-attend to directly). Image tokens carry the global token first; `image_feat`/`text_feat` are L2-normalised
 projections of the first token (ITC space of size `embed_dim`). The model holds the pieces
 of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.objectives`.
@@ -37,10 +37,9 @@ from torch.nn import functional as F
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
 from vlp.models.towers import (
-    ImageTower,
-    backbone_from_config,
     build_image_tower,
     fold_token_type_embeddings,
+    image_tower_from_config,
     text_config,
     text_config_from_pretrained,
 )
@@ -229,12 +228,7 @@ class VLPModel(SavedModel):
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg_dict.pop("model_type")].from_dict(image_cfg_dict)
-        if image_cfg.model_type == "blip_vision_model":
-            from vlp.models.blip import BlipImageTower
-
-            image_tower: nn.Module = BlipImageTower.from_config(image_cfg, fresh=not weights)
-        else:
-            image_tower = ImageTower(backbone_from_config(image_cfg), text_cfg.hidden_size)
+        image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=not weights)
         model = _assemble(cfg, tokenizer, image_tower, text_cfg)
         if weights:
             load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
