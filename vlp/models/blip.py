@@ -106,7 +106,7 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, text_config: Any, key: str) -
         )
 
 
-def _model_config(model_cfg: ModelConfig, config: Any, path: Path) -> ModelConfig:
+def _model_config(model_cfg: ModelConfig | None, config: Any, path: Path) -> ModelConfig:
     """`model_cfg` with the architecture fields the checkpoint decides."""
     return checkpoint_model_config(
         config,
@@ -120,13 +120,13 @@ def _model_config(model_cfg: ModelConfig, config: Any, path: Path) -> ModelConfi
 
 def load_blip(
     path: str | Path,
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | None,
     temperature: float,
     key: str = "model.init_from",
 ) -> VLPModel:
     """A VLPModel holding the BLIP checkpoint saved in the local directory `path` (fp32).
 
-    `model_cfg` supplies what the checkpoint does not decide (`max_text_length` is capped by
+    `model_cfg` (None: no cap) supplies what the checkpoint does not decide (`max_text_length` is capped by
     the text model's positions); the architecture fields come from the checkpoint and
     `init_from` records `path`. `temperature` initialises the ITC temperature when the
     checkpoint stores none. Seed torch first: parts the class lacks are initialised randomly.

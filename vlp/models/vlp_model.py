@@ -25,9 +25,8 @@ of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +42,14 @@ from vlp.models.towers import (
     text_config,
     text_config_from_pretrained,
 )
-from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    SavedModel,
+    read_saved,
+    saved_model_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -211,19 +217,26 @@ class VLPModel(SavedModel):
         (seed torch first). Entries of vlp_config.json it does not read (e.g. the
         `loss_weights` that older model directories carry) are ignored.
         """
+        p = local_dir(path, "model directory")
+        return cls.from_saved(p, read_saved(p), device, weights)
+
+    @classmethod
+    def from_saved(
+        cls,
+        p: Path,
+        meta: dict[str, Any],
+        device: str | torch.device = "cpu",
+        weights: bool = True,
+    ) -> VLPModel:
+        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
         from safetensors.torch import load_model
         from transformers import CONFIG_MAPPING, BlipTextConfig
 
-        from vlp.config import ModelConfig
-
-        p = local_dir(path, "model directory")
-        if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+        if weights and not (p / WEIGHTS_NAME).exists():
             raise ConfigError(
                 f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        meta = json.loads((p / CONFIG_NAME).read_text())
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+        cfg = saved_model_config(meta)
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])

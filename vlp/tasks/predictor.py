@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Predictor:
     """ITC embeddings and scores of any finetuned task model; each task adds its own.
 
-    `model` is a `VLPModel` or, for retrieval, a dual encoder (`CLIPDualEncoder`).
+    `model` is a model of any family that does the task (`vlp.models.family`).
     """
 
     def __init__(
@@ -92,7 +92,7 @@ def load_predictor(
     from vlp.tasks import TASKS
 
     info = read_task_info(model_dir)
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device).model
     return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
 
 
