@@ -93,9 +93,9 @@ FAMILIES: dict[str, Family] = {
 DEFAULT_FAMILY = "fusion"  # of model directories written before families existed
 
 
-def get_family(name: str, where: str = "model.family") -> Family:
+def get_family(name: Any, where: str = "model.family") -> Family:
     """The family called `name`; ConfigError naming `where` and the known families otherwise."""
-    if name not in FAMILIES:
+    if not isinstance(name, str) or name not in FAMILIES:
         raise ConfigError(f"{where}: {name!r} is not one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
@@ -107,9 +107,10 @@ def read_meta(p: Path) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        meta["model"].get("family")
-    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+    except json.JSONDecodeError as e:
         raise ConfigError(f"{meta_path}: not a vlp model config ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{meta_path}: not a vlp model config (no 'model' mapping)")
     return meta
 
 
@@ -163,8 +164,7 @@ def check_init_from(cfg: ModelConfig) -> Family:
     if family.name != cfg.family:
         raise ConfigError(
             f"model.init_from: {cfg.init_from} holds a {family.name} model but model.family is "
-            f"{cfg.family!r}: set model.family: {family.name}; to use only its vision tower, "
-            "set model.image_pretrained instead"
+            f"{cfg.family!r}: set model.family: {family.name}"
         )
     return family
 
