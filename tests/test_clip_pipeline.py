@@ -68,7 +68,7 @@ def test_clip_pipeline(
     # the smoke profile keeps the fusion weights and warm-up: the clip family says it ignores them
     assert "pretrain.itm_weight and pretrain.lm_weight ignored" in out
     assert "caption_warmup_steps ignored" in out
-    pretrained = load_model(outputs / "models" / "pretrained")
+    pretrained = load_model(outputs / "models" / "pretrained").model
     assert isinstance(pretrained, CLIPDualEncoder) and pretrained.cfg.family == "clip"
     metrics = json.loads((outputs / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 4 and "caption_warmup_steps" not in metrics
@@ -98,8 +98,8 @@ def test_clip_pipeline(
     model_dir = outputs / "models" / "finetuned" / "retrieval"
     info = json.loads((model_dir / "task.json").read_text())
     assert info["rerank_k"] == 0 and info["steps"] == 3
-    finetuned = load_model(model_dir)
-    scratch = load_model(outputs / "models" / "finetuned" / "retrieval_scratch")
+    finetuned = load_model(model_dir).model
+    scratch = load_model(outputs / "models" / "finetuned" / "retrieval_scratch").model
     assert finetuned.clip.config.to_dict() == scratch.clip.config.to_dict()
     assert scratch.tokenizer.get_vocab() == pretrained.tokenizer.get_vocab()
     with (outputs / "plots" / "finetune_retrieval_pretrained.csv").open() as f:

@@ -39,11 +39,11 @@ def _package_of(name: str, root: Path) -> str:
 
 
 def _implementations(nodes: list[ast.AST]) -> set[str]:
-    """Task implementation modules named in `nodes` (`implementation="vlp...."`)."""
+    """Task implementation modules named in `nodes` (`Task(implementation="vlp....")`)."""
     return {
         kw.value.value
         for node in nodes
-        if isinstance(node, ast.Call)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Task"
         for kw in node.keywords
         if kw.arg == "implementation" and isinstance(kw.value, ast.Constant)
     }

@@ -418,8 +418,8 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
     from vlp.data.torch_data import ImagesDataset, VQADataset, collate
     from vlp.metrics.retrieval import recall_at_k
     from vlp.models import VLPModel
+    from vlp.models.checkpoints import read_task_info
     from vlp.models.embed import encode_images, encode_texts
-    from vlp.tasks import read_task_info
     from vlp.tasks.retrieval.ranking import retrieval_scores
     from vlp.tasks.vqa.model import load_vqa_model
 

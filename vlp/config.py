@@ -110,8 +110,8 @@ class ValidateConfig:
 class ModelConfig:
     """Architecture of the towers; `*_pretrained` load a local directory instead."""
 
-    family: Literal["fusion", "clip"]  # fusion: ITC + ITM + LM model (BLIP); clip: dual encoder
-    init_from: str | None  # a local CLIP or BLIP checkpoint the whole model starts from
+    family: str  # a model family: a name in vlp.models.family.FAMILIES
+    init_from: str | None  # a model directory or foreign checkpoint the whole model starts from
     image_tower: str  # cnn | convnext | vit | clip
     image_pretrained: str | None
     text_pretrained: str | None

@@ -96,7 +96,7 @@ def base_model(cfg: Config, init: str) -> Any:
 
     src = _init_dir(cfg)
     if init == "pretrained":
-        return load_model(src)
+        return load_model(src).model
     torch.manual_seed(cfg.seed)
     return fresh_model(src, temperature=cfg.pretrain.temperature)
 

@@ -53,7 +53,7 @@ from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
 from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
-from vlp.models.objectives import CLIPObjective, ObjectiveWeights, VLPObjective
+from vlp.models.objectives import ObjectiveWeights
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
@@ -158,17 +158,16 @@ def corpus(data_dir: Path, splits: list[str]) -> list[str]:
 
 def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
     """Rank 0 trains (or loads) the tokenizer and saves it; the other ranks load that copy."""
-    from vlp.models import build_tokenizer, load_tokenizer, save_tokenizer
-    from vlp.models.clip import load_clip_tokenizer
+    from vlp.models import build_tokenizer, save_tokenizer
+    from vlp.models.family import get_family
 
-    clip = cfg.model.family == "clip"
-    # the clip family keeps a tokenizer as saved: no BERT/BLIP tokens added
-    load = load_clip_tokenizer if clip else load_tokenizer
+    # each family reads a tokenizer its own way (clip keeps one as saved: no BLIP tokens added)
+    load = get_family(cfg.model.family).impl().load_tokenizer
     saved = work_dir(cfg) / "tokenizer"
     if info.is_main:
         if resume and saved.is_dir():
             tok = load(saved, str(saved))
-        elif clip and cfg.model.tokenizer_pretrained:
+        elif cfg.model.tokenizer_pretrained:
             tok = load(cfg.model.tokenizer_pretrained, "model.tokenizer_pretrained")
             save_tokenizer(tok, saved)
         else:
@@ -231,25 +230,32 @@ def zero_shot_skipped(cfg: Config) -> str | None:
     return None
 
 
-def _clip_notes(p: Any) -> list[str]:
-    """What the clip family ignores of the pretrain section, as notes for the log."""
+def _family_notes(family: Any, p: Any) -> list[str]:
+    """What the model family ignores of the pretrain section, as notes for the log."""
     notes = []
-    ignored = [k for k in ("itm_weight", "lm_weight") if getattr(p, k) != 0]
+    ignored = [
+        f"pretrain.{k}_weight"
+        for k in ("itc", "itm", "lm")
+        if k not in family.objectives and getattr(p, f"{k}_weight") != 0
+    ]
     if ignored:
+        trained = " and ".join(f"pretrain.{k}_weight" for k in family.objectives)
         notes.append(
-            f"pretrain.{' and pretrain.'.join(ignored)} ignored: the clip family trains the "
-            "contrastive loss alone (pretrain.itc_weight)"
+            f"{' and '.join(ignored)} ignored: the {family.name} family trains {trained} alone"
         )
-    if p.caption_warmup_steps > 0:
-        notes.append("pretrain.caption_warmup_steps ignored: a dual encoder has no decoder")
+    if p.caption_warmup_steps > 0 and "lm" not in family.objectives:
+        notes.append(
+            f"pretrain.caption_warmup_steps ignored: the {family.name} family has no decoder"
+        )
     return notes
 
 
 def _objective(model: Any, cfg: Config, weights: ObjectiveWeights) -> Any:
-    """What the joint phase trains: VLPObjective(weights), or CLIP's loss for the clip family."""
-    if cfg.model.family == "clip":
-        return CLIPObjective(model, cfg.pretrain.itc_weight, local_loss=cfg.runtime.local_loss)
-    return VLPObjective(model, weights, local_loss=cfg.runtime.local_loss)
+    """What `weights` train of the model, as its family trains them (`Family.objectives`)."""
+    from vlp.models.family import get_family
+
+    impl = get_family(cfg.model.family).impl()
+    return impl.objective(model, weights, cfg.runtime.local_loss)
 
 
 def _check_batches_fit(
@@ -382,7 +388,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     from vlp.data.manifest import check_split_names, require_splits
     from vlp.data.shards import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
-    from vlp.models.family import build_from_params, check_init_from
+    from vlp.models.family import build_from_params, check_init_from, get_family
     from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
@@ -395,15 +401,14 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         raise ConfigError(
             f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
         )
-    clip = cfg.model.family == "clip"
-    if clip and p.itc_weight == 0:
-        raise ConfigError(
-            "pretrain.itc_weight: 0, but the clip family trains the contrastive loss alone"
-        )
     try:
         joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
     except ConfigError as e:
         raise ConfigError(f"pretrain.itc_weight/itm_weight/lm_weight: {e}") from None
+    family = get_family(cfg.model.family)
+    if not any(getattr(p, f"{k}_weight") != 0 for k in family.objectives):
+        trained = " and ".join(f"pretrain.{k}_weight" for k in family.objectives)
+        raise ConfigError(f"{trained}: 0, but the {family.name} family trains no other objective")
     require_splits(cfg.data.root, p.splits, "pretrain.splits")
     require_splits(cfg.data.root, p.tokenizer_splits, "pretrain.tokenizer_splits")
     if p.eval_split is not None:
@@ -435,10 +440,10 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             "lower pretrain.batch_size",
         )
         firsts = None
-        if clip and info.is_main:
-            for note in _clip_notes(p):
+        if info.is_main:
+            for note in _family_notes(family, p):
                 print(f"pretrain: {note}")
-        if p.caption_warmup_steps > 0 and not clip:
+        if p.caption_warmup_steps > 0 and "lm" in family.objectives:
             firsts = pairs_for_training(
                 cfg.data.root,
                 cfg.data.shards,
@@ -506,9 +511,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             try:
                 if firsts is not None:
                     warmup = train(
-                        VLPObjective(
-                            model, CAPTION_WARMUP_WEIGHTS, local_loss=cfg.runtime.local_loss
-                        ),
+                        _objective(model, cfg, CAPTION_WARMUP_WEIGHTS),
                         firsts,
                         collate,
                         warmup_settings,

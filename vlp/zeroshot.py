@@ -1,6 +1,6 @@
 """Any checkpoint measured without training (`vlp zeroshot`) or exported as embeddings (`vlp embed`).
 
-The checkpoint is a directory `vlp.models.checkpoints.load_encoder` reads: a vlp model (the
+The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
 checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
 bf16 autocast when the precision resolves to bf16 (on CPU too; `runtime.precision` rules,
@@ -43,7 +43,7 @@ from vlp.io import check_writable
 
 if TYPE_CHECKING:
     from vlp.config import Config
-    from vlp.models.checkpoints import Encoder
+    from vlp.models.family import LoadedModel
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
@@ -55,7 +55,7 @@ EMBEDDINGS_MARKER = {b"vlp.output": b"embeddings"}  # Parquet metadata of files 
 class Inference:
     """How a checkpoint runs: the encoder, batch size and autocast dtype (None: fp32)."""
 
-    encoder: Encoder
+    encoder: LoadedModel
     batch_size: int
     amp_dtype: torch.dtype | None
 
@@ -73,7 +73,7 @@ def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
     """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
-    from vlp.models.checkpoints import load_encoder
+    from vlp.models.family import load_model
     from vlp.train.distributed import DistInfo
     from vlp.train.loop import resolve_device, resolve_precision
 
@@ -84,7 +84,12 @@ def load_inference(
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     device = resolve_device(cfg.runtime.device, DistInfo())
-    encoder = load_encoder(model_dir, device, cfg.model, cfg.pretrain.temperature)
+    # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
+    encoder = load_model(
+        model_dir, device, key="--model", temperature=cfg.pretrain.temperature, as_is=True
+    )
+    encoder.model.eval()
+    encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
     return Inference(encoder, batch_size, resolve_precision(precision, device))
 
 
@@ -378,7 +383,7 @@ def zeroshot(
     params: dict[str, Any] = {
         "model": str(model_dir),
         "model_sha256": sha,
-        "checkpoint": run.encoder.kind,
+        "checkpoint": run.encoder.format,
         "data": str(data_dir),
         "split": split,
         "precision": run.precision,

@@ -8,9 +8,9 @@ from torch.nn import functional as F
 
 from tests.checkpoints.clip import write_tiny_clip
 from vlp.errors import ConfigError
-from vlp.models.clip import CLIPDualEncoder, build_clip, clamp_logit_scale
+from vlp.models.clip import CLIPDualEncoder, build_clip
 from vlp.models.family import fresh_model, load_model, model_family
-from vlp.models.objectives import CLIPObjective
+from vlp.models.objectives import CLIPObjective, clamp_logit_scale
 
 TEXTS = ["a red circle left of a blue square", "the star", "what colour is it?"]
 
@@ -54,12 +54,12 @@ def test_features_equal_clipmodel(clip_dir):
 
 
 def test_save_and_reload_by_family(clip_dir, tmp_path):
-    model = load_model(clip_dir).eval()  # a raw CLIPModel directory
+    model = load_model(clip_dir).model.eval()  # a raw CLIPModel directory
     assert isinstance(model, CLIPDualEncoder)
     model.save_pretrained(tmp_path / "m", {"extra.json": {"k": 1}})
     assert model_family(tmp_path / "m") == "clip"
     assert not (tmp_path / "m" / "config.json").exists()  # no source needed to reload
-    back = load_model(tmp_path / "m").eval()
+    back = load_model(tmp_path / "m").model.eval()
     assert isinstance(back, CLIPDualEncoder) and back.cfg == model.cfg
     pixels = torch.randn(2, 3, 48, 48)  # another size: positions are interpolated
     with torch.no_grad():

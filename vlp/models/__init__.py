@@ -1,7 +1,7 @@
 """Models: image towers, BLIP text encoder/decoder, the CLIP dual encoder, objectives, tokenizer.
 
-Public API: `build_model`, `VLPModel`, `CLIPDualEncoder`, `load_model` (any saved model, by
-its family), `VLPObjective`, `CLIPObjective`, `ObjectiveWeights`, `build_tokenizer`,
+Public API: `build_model`, `VLPModel`, `CLIPDualEncoder`, `load_model` (any model directory,
+by its family: `vlp.models.family`), `VLPObjective`, `CLIPObjective`, `ObjectiveWeights`, `build_tokenizer`,
 `train_tokenizer`, `load_tokenizer`, `save_tokenizer`. Imports are lazy
 (see `__getattr__`) so `import vlp.models` stays cheap.
 """

@@ -3,7 +3,7 @@
 A local directory written by `save_pretrained` of `BlipForImageTextRetrieval`,
 `BlipForConditionalGeneration` or `BlipForQuestionAnswering` maps one to one onto VLPModel:
 
-    vision_model -> image_tower (BlipImageTower: BlipVisionModel's last_hidden_state as is)
+    vision_model -> image_tower (`towers.BlipImageTower`: BlipVisionModel's last_hidden_state as is)
     text_encoder -> text_encoder          vision_proj / text_proj / itm_head -> the same
     text_decoder -> text_decoder          (VQA: the answer decoder)
 
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
+from vlp.models.towers import BlipImageTower, checkpoint_model_config
 
 if TYPE_CHECKING:
-    from transformers import BlipVisionConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from vlp.config import ModelConfig
     from vlp.models.vlp_model import VLPModel
@@ -46,38 +46,6 @@ BLIP_CLASSES = (
 )
 # The `model.image_tower` a BLIP-based model records (its tower is BLIP's own ViT).
 BLIP_TOWER = "blip"
-# BLIP's vision config initialises weights with std 1e-10 (its weights always come from a
-# checkpoint); a freshly initialised tower (the scratch ablation) uses ViT's 0.02 instead.
-SCRATCH_VISION_INIT_RANGE = 0.02
-
-
-class BlipImageTower(nn.Module):
-    """transformers' BlipVisionModel: [B, 3, S, S] -> [B, 1 + N, vision width], CLS first.
-
-    Its last_hidden_state (after BLIP's post-LayerNorm) is the image token sequence, as BLIP
-    feeds it to its text layers; position embeddings are interpolated to other image sizes.
-    """
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.out_dim = backbone.config.hidden_size
-
-    @classmethod
-    def from_config(cls, config: BlipVisionConfig, fresh: bool = False) -> BlipImageTower:
-        """A tower of `config`'s shape; `fresh`: weights to train from (std 0.02, not 1e-10)."""
-        from transformers import BlipVisionModel
-
-        if fresh:
-            config = config.__class__.from_dict(
-                {**config.to_dict(), "initializer_range": SCRATCH_VISION_INIT_RANGE}
-            )
-        return cls(BlipVisionModel(config))
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone(
-            pixel_values=pixel_values, interpolate_pos_encoding=True
-        ).last_hidden_state
 
 
 def blip_architecture(path: str | Path, key: str = "model.init_from") -> str | None:
@@ -138,10 +106,8 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, text_config: Any, key: str) -
         )
 
 
-def _model_config(model_cfg: ModelConfig, config: Any, path: Path) -> ModelConfig:
+def _model_config(model_cfg: ModelConfig | None, config: Any, path: Path) -> ModelConfig:
     """`model_cfg` with the architecture fields the checkpoint decides."""
-    from vlp.models.family import checkpoint_model_config
-
     return checkpoint_model_config(
         config,
         path,
@@ -154,13 +120,13 @@ def _model_config(model_cfg: ModelConfig, config: Any, path: Path) -> ModelConfi
 
 def load_blip(
     path: str | Path,
-    model_cfg: ModelConfig,
+    model_cfg: ModelConfig | None,
     temperature: float,
     key: str = "model.init_from",
 ) -> VLPModel:
     """A VLPModel holding the BLIP checkpoint saved in the local directory `path` (fp32).
 
-    `model_cfg` supplies what the checkpoint does not decide (`max_text_length` is capped by
+    `model_cfg` (None: no cap) supplies what the checkpoint does not decide (`max_text_length` is capped by
     the text model's positions); the architecture fields come from the checkpoint and
     `init_from` records `path`. `temperature` initialises the ITC temperature when the
     checkpoint stores none. Seed torch first: parts the class lacks are initialised randomly.

@@ -18,11 +18,13 @@ closing [SEP] is the end-of-text token and [CLS] the start.
 
 A model directory holds vlp_config.json (`model` with `family: clip`, and `clip_config`, the
 `CLIPConfig`), model.safetensors and tokenizer/, so it reloads without its source checkpoint.
+
+This module is the clip family's implementation (`vlp.models.family.FAMILIES`): `build`,
+`load`, `fresh`, `reads_checkpoint`, `load_checkpoint`, `load_tokenizer` and `objective`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,16 +37,21 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
-from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
+from vlp.models.towers import checkpoint_model_config
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    SavedModel,
+    read_saved,
+    saved_model_config,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
     from vlp.config import ModelConfig
-
-
-# CLIP caps the logit scale at 100 (exp of the learned log-scale), as the paper does
-LOGIT_SCALE_MAX = math.log(100.0)
+    from vlp.models.objectives import ObjectiveWeights
 
 
 class CLIPDualEncoder(SavedModel):
@@ -102,14 +109,28 @@ class CLIPDualEncoder(SavedModel):
         `fresh`: the same architecture and tokenizer with newly initialised weights (the
         from-scratch ablation); seed torch first for reproducible weights.
         """
+        p = local_dir(path, "model directory")
+        return cls.from_saved(p, read_saved(p), device, fresh)
+
+    @classmethod
+    def from_saved(
+        cls,
+        p: Path,
+        meta: dict[str, Any],
+        device: str | torch.device = "cpu",
+        fresh: bool = False,
+    ) -> CLIPDualEncoder:
+        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
         from safetensors.torch import load_model
         from transformers import CLIPConfig, CLIPModel
 
-        p = local_dir(path, "model directory")
-        meta = _read_meta(p)
         if "clip_config" not in meta:
             raise ConfigError(f"{p}/{CONFIG_NAME}: lacks 'clip_config'; not a clip model")
-        cfg = _model_config(meta["model"])
+        if not fresh and not (p / WEIGHTS_NAME).exists():
+            raise ConfigError(
+                f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        cfg = saved_model_config(meta)
         tokenizer = load_clip_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         model = cls(cfg, tokenizer, CLIPModel(CLIPConfig.from_dict(meta["clip_config"])))
         if not fresh:
@@ -142,19 +163,6 @@ class CLIPDualEncoder(SavedModel):
         tokenizer = load_clip_tokenizer(p, key)
         cfg = model_config_from_clip(clip.config, str(p), base)
         return cls(cfg, tokenizer, clip).to(device)
-
-
-def _read_meta(p: Path) -> dict[str, Any]:
-    if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
-        raise ConfigError(f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return json.loads((p / CONFIG_NAME).read_text())
-
-
-def _model_config(d: dict[str, Any]) -> ModelConfig:
-    from vlp.config import ModelConfig
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
 
 def _checkpoint_type(p: Path) -> str | None:
@@ -272,14 +280,45 @@ def model_config_from_clip(
     Sizes shared by both towers in vlp's params are the text tower's. `max_text_length` is
     the text positions, capped by `base.max_text_length` when given.
     """
-    from vlp.models.family import checkpoint_model_config
-
     return checkpoint_model_config(
         config, source, base, family="clip", image_tower="clip", embed_dim=config.projection_dim
     )
 
 
-def clamp_logit_scale(model: CLIPDualEncoder) -> None:
-    """Keep the learnable logit scale in [0, ln 100] (in place, as CLIP)."""
-    with torch.no_grad():
-        model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+# ---------------------------------------------------------------- the clip family (vlp.models.family)
+build = build_clip
+
+
+def load(p: Path, meta: dict[str, Any], device: str | torch.device) -> CLIPDualEncoder:
+    """The dual encoder saved in the vlp model directory `p` (`meta`: its vlp_config.json)."""
+    return CLIPDualEncoder.from_saved(p, meta, device=device)
+
+
+def fresh(p: Path, meta: dict[str, Any], temperature: float) -> CLIPDualEncoder:
+    """The saved architecture and tokenizer, weights and logit scale (1 / temperature) fresh."""
+    model = CLIPDualEncoder.from_saved(p, meta, fresh=True)
+    with torch.no_grad():  # the architecture is the saved one; the scale starts fresh
+        model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / temperature))))
+    return model
+
+
+def reads_checkpoint(p: Path, key: str) -> bool:
+    """Whether `p` is a transformers CLIPModel directory."""
+    return is_clip_checkpoint(p)
+
+
+def load_checkpoint(
+    p: Path, base: ModelConfig | None, temperature: float | None, key: str, as_is: bool
+) -> CLIPDualEncoder:
+    """The CLIPModel directory `p` as a dual encoder; it brings its own logit scale and heads."""
+    return CLIPDualEncoder.from_checkpoint(p, base=base, key=key)
+
+
+load_tokenizer = load_clip_tokenizer
+
+
+def objective(model: CLIPDualEncoder, weights: ObjectiveWeights, local_loss: bool) -> Any:
+    """CLIP's contrastive loss, weighted `weights.itc` (the only objective it trains)."""
+    from vlp.models.objectives import CLIPObjective
+
+    return CLIPObjective(model, weights.itc, local_loss=local_loss)

@@ -1,127 +1,246 @@
-"""Model families: which class a model directory holds, and the one place that loads it.
+"""Model families: one record each (`Family`), one registry (`FAMILIES`), one loader.
 
-`model.family` chooses the model a pipeline trains: `fusion` (`VLPModel`: image tower + BLIP
-text encoder/decoder, ITC + ITM + LM) or `clip` (`CLIPDualEncoder`: transformers' CLIPModel,
-contrastive loss only). A saved model directory records its family in vlp_config.json
-(`model.family`; directories written before families existed are fusion models), and every
-stage that reads a saved model goes through `load_model`.
+`model.family` names the family a pipeline trains; a saved model directory records its family
+in vlp_config.json (`model.family`; directories written before families existed are fusion
+models). A family is a record plus one module, its `implementation` (`impl()`), which holds
+the torch side and reads no other family's code:
+
+- `build(cfg, tokenizer, temperature)`: a from-scratch model sized by params' `model` section;
+- `load(path, meta, device)`: the model a vlp model directory holds (`meta`: its parsed
+  vlp_config.json);
+- `fresh(path, meta, temperature)`: the same architecture and tokenizer with newly
+  initialised weights (the from-scratch ablation; seed torch first);
+- `reads_checkpoint(path, key) -> bool`: whether `path` is a foreign checkpoint directory of
+  the family's `checkpoint_format` (fusion: transformers BLIP; clip: transformers CLIPModel);
+- `load_checkpoint(path, base, temperature, key, as_is)`: that checkpoint as the family's
+  model; `base` caps its text length, `temperature` is the contrastive temperature of a
+  checkpoint that stores none, `as_is` refuses one whose heads would start untrained;
+- `load_tokenizer(path, key)`: a tokenizer directory as the family uses it;
+- `objective(model, weights, local_loss)`: the module training `model` with the
+  `ObjectiveWeights` of the objectives the family trains (`objectives`).
+
+Every stage, the predictor, zero-shot evaluation and embedding go through this registry and
+`load_model`, the one loader of a model directory; nothing else names a family.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.tokenizer import local_dir
 from vlp.models.weights import CONFIG_NAME
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from transformers import PreTrainedTokenizerBase
 
     from vlp.config import ModelConfig
 
-FAMILIES = ("fusion", "clip")
-# The tasks a dual encoder does: no fusion encoder (ITM, VQA) and no text decoder (captions)
-DUAL_ENCODER_TASKS = ("retrieval",)
+VLP_FORMAT = "vlp"  # the checkpoint format of a vlp model directory, whatever its family
 
 
-def model_family(path: str | os.PathLike) -> str:
-    """The family of a saved vlp model directory, or `clip` for a transformers CLIPModel dir.
+@dataclass(frozen=True)
+class Family:
+    """One model family: what its models are and do, and the module that builds and loads them."""
 
-    ConfigError when `path` is neither.
-    """
-    from vlp.models.clip import is_clip_checkpoint
+    name: str  # model.family
+    description: str  # what its models are, in messages
+    objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
+    tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
+    has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
+    checkpoint_format: str  # the foreign checkpoint directories it reads
+    implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
 
-    p = Path(path)
+    def impl(self) -> ModuleType:
+        """The family's implementation, its torch side (imported on first use)."""
+        return importlib.import_module(self.implementation)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="fusion",
+            description="an image-grounded text encoder and decoder (BLIP)",
+            objectives=("itc", "itm", "lm"),
+            tasks=("retrieval", "captioning", "vqa"),
+            has_itm=True,
+            checkpoint_format="blip",
+            implementation="vlp.models.fusion",
+        ),
+        Family(
+            name="clip",
+            description="a dual encoder: image and text embeddings, no fusion encoder or decoder",
+            objectives=("itc",),
+            tasks=("retrieval",),
+            has_itm=False,
+            checkpoint_format="clip",
+            implementation="vlp.models.clip",
+        ),
+    )
+}
+DEFAULT_FAMILY = "fusion"  # of model directories written before families existed
+
+
+def get_family(name: Any, where: str = "model.family") -> Family:
+    """The family called `name`; ConfigError naming `where` and the known families otherwise."""
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise ConfigError(f"{where}: {name!r} is not one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def read_meta(p: Path) -> dict[str, Any] | None:
+    """The vlp_config.json of a directory, or None when it has none (not a vlp model directory)."""
     meta_path = p / CONFIG_NAME
-    if meta_path.is_file():
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta_path}: not a vlp model config ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ConfigError(f"{meta_path}: not a vlp model config (no 'model' mapping)")
+    return meta
+
+
+def _foreign_family(p: Path, key: str) -> Family:
+    """The family that reads the foreign checkpoint `p`; ConfigError naming `key` if none does."""
+    for family in FAMILIES.values():
+        if family.impl().reads_checkpoint(p, key):
+            return family
+    model_type = None
+    if (p / "config.json").is_file():
         try:
-            family = json.loads(meta_path.read_text())["model"].get("family", "fusion")
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ConfigError(f"{meta_path}: not a vlp model config ({e})") from None
-        if family not in FAMILIES:
-            raise ConfigError(f"{meta_path}: model.family {family!r} is not one of {FAMILIES}")
-        return family
-    if is_clip_checkpoint(p):
-        return "clip"
+            model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{key}: cannot read {p / 'config.json'}: {e}") from None
+    formats = ", ".join(f.checkpoint_format for f in FAMILIES.values())
     raise ConfigError(
-        f"{p}: not a vlp model directory (no {CONFIG_NAME}) nor a transformers CLIPModel directory"
+        f"{key}: {p} is not a vlp model directory (no {CONFIG_NAME}) nor a transformers "
+        f"checkpoint a model family reads ({formats}); its model type: {model_type!r}"
     )
 
 
-def checkpoint_model_config(
-    config: Any,
-    source: str | os.PathLike,
-    base: ModelConfig | None,
-    *,
-    family: str,
-    image_tower: str,
-    embed_dim: int,
-) -> ModelConfig:
-    """The `ModelConfig` of a transformers checkpoint with text and vision towers (CLIP, BLIP).
+def recognise(p: Path, key: str) -> tuple[Family, dict[str, Any] | None]:
+    """(family, vlp_config.json or None for a foreign checkpoint) of the local directory `p`."""
+    meta = read_meta(p)
+    if meta is None:
+        return _foreign_family(p, key), None
+    name = meta["model"].get("family", DEFAULT_FAMILY)
+    return get_family(name, f"{p / CONFIG_NAME}: model.family"), meta
 
-    Sizes vlp's params share between the towers are the text tower's; `max_text_length` is
-    the text positions, capped by `base.max_text_length` when `base` is given.
-    """
-    from vlp.config import ModelConfig
 
-    text, vision = config.text_config, config.vision_config
-    length = text.max_position_embeddings
-    if base is not None:
-        length = min(length, base.max_text_length)
-    patch = vision.patch_size
-    return ModelConfig(
-        family=family,
-        init_from=str(source),
-        image_tower=image_tower,
-        image_pretrained=None,
-        text_pretrained=None,
-        tokenizer_pretrained=None,
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        num_text_layers=text.num_hidden_layers,
-        num_heads=text.num_attention_heads,
-        intermediate_size=text.intermediate_size,
-        embed_dim=embed_dim,
-        max_text_length=length,
-        patch_size=patch if isinstance(patch, int) else int(patch[0]),
-        num_image_layers=vision.num_hidden_layers,
-        cnn_channels=[],
-    )
+def model_family(path: str | os.PathLike, key: str = "model directory") -> str:
+    """The family of a vlp model directory or of a foreign checkpoint a family reads."""
+    return recognise(local_dir(path, key), key)[0].name
 
 
 def task_not_applicable(family: str, task: str) -> str | None:
     """Why a model of `family` cannot be finetuned for `task`, or None when it can."""
-    if family == "clip" and task not in DUAL_ENCODER_TASKS:
-        return (
-            f"a dual encoder (model.family: clip) does not do {task}: it has no text decoder "
-            "and no fusion encoder, only image and text embeddings (retrieval)"
+    f = get_family(family)
+    if task in f.tasks:
+        return None
+    return (
+        f"model.family {f.name} ({f.description}) does not do {task}; it does {', '.join(f.tasks)}"
+    )
+
+
+def check_init_from(cfg: ModelConfig) -> Family:
+    """The family of `model.init_from`, checked against `model.family`."""
+    assert cfg.init_from, "model.init_from is not set"
+    family, _ = recognise(local_dir(cfg.init_from, "model.init_from"), "model.init_from")
+    get_family(cfg.family)
+    if family.name != cfg.family:
+        raise ConfigError(
+            f"model.init_from: {cfg.init_from} holds a {family.name} model but model.family is "
+            f"{cfg.family!r}: set model.family: {family.name}"
         )
-    return None
+    return family
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
-    """The model saved in `path`, whatever its family (`VLPModel` or `CLIPDualEncoder`).
+@dataclass
+class LoadedModel:
+    """A loaded model directory: its family, its model, and what the directory records."""
 
-    Also loads a transformers CLIPModel directory with its tokenizer as a `CLIPDualEncoder`.
+    family: Family
+    path: Path
+    model: Any  # encode_image, encode_text, tokenize; itm_logits when family.has_itm
+    format: str  # "vlp" (a vlp model directory) or the family's foreign checkpoint format
+    key: str  # what named the directory, in messages
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def has_itm(self) -> bool:
+        """Whether the model scores (image, text) pairs with an ITM head (re-ranking)."""
+        return self.family.has_itm
+
+    @cached_property
+    def task_info(self) -> dict[str, Any] | None:
+        """The task.json of a finetuned task model; None for any other directory."""
+        from vlp.models.checkpoints import read_task_info
+        from vlp.tasks import TASK_FILE
+
+        return read_task_info(self.path) if (self.path / TASK_FILE).is_file() else None
+
+    @cached_property
+    def transform(self) -> Any:
+        """The evaluation image transform (`pixels(images) -> [N, 3, H, W]`) it expects."""
+        from vlp.models.checkpoints import directory_transform
+
+        return directory_transform(self.path, self.task_info, self.format != VLP_FORMAT, self.key)
+
+    @torch.no_grad()
+    def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image states [B, N, H], L2-normalised features [B, E]) of a pixel batch."""
+        return self.model.encode_image(pixels.to(self.device))
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text features [M, E] of one batch of texts."""
+        enc = self.model.tokenize(list(texts))
+        return self.model.encode_text(
+            enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        )[1]
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    key: str = "model directory",
+    base: ModelConfig | None = None,
+    temperature: float | None = None,
+    as_is: bool = False,
+) -> LoadedModel:
+    """Load the model directory `path`: a vlp model directory of any family, or a foreign
+    checkpoint a family reads (`Family.checkpoint_format`).
+
+    A foreign checkpoint's text length is capped by `base.max_text_length` (None: its own
+    positions); `temperature` is the contrastive temperature of one that stores none; `as_is`
+    (a checkpoint used untrained) refuses one whose heads would start untrained. ConfigError
+    naming `key` for anything else.
     """
-    from vlp.models.tokenizer import local_dir
-
-    p = local_dir(path, "model directory")
-    family = model_family(p)
-    if family == "clip":
-        from vlp.models.clip import CLIPDualEncoder
-
-        if (p / CONFIG_NAME).is_file():
-            return CLIPDualEncoder.from_pretrained(p, device=device)
-        return CLIPDualEncoder.from_checkpoint(p, device=device, key="model directory")
-    from vlp.models.vlp_model import VLPModel
-
-    return VLPModel.from_pretrained(p, device=device)
+    p = local_dir(path, key)
+    family, meta = recognise(p, key)
+    impl = family.impl()
+    if meta is not None:
+        return LoadedModel(family, p, impl.load(p, meta, device), VLP_FORMAT, key)
+    model = impl.load_checkpoint(p, base, temperature, key, as_is).to(device)
+    return LoadedModel(family, p, model, family.checkpoint_format, key)
 
 
 def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
@@ -130,78 +249,11 @@ def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
 
     `temperature` initialises the contrastive temperature (pretrain.temperature).
     """
-    from vlp.models.tokenizer import local_dir
-
     p = local_dir(path, "model directory")
-    if model_family(p) == "clip":
-        from vlp.models.clip import CLIPDualEncoder
-
-        model = CLIPDualEncoder.from_pretrained(p, fresh=True)
-        with torch.no_grad():  # the architecture is the saved one; the scale starts fresh
-            model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / temperature))))
-        return model
-    from vlp.config import ModelConfig
-    from vlp.models.tokenizer import load_tokenizer
-    from vlp.models.vlp_model import TOKENIZER_DIR, VLPModel, build_model
-
-    saved = json.loads((p / CONFIG_NAME).read_text())["model"]
-    if saved.get("init_from"):
-        # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
-        # rebuilt from the configs saved with it.
-        model = VLPModel.from_pretrained(p, weights=False)
-        with torch.no_grad():
-            model.temp.fill_(temperature)
-        return model
-    tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
-    return build_model(ModelConfig(**saved), tokenizer, temperature=temperature)
-
-
-def checkpoint_kind(path: str | os.PathLike, key: str = "model.init_from") -> str:
-    """What a local checkpoint directory holds: "vlp" (a saved vlp model of either family),
-    "blip" (a transformers BLIP checkpoint) or "clip" (a transformers CLIPModel).
-
-    Anything else is a ConfigError naming `key`.
-    """
-    from vlp.models.blip import blip_architecture
-    from vlp.models.clip import is_clip_checkpoint
-    from vlp.models.tokenizer import local_dir
-
-    p = local_dir(path, key)
-    if (p / CONFIG_NAME).is_file():
-        return "vlp"
-    if blip_architecture(p) is not None:
-        return "blip"
-    if is_clip_checkpoint(p):
-        return "clip"
-    model_type = None
-    if (p / "config.json").is_file():
-        try:
-            model_type = json.loads((p / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"{key}: cannot read {p / 'config.json'}: {e}") from None
-    raise ConfigError(
-        f"{key}: {p} holds neither a vlp model ({CONFIG_NAME}) nor a transformers BLIP or "
-        f"CLIPModel checkpoint; its model type: {model_type!r}"
-    )
-
-
-def check_init_from(cfg: ModelConfig) -> str:
-    """The kind of `model.init_from` (`checkpoint_kind`), checked against `model.family`."""
-    assert cfg.init_from, "model.init_from is not set"
-    kind = checkpoint_kind(cfg.init_from)
-    family = model_family(cfg.init_from) if kind == "vlp" else kind
-    family = "fusion" if family == "blip" else family
-    if family != cfg.family:
-        hint = (
-            "; to use its vision tower in the fusion model, set model.image_pretrained instead"
-            if family == "clip"
-            else ""
-        )
-        raise ConfigError(
-            f"model.init_from: {cfg.init_from} holds a {family} model but model.family is "
-            f"{cfg.family!r}: set model.family: {family}{hint}"
-        )
-    return kind
+    family, meta = recognise(p, "model directory")
+    if meta is None:
+        raise ConfigError(f"{p}: not a vlp model directory (no {CONFIG_NAME})")
+    return family.impl().fresh(p, meta, temperature)
 
 
 def build_from_params(
@@ -210,29 +262,16 @@ def build_from_params(
     """The model `cfg` (params' model section) describes, before any training.
 
     With `model.init_from`: that checkpoint's model with its weights and its own tokenizer
-    (`tokenizer` unused): a vlp model directory, a BLIP checkpoint (fusion family) or a
-    CLIPModel (clip family); parts a BLIP class lacks start from torch's RNG, so seed it
-    first. Without: a from-scratch model of `model.family` sized by `cfg` with `tokenizer`.
-    `temperature` (pretrain.temperature) initialises the contrastive temperature of a
-    model that has none.
+    (`tokenizer` unused): a vlp model directory or a foreign checkpoint of `model.family`;
+    parts a checkpoint lacks start from torch's RNG, so seed it first. Without: a from-scratch
+    model of `model.family` sized by `cfg` with `tokenizer`. `temperature`
+    (pretrain.temperature) initialises the contrastive temperature of a model that has none.
     """
+    family = get_family(cfg.family)
     if cfg.init_from:
-        kind = check_init_from(cfg)
-        if kind == "vlp":
-            return load_model(cfg.init_from)
-        if kind == "blip":
-            from vlp.models.blip import load_blip
-
-            return load_blip(cfg.init_from, cfg, temperature)
-        from vlp.models.clip import CLIPDualEncoder
-
-        return CLIPDualEncoder.from_checkpoint(cfg.init_from, base=cfg)
+        check_init_from(cfg)
+        loaded = load_model(cfg.init_from, key="model.init_from", base=cfg, temperature=temperature)
+        return loaded.model
     if tokenizer is None:
         raise ConfigError(f"a from-scratch {cfg.family} model needs a tokenizer")
-    if cfg.family == "clip":
-        from vlp.models.clip import build_clip
-
-        return build_clip(cfg, tokenizer, temperature)
-    from vlp.models.vlp_model import build_model
-
-    return build_model(cfg, tokenizer, temperature=temperature)
+    return family.impl().build(cfg, tokenizer, temperature)

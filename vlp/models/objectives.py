@@ -21,6 +21,7 @@ logit scale as the temperature, and nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,11 @@ from torch.nn import functional as F
 from vlp.errors import ConfigError
 
 if TYPE_CHECKING:
-    from vlp.models.clip import CLIPDualEncoder
     from vlp.models.vlp_model import VLPModel
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
+# CLIP caps the logit scale at 100 (exp of the learned log-scale), as the paper does
+LOGIT_SCALE_MAX = math.log(100.0)
 
 
 @dataclass(frozen=True)
@@ -283,9 +285,7 @@ class CLIPObjective(nn.Module):
     a `make_pretrain_collate` batch and returns {"loss", "loss_itc"}.
     """
 
-    def __init__(
-        self, model: CLIPDualEncoder, weight: float = 1.0, local_loss: bool = True
-    ) -> None:
+    def __init__(self, model: nn.Module, weight: float = 1.0, local_loss: bool = True) -> None:
         super().__init__()
         self.local_loss = local_loss  # runtime.local_loss
         if float(weight) == 0.0:
@@ -300,8 +300,6 @@ class CLIPObjective(nn.Module):
         attention_mask: torch.Tensor,
         image_ids: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        from vlp.models.clip import clamp_logit_scale
-
         model = self.model
         clamp_logit_scale(model)
         _, image_feat = model.encode_image(pixel_values)
@@ -311,3 +309,9 @@ class CLIPObjective(nn.Module):
         else:
             loss = world_itc_loss(image_feat, text_feat, image_ids, model.temp)
         return {"loss": self.weight * loss, "loss_itc": loss}
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep the learnable logit scale in [0, ln 100] (in place, as CLIP)."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)

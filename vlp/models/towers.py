@@ -11,10 +11,16 @@ CLIP's vision transformer applies its final LayerNorm (`post_layernorm`) to the 
 only; the tower applies it to every token, as BLIP's and ALBEF's ViTs normalise all their
 output tokens before the fusion layers read them. The CLS token is thus exactly CLIP's
 `pooler_output`, and the patch tokens share its scale.
+
+BLIP's own vision model (`BlipImageTower`, what a BLIP checkpoint brings) is the exception:
+its tokens stay in the vision width, which BLIP's text layers cross-attend to directly.
+`checkpoint_model_config` describes a transformers checkpoint with text and vision towers
+(CLIP, BLIP) as the params' model section.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +31,7 @@ from vlp.errors import ConfigError
 from vlp.models.tokenizer import DEC_TOKEN, local_dir
 
 if TYPE_CHECKING:
-    from transformers import BlipTextConfig, PretrainedConfig, PreTrainedModel
+    from transformers import BlipTextConfig, BlipVisionConfig, PretrainedConfig, PreTrainedModel
 
     from vlp.config import ModelConfig
 
@@ -40,6 +46,9 @@ TOWER_OF_MODEL_TYPE = {
 }
 TRANSFORMER_TYPES = ("vit", "clip_vision_model")  # model_types whose output is CLS + patches
 POS_GRID = 8  # side of a learned position grid; resized to the actual token grid
+# BLIP's vision config initialises weights with std 1e-10 (its weights always come from a
+# checkpoint); a freshly initialised tower (the scratch ablation) uses ViT's 0.02 instead.
+SCRATCH_VISION_INIT_RANGE = 0.02
 
 
 def learned_positions(width: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -265,3 +274,82 @@ def fold_token_type_embeddings(text_model: nn.Module, path: str) -> None:
     row = bert.embeddings.token_type_embeddings.weight[0]
     with torch.no_grad():
         text_model.embeddings.position_embeddings.weight.add_(row)
+
+
+class BlipImageTower(nn.Module):
+    """transformers' BlipVisionModel: [B, 3, S, S] -> [B, 1 + N, vision width], CLS first.
+
+    Its last_hidden_state (after BLIP's post-LayerNorm) is the image token sequence, as BLIP
+    feeds it to its text layers; position embeddings are interpolated to other image sizes.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.out_dim = backbone.config.hidden_size
+
+    @classmethod
+    def from_config(cls, config: BlipVisionConfig, fresh: bool = False) -> BlipImageTower:
+        """A tower of `config`'s shape; `fresh`: weights to train from (std 0.02, not 1e-10)."""
+        from transformers import BlipVisionModel
+
+        if fresh:
+            config = config.__class__.from_dict(
+                {**config.to_dict(), "initializer_range": SCRATCH_VISION_INIT_RANGE}
+            )
+        return cls(BlipVisionModel(config))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone(
+            pixel_values=pixel_values, interpolate_pos_encoding=True
+        ).last_hidden_state
+
+
+def image_tower_from_config(config: PretrainedConfig, text_width: int, fresh: bool) -> nn.Module:
+    """The image tower a saved backbone config describes: BLIP's vision model as is, else
+    vlp's `ImageTower` projecting to `text_width`. `fresh`: a BLIP tower's weights to train
+    from (std 0.02, not 1e-10); vlp's towers initialise as they always do."""
+    if config.model_type == "blip_vision_model":
+        return BlipImageTower.from_config(config, fresh=fresh)
+    return ImageTower(backbone_from_config(config), text_width)
+
+
+def checkpoint_model_config(
+    config: Any,
+    source: str | os.PathLike,
+    base: ModelConfig | None,
+    *,
+    family: str,
+    image_tower: str,
+    embed_dim: int,
+) -> ModelConfig:
+    """The `ModelConfig` of a transformers checkpoint with text and vision towers (CLIP, BLIP).
+
+    Sizes vlp's params share between the towers are the text tower's; `max_text_length` is
+    the text positions, capped by `base.max_text_length` when `base` is given.
+    """
+    from vlp.config import ModelConfig
+
+    text, vision = config.text_config, config.vision_config
+    length = text.max_position_embeddings
+    if base is not None:
+        length = min(length, base.max_text_length)
+    patch = vision.patch_size
+    return ModelConfig(
+        family=family,
+        init_from=str(source),
+        image_tower=image_tower,
+        image_pretrained=None,
+        text_pretrained=None,
+        tokenizer_pretrained=None,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        num_text_layers=text.num_hidden_layers,
+        num_heads=text.num_attention_heads,
+        intermediate_size=text.intermediate_size,
+        embed_dim=embed_dim,
+        max_text_length=length,
+        patch_size=patch if isinstance(patch, int) else int(patch[0]),
+        num_image_layers=vision.num_hidden_layers,
+        cnn_channels=[],
+    )

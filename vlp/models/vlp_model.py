@@ -17,7 +17,7 @@ parameters at the default size.
 
 The image tower is any module returning [B, N, out_dim] tokens and holding its transformers
 `backbone` (whose config is saved): vlp's towers (`vlp.models.towers`, tokens in the text
-width) or BLIP's vision model (`vlp.models.blip`, tokens in the vision width, which BLIP's
+width) or BLIP's vision model (`towers.BlipImageTower`, tokens in the vision width, which BLIP's
 text layers cross-attend to directly). Image tokens carry the global token first; `image_feat`/`text_feat` are L2-normalised
 projections of the first token (ITC space of size `embed_dim`). The model holds the pieces
 of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.objectives`.
@@ -25,9 +25,8 @@ of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,14 +36,20 @@ from torch.nn import functional as F
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
 from vlp.models.towers import (
-    ImageTower,
-    backbone_from_config,
     build_image_tower,
     fold_token_type_embeddings,
+    image_tower_from_config,
     text_config,
     text_config_from_pretrained,
 )
-from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    SavedModel,
+    read_saved,
+    saved_model_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -212,29 +217,31 @@ class VLPModel(SavedModel):
         (seed torch first). Entries of vlp_config.json it does not read (e.g. the
         `loss_weights` that older model directories carry) are ignored.
         """
+        p = local_dir(path, "model directory")
+        return cls.from_saved(p, read_saved(p), device, weights)
+
+    @classmethod
+    def from_saved(
+        cls,
+        p: Path,
+        meta: dict[str, Any],
+        device: str | torch.device = "cpu",
+        weights: bool = True,
+    ) -> VLPModel:
+        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
         from safetensors.torch import load_model
         from transformers import CONFIG_MAPPING, BlipTextConfig
 
-        from vlp.config import ModelConfig
-
-        p = local_dir(path, "model directory")
-        if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+        if weights and not (p / WEIGHTS_NAME).exists():
             raise ConfigError(
                 f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        meta = json.loads((p / CONFIG_NAME).read_text())
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+        cfg = saved_model_config(meta)
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg_dict.pop("model_type")].from_dict(image_cfg_dict)
-        if image_cfg.model_type == "blip_vision_model":
-            from vlp.models.blip import BlipImageTower
-
-            image_tower: nn.Module = BlipImageTower.from_config(image_cfg, fresh=not weights)
-        else:
-            image_tower = ImageTower(backbone_from_config(image_cfg), text_cfg.hidden_size)
+        image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=not weights)
         model = _assemble(cfg, tokenizer, image_tower, text_cfg)
         if weights:
             load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))

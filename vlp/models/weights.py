@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vlp.errors import ConfigError
 from vlp.io import atomic_dir, umask
 
 WEIGHTS_NAME = "model.safetensors"
@@ -73,6 +74,23 @@ class SavedModel(torch.nn.Module, ABC):
             self.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             for name, content in (extra_json or {}).items():
                 (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def read_saved(p: Path) -> dict[str, Any]:
+    """The parsed vlp_config.json of the model directory `p`; ConfigError unless `p` holds
+    it and the weights."""
+    if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+        raise ConfigError(f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    return json.loads((p / CONFIG_NAME).read_text())
+
+
+def saved_model_config(meta: dict[str, Any]) -> Any:
+    """The `ModelConfig` a vlp_config.json records; entries it does not know (e.g. the
+    `loss_weights` older model directories carry) are ignored."""
+    from vlp.config import ModelConfig
+
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
 
 
 def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:

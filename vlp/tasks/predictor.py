@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 class Predictor:
     """ITC embeddings and scores of any finetuned task model; each task adds its own.
 
-    `model` is a `VLPModel` or, for retrieval, a dual encoder (`CLIPDualEncoder`).
+    `model` is a model of any family that does the task (`vlp.models.family`).
     """
 
     def __init__(
@@ -36,7 +36,7 @@ class Predictor:
         self.info = info
         self.model_dir = Path(model_dir)
         self.task: str = info["task"]
-        from vlp.tasks import image_transform
+        from vlp.models.checkpoints import image_transform
 
         self.transform = image_transform(info, self.model_dir)
         self.image_size = self.transform.size
@@ -93,11 +93,12 @@ def load_predictor(
 
     `batch_size`: images, texts or (image, text) pairs per forward pass.
     """
+    from vlp.models.checkpoints import read_task_info
     from vlp.models.family import load_model
-    from vlp.tasks import TASKS, read_task_info
+    from vlp.tasks import TASKS
 
     info = read_task_info(model_dir)
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device).model
     return TASKS[info["task"]].module().Predictor(model, info, Path(model_dir), batch_size)
 
 

@@ -1,8 +1,8 @@
 """Retrieval's torch side: ITC + ITM finetuning, the re-ranking predictor, R@K evaluation.
 
-A dual encoder (`CLIPDualEncoder`, `model.family: clip`) has no ITM head: it is finetuned
-with CLIP's contrastive loss alone and ranks by ITC; its `task.json` records `rerank_k: 0`
-(`finetune.retrieval.rerank_k` is ignored for it).
+A model whose family has no ITM head (`Family.has_itm`; the dual encoder, `model.family:
+clip`) is finetuned with its family's objective alone (CLIP's contrastive loss) and ranks by
+ITC; its `task.json` records `rerank_k: 0` (`finetune.retrieval.rerank_k` is ignored for it).
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ TOP_RESULTS = 10  # ranked items per query in the results file
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel trained with ITC + ITM (hard negatives) on the captions of `finetune.splits`;
-    a dual encoder with CLIP's contrastive loss (no re-ranking: `rerank_k` 0)."""
+    """The model trained with its family's objective on the captions of `finetune.splits`:
+    ITC + ITM (hard negatives) for the fusion family; a family without ITM (the dual encoder,
+    CLIP's contrastive loss) ranks by ITC alone (`rerank_k` 0)."""
     from vlp.data.images import image_transforms
     from vlp.data.shards import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
-    from vlp.models.objectives import CLIPObjective, VLPObjective
+    from vlp.models.family import get_family
 
     dataset = pairs_for_training(
         cfg.data.root,
@@ -44,26 +45,21 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
     )
-    if is_dual_encoder(vlp):
-        return TrainingSetup(
-            CLIPObjective(vlp, local_loss=cfg.runtime.local_loss),
-            dataset,
-            make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
-            {"rerank_k": 0},
-        )
+    family = get_family(vlp.cfg.family)
+    objective = family.impl().objective(vlp, LOSS_WEIGHTS, cfg.runtime.local_loss)
     return TrainingSetup(
-        VLPObjective(vlp, LOSS_WEIGHTS, local_loss=cfg.runtime.local_loss),
+        objective,
         dataset,
-        make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
-        {"rerank_k": cfg.finetune.retrieval.rerank_k},
+        make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
+        {"rerank_k": cfg.finetune.retrieval.rerank_k if family.has_itm else 0},
     )
 
 
-def is_dual_encoder(model: Any) -> bool:
-    """Whether `model` is a dual encoder (no ITM head: retrieval ranks by ITC alone)."""
-    from vlp.models.clip import CLIPDualEncoder
+def has_itm(model: Any) -> bool:
+    """Whether `model`'s family re-ranks with an ITM head (else retrieval ranks by ITC alone)."""
+    from vlp.models.family import get_family
 
-    return isinstance(model, CLIPDualEncoder)
+    return get_family(model.cfg.family).has_itm
 
 
 def save(module: Any, model_dir: Path) -> None:
@@ -82,7 +78,7 @@ class Predictor(BasePredictor):
 
         image_embeds, image_feat = self._image_states(images)
         ids, mask, text_feat = encode_texts(self.model, list(texts), self.batch_size)
-        k = 0 if is_dual_encoder(self.model) else int(self.info["rerank_k"])
+        k = int(self.info["rerank_k"]) if has_itm(self.model) else 0
         return retrieval_scores(
             self.model, image_embeds, image_feat, ids, mask, text_feat, k, self.batch_size
         )

@@ -1,0 +1,88 @@
+"""The fusion family (`model.family: fusion`): `VLPModel`, trained with ITC + ITM + LM.
+
+Its models are built from params (`vlp.models.vlp_model.build_model`), saved and reloaded as
+vlp model directories, and read from transformers BLIP checkpoints (`vlp.models.blip`), the
+foreign checkpoint format of the family. This module is what the family's record
+(`vlp.models.family.FAMILIES`) names as its implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlp.errors import ConfigError
+from vlp.models.blip import blip_architecture, load_blip
+from vlp.models.tokenizer import load_tokenizer
+from vlp.models.vlp_model import VLPModel, build_model
+from vlp.models.weights import TOKENIZER_DIR
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlp.config import ModelConfig
+    from vlp.models.objectives import ObjectiveWeights
+
+# The one BLIP class whose ITC projections and ITM head are trained: the others would
+# encode and re-rank with freshly initialised heads.
+TRAINED_HEADS_CLASS = "BlipForImageTextRetrieval"
+
+
+def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float) -> VLPModel:
+    """A from-scratch (or `*_pretrained` towers') VLPModel sized by params' model section."""
+    return build_model(cfg, tokenizer, temperature=temperature)
+
+
+def load(p: Path, meta: dict[str, Any], device: str | torch.device) -> VLPModel:
+    """The VLPModel saved in the vlp model directory `p` (`meta`: its vlp_config.json)."""
+    return VLPModel.from_saved(p, meta, device=device)
+
+
+def fresh(p: Path, meta: dict[str, Any], temperature: float) -> VLPModel:
+    """The saved architecture and tokenizer with freshly initialised weights; seed torch first."""
+    from vlp.config import ModelConfig
+
+    saved = meta["model"]
+    if saved.get("init_from"):
+        # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
+        # rebuilt from the configs saved with it.
+        model = VLPModel.from_saved(p, meta, weights=False)
+        with torch.no_grad():
+            model.temp.fill_(temperature)
+        return model
+    tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
+    return build_model(ModelConfig(**saved), tokenizer, temperature=temperature)
+
+
+def reads_checkpoint(p: Path, key: str) -> bool:
+    """Whether `p` is a transformers BLIP checkpoint (ConfigError for a BLIP class vlp does
+    not load)."""
+    return blip_architecture(p, key) is not None
+
+
+def load_checkpoint(
+    p: Path, base: ModelConfig | None, temperature: float | None, key: str, as_is: bool
+) -> VLPModel:
+    """The BLIP checkpoint `p` as a VLPModel (`vlp.models.blip.load_blip`); seed torch first.
+
+    `as_is`: it is used untrained, so only a class with trained ITC and ITM heads will do.
+    """
+    if as_is:
+        arch = blip_architecture(p, key)
+        if arch != TRAINED_HEADS_CLASS:
+            raise ConfigError(
+                f"{key}: {p} holds a {arch}; only {TRAINED_HEADS_CLASS} has the trained ITC "
+                "and ITM heads that encode and re-rank"
+            )
+    if temperature is None:
+        raise ConfigError(f"{key}: a BLIP checkpoint loads with a contrastive temperature")
+    return load_blip(p, base, temperature, key)
+
+
+def objective(model: VLPModel, weights: ObjectiveWeights, local_loss: bool) -> Any:
+    """`VLPObjective`: ITC, ITM and LM, each weighted by `weights`."""
+    from vlp.models.objectives import VLPObjective
+
+    return VLPObjective(model, weights, local_loss=local_loss)
