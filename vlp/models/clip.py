@@ -22,7 +22,6 @@ A model directory holds vlp_config.json (`model` with `family: clip`, and `clip_
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,7 +34,16 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
-from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
+from vlp.models.weights import (
+    CONFIG_NAME,
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    SavedModel,
+    load_transformers,
+    load_weights,
+    read_saved,
+    saved_model_config,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
@@ -102,18 +110,17 @@ class CLIPDualEncoder(SavedModel):
         `fresh`: the same architecture and tokenizer with newly initialised weights (the
         from-scratch ablation); seed torch first for reproducible weights.
         """
-        from safetensors.torch import load_model
         from transformers import CLIPConfig, CLIPModel
 
         p = local_dir(path, "model directory")
-        meta = _read_meta(p)
+        meta = read_saved(p)
         if "clip_config" not in meta:
             raise ConfigError(f"{p}/{CONFIG_NAME}: lacks 'clip_config'; not a clip model")
-        cfg = _model_config(meta["model"])
+        cfg = saved_model_config(meta)
         tokenizer = load_clip_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         model = cls(cfg, tokenizer, CLIPModel(CLIPConfig.from_dict(meta["clip_config"])))
         if not fresh:
-            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+            load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
 
     @classmethod
@@ -135,26 +142,10 @@ class CLIPDualEncoder(SavedModel):
         p = local_dir(path, key)
         if _checkpoint_type(p) != "clip":
             raise ConfigError(f"{key}: {p} is not a transformers CLIPModel directory")
-        try:
-            clip = CLIPModel.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{key}: cannot load a CLIPModel from {p}: {e}") from e
+        clip = load_transformers(CLIPModel, p, key)
         tokenizer = load_clip_tokenizer(p, key)
         cfg = model_config_from_clip(clip.config, str(p), base)
         return cls(cfg, tokenizer, clip).to(device)
-
-
-def _read_meta(p: Path) -> dict[str, Any]:
-    if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
-        raise ConfigError(f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-    return json.loads((p / CONFIG_NAME).read_text())
-
-
-def _model_config(d: dict[str, Any]) -> ModelConfig:
-    from vlp.config import ModelConfig
-
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in known})
 
 
 def _checkpoint_type(p: Path) -> str | None:

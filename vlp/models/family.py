@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
-from vlp.models.weights import CONFIG_NAME
+from vlp.models.weights import CONFIG_NAME, read_saved, saved_model_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,10 +39,7 @@ def model_family(path: str | os.PathLike) -> str:
     p = Path(path)
     meta_path = p / CONFIG_NAME
     if meta_path.is_file():
-        try:
-            family = json.loads(meta_path.read_text())["model"].get("family", "fusion")
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ConfigError(f"{meta_path}: not a vlp model config ({e})") from None
+        family = read_saved(p)["model"].get("family", "fusion")
         if family not in FAMILIES:
             raise ConfigError(f"{meta_path}: model.family {family!r} is not one of {FAMILIES}")
         return family
@@ -140,12 +137,11 @@ def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
         with torch.no_grad():  # the architecture is the saved one; the scale starts fresh
             model.logit_scale.fill_(float(torch.log(torch.tensor(1.0 / temperature))))
         return model
-    from vlp.config import ModelConfig
     from vlp.models.tokenizer import load_tokenizer
     from vlp.models.vlp_model import TOKENIZER_DIR, VLPModel, build_model
 
-    saved = json.loads((p / CONFIG_NAME).read_text())["model"]
-    if saved.get("init_from"):
+    cfg = saved_model_config(read_saved(p))
+    if cfg.init_from:
         # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
         # rebuilt from the configs saved with it.
         model = VLPModel.from_pretrained(p, weights=False)
@@ -153,7 +149,7 @@ def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
             model.temp.fill_(temperature)
         return model
     tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
-    return build_model(ModelConfig(**saved), tokenizer, temperature=temperature)
+    return build_model(cfg, tokenizer, temperature=temperature)
 
 
 def checkpoint_kind(path: str | os.PathLike, key: str = "model.init_from") -> str:

@@ -25,8 +25,6 @@ of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +42,14 @@ from vlp.models.towers import (
     text_config,
     text_config_from_pretrained,
 )
-from vlp.models.weights import CONFIG_NAME, TOKENIZER_DIR, WEIGHTS_NAME, SavedModel
+from vlp.models.weights import (
+    TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    SavedModel,
+    load_weights,
+    read_saved,
+    saved_model_config,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -212,19 +217,11 @@ class VLPModel(SavedModel):
         (seed torch first). Entries of vlp_config.json it does not read (e.g. the
         `loss_weights` that older model directories carry) are ignored.
         """
-        from safetensors.torch import load_model
         from transformers import CONFIG_MAPPING, BlipTextConfig
 
-        from vlp.config import ModelConfig
-
         p = local_dir(path, "model directory")
-        if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
-            raise ConfigError(
-                f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
-            )
-        meta = json.loads((p / CONFIG_NAME).read_text())
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+        meta = read_saved(p, ("text_config", "image_config.model_type"))
+        cfg = saved_model_config(meta)
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
@@ -237,7 +234,7 @@ class VLPModel(SavedModel):
             image_tower = ImageTower(backbone_from_config(image_cfg), text_cfg.hidden_size)
         model = _assemble(cfg, tokenizer, image_tower, text_cfg)
         if weights:
-            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+            load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
 
 
