@@ -31,6 +31,50 @@ def test_vocab_size_is_respected(captions):
     assert len(tok) <= 60
 
 
+def test_trained_vocab_is_numbered_canonically_whatever_the_text_order(captions):
+    import random
+
+    texts = captions * 3
+    shuffled = random.Random(0).sample(texts, len(texts))
+    vocabs = [train_tokenizer(t, vocab_size=120).get_vocab() for t in (texts, shuffled, texts)]
+    assert vocabs[1] == vocabs[0] and vocabs[2] == vocabs[0]
+    by_id = sorted(vocabs[0], key=vocabs[0].get)
+    assert by_id[:7] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", DEC_TOKEN, ENC_TOKEN]
+    assert by_id[7:] == sorted(by_id[7:])
+
+
+TRAIN_AND_SAVE = """
+import sys
+from tests.models.conftest import CAPTIONS
+from vlp.models.tokenizer import save_tokenizer, train_tokenizer
+save_tokenizer(train_tokenizer(CAPTIONS * 3, int(sys.argv[2])), sys.argv[1])
+"""
+
+
+@pytest.mark.slow  # three Python processes
+@pytest.mark.parametrize("vocab_size", [60, 400])  # cut off mid-training, and trained to the end
+def test_trained_tokenizer_files_are_identical_across_processes(vocab_size, tmp_path):
+    """The trainer's hash maps are seeded per process: only separate processes show it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TRAIN_AND_SAVE, str(tmp_path / f"tok{i}"), str(vocab_size)],
+            cwd=root,
+        )
+        for i in range(3)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    files = [
+        {f.name: f.read_bytes() for f in sorted((tmp_path / f"tok{i}").iterdir())} for i in range(3)
+    ]
+    assert "tokenizer.json" in files[0]
+    assert files[1] == files[0] and files[2] == files[0]
+
+
 def test_save_load_round_trip(tokenizer, tmp_path):
     save_tokenizer(tokenizer, tmp_path / "tok")
     loaded = load_tokenizer(tmp_path / "tok")

@@ -7,7 +7,8 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.models.objectives import ObjectiveWeights, VLPObjective, lm_loss
-from vlp.models.vlp_model import CONFIG_NAME, VLPModel, build_model
+from vlp.models.vlp_model import VLPModel, build_model
+from vlp.models.weights import CONFIG_NAME
 
 IMAGE = 32  # the `batch` fixture's image size
 ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)

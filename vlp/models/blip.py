@@ -27,8 +27,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
 from vlp.models.towers import BlipImageTower, checkpoint_model_config
@@ -135,6 +133,7 @@ def load_blip(
     from transformers import BlipTextLMHeadModel, BlipTextModel
 
     from vlp.models.vlp_model import VLPModel
+    from vlp.models.weights import load_transformers
 
     p = local_dir(path, key)
     arch = blip_architecture(p, key)
@@ -142,12 +141,7 @@ def load_blip(
         raise ConfigError(
             f"{key}: {p} holds no transformers BLIP model (config.json model_type 'blip')"
         )
-    try:
-        hf = getattr(transformers, arch).from_pretrained(
-            str(p), local_files_only=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot load {arch} from {p}: {e}") from e
+    hf = load_transformers(getattr(transformers, arch), p, key)
     config = hf.config
     tokenizer = load_tokenizer(p, key)
     _check_tokenizer(tokenizer, config.text_config, key)

@@ -43,7 +43,10 @@ from vlp.models.weights import (
     TOKENIZER_DIR,
     WEIGHTS_NAME,
     SavedModel,
+    load_transformers,
+    load_weights,
     read_saved,
+    require_weights,
     saved_model_config,
 )
 
@@ -121,20 +124,17 @@ class CLIPDualEncoder(SavedModel):
         fresh: bool = False,
     ) -> CLIPDualEncoder:
         """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
-        from safetensors.torch import load_model
         from transformers import CLIPConfig, CLIPModel
 
         if "clip_config" not in meta:
             raise ConfigError(f"{p}/{CONFIG_NAME}: lacks 'clip_config'; not a clip model")
-        if not fresh and not (p / WEIGHTS_NAME).exists():
-            raise ConfigError(
-                f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
-            )
+        if not fresh:
+            require_weights(p)
         cfg = saved_model_config(meta)
         tokenizer = load_clip_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         model = cls(cfg, tokenizer, CLIPModel(CLIPConfig.from_dict(meta["clip_config"])))
         if not fresh:
-            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+            load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
 
     @classmethod
@@ -156,10 +156,7 @@ class CLIPDualEncoder(SavedModel):
         p = local_dir(path, key)
         if _checkpoint_type(p) != "clip":
             raise ConfigError(f"{key}: {p} is not a transformers CLIPModel directory")
-        try:
-            clip = CLIPModel.from_pretrained(str(p), local_files_only=True, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{key}: cannot load a CLIPModel from {p}: {e}") from e
+        clip = load_transformers(CLIPModel, p, key)
         tokenizer = load_clip_tokenizer(p, key)
         cfg = model_config_from_clip(clip.config, str(p), base)
         return cls(cfg, tokenizer, clip).to(device)

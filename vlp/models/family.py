@@ -38,7 +38,7 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
-from vlp.models.weights import CONFIG_NAME
+from vlp.models.weights import CONFIG_NAME, read_config
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -101,17 +101,11 @@ def get_family(name: Any, where: str = "model.family") -> Family:
 
 
 def read_meta(p: Path) -> dict[str, Any] | None:
-    """The vlp_config.json of a directory, or None when it has none (not a vlp model directory)."""
-    meta_path = p / CONFIG_NAME
-    if not meta_path.is_file():
+    """The checked vlp_config.json of a directory (`read_config`), or None when it has none
+    (not a vlp model directory)."""
+    if not (p / CONFIG_NAME).is_file():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{meta_path}: not a vlp model config ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise ConfigError(f"{meta_path}: not a vlp model config (no 'model' mapping)")
-    return meta
+    return read_config(p)
 
 
 def _foreign_family(p: Path, key: str) -> Family:

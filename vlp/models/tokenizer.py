@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir
@@ -31,25 +31,67 @@ ENC_TOKEN = "[ENC]"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    """Train a lowercase BERT-style WordPiece tokenizer on `texts` (captions, questions, answers)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
-    from transformers import PreTrainedTokenizerFast
+    """Train a lowercase BERT-style WordPiece tokenizer on `texts` (captions, questions, answers).
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    The result is a function of `texts` and `vocab_size` alone, in every process: the special
+    tokens keep ids 0-6 (`SPECIAL_TOKENS`' order) and every other token is numbered in
+    string order. The trainer of `tokenizers` numbers the subwords it creates, and breaks
+    ties between equally frequent merges, by the iteration order of hash maps seeded per
+    process; registering every continuation subword (`##c`) before training fixes the ids
+    that break those ties, so the set of learned subwords is fixed too.
+    """
+    from tokenizers import Tokenizer, models
+    from tokenizers.trainers import WordPieceTrainer
+
+    texts = list(texts)
+    trainer_tok = _bert_tokenizer(models.WordPiece(unk_token="[UNK]"))
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS + _continuation_subwords(trainer_tok, texts),
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator(texts, trainer=trainer)
+    learned = set(trainer_tok.get_vocab(with_added_tokens=True)) - set(SPECIAL_TOKENS)
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + sorted(learned))}
+    tok: Tokenizer = _bert_tokenizer(
+        models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+    )
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return _wrap(tok)
+
+
+def _bert_tokenizer(model: Any) -> Any:
+    """A `tokenizers.Tokenizer` of `model` that lowercases and splits text as BERT does."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    tok = Tokenizer(model)
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _continuation_subwords(tok: Any, texts: list[str]) -> list[str]:
+    """`##c` for every character `c` that continues a word of `texts`, in string order."""
+    chars: set[str] = set()
+    for text in texts:
+        normal = tok.normalizer.normalize_str(text)
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(normal):
+            chars.update(word[1:])
+    return sorted(f"##{c}" for c in chars)
+
+
+def _wrap(tok: Any) -> PreTrainedTokenizerBase:
+    """`tok` wrapping every text in [CLS] ... [SEP], as a transformers tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    tok.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="[UNK]",

@@ -47,7 +47,10 @@ from vlp.models.weights import (
     TOKENIZER_DIR,
     WEIGHTS_NAME,
     SavedModel,
+    check_config,
+    load_weights,
     read_saved,
+    require_weights,
     saved_model_config,
 )
 
@@ -229,13 +232,11 @@ class VLPModel(SavedModel):
         weights: bool = True,
     ) -> VLPModel:
         """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
-        from safetensors.torch import load_model
         from transformers import CONFIG_MAPPING, BlipTextConfig
 
-        if weights and not (p / WEIGHTS_NAME).exists():
-            raise ConfigError(
-                f"{p}: not a saved VLP model (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
-            )
+        check_config(meta, p / CONFIG_NAME, ("text_config", "image_config.model_type"))
+        if weights:
+            require_weights(p)
         cfg = saved_model_config(meta)
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
@@ -244,7 +245,7 @@ class VLPModel(SavedModel):
         image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=not weights)
         model = _assemble(cfg, tokenizer, image_tower, text_cfg)
         if weights:
-            load_model(model, str(p / WEIGHTS_NAME), strict=True, device=str(device))
+            load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
 
 

@@ -262,18 +262,15 @@ class VQAModel(nn.Module):
 
         `architecture` is what `architecture()` returned when the model was saved.
         """
-        from safetensors.torch import load_model
+        from vlp.models.weights import load_weights
 
         path = Path(model_dir) / HEAD_FILE
         if not path.exists():
             raise ConfigError(f"{path}: not found; {model_dir} is not a finetuned VQA model")
         model = cls(vlp, answers, **architecture)
-        try:
-            load_model(model.head, str(path), strict=True, device=str(vlp.temp.device))
-        except RuntimeError as e:
-            raise ConfigError(
-                f"{path}: does not match the answer decoder {architecture or 'defaults'}: {e}"
-            ) from e
+        load_weights(
+            model.head, path, vlp.temp.device, f"the answer decoder {architecture or 'defaults'}"
+        )
         return model
 
 
