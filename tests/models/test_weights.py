@@ -182,7 +182,7 @@ def test_a_config_without_a_family_is_a_fusion_model(saved, tmp_path) -> None:
     meta = json.loads((model_dir / "vlp_config.json").read_text())
     del meta["model"]["family"]
     (model_dir / "vlp_config.json").write_text(json.dumps(meta))
-    assert isinstance(load_model(model_dir), VLPModel)
+    assert isinstance(load_model(model_dir).model, VLPModel)
 
 
 EVIL = """
@@ -204,7 +204,6 @@ def _evil_pickle(path: Path, marker: Path) -> None:
 def test_pickle_weights_are_refused_unread_as_a_named_error(saved, tmp_path) -> None:
     from tests.checkpoints.clip import write_tiny_clip
     from vlp.errors import ConfigError
-    from vlp.models.checkpoints import load_encoder
     from vlp.models.family import load_model
 
     marker = tmp_path / "unpickled"
@@ -218,7 +217,7 @@ def test_pickle_weights_are_refused_unread_as_a_named_error(saved, tmp_path) -> 
     (clip / "model.safetensors").unlink()
     _evil_pickle(clip / "pytorch_model.bin", marker)
     with pytest.raises(ConfigError, match=r"--model: .*clip: pytorch_model.bin: a pickle") as e:
-        load_encoder(clip)
+        load_model(clip, key="--model")
     assert "\n" not in str(e.value)
     assert not marker.exists()
 
