@@ -180,7 +180,7 @@ def retrieval_metrics(
     run: Inference, data_dir: Path, split: str, rerank_k: int
 ) -> dict[str, float]:
     """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
-    from vlp.metrics.retrieval import recall_at_k
+    from vlp.metrics.retrieval import retrieval_recall
 
     pairs, images = _split_pairs(data_dir, split)
     index = {int(i): n for n, i in enumerate(images["image_id"])}
@@ -190,7 +190,7 @@ def retrieval_metrics(
     states, image_feat = image_features(run, data_dir, list(images["image_path"]), rerank)
     if rerank:
         from vlp.models.embed import encode_texts
-        from vlp.tasks.retrieval.ranking import reranked_recall, retrieval_scores
+        from vlp.tasks.retrieval.ranking import retrieval_scores
 
         model = run.encoder.model
         with run.autocast():
@@ -199,10 +199,10 @@ def retrieval_metrics(
             scores = retrieval_scores(
                 model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size
             )
-        metrics = reranked_recall(scores, text_to_image)
+        metrics = retrieval_recall(text_to_image, scores.itc, scores.i2t, scores.t2i)
     else:
         text_feat = text_features(run, captions)
-        metrics = recall_at_k(image_feat @ text_feat.T, text_to_image)
+        metrics = retrieval_recall(text_to_image, image_feat @ text_feat.T)
     return {
         **metrics,
         "rerank_k": float(rerank_k if rerank else 0),

@@ -123,3 +123,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
         for row in frame.head(cfg.evaluate.num_examples).to_dict("records")
     ]
     return TaskEval(metrics, results, rows, examples)
+
+
+def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, list]:
+    """One answer per request row: its image and its question."""
+    return {"answer": list(predictor.answer(images, texts["question"]))}
