@@ -131,7 +131,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
-    from vlp.zeroshot import embed
+    from vlp.embeddings import embed
 
     out = embed(
         cfg,

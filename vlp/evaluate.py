@@ -223,8 +223,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
             )
     results_dir = claim_dir(Path(cfg.evaluate.results_dir) / task, "results")
     params = {"split": cfg.evaluate.split, "inits": ",".join(inits), "data": str(eval_data(cfg))}
-    if task == "vqa":
-        params["vqa_protocol"] = cfg.evaluate.vqa_protocol
+    params.update({name: getattr(cfg.evaluate, name) for name in spec.evaluate_options})
     # hashed before loading: the scores belong to exactly these bytes
     hashes = {init: model_sha256(path) for init, path in paths.items()}
     data = evaluated_on(cfg)

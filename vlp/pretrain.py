@@ -194,7 +194,7 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]
     from vlp.data.images import image_transforms
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import ImagesDataset, collate
-    from vlp.metrics.retrieval import recall_at_k
+    from vlp.metrics.retrieval import retrieval_recall
     from vlp.models.embed import embed_texts, encode_images
 
     model.eval()
@@ -206,7 +206,7 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = list(pairs["caption"])
     text_feat = embed_texts(model, captions, cfg.pretrain.eval_batch_size)
-    scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
+    scores = retrieval_recall(text_to_image, image_feat @ text_feat.t())
     n_img, n_txt = len(images), len(captions)
     per_image = n_txt / n_img
     for k in (1, 5, 10):

@@ -52,9 +52,8 @@ VLP_PACKAGE_DIR = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)
 
 
-# Tasks whose pyfunc also returns embeddings (`params={"output": EMBEDDING}`): rows of an
-# `image` or a `text`, the retrieval inputs.
-EMBEDDING_TASKS = ("retrieval",)
+# The output param of an embedding task's (`Task.embeddings`) embedding requests: rows of
+# an `image` or a `text`.
 EMBEDDING = "embedding"
 
 
@@ -69,7 +68,7 @@ def task_signature(task: str) -> Any:
 
     spec = get_task(task, RegistryError)
     out_name, out_type = spec.output
-    if task not in EMBEDDING_TASKS:
+    if not spec.embeddings:
         return ModelSignature(
             inputs=Schema([ColSpec(t, n) for n, t in spec.inputs]),
             outputs=Schema([ColSpec(out_type, out_name)]),
@@ -191,26 +190,21 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
             ) from e
 
     def _predict(self, model_input: pd.DataFrame, output: str | None) -> pd.DataFrame:
-        own = get_task(self.task).output[0]
+        spec = get_task(self.task)
+        own = spec.output[0]
         output = output or own
-        if output == EMBEDDING and self.task in EMBEDDING_TASKS:
+        if output == EMBEDDING and spec.embeddings:
             return pd.DataFrame({EMBEDDING: self._embeddings(model_input)})
         if output != own:
             raise RequestError(
                 f"params output {output!r}: expected {own!r}"
-                + (f" or {EMBEDDING!r}" if self.task in EMBEDDING_TASKS else "")
+                + (f" or {EMBEDDING!r}" if spec.embeddings else "")
             )
         check_request(self.task, model_input, self.limits)
         rows = range(len(model_input))
         texts = {c: self._texts(model_input, c, rows) for c in text_columns(self.task)}
         images = self._images(model_input, rows)
-        if self.task == "captioning":
-            return pd.DataFrame({"caption": list(self.predictor.caption(images))})
-        if self.task == "vqa":
-            return pd.DataFrame({"answer": list(self.predictor.answer(images, texts["question"]))})
-        # one (image, text) pair per row: the diagonal of the image x text score matrix
-        scores = np.asarray(self.predictor.score(images, texts["text"]))
-        return pd.DataFrame({"score": np.diagonal(scores).astype(float)})
+        return pd.DataFrame(spec.module().serve(self.predictor, images, texts))
 
     def _embeddings(self, model_input: pd.DataFrame) -> list[list[float]]:
         """The L2-normalised embedding of each row's image or text, in row order."""

@@ -1,4 +1,4 @@
-"""Any checkpoint measured without training (`vlp zeroshot`) or exported as embeddings (`vlp embed`).
+"""Any checkpoint measured without training (`vlp zeroshot`); the inference `vlp embed` shares.
 
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
@@ -15,7 +15,9 @@ as in training), with features returned as float32.
   image-folder tree (`DATA/<class>/<image>`, as ImageNet), a CSV/Parquet of
   `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
   scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
-- embeddings: one Parquet row per image and per caption of a dataset, L2-normalised.
+
+`vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
+`image_features`, `text_features`).
 
 `vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, the data,
 split and precision, every number, and the content hashes of what it read: the model
@@ -33,13 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from vlp.errors import ConfigError, DataError, OutputError
-from vlp.io import check_writable
+from vlp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from vlp.config import Config
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "fp32", "bf16")
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-EMBEDDINGS_MARKER = {b"vlp.output": b"embeddings"}  # Parquet metadata of files `vlp embed` wrote
 
 
 @dataclass
@@ -147,7 +146,7 @@ def text_features(run: Inference, texts: Sequence[str]) -> torch.Tensor:
 # ---------------------------------------------------------------- retrieval
 
 
-def _split_pairs(data_dir: Path, split: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_pairs(data_dir: Path, split: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(caption pairs, unique images in first-seen order) of a split (None: every split)."""
     from vlp.data.manifest import PAIRS_FILE, no_rows_in_splits, read_pairs
 
@@ -180,9 +179,9 @@ def retrieval_metrics(
     run: Inference, data_dir: Path, split: str, rerank_k: int
 ) -> dict[str, float]:
     """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
-    from vlp.metrics.retrieval import recall_at_k
+    from vlp.metrics.retrieval import retrieval_recall
 
-    pairs, images = _split_pairs(data_dir, split)
+    pairs, images = split_pairs(data_dir, split)
     index = {int(i): n for n, i in enumerate(images["image_id"])}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     captions = [str(c) for c in pairs["caption"]]
@@ -190,7 +189,7 @@ def retrieval_metrics(
     states, image_feat = image_features(run, data_dir, list(images["image_path"]), rerank)
     if rerank:
         from vlp.models.embed import encode_texts
-        from vlp.tasks.retrieval.ranking import reranked_recall, retrieval_scores
+        from vlp.tasks.retrieval.ranking import retrieval_scores
 
         model = run.encoder.model
         with run.autocast():
@@ -199,10 +198,10 @@ def retrieval_metrics(
             scores = retrieval_scores(
                 model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size
             )
-        metrics = reranked_recall(scores, text_to_image)
+        metrics = retrieval_recall(text_to_image, scores.itc, scores.i2t, scores.t2i)
     else:
         text_feat = text_features(run, captions)
-        metrics = recall_at_k(image_feat @ text_feat.T, text_to_image)
+        metrics = retrieval_recall(text_to_image, image_feat @ text_feat.T)
     return {
         **metrics,
         "rerank_k": float(rerank_k if rerank else 0),
@@ -283,7 +282,7 @@ def labelled_images(data_dir: Path, split: str, labels: str | None) -> pd.DataFr
                 f"image_id,label) or --labels {SHAPES_LABELS} (the shapes world's shapes)"
             )
         return image_folder_labels(data_dir)
-    pairs, images = _split_pairs(data_dir, split)
+    pairs, images = split_pairs(data_dir, split)
     if labels == SHAPES_LABELS:
         from vlp.data.shapes import single_shape_labels
 
@@ -425,101 +424,3 @@ def read_inputs(
         with open(labels, "rb") as f:
             inputs["labels"] = (labels, hashlib.file_digest(f, "sha256").hexdigest())
     return inputs
-
-
-# ---------------------------------------------------------------- embeddings
-
-
-def check_embeddings_out(out: Path) -> None:
-    """OutputError unless `out` can take the embeddings: its folder exists, and it is new
-    or a file `vlp embed` wrote (never a directory or another file)."""
-    import pyarrow.parquet as pq
-
-    if not out.parent.is_dir():
-        raise OutputError(f"--out {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise OutputError(f"--out {out}: is a directory; name a .parquet file")
-    check_writable({f"--out {out}": out.parent})
-    if not out.exists():
-        return
-    try:
-        meta = pq.read_schema(out).metadata or {}
-    except (OSError, ValueError):
-        meta = {}
-    if not all(meta.get(k) == v for k, v in EMBEDDINGS_MARKER.items()):
-        raise OutputError(
-            f"--out {out}: exists and was not written by `vlp embed`; move it away or "
-            "choose another path"
-        )
-
-
-def embeddings_table(run: Inference, data_dir: Path, split: str | None) -> Any:
-    """A pyarrow Table: one row per image, then one per caption, with its embedding.
-
-    Columns: kind ("image" | "text"), image_id, caption_id (null for images), image_path,
-    text (the caption; null for images), embedding (list<float32>, L2-normalised).
-    """
-    import pyarrow as pa
-
-    pairs, images = _split_pairs(data_dir, split)
-    _, image_feat = image_features(run, data_dir, list(images["image_path"]))
-    text_feat = text_features(run, [str(c) for c in pairs["caption"]])
-    n_img, n_txt = len(images), len(pairs)
-    feats = torch.cat([image_feat, text_feat]).cpu().numpy().astype(np.float32)
-    dim = feats.shape[1]
-    embedding = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim).cast(
-        pa.list_(pa.float32())
-    )
-    table = pa.table(
-        {
-            "kind": pa.array(["image"] * n_img + ["text"] * n_txt, pa.string()),
-            "image_id": pa.array(
-                [*images["image_id"].astype("int64"), *pairs["image_id"].astype("int64")],
-                pa.int64(),
-            ),
-            "caption_id": pa.array(
-                [None] * n_img + [int(c) for c in pairs["caption_id"]], pa.int64()
-            ),
-            "image_path": pa.array([*images["image_path"], *pairs["image_path"]], pa.string()),
-            "text": pa.array([None] * n_img + [str(c) for c in pairs["caption"]], pa.string()),
-            "embedding": embedding,
-        }
-    )
-    return table
-
-
-def embed(
-    cfg: Config,
-    model_dir: Path,
-    data_dir: Path,
-    out: Path,
-    *,
-    split: str | None = None,
-    precision: str | None = None,
-    batch_size: int | None = None,
-) -> Path:
-    """Write the embeddings of `data_dir`'s images and captions (one split, or all) to `out`."""
-    import pyarrow.parquet as pq
-
-    from vlp.data.manifest import check_split_names
-    from vlp.io import atomic_path
-    from vlp.tasks import model_sha256
-
-    if split is not None:
-        check_split_names(split, "--split")
-    out = Path(out)
-    check_embeddings_out(out)
-    run = load_inference(cfg, model_dir, precision, batch_size)
-    table = embeddings_table(run, data_dir, split)
-    meta = {
-        **EMBEDDINGS_MARKER,
-        b"vlp.model": str(model_dir).encode(),
-        b"vlp.model_sha256": model_sha256(model_dir).encode(),
-        b"vlp.data": str(data_dir).encode(),
-        b"vlp.split": (split or "all").encode(),
-        b"vlp.precision": run.precision.encode(),
-    }
-    check_embeddings_out(out)  # again: encoding may have taken long
-    with atomic_path(out) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-    return out

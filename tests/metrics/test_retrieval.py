@@ -132,3 +132,21 @@ def test_metric_deduplicates_images_and_matches_function() -> None:
     metric.update(images[:1], torch.tensor([1]), texts[:1], torch.tensor([2]))
     with pytest.raises(ResultsError, match="no image embedding"):
         metric.compute()
+
+
+def test_retrieval_recall_is_recall_at_k_of_itc_or_of_each_reranked_direction():
+    """The one recall@K of retrieval scores: ITC alone, or re-ranked i2t/t2i plus `itc_*`."""
+    from vlp.metrics.retrieval import retrieval_recall
+
+    rng = np.random.default_rng(0)
+    itc, i2t, t2i = (rng.standard_normal((4, 20)).astype(np.float32) for _ in range(3))
+    gt = np.arange(20) // 5
+    assert retrieval_recall(gt, itc) == recall_at_k(itc, gt)
+    got = retrieval_recall(gt, torch.from_numpy(itc), torch.from_numpy(i2t), torch.from_numpy(t2i))
+    by_i2t, by_t2i, by_itc = recall_at_k(i2t, gt), recall_at_k(t2i, gt), recall_at_k(itc, gt)
+    for k in (1, 5, 10):
+        assert got[f"i2t_R@{k}"] == by_i2t[f"i2t_R@{k}"]
+        assert got[f"t2i_R@{k}"] == by_t2i[f"t2i_R@{k}"]
+        assert got[f"itc_i2t_R@{k}"] == by_itc[f"i2t_R@{k}"]
+    assert got["mean_R@1"] == (by_i2t["i2t_R@1"] + by_t2i["t2i_R@1"]) / 2
+    assert got["itc_rsum"] == by_itc["rsum"]

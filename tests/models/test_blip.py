@@ -248,6 +248,7 @@ def test_what_is_not_a_blip_checkpoint_is_refused(checkpoints, tiny_cfg, tmp_pat
 
 
 def test_vqa_finetuning_reads_image_tokens_of_the_vision_width(checkpoints, tiny_cfg) -> None:
+    from vlp.models.objectives import VQAObjective
     from vlp.tasks.vqa.model import VQAModel
 
     blip = _load(checkpoints["BlipForImageTextRetrieval"], tiny_cfg)
@@ -255,6 +256,6 @@ def test_vqa_finetuning_reads_image_tokens_of_the_vision_width(checkpoints, tiny
     assert vqa.head.image_proj.in_features == VISION_WIDTH
     enc = blip.tokenize(["what colour is the circle ?", "how many stars ?"])
     targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    loss = vqa(pixel_values=_pixels(2), targets=targets, **enc)["loss"]
+    loss = VQAObjective(vqa)(pixel_values=_pixels(2), targets=targets, **enc)["loss"]
     loss.backward()
     assert vqa.head.image_proj.weight.grad.abs().sum() > 0

@@ -85,10 +85,12 @@ def test_empty_vocab_is_a_config_error(tiny_vlp) -> None:
 
 @pytest.mark.slow
 def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
+    from vlp.models.objectives import VQAObjective
     from vlp.tasks.vqa.model import VQAModel
 
     torch.manual_seed(0)
     model = VQAModel(tiny_vlp, ["yes", "no", "2"])
+    objective = VQAObjective(model)
     enc = tiny_vlp.tokenize(["is there a red circle?", "how many shapes are there?"])
     batch = {
         "pixel_values": torch.randn(2, 3, 32, 32),
@@ -96,12 +98,12 @@ def test_vqa_model_loss_falls_when_trained_on_one_batch(tiny_vlp) -> None:
         "targets": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
     }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    first = model(**batch)["loss"].item()
+    first = objective(**batch)["loss"].item()
     for _ in range(15):
         opt.zero_grad()
-        model(**batch)["loss"].backward()
+        objective(**batch)["loss"].backward()
         opt.step()
-    assert model(**batch)["loss"].item() < first / 2
+    assert objective(**batch)["loss"].item() < first / 2
     assert model.predict(batch["pixel_values"], enc["input_ids"], enc["attention_mask"]) == [
         "yes",
         "2",
@@ -129,6 +131,7 @@ def _batch(vlp) -> dict[str, torch.Tensor]:
 
 
 def test_frozen_encoders_stay_as_given_while_the_answer_decoder_learns(tiny_vlp) -> None:
+    from vlp.models.objectives import VQAObjective
     from vlp.tasks.vqa.model import VQAModel
 
     torch.manual_seed(0)
@@ -140,7 +143,7 @@ def test_frozen_encoders_stay_as_given_while_the_answer_decoder_learns(tiny_vlp)
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
-        model(**_batch(tiny_vlp))["loss"].backward()
+        VQAObjective(model)(**_batch(tiny_vlp))["loss"].backward()
         opt.step()
     for key, value in tiny_vlp.state_dict().items():
         torch.testing.assert_close(value, before[key], msg=key)
@@ -165,3 +168,28 @@ def test_saved_answer_decoder_loads_with_its_architecture(tiny_vlp, tmp_path: Pa
         VQAModel.load(tiny_vlp, ["yes", "no"], tmp_path, answer_layers=2, answer_heads=4)
     with pytest.raises(ConfigError, match="answer_heads must be an integer"):
         architecture_from_info({"answer_heads": "4"}, tmp_path)
+
+
+def test_vqa_objective_trains_the_head_at_its_lr_multiplier(tiny_vlp) -> None:
+    """The VQA loss is an objective over the model, the head's lr multiplier kept."""
+    from vlp.models.objectives import VQAObjective
+    from vlp.tasks.vqa.model import VQAModel
+    from vlp.train.loop import param_groups
+
+    torch.manual_seed(0)
+    model = VQAModel(tiny_vlp, ["yes", "no", "2"], head_lr_multiplier=10.0)
+    objective = VQAObjective(model)
+    batch = _batch(tiny_vlp)
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    assert logits.shape == (2, 3)
+    want = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), batch["targets"], reduction="sum"
+        )
+        / 2
+    )
+    torch.testing.assert_close(objective(**batch)["loss"], want)
+    head = {id(p) for p in model.head.parameters()}
+    for group in param_groups(objective, 0.01, 1e-3):
+        in_head = {id(p) in head for p in group["params"]}
+        assert in_head == {group["lr"] == pytest.approx(1e-2)}

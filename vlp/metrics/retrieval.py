@@ -122,6 +122,32 @@ def recall_at_k(
     return out
 
 
+def retrieval_recall(
+    text_to_image: np.ndarray | torch.Tensor,
+    itc: np.ndarray | torch.Tensor,
+    i2t: np.ndarray | torch.Tensor | None = None,
+    t2i: np.ndarray | torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Recall@K of image x text retrieval scores: the one way vlp scores retrieval.
+
+    With only `itc` (contrastive similarities): the keys of `recall_at_k`. With re-ranked
+    `i2t` and `t2i` matrices as well: their R@K, ranks and rsum (i2t keys from the
+    image-query re-ranking, t2i keys from the text-query one), `mean_R@1`, and the
+    ITC-only `itc_*R@K` and `itc_rsum`.
+    """
+    if i2t is None or t2i is None:
+        return recall_at_k(itc, text_to_image)
+    ranked_i2t = recall_at_k(i2t, text_to_image)
+    ranked_t2i = recall_at_k(t2i, text_to_image)
+    metrics = {key: v for key, v in ranked_i2t.items() if key.startswith("i2t_")}
+    metrics.update({key: v for key, v in ranked_t2i.items() if key.startswith("t2i_")})
+    metrics["rsum"] = sum(metrics[f"{d}_R@{x}"] for d in ("i2t", "t2i") for x in KS)
+    metrics["mean_R@1"] = (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+    itc_only = recall_at_k(itc, text_to_image)
+    metrics.update({f"itc_{key}": v for key, v in itc_only.items() if "R@" in key or key == "rsum"})
+    return metrics
+
+
 class RetrievalRecall(Metric):
     """Recall@K over batches of (image, text) embeddings; images are de-duplicated by id."""
 

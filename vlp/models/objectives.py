@@ -16,7 +16,8 @@ whole [B_world, B_world] matrix. Both give the same parameter gradients after DD
 A stage chooses what to train with `ObjectiveWeights` and trains `VLPObjective(model,
 weights)`, a module whose `forward(**batch)` returns the losses the training loop expects.
 The dual encoder (`CLIPDualEncoder`) trains `CLIPObjective`: the same ITC, with CLIP's
-logit scale as the temperature, and nothing else.
+logit scale as the temperature, and nothing else. VQA finetuning trains `VQAObjective`: the
+soft-score BCE of a VQA model's answer logits.
 """
 
 from __future__ import annotations
@@ -309,6 +310,34 @@ class CLIPObjective(nn.Module):
         else:
             loss = world_itc_loss(image_feat, text_feat, image_ids, model.temp)
         return {"loss": self.weight * loss, "loss_itc": loss}
+
+
+class VQAObjective(nn.Module):
+    """A VQA model (`vlp.tasks.vqa.model.VQAModel`) trained with soft-score BCE.
+
+    `forward(**batch)` takes a `make_vqa_collate` batch and returns {"loss", "loss_vqa"}.
+    The model's `lr_multipliers` carry over to its parameters here.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.lr_multipliers = {
+            f"model.{prefix}": f for prefix, f in getattr(model, "lr_multipliers", {}).items()
+        }
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        logits = self.model(pixel_values, input_ids, attention_mask).float()
+        # Summed over answers (mean over the batch), as UNITER/ALBEF scale VQA BCE: a plain
+        # mean over thousands of mostly-zero targets would shrink the gradient A-fold.
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
+        return {"loss": loss, "loss_vqa": loss.detach()}
 
 
 def clamp_logit_scale(model: nn.Module) -> None:

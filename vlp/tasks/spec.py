@@ -9,7 +9,9 @@ description names (`implementation`) holds the torch side:
 - `save(module, model_dir)`: the task model's weights;
 - `Predictor`: inference over a saved task model (what `load_predictor`, the registry's
   pyfunc and `vlp evaluate` all use);
-- `evaluate(cfg, predictor, data) -> TaskEval`: scores of a predictor on `evaluate.split`.
+- `evaluate(cfg, predictor, data) -> TaskEval`: scores of a predictor on `evaluate.split`;
+- `serve(predictor, images, texts) -> {output column: values}`: the served answer to one
+  request, its images decoded and its texts (by input column) checked.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ class Task:
     plot_columns: tuple[str, ...]  # ... with these columns
     inputs: tuple[tuple[str, str], ...]  # served request columns: (name, MLflow type)
     output: tuple[str, str]  # served response column: (name, MLflow type)
-    implementation: str  # module with setup, save, Predictor, evaluate (imports torch)
+    implementation: str  # module with setup, save, Predictor, evaluate, serve (imports torch)
+    # `evaluate` params section settings the task's scores depend on (recorded with them)
+    evaluate_options: tuple[str, ...] = ()
+    # whether its pyfunc also answers `params={"output": "embedding"}` requests
+    embeddings: bool = False
 
     def module(self) -> ModuleType:
         """The task's torch side (imported on first use)."""

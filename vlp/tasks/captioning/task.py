@@ -100,3 +100,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
         for i, image_id in enumerate(image_ids[: cfg.evaluate.num_examples])
     ]
     return TaskEval(metrics, results, rows, examples)
+
+
+def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, list]:
+    """One caption per request row."""
+    return {"caption": list(predictor.caption(images))}

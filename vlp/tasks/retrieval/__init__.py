@@ -24,4 +24,5 @@ TASK = Task(
     inputs=(("image", "binary"), ("text", "string")),
     output=("score", "double"),
     implementation="vlp.tasks.retrieval.task",
+    embeddings=True,
 )

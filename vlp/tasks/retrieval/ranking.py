@@ -91,23 +91,3 @@ def retrieval_scores(
     i2t = rerank(itc_logits, k, image_text, batch_size)
     t2i = rerank(itc_logits.t().contiguous(), k, lambda t, i: image_text(i, t), batch_size).t()
     return RetrievalScores(itc=sim, i2t=i2t, t2i=t2i.contiguous())
-
-
-def reranked_recall(scores: RetrievalScores, text_to_image: torch.Tensor) -> dict[str, float]:
-    """R@K, ranks and rsum of the re-ranked scores (each direction its own), and `itc_` ones.
-
-    The keys of `vlp.metrics.retrieval.recall_at_k` (i2t from the image-query re-ranking,
-    t2i from the text-query one), `mean_R@1`, and the ITC-only `itc_*R@K` and `itc_rsum`.
-    """
-    from vlp.metrics.retrieval import KS, recall_at_k
-
-    i2t, t2i, itc = (m.float().cpu() for m in (scores.i2t, scores.t2i, scores.itc))
-    ranked_i2t = recall_at_k(i2t, text_to_image)
-    ranked_t2i = recall_at_k(t2i, text_to_image)
-    metrics = {key: v for key, v in ranked_i2t.items() if key.startswith("i2t_")}
-    metrics.update({key: v for key, v in ranked_t2i.items() if key.startswith("t2i_")})
-    metrics["rsum"] = sum(metrics[f"{d}_R@{x}"] for d in ("i2t", "t2i") for x in KS)
-    metrics["mean_R@1"] = (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
-    itc_only = recall_at_k(itc, text_to_image)
-    metrics.update({f"itc_{key}": v for key, v in itc_only.items() if "R@" in key or key == "rsum"})
-    return metrics

@@ -16,7 +16,7 @@ import torch
 
 from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
-from vlp.tasks.retrieval.ranking import RetrievalScores, reranked_recall, retrieval_scores
+from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
 from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Predictor(BasePredictor):
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """R@1/5/10 both ways (and rsum) after ITM re-ranking of the ITC top-k; ITC-only too."""
     from vlp.data.manifest import resolve_image
-    from vlp.metrics.retrieval import KS
+    from vlp.metrics.retrieval import KS, retrieval_recall
     from vlp.tasks.predictor import split_images
 
     pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
@@ -110,7 +110,7 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
 
     s = predictor.rank(pil, captions)
     i2t, t2i = s.i2t.float().cpu(), s.t2i.float().cpu()
-    metrics = reranked_recall(s, text_to_image)
+    metrics = retrieval_recall(text_to_image, s.itc, s.i2t, s.t2i)
 
     rows = [{"k": x, "i2t": metrics[f"i2t_R@{x}"], "t2i": metrics[f"t2i_R@{x}"]} for x in KS]
 
@@ -138,3 +138,10 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
         for i in range(min(cfg.evaluate.num_examples, len(images)))
     ]
     return TaskEval(metrics, results, rows, examples)
+
+
+def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, Any]:
+    """One score per request row: its (image, text) pair."""
+    # the diagonal of the image x text score matrix
+    scores = np.asarray(predictor.score(images, texts["text"]))
+    return {"score": np.diagonal(scores).astype(float)}

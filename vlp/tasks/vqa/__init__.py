@@ -28,4 +28,5 @@ TASK = Task(
     inputs=(("image", "binary"), ("question", "string")),
     output=("answer", "string"),
     implementation="vlp.tasks.vqa.task",
+    evaluate_options=("vqa_protocol",),
 )

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.towers import learned_positions, resize_positions
@@ -164,7 +163,7 @@ class AnswerHead(nn.Module):
 
 
 class VQAModel(nn.Module):
-    """A VLPModel plus an answer decoder; `forward(**batch)` returns the soft-score BCE loss."""
+    """A VLPModel plus an answer decoder; `forward` returns the answer logits."""
 
     def __init__(
         self,
@@ -221,17 +220,10 @@ class VQAModel(nn.Module):
         return self.head(image_embeds, question_states, attention_mask)
 
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        logits = self.logits(pixel_values, input_ids, attention_mask).float()
-        # Summed over answers (mean over the batch), as UNITER/ALBEF scale VQA BCE: a plain
-        # mean over thousands of mostly-zero targets would shrink the gradient A-fold.
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
-        return {"loss": loss, "loss_vqa": loss.detach()}
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Answer logits [B, A] (`vlp.models.objectives.VQAObjective` trains them)."""
+        return self.logits(pixel_values, input_ids, attention_mask)
 
     @torch.no_grad()
     def predict(

@@ -23,6 +23,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of `finetune.splits`."""
     from vlp.data.images import image_transforms
     from vlp.data.torch_data import VQADataset
+    from vlp.models.objectives import VQAObjective
     from vlp.tasks.vqa.model import VQAModel, build_answer_vocab, make_vqa_collate
 
     tcfg = cfg.finetune.vqa
@@ -31,7 +32,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     )
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
-    module = VQAModel(
+    vqa = VQAModel(
         vlp,
         answers,
         head_lr_multiplier=tcfg.head_lr_multiplier,
@@ -40,15 +41,15 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         answer_layers=tcfg.answer_layers,
         answer_heads=tcfg.answer_heads,
     )
-    info = {"answers": answers, "freeze_encoders": tcfg.freeze_encoders, **module.architecture()}
+    info = {"answers": answers, "freeze_encoders": tcfg.freeze_encoders, **vqa.architecture()}
     collate = make_vqa_collate(vlp.tokenizer, cfg.model.max_text_length, answers)
-    return TrainingSetup(module, dataset, collate, info)
+    return TrainingSetup(VQAObjective(vqa), dataset, collate, info)
 
 
 def save(module: Any, model_dir: Path) -> None:
     """Write the VLPModel and the answer decoder into a model directory being assembled."""
-    module.vlp.cpu().save_pretrained(model_dir)
-    module.save_head(model_dir)
+    module.model.vlp.cpu().save_pretrained(model_dir)
+    module.model.save_head(model_dir)
 
 
 class Predictor(BasePredictor):
@@ -123,3 +124,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
         for row in frame.head(cfg.evaluate.num_examples).to_dict("records")
     ]
     return TaskEval(metrics, results, rows, examples)
+
+
+def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, list]:
+    """One answer per request row: its image and its question."""
+    return {"answer": list(predictor.answer(images, texts["question"]))}
