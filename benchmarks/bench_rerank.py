@@ -6,7 +6,7 @@ fusion forward per query over its k candidates (LAVIS's `evaluation` loop); vlp 
 the pairs of many queries into each forward. Prints both wall times, their ratio and
 whether the recalls are equal:
 
-    python benchmarks/bench_rerank.py [--model models/finetuned/retrieval] [--split test]
+    python benchmarks/bench_rerank.py [--model models/finetuned/retrieval-pretrained] [--split test]
                                       [--batch-size 128] [--repeats 2]
 """
 
@@ -29,7 +29,7 @@ from vlp.tasks.retrieval.ranking import retrieval_scores
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--model", default="models/finetuned/retrieval")
+    ap.add_argument("--model", default="models/finetuned/retrieval-pretrained")
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch-size", type=int, default=128, help="pairs per batched forward")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each arm (best kept)")

@@ -87,7 +87,9 @@ def test_a_blip_checkpoint_is_the_pretrained_model_of_the_whole_pipeline(workdir
         for init in ("pretrained", "scratch"):
             assert main([*SMOKE, *sets, "finetune", task, "--init", init]) == 0
             info = json.loads(
-                (workdir / OUT / "models" / "finetuned" / task / "task.json").read_text()
+                (
+                    workdir / OUT / "models" / "finetuned" / f"{task}-pretrained" / "task.json"
+                ).read_text()
             )
             assert info["steps"] == 3
     assert main([*SMOKE, *sets, "evaluate", "retrieval"]) == 0
@@ -98,7 +100,7 @@ def test_a_blip_checkpoint_is_the_pretrained_model_of_the_whole_pipeline(workdir
         scores["pretrained"]["rsum"] - scores["scratch"]["rsum"]
     )
     # the scratch ablation has BLIP's architecture and tokenizer, not its weights
-    scratch = VLPModel.from_pretrained(workdir / OUT / "models" / "finetuned" / "retrieval_scratch")
+    scratch = VLPModel.from_pretrained(workdir / OUT / "models" / "finetuned" / "retrieval-scratch")
     assert scratch.tokenizer.get_vocab() == model.tokenizer.get_vocab()
     assert type(scratch.image_tower) is type(model.image_tower)
     assert scratch.vision_proj.weight.shape == model.vision_proj.weight.shape

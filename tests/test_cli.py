@@ -122,7 +122,7 @@ def ws(smoke_cfg: Config, smoke_data: Path, tmp_path_factory: pytest.TempPathFac
     _import_inputs(ws)
     _eval_inputs(ws)
     tiny_vlp_dir(smoke_cfg, ws / "pretrained")
-    tiny_vlp_dir(smoke_cfg, ws / "finetuned" / "retrieval", rerank_k=0)
+    tiny_vlp_dir(smoke_cfg, ws / "finetuned" / "retrieval-pretrained", rerank_k=0)
     return ws
 
 

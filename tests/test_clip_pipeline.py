@@ -95,11 +95,11 @@ def test_clip_pipeline(
 
     for init in ("pretrained", "scratch"):
         vlp("finetune", "retrieval", "--init", init)
-    model_dir = outputs / "models" / "finetuned" / "retrieval"
+    model_dir = outputs / "models" / "finetuned" / "retrieval-pretrained"
     info = json.loads((model_dir / "task.json").read_text())
     assert info["rerank_k"] == 0 and info["steps"] == 3
     finetuned = load_model(model_dir).model
-    scratch = load_model(outputs / "models" / "finetuned" / "retrieval_scratch").model
+    scratch = load_model(outputs / "models" / "finetuned" / "retrieval-scratch").model
     assert finetuned.clip.config.to_dict() == scratch.clip.config.to_dict()
     assert scratch.tokenizer.get_vocab() == pretrained.tokenizer.get_vocab()
     with (outputs / "plots" / "finetune_retrieval_pretrained.csv").open() as f:
@@ -110,13 +110,7 @@ def test_clip_pipeline(
             out = vlp("finetune", task, "--init", init)
             assert "not applicable" in out
             na = json.loads(
-                (
-                    outputs
-                    / "models"
-                    / "finetuned"
-                    / f"{task}{'_scratch' * (init == 'scratch')}"
-                    / "task.json"
-                ).read_text()
+                (outputs / "models" / "finetuned" / f"{task}-{init}" / "task.json").read_text()
             )
             assert na["applicable"] is False and "dual encoder" in na["reason"]
 

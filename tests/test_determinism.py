@@ -66,7 +66,7 @@ def test_identical_pipelines_give_identical_models_and_predictions(
         for done in [pool.submit(_pipeline, r, smoke_data, empty_store) for r in runs]:
             done.result()
 
-    for folder in ("models/pretrained", "models/finetuned/vqa", "results/vqa", "plots"):
+    for folder in ("models/pretrained", "models/finetuned/vqa-pretrained", "results/vqa", "plots"):
         a, b = (_files(root / folder) for root in runs)
         assert a, f"{folder} is empty"
         assert sorted(a) == sorted(b), folder

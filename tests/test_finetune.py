@@ -244,7 +244,7 @@ def test_ablation_off_writes_a_placeholder_and_evaluates_pretrained_only(
 
 
 def test_errors_name_the_missing_input(cfg: Config, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="finetuned/captioning"):
+    with pytest.raises(ConfigError, match="finetuned/captioning-pretrained"):
         evaluate(cfg, "captioning")
     with pytest.raises(ConfigError, match="unknown init"):
         finetune(cfg, "vqa", init="imagenet")
@@ -489,7 +489,7 @@ def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
 
     done = _torchrun(tmp_path, [*sets, "finetune", "retrieval"])
     assert done.stdout.count('"model_dir"') == 1  # one rank reports
-    out = tmp_path / OUT / "models" / "finetuned" / "retrieval"
+    out = tmp_path / OUT / "models" / "finetuned" / "retrieval-pretrained"
     assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no work folders
     assert json.loads((out / "task.json").read_text())["steps"] == 3
     assert sorted(p.name for p in (tmp_path / OUT / "plots").iterdir()) == [

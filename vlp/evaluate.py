@@ -1,8 +1,9 @@
 """The `evaluate` stage: score each finetuned task model on `evaluate.split` (default test).
 
-`evaluate(cfg, task)` evaluates the pretrained-init model in `evaluate.models_dir/<task>`
-and, when `finetune.ablation` is on, the scratch-init one (`<task>_scratch`), then writes
-(what is scored and how is the task's own `evaluate`, in `vlp.tasks.<task>`):
+`evaluate(cfg, task)` evaluates the pretrained-init model in
+`evaluate.models_dir/<task>-pretrained` and, when `finetune.ablation` is on, the scratch-init
+one (`<task>-scratch`), then writes (what is scored and how is the task's own `evaluate`, in
+`vlp.tasks.<task>`):
 
 - `<runtime.metrics_dir>/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
   "delta": {...}}` where `<primary>` is the task's primary metric (retrieval `rsum`,
@@ -47,9 +48,9 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.finetune import INITS, is_skipped, model_name, not_applicable
+from vlp.finetune import INITS, is_skipped, not_applicable
 from vlp.io import atomic_write_csv, atomic_write_json, atomic_write_text, claim_dir
-from vlp.tasks import get_task, model_sha256
+from vlp.tasks import finetuned_name, get_task, model_sha256
 from vlp.tasks.spec import Example, TaskEval
 
 EXAMPLE_IMAGE_SIDE = 128  # px; shapes images are tiny, upscale them for the eye
@@ -164,7 +165,7 @@ def _record_not_applicable(cfg: Config, task: str, reason: str) -> dict[str, Any
     metrics_path = Path(cfg.runtime.metrics_dir) / f"{task}.json"
     atomic_write_json(metrics_path, doc)
     tags = {"vlp.applicable": "false", "vlp.not_applicable_reason": reason}
-    model = Path(cfg.evaluate.models_dir) / task
+    model = Path(cfg.evaluate.models_dir) / finetuned_name(task)
     inputs = {"model": (model, model_sha256(model))}  # the record that says so
     with stage_run(cfg, "evaluate", task=task, tags=tags, inputs=inputs) as run:
         run.log_artifact(metrics_path)
@@ -211,7 +212,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
         },
     )
     inits = [i for i in INITS if i == "pretrained" or cfg.finetune.ablation]
-    paths = {init: Path(cfg.evaluate.models_dir) / model_name(task, init) for init in inits}
+    paths = {init: Path(cfg.evaluate.models_dir) / finetuned_name(task, init) for init in inits}
     reason = not_applicable(paths["pretrained"])
     if reason is not None:
         return _record_not_applicable(cfg, task, reason)

@@ -4,8 +4,8 @@
 and Karpathy's `restval`) with the shared loop (`vlp.train.loop.train`) and writes a
 finetuned task model directory (see `vlp.tasks`):
 
-- pretrained init (from `finetune.init_dir`) -> `finetune.out_dir/<task>`; scratch init ->
-  `finetune.out_dir/<task>_scratch` (the ablation: same architecture, tokenizer and budget,
+- pretrained init (from `finetune.init_dir`) -> `finetune.out_dir/<task>-pretrained`; scratch
+  init -> `finetune.out_dir/<task>-scratch` (the ablation: same architecture, tokenizer and budget,
   weights freshly initialised);
 - `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses, tagged with the
@@ -45,7 +45,7 @@ from vlp.config import Config
 from vlp.data.images import ProcessorTransform, image_params, image_transforms
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
-from vlp.tasks import TASK_FILE, get_task
+from vlp.tasks import TASK_FILE, finetuned_name, get_task
 from vlp.train.distributed import barrier, distributed
 
 INITS = ("pretrained", "scratch")
@@ -53,14 +53,9 @@ SKIPPED_FILE = "ABLATION_OFF"
 NOT_APPLICABLE_FILE = "NOT_APPLICABLE"
 
 
-def model_name(task: str, init: str = "pretrained") -> str:
-    """The folder name of a finetuned model inside a models folder: `<task>[_scratch]`."""
-    return task if init == "pretrained" else f"{task}_{init}"
-
-
 def model_dir(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Where `finetune(cfg, task, init)` writes its model."""
-    return Path(cfg.finetune.out_dir) / model_name(task, init)
+    return Path(cfg.finetune.out_dir) / finetuned_name(task, init)
 
 
 def loss_curve_path(cfg: Config, task: str, init: str) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 from vlp.config import Config
 from vlp.errors import RegistryError, ResultsError
-from vlp.tasks import TASKS, get_task, model_sha256
+from vlp.tasks import TASKS, finetuned_name, get_task, model_sha256
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -273,7 +273,7 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
             register_model(
                 cfg,
                 t,
-                Path(cfg.evaluate.models_dir) / t,  # the model these metrics score
+                Path(cfg.evaluate.models_dir) / finetuned_name(t),  # the model these metrics score
                 metrics,
                 source=str(metrics_path),
             )

@@ -43,7 +43,7 @@ def test_scores_of_a_replaced_model_are_refused_until_it_is_evaluated(
     assert vlp("finetune", "retrieval") == 0
     assert vlp("evaluate", "retrieval") == 0
     assert vlp("register", "retrieval") == 0  # version 1, champion
-    evaluated = model_sha256(OUT / "models" / "finetuned" / "retrieval")
+    evaluated = model_sha256(OUT / "models" / "finetuned" / "retrieval-pretrained")
     assert (
         json.loads((OUT / "metrics" / "retrieval.json").read_text())["pretrained"]["model_sha256"]
         == evaluated
@@ -52,7 +52,7 @@ def test_scores_of_a_replaced_model_are_refused_until_it_is_evaluated(
     # another model (another learning rate) replaces the evaluated one; metrics/ still holds
     # the old scores
     assert vlp("finetune", "retrieval", overrides=("finetune.retrieval.lr=0.05",)) == 0
-    replaced = model_sha256(OUT / "models" / "finetuned" / "retrieval")
+    replaced = model_sha256(OUT / "models" / "finetuned" / "retrieval-pretrained")
     assert replaced != evaluated
     capsys.readouterr()
     assert vlp("register", "retrieval") == 2

@@ -58,7 +58,7 @@ def test_a_model_scored_on_val_is_neither_compared_with_test_scores_nor_with_its
     assert vlp("register", "retrieval") == 0  # version 2: the same model, its val scores
 
     client = mlflow.MlflowClient(store_cfg.tracking.uri)
-    model = model_sha256(Path("models/finetuned/retrieval"))
+    model = model_sha256(Path("models/finetuned/retrieval-pretrained"))
     for version, split in (("1", "test"), ("2", "val")):
         tags = client.get_model_version("vlp-retrieval", version).tags
         assert (tags["vlp.eval_split"], tags["vlp.eval_data"]) == (split, str(smoke_data))

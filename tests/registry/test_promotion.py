@@ -231,7 +231,7 @@ def test_register_refuses_metrics_not_measured_on_the_registered_model(
         runtime=dataclasses.replace(store_cfg.runtime, metrics_dir="metrics"),
         evaluate=dataclasses.replace(store_cfg.evaluate, models_dir="finetuned"),
     )
-    model_dir = make_standin_model(Path("finetuned/vqa"), "new")
+    model_dir = make_standin_model(Path("finetuned/vqa-pretrained"), "new")
     other = make_standin_model(Path("finetuned/old"), "old")
     metrics_file = Path("metrics/vqa.json")
     metrics_file.parent.mkdir()

@@ -147,7 +147,7 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
     finetune += ["finetune.ablation=false"]
     outs = _two_nodes(multi, finetune, ["finetune", "retrieval"])
     assert sum(o.count('"model_dir"') for o in outs) == 1
-    assert (multi / OUT / "models" / "finetuned" / "retrieval" / "task.json").is_file()
+    assert (multi / OUT / "models" / "finetuned" / "retrieval-pretrained" / "task.json").is_file()
     runs = {r.info.run_name: r for r in _stage_runs(multi)}
     assert runs.keys() == {"pretrain", "finetune-retrieval-pretrained"}
     assert runs["finetune-retrieval-pretrained"].data.params["world_size"] == "2"
@@ -254,7 +254,7 @@ def test_two_node_training_from_shards(
 
     outs = two_nodes(["finetune", "retrieval"], ("finetune.ablation=false",))
     assert sum(o.count('"model_dir"') for o in outs) == 1
-    assert (cwd / OUT / "models" / "finetuned" / "retrieval" / "task.json").is_file()
+    assert (cwd / OUT / "models" / "finetuned" / "retrieval-pretrained" / "task.json").is_file()
     ft = smoke_cfg.finetune.retrieval
     streams = _streamed(cwd)
     for got in streams:

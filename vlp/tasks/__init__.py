@@ -51,6 +51,14 @@ def get_task(name: str, error: type[VlpError] = ConfigError) -> Task:
     return TASKS[name]
 
 
+def finetuned_name(task: str, init: str = "pretrained") -> str:
+    """The folder of a finetuned model inside a models folder: `<task>-<init>`.
+
+    The same `<task>-<init>` that names its DVC stage (`finetune@<task>-<init>`).
+    """
+    return f"{task}-{init}"
+
+
 def model_sha256(model_dir: str | os.PathLike) -> str:
     """Content hash (hex sha256) of a task model directory: weights, configs, tokenizer, task.json.
 
@@ -72,6 +80,7 @@ __all__ = [
     "TASK_FILE",
     "TASK_NAMES",
     "Task",
+    "finetuned_name",
     "get_task",
     "model_sha256",
 ]
