@@ -58,7 +58,7 @@ def model_name(cfg: Config, task: str) -> str:
     are registered and promoted apart from the default pipeline's: they never compete
     with its champions.
     """
-    from vlp.tracking import profile_label
+    from vlp.lineage import profile_label
 
     profile = profile_label(cfg)
     suffix = "" if profile == "default" else f"-{profile}"
@@ -202,7 +202,8 @@ def register_model(
     import mlflow
 
     from vlp.serving import DEFAULT_LOADER, log_task_model
-    from vlp.tracking import log_to_pipeline_run, profile_label, stage_run
+    from vlp.lineage import profile_label
+    from vlp.tracking import log_to_pipeline_run, stage_run
 
     client = _client(cfg)
     if not Path(model_dir).is_dir():
