@@ -201,8 +201,8 @@ def register_model(
     """
     import mlflow
 
-    from vlp.serving import DEFAULT_LOADER, log_task_model
     from vlp.lineage import profile_label
+    from vlp.serving import DEFAULT_LOADER, log_task_model
     from vlp.tracking import log_to_pipeline_run, stage_run
 
     client = _client(cfg)
