@@ -89,8 +89,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     With a pretrained image processor, the processor as resolved (its settings at the size
     used) too: editing the checkpoint's processor changes what is learned.
     """
-    from vlp.data.images import ProcessorTransform, image_transforms
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import dataset_hash
+    from vlp.data.processors import ProcessorTransform
 
     params = {
         "seed": cfg.seed,
