@@ -56,7 +56,8 @@ from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 from vlp.models.objectives import ObjectiveWeights
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
-from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
+from vlp.train.loop import train
+from vlp.train.settings import TrainResult, TrainSettings, epoch_steps
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
@@ -315,7 +316,7 @@ def save_init_from(cfg: Config) -> Path:
     from vlp.data.manifest import check_split_names, dataset_hash
     from vlp.models.family import build_from_params, check_init_from
     from vlp.tracking import check_stage_outputs, stage_run
-    from vlp.train.loop import resolve_device
+    from vlp.train.settings import resolve_device
 
     t0 = time.perf_counter()
     p = cfg.pretrain
