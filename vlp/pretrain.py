@@ -388,7 +388,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.images import image_params, image_transforms
     from vlp.data.manifest import check_split_names, require_splits
-    from vlp.data.shards import pairs_for_training
+    from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import build_from_params, check_init_from, get_family
     from vlp.tracking import check_stage_outputs

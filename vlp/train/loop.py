@@ -147,7 +147,7 @@ def _epoch_sampler(dataset: Dataset, s: TrainSettings, info: DistInfo) -> Sample
 
     One sampler for 1 or N processes: with N ranks, rank r takes every N-th index of the
     same seeded permutation, so the union of the ranks' micro-batches is exactly the
-    single-process micro-batch. A streamed dataset (`vlp.data.shards.ShardPairs`) splits
+    single-process micro-batch. A streamed dataset (`vlp.data.shard_stream.ShardPairs`) splits
     itself by rank and worker and is told each epoch and micro-batch size with `set_epoch`.
     """
     if isinstance(dataset, IterableDataset):
