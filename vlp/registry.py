@@ -9,6 +9,9 @@ model hash to be the registered directory's and copies that record onto the vers
 `promote` compares only versions evaluated on the same split of the same data, never a
 model with itself. Decisions are tags on the versions; the champion history is a tag on
 the registered model, so `rollback` can restore the previous champion.
+
+The module is long because it is one concept: a task model's version lifecycle, whose
+registration records exactly what promotion and rollback later compare.
 """
 
 from __future__ import annotations
