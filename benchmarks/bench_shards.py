@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_images import HALF, SIZE, make_photos  # noqa: E402
 
 from vlp.data.images import ImageTransform  # noqa: E402
-from vlp.data.shards import ShardPairs, write_shards  # noqa: E402
+from vlp.data.shard_stream import ShardPairs  # noqa: E402
+from vlp.data.shards import write_shards  # noqa: E402
 from vlp.data.torch_data import PairsDataset, collate  # noqa: E402
 
 BATCH = 32

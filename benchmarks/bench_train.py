@@ -78,7 +78,7 @@ def main() -> None:
     from vlp.pretrain import corpus
     from vlp.train import TrainSettings, train
     from vlp.train.distributed import DistInfo
-    from vlp.train.loop import resolve_device
+    from vlp.train.settings import resolve_device
 
     cfg = load_config(args.params, args.profile)
     device = resolve_device(args.device, DistInfo())

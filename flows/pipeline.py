@@ -31,13 +31,8 @@ from prefect.runtime import flow_run
 from vlp.cli import PROMOTE_EXIT
 from vlp.config import Config, load_config, tracking_uri, write_variant_params
 from vlp.errors import ConfigError, DataError, OutputError
-from vlp.tracking import (
-    FLOW_RUN_ENV,
-    PARENT_RUN_ENV,
-    PROFILE_ENV,
-    end_pipeline_run,
-    start_pipeline_run,
-)
+from vlp.lineage import FLOW_RUN_ENV, PROFILE_ENV
+from vlp.tracking import PARENT_RUN_ENV, end_pipeline_run, start_pipeline_run
 
 # `vlp` marks what retrying cannot fix with this in its message: a user error (bad params,
 # bad data; exit 2) or a promotion refused for a person to resolve (exit 4).

@@ -8,6 +8,9 @@ profile. Profiles are not DVC params, so editing one leaves the default pipeline
 date; a profile's commands write under `profiles/<name>/` (`profile_output_settings`), so
 they never overwrite the default pipeline's outputs. Each stage reads its own section plus `seed`, `runtime`, `data`, `model` and
 `tracking`; the training stages also read `images`.
+
+The module is long because it is one concept: the typed schema of params.yaml, every
+section's dataclass beside the one reader that builds, checks and overlays them.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def eval_data(cfg: Config) -> Path:
 def _device(cfg: Config) -> torch.device:
     """Evaluation is single-process: the device `runtime.device` names (auto: CUDA if any)."""
     from vlp.train.distributed import DistInfo
-    from vlp.train.loop import resolve_device
+    from vlp.train.settings import resolve_device
 
     return resolve_device(cfg.runtime.device, DistInfo())
 

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from vlp.config import Config
-from vlp.data.images import ProcessorTransform, image_params, image_transforms
+from vlp.data.images import image_params, image_transforms
+from vlp.data.processors import ProcessorTransform
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, finetuned_name, get_task

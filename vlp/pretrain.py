@@ -56,7 +56,8 @@ from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 from vlp.models.objectives import ObjectiveWeights
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
-from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
+from vlp.train.loop import train
+from vlp.train.settings import TrainResult, TrainSettings, epoch_steps
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
 PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
@@ -89,8 +90,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     With a pretrained image processor, the processor as resolved (its settings at the size
     used) too: editing the checkpoint's processor changes what is learned.
     """
-    from vlp.data.images import ProcessorTransform, image_transforms
+    from vlp.data.images import image_transforms
     from vlp.data.manifest import dataset_hash
+    from vlp.data.processors import ProcessorTransform
 
     params = {
         "seed": cfg.seed,
@@ -314,7 +316,7 @@ def save_init_from(cfg: Config) -> Path:
     from vlp.data.manifest import check_split_names, dataset_hash
     from vlp.models.family import build_from_params, check_init_from
     from vlp.tracking import check_stage_outputs, stage_run
-    from vlp.train.loop import resolve_device
+    from vlp.train.settings import resolve_device
 
     t0 = time.perf_counter()
     p = cfg.pretrain
@@ -386,7 +388,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.images import image_params, image_transforms
     from vlp.data.manifest import check_split_names, require_splits
-    from vlp.data.shards import pairs_for_training
+    from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import build_from_params, check_init_from, get_family
     from vlp.tracking import check_stage_outputs

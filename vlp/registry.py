@@ -9,6 +9,9 @@ model hash to be the registered directory's and copies that record onto the vers
 `promote` compares only versions evaluated on the same split of the same data, never a
 model with itself. Decisions are tags on the versions; the champion history is a tag on
 the registered model, so `rollback` can restore the previous champion.
+
+The module is long because it is one concept: a task model's version lifecycle, whose
+registration records exactly what promotion and rollback later compare.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def model_name(cfg: Config, task: str) -> str:
     are registered and promoted apart from the default pipeline's: they never compete
     with its champions.
     """
-    from vlp.tracking import profile_label
+    from vlp.lineage import profile_label
 
     profile = profile_label(cfg)
     suffix = "" if profile == "default" else f"-{profile}"
@@ -201,8 +204,9 @@ def register_model(
     """
     import mlflow
 
+    from vlp.lineage import profile_label
     from vlp.serving import DEFAULT_LOADER, log_task_model
-    from vlp.tracking import log_to_pipeline_run, profile_label, stage_run
+    from vlp.tracking import log_to_pipeline_run, stage_run
 
     client = _client(cfg)
     if not Path(model_dir).is_dir():

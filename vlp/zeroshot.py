@@ -74,7 +74,7 @@ def load_inference(
     """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
     from vlp.models.family import load_model
     from vlp.train.distributed import DistInfo
-    from vlp.train.loop import resolve_device, resolve_precision
+    from vlp.train.settings import resolve_device, resolve_precision
 
     precision = precision or cfg.runtime.precision
     if precision not in PRECISIONS:

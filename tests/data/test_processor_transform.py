@@ -13,15 +13,8 @@ import torch
 from PIL import Image
 
 from vlp.config import Config
-from vlp.data.images import (
-    PROCESSOR_FILE,
-    Augmentation,
-    ImageTransform,
-    ProcessorTransform,
-    image_transforms,
-    save_processor,
-    saved_transform,
-)
+from vlp.data.images import Augmentation, ImageTransform, image_transforms, saved_transform
+from vlp.data.processors import PROCESSOR_FILE, ProcessorTransform, save_processor
 from vlp.errors import ConfigError
 
 MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from vlp.cli import main
 from vlp.data.images import image_transforms
 from vlp.data.manifest import read_pairs, read_vqa
-from vlp.data.shards import ShardPairs, _totals, read_index, validate_shards, write_shards
+from vlp.data.shard_stream import ShardPairs
+from vlp.data.shards import _totals, read_index, validate_shards, write_shards
 from vlp.data.torch_data import PairsDataset, collate, make_pretrain_collate
 from vlp.errors import DataError, OutputError
 from vlp.io import OUTPUT_MARKER

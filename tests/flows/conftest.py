@@ -22,7 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from vlp.config import load_config
-from vlp.tracking import profile_label
+from vlp.lineage import profile_label
 
 name = sys.argv[1]
 cfg = load_config("params.yaml")

@@ -12,8 +12,9 @@ from tests.checkpoints.clip import write_tiny_clip
 from tests.mlflow_helpers import png_bytes
 from vlp.config import Config
 from vlp.data.manifest import dataset_hash
+from vlp.lineage import input_tags
 from vlp.tasks import model_sha256
-from vlp.tracking import input_tags, stage_run
+from vlp.tracking import stage_run
 
 LOCKED = "0123abcd.dir"
 DVC_LOCK = f"""

@@ -12,7 +12,8 @@ from torch.utils.data import TensorDataset
 from vlp.errors import ConfigError
 from vlp.train import TrainSettings, train
 from vlp.train.checkpoint import list_checkpoints
-from vlp.train.loop import cpu_has_native_bf16, param_groups
+from vlp.train.loop import param_groups
+from vlp.train.settings import cpu_has_native_bf16
 
 
 class TinyRegressor(torch.nn.Module):

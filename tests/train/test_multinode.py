@@ -157,7 +157,7 @@ def test_two_node_pretrain_equals_one_process_and_finetune_runs(
 # yield to the DataLoader (num_workers 0: exactly the items batched), then runs the CLI.
 _RECORDING_CLI = """
 import json, os, sys
-from vlp.data import shards
+from vlp.data import shard_stream as shards
 from vlp.cli import main
 
 _pairs = shards.ShardPairs._pairs
@@ -189,7 +189,7 @@ def _streamed(cwd: Path) -> list[list[tuple]]:
 def _expected(shards: Path, cfg, rank: int, firsts: bool, n: int, micro: int) -> list[tuple]:
     """The first `n` pretrain items of the (seed, epoch 0, rank, worker 0) stream of 2 ranks."""
     from vlp.data.images import image_transforms
-    from vlp.data.shards import ShardPairs
+    from vlp.data.shard_stream import ShardPairs
 
     transform, _ = image_transforms(cfg)
     with pytest.MonkeyPatch.context() as env:

@@ -11,7 +11,7 @@ was. Splits belong to images: `--split` applies to images not yet in the dataset
 already there keeps its split (so VQA v2 questions land on the Karpathy split of their
 image). OUT may not be or lie in a folder vlp writes as a whole (one holding the output
 marker, such as `vlp generate`'s data/shapes): vlp and `dvc repro` would replace it,
-imports and all.
+imports and all. How rows are merged and image folders linked: `vlp.data.merging`.
 
 Images stay where they are: a folder inside OUT is referenced directly; a folder elsewhere
 is linked as `OUT/images/<folder name>` (recorded in `OUT/image_folders.json`), so manifest
@@ -29,30 +29,21 @@ import numbers
 import os
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from vlp.data.manifest import (
-    IMAGE_FOLDERS_FILE,
     IMAGES_DIR,
     PAIRS_FILE,
-    SCHEMAS,
     SPLITS,
     VQA_FILE,
-    conform,
-    image_folders,
-    image_roots,
-    read_pairs,
-    read_vqa,
-    resolve_image,
     split_sizes,
-    write_manifest,
 )
-from vlp.errors import DataError, OutputError
-from vlp.io import OUTPUT_MARKER, atomic_write_json, check_writable, load_json
+from vlp.data.merging import add_rows, join_image_path, next_id, open_dataset
+from vlp.errors import DataError
+from vlp.io import load_json
 
 # Manifest ids are int64.
 _ID_RANGE = range(-(2**63), 2**63)
@@ -115,153 +106,6 @@ def _check_split(split: str, where: str) -> str:
     return split
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-@dataclass
-class ImageFolder:
-    """Where an imported image folder's files are found, before anything is written.
-
-    `prefix`: manifest path of the folder relative to OUT; `real`: the folder itself;
-    `link`: the link `OUT/images/<name>` to create for it (None if it is reachable already).
-    """
-
-    prefix: str
-    real: Path
-    link: Path | None = None
-    used: bool = False  # whether any imported row lies in it (else no link is made)
-
-    def note(self) -> str | None:
-        return f"linked {self.link} -> {self.real}" if self.link else None
-
-
-def plan_image_folder(images: Path, out: Path) -> ImageFolder:
-    """How `images` is reached from `out`: inside it, through an existing link, or a new link."""
-    images, out = Path(images), Path(out)
-    if not images.is_dir():
-        raise DataError(f"{images}: image folder not found")
-    real, real_out = images.resolve(), out.resolve()
-    if _is_within(real, real_out):
-        return ImageFolder(real.relative_to(real_out).as_posix(), real)
-    base = out / IMAGES_DIR
-    if base.is_symlink() or (base.exists() and not base.is_dir()):
-        # a dataset imported from one folder by an earlier version: OUT/images is the link
-        target = base.resolve()
-        if _is_within(real, target):
-            rel = real.relative_to(target).as_posix()
-            return ImageFolder(IMAGES_DIR if rel == "." else f"{IMAGES_DIR}/{rel}", real)
-        raise DataError(
-            f"{base} already links to {target}; import images from under it or choose another --out"
-        )
-    links = [e for e in base.iterdir() if e.is_symlink()] if base.is_dir() else []
-    for link in sorted(links):
-        target = link.resolve()
-        if _is_within(real, target):
-            rel = real.relative_to(target).as_posix()
-            prefix = f"{IMAGES_DIR}/{link.name}"
-            return ImageFolder(prefix if rel == "." else f"{prefix}/{rel}", real)
-    name, n = real.name or "images", 1
-    while (base / name).exists() or (base / name).is_symlink():
-        n += 1
-        name = f"{real.name}-{n}"
-    return ImageFolder(f"{IMAGES_DIR}/{name}", real, base / name)
-
-
-def _join(out: Path, folder: ImageFolder, rel: str, where: str) -> str:
-    """Manifest image_path for `rel` inside the image folder; rejects escaping paths.
-
-    Escaping by text or through a symlink out of the folder's dataset roots are both refused.
-    """
-    rel = str(rel).replace(os.sep, "/")
-    try:
-        resolve_image(".", rel)
-        path = os.path.normpath(f"{folder.prefix}/{rel}" if folder.prefix not in ("", ".") else rel)
-        real = (folder.real / rel).resolve()
-        roots = (*image_roots(out), folder.real)
-        if not any(_is_within(real, root) for root in roots):
-            raise DataError(
-                f"image_path {path!r} leads through a symlink to {real}, outside the data root {out}"
-            )
-    except DataError as e:
-        raise DataError(f"{where}: {e}") from e
-    folder.used = True
-    return path
-
-
-@dataclass
-class Dataset:
-    """What a dataset directory already holds: its manifests and each image's path and split."""
-
-    out: Path
-    manifests: dict[str, pd.DataFrame]
-    images: dict[int, tuple[str, str]]  # image_id -> (image_path, split)
-
-    @classmethod
-    def read(cls, out: Path) -> Dataset:
-        manifests = {}
-        for name in (PAIRS_FILE, VQA_FILE):
-            path = Path(out) / name
-            if path.exists() or path.is_symlink():
-                _check_is_manifest(path)
-                manifests[name] = read_pairs(out) if name == PAIRS_FILE else read_vqa(out)
-        images: dict[int, tuple[str, str]] = {}
-        for df in manifests.values():
-            for image_id, path, split in zip(
-                df["image_id"], df["image_path"], df["split"], strict=True
-            ):
-                images.setdefault(int(image_id), (str(path), str(split)))
-        return cls(Path(out), manifests, images)
-
-    def split_of(self, image_id: int, default: str) -> str:
-        """The split an image already has, else `default` (the import's --split)."""
-        known = self.images.get(image_id)
-        return known[1] if known else default
-
-    def path_of(self, image_id: int) -> str | None:
-        known = self.images.get(image_id)
-        return known[0] if known else None
-
-
-def _check_is_manifest(path: Path) -> None:
-    """OutputError unless `path` is a vlp manifest (an import may replace only those)."""
-    import pyarrow.parquet as pq
-
-    try:
-        columns = set(pq.read_schema(path).names)
-    except (OSError, ValueError):  # not Parquet, a folder, a dangling link
-        columns = set()
-    if not set(SCHEMAS[path.name]) <= columns:
-        raise OutputError(
-            f"{path}: exists and is not a vlp manifest; vlp will not replace it: "
-            f"move it away or choose another --out"
-        )
-
-
-def _open_dataset(images: Path, out: Path) -> tuple[ImageFolder, Dataset]:
-    """The image folder's place in OUT and what OUT holds, once OUT is known to take an import."""
-    check_import_out(out)
-    return plan_image_folder(images, out), Dataset.read(out)
-
-
-def check_import_out(out: Path) -> None:
-    """OutputError unless OUT may take imported rows: writable, and not in a folder vlp replaces.
-
-    A folder holding vlp's output marker (`vlp generate`'s data/shapes, a shard directory)
-    is rewritten as a whole by vlp and by `dvc repro`/`dvc checkout`: rows and images
-    imported into it would be lost.
-    """
-    out = Path(out)
-    for folder in (out, *out.absolute().parents):
-        if (folder / OUTPUT_MARKER).is_file():
-            raise OutputError(
-                f"--out {out}: {folder} is a folder vlp writes (it holds {OUTPUT_MARKER}) "
-                "and replaces as a whole, with whatever was imported into it; "
-                "import into another folder"
-            )
-    check_writable({f"--out {out}": out})
-
-
 def import_coco(annotations: Path, images: Path, out: Path, split: str = "train") -> dict:
     """COCO captions (`captions_*.json`: images[], annotations[]) added to OUT/pairs.parquet."""
     _check_split(split, "--split")
@@ -269,7 +113,7 @@ def import_coco(annotations: Path, images: Path, out: Path, split: str = "train"
     files = {}
     for where, img in _objects(doc, "images", annotations):
         files[_id_field(img, "id", where)] = _text(img, "file_name", where)
-    folder, dataset = _open_dataset(images, out)
+    folder, dataset = open_dataset(images, out)
     rows = []
     for where, ann in _objects(doc, "annotations", annotations):
         image_id = _id_field(ann, "image_id", where)
@@ -279,12 +123,12 @@ def import_coco(annotations: Path, images: Path, out: Path, split: str = "train"
             dict(
                 caption_id=_id_field(ann, "id", where),
                 image_id=image_id,
-                image_path=_join(out, folder, files[image_id], where),
+                image_path=join_image_path(out, folder, files[image_id], where),
                 caption=_text(ann, "caption", where).strip(),
                 split=dataset.split_of(image_id, split),
             )
         )
-    return _add(dataset, PAIRS_FILE, rows, folder, str(annotations))
+    return add_rows(dataset, PAIRS_FILE, rows, folder, str(annotations))
 
 
 def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
@@ -294,7 +138,7 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
     file's splits are the images' splits.
     """
     doc = _load_json(split_json)
-    folder, dataset = _open_dataset(images, out)
+    folder, dataset = open_dataset(images, out)
     rows = []
     for where, img in _objects(doc, "images", split_json):
         image_id = _id_field(img, "cocoid" if "cocoid" in img else "imgid", where)
@@ -308,12 +152,12 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
                 dict(
                     caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else None,
                     image_id=image_id,
-                    image_path=_join(out, folder, rel, swhere),
+                    image_path=join_image_path(out, folder, rel, swhere),
                     caption=_text(sent, "raw", swhere).strip(),
                     split=split,
                 )
             )
-    return _add(dataset, PAIRS_FILE, rows, folder, str(split_json))
+    return add_rows(dataset, PAIRS_FILE, rows, folder, str(split_json))
 
 
 def _coco_image_names(images: Path) -> dict[int, str]:
@@ -353,7 +197,7 @@ def import_vqa(
     for where, ann in _objects(adoc, "annotations", annotations):
         anns[_id_field(ann, "question_id", where)] = (where, ann)
     subtype = qdoc.get("data_subtype") if isinstance(qdoc, dict) else None
-    folder, dataset = _open_dataset(images, out)
+    folder, dataset = open_dataset(images, out)
     by_id = None if subtype else _coco_image_names(images)
     rows = []
     for where, q in _objects(qdoc, "questions", questions):
@@ -370,7 +214,7 @@ def import_vqa(
                 name = by_id[image_id]
             else:
                 raise DataError(f"{where}: no image file for image_id {image_id} in {images}")
-            path = _join(out, folder, name, where)
+            path = join_image_path(out, folder, name, where)
         rows.append(
             dict(
                 question_id=qid,
@@ -386,7 +230,7 @@ def import_vqa(
         )
     if not rows:
         raise DataError(f"{questions}: no questions")
-    return _add(dataset, VQA_FILE, rows, folder, str(questions))
+    return add_rows(dataset, VQA_FILE, rows, folder, str(questions))
 
 
 def _table_id(rec: dict[str, Any], key: str, where: str) -> int:
@@ -423,7 +267,7 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         empty = df[col].isna().to_numpy().nonzero()[0] if col in df.columns else []
         if len(empty):
             raise DataError(f"{table}: row {empty[0]}: {col} is empty")
-    folder, dataset = _open_dataset(images, out)
+    folder, dataset = open_dataset(images, out)
     if "split" not in df.columns:
         _check_split(split, "--split")
     image_ids = {path: image_id for image_id, (path, _) in dataset.images.items()}
@@ -432,11 +276,11 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
         where = f"{table}: row {i}"
         if pd.isna(rec["image_path"]) or pd.isna(rec["caption"]):
             raise DataError(f"{where}: empty image_path or caption")
-        path = _join(out, folder, _text(rec, "image_path", where), where)
+        path = join_image_path(out, folder, _text(rec, "image_path", where), where)
         if "image_id" in rec:
             image_id = _table_id(rec, "image_id", where)
         else:
-            image_id = image_ids.setdefault(path, _next_id(image_ids.values()))
+            image_id = image_ids.setdefault(path, next_id(image_ids.values()))
         given = _check_split(_text(rec, "split", where), where) if "split" in rec else split
         rows.append(
             dict(
@@ -447,135 +291,7 @@ def import_table(table: Path, images: Path, out: Path, split: str = "train") -> 
                 split=given if "split" in rec else dataset.split_of(image_id, split),
             )
         )
-    return _add(dataset, PAIRS_FILE, rows, folder, str(table))
-
-
-def _next_id(ids: Any) -> int:
-    return max(ids, default=-1) + 1
-
-
-def _assign_caption_ids(rows: list[dict], existing: pd.DataFrame | None) -> None:
-    """Give rows without a caption_id the id of the same caption of the same image, or a new one."""
-    known: dict[tuple[int, str], int] = {}
-    taken = set()
-    if existing is not None:
-        for cid, iid, text in zip(
-            existing["caption_id"], existing["image_id"], existing["caption"], strict=True
-        ):
-            known.setdefault((int(iid), str(text)), int(cid))
-            taken.add(int(cid))
-    taken |= {r["caption_id"] for r in rows if r["caption_id"] is not None}
-    nxt = _next_id(taken)
-    for row in rows:
-        if row["caption_id"] is None:
-            key = (row["image_id"], row["caption"])
-            if key not in known:
-                known[key], nxt = nxt, nxt + 1
-            row["caption_id"] = known[key]
-
-
-def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.DataFrame:
-    """The manifest `name` with `rows` added; DataError naming the first conflict.
-
-    A row whose id is already there with the same content is dropped (re-imports change
-    nothing); the same id with other content, and an image with a second path or split
-    (in either manifest), are conflicts.
-    """
-    key = "caption_id" if name == PAIRS_FILE else "question_id"
-    schema = SCHEMAS[name]
-    new = conform(pd.DataFrame(rows), schema, source)
-    old = dataset.manifests.get(name)
-    both = new if old is None else pd.concat([old, new], ignore_index=True)
-    # one comparable text per row: lists (answers) as tuples
-    content = both.apply(
-        lambda r: repr(tuple(tuple(v) if isinstance(v, list) else v for v in r)), axis=1
-    )
-    unique = ~content.duplicated()
-    both, content = both[unique].reset_index(drop=True), content[unique].reset_index(drop=True)
-    clash = both[key].duplicated(keep=False)
-    if clash.any():
-        ident = int(both.loc[clash, key].iloc[0])
-        rows_of = both[both[key] == ident]
-        a, b = rows_of.iloc[0], rows_of.iloc[1]
-        differs = [c for c in schema if repr(a[c]) != repr(b[c])]
-        where = f"{dataset.out / name}" if old is not None and ident in set(old[key]) else source
-        raise DataError(
-            f"{source}: {key} {ident} is already in {where} with another "
-            + ", ".join(f"{c} ({_plain(a[c])!r} vs {_plain(b[c])!r})" for c in differs)
-        )
-    others = [df for n, df in dataset.manifests.items() if n != name]
-    _check_images(pd.concat([*others, both], ignore_index=True), source)
-    return both.sort_values(key, kind="stable").reset_index(drop=True)
-
-
-def _plain(value: Any) -> Any:
-    """A manifest cell as plain Python (numpy scalars print as their value)."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _check_images(df: pd.DataFrame, source: str) -> None:
-    """DataError naming the first image with two paths or two splits across the manifests, or
-    the first image file that is in two splits under two ids."""
-    for column, what in (("image_path", "path"), ("split", "split")):
-        values = df.groupby("image_id")[column].unique()
-        bad = values[values.map(len) > 1]
-        if len(bad):
-            image_id, found = int(bad.index[0]), sorted(bad.iloc[0])
-            raise DataError(
-                f"{source}: image_id {image_id} would have two {what}s: "
-                + " and ".join(repr(_plain(v)) for v in found)
-            )
-    # one file under two ids: its splits must agree, or a test image is also trained on
-    splits = df.groupby("image_path")["split"].nunique()
-    for path in splits[splits > 1].index[:1]:
-        ids = df[df["image_path"] == path].drop_duplicates(["image_id", "split"])
-        raise DataError(
-            f"{source}: image file {path!r} would be in two splits: "
-            + " and ".join(
-                f"image_id {int(i)} ({s})"
-                for i, s in zip(ids["image_id"], ids["split"], strict=True)
-            )
-        )
-
-
-def _add(dataset: Dataset, name: str, rows: list[dict], folder: ImageFolder, source: str) -> dict:
-    """Merge `rows` into the manifest `name` of the dataset, linking the image folder if new.
-
-    Everything is checked before anything is written; the link and the manifest are
-    written last, and the link is taken back if the manifest cannot be written.
-    """
-    if not rows:
-        raise DataError(f"{source}: nothing to import into {dataset.out}: no rows found")
-    if name == PAIRS_FILE:
-        _assign_caption_ids(rows, dataset.manifests.get(name))
-    merged = _merged(dataset, name, rows, source)
-    if not folder.used:
-        folder.link = None
-    if folder.link is not None:
-        folders = image_folders(dataset.out)
-        folder.link.parent.mkdir(parents=True, exist_ok=True)
-        folder.link.symlink_to(folder.real, target_is_directory=True)
-    try:
-        if folder.link is not None:
-            folders[folder.link.name] = str(folder.real)
-            atomic_write_json(dataset.out / IMAGE_FOLDERS_FILE, folders)
-        write_manifest(merged, dataset.out / name)
-    except BaseException:
-        if folder.link is not None:
-            folder.link.unlink(missing_ok=True)
-            folders.pop(folder.link.name)
-            atomic_write_json(dataset.out / IMAGE_FOLDERS_FILE, folders)
-        raise
-    before = dataset.manifests.get(name)
-    summary = {
-        "manifest": str(dataset.out / name),
-        "rows": len(merged),
-        "added": len(merged) - (0 if before is None else len(before)),
-        "images": int(merged["image_id"].nunique()),
-    }
-    if folder.note():
-        summary["images_link"] = folder.note()
-    return summary
+    return add_rows(dataset, PAIRS_FILE, rows, folder, str(table))
 
 
 def training_settings(data_dir: Path) -> list[str]:

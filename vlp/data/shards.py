@@ -1,4 +1,4 @@
-"""Webdataset shards of a dataset directory: written by `vlp shard`, streamed by training.
+"""Webdataset shards of a dataset directory: written by `vlp shard`, checked against their index.
 
 A shard directory holds tar shards (`shard-000000.tar`, ...) and an index, `shards.json`.
 Each sample is one image: its file's bytes as they are (`<key>.jpg`, `.png`, ...) and a
@@ -8,11 +8,7 @@ with its sample counts (images and captions per split), byte size and sha256, an
 totals. Tars are written with fixed owners and times, so the same dataset gives
 byte-identical shards (DVC caching).
 
-`ShardPairs` streams the pairs of some splits with the `webdataset` library, as OpenCLIP
-reads its training data: shards resampled with replacement by each node and DataLoader
-worker from its own seeded stream (or, not resampled, split by node then by worker), a
-shuffle buffer, one random caption per image, and an explicit number of samples per epoch.
-Nothing but the shuffle buffer is held in memory.
+Training streams the shards with `vlp.data.shard_stream.ShardPairs`.
 """
 
 from __future__ import annotations
@@ -20,21 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
-import multiprocessing
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import IterableDataset
 
-from vlp.data.images import Augmentation, ImageTransform, swap_left_right
 from vlp.data.manifest import (
     SHARD_INDEX_FILE as INDEX_FILE,
 )
@@ -275,12 +265,12 @@ def check_shard_counts(path: Path, shard: dict[str, Any], decode: bool = False) 
     samples = 0
     try:
         for key, members in _tar_samples(path, read_images=decode):
-            record = _parse_record(members, key, path)
+            record = parse_record(members, key, path)
             images = [ext for ext in members if ext != "json"]
             if len(images) != 1:
                 raise DataError(f"{path}: sample {key}: expected one image and one JSON")
             if decode:
-                _open_image(members[images[0]], path, key).close()
+                open_image(members[images[0]], path, key).close()
             acc = counts.setdefault(str(record["split"]), {"images": 0, "captions": 0})
             acc["images"] += 1
             acc["captions"] += len(record["captions"])
@@ -294,7 +284,7 @@ def check_shard_counts(path: Path, shard: dict[str, Any], decode: bool = False) 
         )
 
 
-def _open_image(data: bytes, shard: Any, key: Any) -> Image.Image:
+def open_image(data: bytes, shard: Any, key: Any) -> Image.Image:
     """The decoded image of a sample; DataError naming the shard and sample if it is not one."""
     try:
         img = Image.open(io.BytesIO(data))
@@ -335,7 +325,7 @@ def _tar_samples(path: Path, read_images: bool = True) -> Iterator[tuple[str, di
         yield key, members
 
 
-def _parse_record(members: dict[str, Any], key: str, shard: Any) -> dict[str, Any]:
+def parse_record(members: dict[str, Any], key: str, shard: Any) -> dict[str, Any]:
     raw = members.get("json")
     if raw is None:
         raise DataError(f"{shard}: sample {key} has no JSON record")
@@ -345,173 +335,3 @@ def _parse_record(members: dict[str, Any], key: str, shard: Any) -> dict[str, An
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise DataError(f"{shard}: sample {key}: bad JSON record ({e!r})") from None
     return record
-
-
-def _shard_name(exn: BaseException) -> str:
-    """The shard webdataset names in an exception's arguments (it appends the url)."""
-    for arg in reversed(exn.args):
-        if isinstance(arg, str) and ".tar" in arg:
-            return arg.split(" @ ")[-1]
-    return "a shard"
-
-
-def _raise_data_error(exn: BaseException) -> bool:
-    """webdataset error handler: a damaged shard becomes a DataError naming it."""
-    if isinstance(exn, DataError):
-        raise exn
-    raise DataError(f"{_shard_name(exn)}: unreadable shard: {exn.args[0]}") from exn
-
-
-class ShardPairs(IterableDataset):
-    """(image, caption) pairs of some splits streamed from a shard directory.
-
-    Items are those of `PairsDataset` (pixel_values, caption, image_id, caption_id): one per
-    sample, its caption drawn at random from the image's captions (the first with
-    `first_caption_only`). An epoch is `len(self)` items over all nodes: the captions of the
-    splits (the images with `first_caption_only`), so an epoch is as long as one over
-    `PairsDataset`. Every draw (shards, shuffle, caption, augmentation) is seeded by
-    (`seed`, epoch, rank, worker): a run is repeatable for the same number of processes and
-    workers. The training loop calls `set_epoch` before each epoch.
-
-    With `resampled` (training), each node and worker draws shards with replacement from
-    its own stream and the epoch ends after its share of `len(self)` samples. Without, the
-    shard list is split by node, then by worker, and read once: every sample once overall.
-    """
-
-    def __init__(
-        self,
-        shard_dir: str | os.PathLike,
-        splits: Iterable[str],
-        transform: ImageTransform,
-        augment: Augmentation | None = None,
-        *,
-        seed: int,
-        shuffle_buffer: int,
-        resampled: bool = True,
-        first_caption_only: bool = False,
-    ) -> None:
-        self.shard_dir = Path(shard_dir)
-        self.splits = sorted(set(splits))
-        index = read_index(self.shard_dir)
-        used = [
-            s
-            for s in index["shards"]
-            if any(s["splits"].get(name, {}).get("images") for name in self.splits)
-        ]
-        for shard in used:  # the epoch length comes from the index: it must be the tars'
-            check_shard_counts(self.shard_dir / shard["name"], shard)
-        self.urls = [str(self.shard_dir / s["name"]) for s in used]
-        per_split = index["total"]["splits"]
-        what = "images" if first_caption_only else "captions"
-        self.n_samples = sum(per_split.get(name, {}).get(what, 0) for name in self.splits)
-        if not self.urls or self.n_samples == 0:
-            has = ", ".join(f"{k}: {v['images']} images" for k, v in per_split.items()) or "none"
-            raise DataError(
-                f"{self.shard_dir}: no samples in split(s) {', '.join(self.splits)}; "
-                f"its shards hold {has}"
-            )
-        if shuffle_buffer < 0:
-            raise DataError(f"data.shuffle_buffer: must be >= 0, got {shuffle_buffer}")
-        self.transform = transform
-        self.augment = augment
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.resampled = resampled
-        self.first_caption_only = first_caption_only
-        # Shared with DataLoader workers, which persist across epochs.
-        self._epoch = multiprocessing.Value("q", 0, lock=False)
-        self._micro_batch = multiprocessing.Value("q", 1, lock=False)
-
-    def __len__(self) -> int:
-        return self.n_samples
-
-    def set_epoch(self, epoch: int, micro_batch_size: int = 1) -> None:
-        """Start `epoch`; each worker then yields whole micro-batches enough for its share."""
-        self._epoch.value = int(epoch)
-        self._micro_batch.value = int(micro_batch_size)
-
-    def _per_worker(self, world: int, workers: int) -> int:
-        micro = max(int(self._micro_batch.value), 1)
-        batches = self.n_samples // world // micro
-        return max(math.ceil(batches / workers), 1) * micro
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
-        epoch = int(self._epoch.value)
-        stream_seed = [self.seed, epoch, rank, worker]
-        if self.resampled:
-            seed = int(np.random.default_rng([*stream_seed, 0]).integers(2**31))
-            source: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
-        else:
-            source = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
-        stages: list[Any] = [*source, wds.tarfile_to_samples(handler=_raise_data_error)]
-        if self.shuffle_buffer > 1:
-            seed = int(np.random.default_rng([*stream_seed, 1]).integers(2**31))
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
-        rng = np.random.default_rng([*stream_seed, 2])
-        stream_id, n_streams = rank * workers + worker, world * workers
-        stages.append(lambda src: self._pairs(src, rng, epoch, stream_id, n_streams))
-        pipeline = wds.DataPipeline(*stages)
-        if self.resampled:
-            pipeline = pipeline.with_epoch(self._per_worker(world, workers))
-        return iter(pipeline)
-
-    def _pairs(
-        self,
-        samples: Iterator[dict[str, Any]],
-        rng: np.random.Generator,
-        epoch: int,
-        stream_id: int,
-        n_streams: int,
-    ) -> Iterator[dict[str, Any]]:
-        for position, sample in enumerate(samples):
-            url, key = sample.get("__url__", self.shard_dir), sample.get("__key__")
-            record = _parse_record(sample, key, url)
-            if record["split"] not in self.splits:
-                continue
-            images = [ext for ext in sample if not ext.startswith("__") and ext != "json"]
-            if len(images) != 1:
-                raise DataError(f"{url}: sample {key}: expected one image, found {images}")
-            img = _open_image(sample[images[0]], url, key)
-            captions = record["captions"]
-            pick = 0 if self.first_caption_only else int(rng.integers(len(captions)))
-            caption = captions[pick]
-            if self.augment is not None:
-                index = position * n_streams + stream_id  # distinct per sample of the epoch
-                pixels, flipped = self.augment.apply(img, self.transform, index, epoch)
-            else:
-                pixels, flipped = self.transform.normalise(self.transform.fit(img)), False
-            text = str(caption["caption"])
-            yield {
-                "pixel_values": pixels,
-                "caption": swap_left_right(text) if flipped else text,
-                "image_id": int(record["image_id"]),
-                "caption_id": int(caption["caption_id"]),
-            }
-
-
-def pairs_for_training(
-    data_root: str | os.PathLike,
-    shard_dir: str | None,
-    splits: list[str],
-    transform: ImageTransform,
-    augment: Augmentation | None,
-    *,
-    seed: int,
-    shuffle_buffer: int,
-    first_caption_only: bool = False,
-) -> torch.utils.data.Dataset:
-    """The training pairs of `splits`: streamed from `shard_dir` when set, else `PairsDataset`."""
-    from vlp.data.torch_data import PairsDataset
-
-    if shard_dir is None:
-        return PairsDataset(data_root, splits, transform, augment, first_caption_only)
-    return ShardPairs(
-        shard_dir,
-        splits,
-        transform,
-        augment,
-        seed=seed,
-        shuffle_buffer=shuffle_buffer,
-        first_caption_only=first_caption_only,
-    )

@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlp.data.images import ImageTransform, ProcessorTransform, saved_transform
+from vlp.data.images import ImageTransform, saved_transform
+from vlp.data.processors import ProcessorTransform
 from vlp.errors import ConfigError
 from vlp.io import load_json
 from vlp.tasks import TASK_FILE, TASKS

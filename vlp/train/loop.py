@@ -41,123 +41,16 @@ from vlp.train.checkpoint import (
     set_rng_state,
 )
 from vlp.train.distributed import DistInfo, barrier, init_distributed
+from vlp.train.settings import (
+    TrainResult,
+    TrainSettings,
+    epoch_steps,
+    resolve_device,
+    resolve_precision,
+)
 
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
 # Settings that must match for a resumed run to continue the interrupted one exactly.
 _RESUME_KEYS = ("batch_size", "grad_accum_steps", "seed", "epochs", "max_steps", "world_size")
-
-
-@dataclass
-class TrainSettings:
-    """Plain knobs of one training run; build from a params section with `from_config`."""
-
-    epochs: int = 1
-    max_steps: int = -1  # > 0 overrides epochs (runs as many epochs as needed)
-    batch_size: int = 32  # global micro-batch, split across ranks
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
-    checkpoint_every: int = 0  # optimizer steps; <= 0: only the final checkpoint
-    log_every: int = 10  # progress-bar / log-line refresh, in steps
-    seed: int = 0
-    num_workers: int = 0
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False  # recompute the towers' layers in the backward pass
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision: {self.precision!r} is not one of {PRECISIONS}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device: {self.device!r} is not one of {DEVICES}")
-        for name in ("batch_size", "grad_accum_steps", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.epochs < 1 and self.max_steps <= 0:
-            raise ConfigError("epochs: must be >= 1 unless max_steps > 0")
-
-    @classmethod
-    def from_config(cls, *sections: Any, seed: int = 0, **overrides: Any) -> TrainSettings:
-        """Take every field the params sections (RuntimeConfig, PretrainConfig, ...) share with us.
-
-        A later section wins over an earlier one; `overrides` win over all.
-        """
-        names = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for section in sections:
-            values.update({k: v for k, v in dataclasses.asdict(section).items() if k in names})
-        values.setdefault("seed", seed)
-        values.update(overrides)
-        return cls(**values)
-
-
-@dataclass
-class TrainResult:
-    """What a run did: optimizer steps, per-step history and the last step's losses."""
-
-    steps: int
-    history: list[dict[str, float]]
-    final: dict[str, float]
-    wall_s: float
-    samples_per_s: float
-    checkpoint: Path | None
-    device: str
-    precision: str
-    world_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def epoch_steps(n_samples: int, settings: TrainSettings, world_size: int) -> int:
-    """Optimizer steps `train` makes in one epoch over `n_samples` items on `world_size` ranks.
-
-    Each rank takes `n_samples // world_size` items and drops its incomplete micro-batches,
-    so this is 0 when `batch_size * grad_accum_steps` items do not fit.
-    """
-    if settings.batch_size % world_size:
-        raise ConfigError(
-            f"batch_size: {settings.batch_size} is not divisible by {world_size} processes"
-        )
-    micro_bs = settings.batch_size // world_size
-    return n_samples // world_size // micro_bs // settings.grad_accum_steps
-
-
-def resolve_device(device: str, info: DistInfo) -> torch.device:
-    """`auto` picks CUDA when present; under DDP each rank takes its local GPU."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but no CUDA device is available")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", info.local_rank)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), not emulated."""
-    # torch exposes no public query; these private checks are what its own tests use.
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
-
-    `auto` is bf16 on CUDA devices and CPUs with native bf16 support, else fp32. Measured
-    on a 2-core AVX512-BF16 CPU (benchmarks/bench_train.py): one training step of the
-    default-size model takes ~0.6x the time of fp32 under bf16 autocast; the
-    smoke-size model is 1.2x slower (its matmuls are too small for the casts to pay off),
-    but that only costs tests a fraction of a second.
-    """
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:
-        supported = precision == "bf16" or cpu_has_native_bf16()
-    if precision == "bf16" and not supported:
-        raise ConfigError("precision: 'bf16' requested but this GPU does not support it")
-    return torch.bfloat16 if supported else None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict[str, Any]]:
@@ -254,7 +147,7 @@ def _epoch_sampler(dataset: Dataset, s: TrainSettings, info: DistInfo) -> Sample
 
     One sampler for 1 or N processes: with N ranks, rank r takes every N-th index of the
     same seeded permutation, so the union of the ranks' micro-batches is exactly the
-    single-process micro-batch. A streamed dataset (`vlp.data.shards.ShardPairs`) splits
+    single-process micro-batch. A streamed dataset (`vlp.data.shard_stream.ShardPairs`) splits
     itself by rank and worker and is told each epoch and micro-batch size with `set_epoch`.
     """
     if isinstance(dataset, IterableDataset):

@@ -32,7 +32,7 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The VLPModel trained with the LM loss alone on the captions of `finetune.splits`."""
     from vlp.data.images import image_transforms
-    from vlp.data.shards import pairs_for_training
+    from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.objectives import VLPObjective
 

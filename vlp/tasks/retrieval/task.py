@@ -33,7 +33,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     ITC + ITM (hard negatives) for the fusion family; a family without ITM (the dual encoder,
     CLIP's contrastive loss) ranks by ITC alone (`rerank_k` 0)."""
     from vlp.data.images import image_transforms
-    from vlp.data.shards import pairs_for_training
+    from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import get_family
 
