@@ -71,7 +71,7 @@ def test_itc_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions,
     # rank 0 gets short captions, rank 1 long ones: token ids are padded to gather them
     captions = sorted(captions, key=len)[:6] + ["a red circle", "a red circle"]
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), tokenizer).eval()
+    model = build_model(tiny_cfg(), tokenizer, 0.07).eval()
     model.save_pretrained(tmp_path / "m")
     batch = make_pretrain_collate(tokenizer, 16)(_items(captions))
     VLPObjective(model, ITC_ONLY)(**batch)["loss"].backward()

@@ -17,7 +17,7 @@ ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 @pytest.mark.parametrize("tower", ["cnn", "convnext", "vit"])
 def test_shapes_of_every_method(tower, tiny_cfg, tokenizer, batch):
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(image_tower=tower), tokenizer)
+    m = build_model(tiny_cfg(image_tower=tower), tokenizer, 0.07)
     b, t = batch["input_ids"].shape
     image_embeds, image_feat = m.encode_image(batch["pixel_values"])
     n = image_embeds.shape[1]
@@ -187,7 +187,7 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
         image_pretrained=str(tmp_path / "vit"),
         text_pretrained=str(tmp_path / "bert"),
     )
-    m = build_model(cfg, tokenizer)
+    m = build_model(cfg, tokenizer, 0.07)
 
     bert_sd, enc_sd = bert.state_dict(), m.text_encoder.state_dict()
     dec_sd = m.text_decoder.bert.state_dict()
@@ -219,9 +219,9 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
 )
 def test_hub_names_are_rejected(tiny_cfg, tokenizer, key, value):
     with pytest.raises(ConfigError, match=f"model.{key}.*not a local directory"):
-        build_model(tiny_cfg(**{key: value}), tokenizer)
+        build_model(tiny_cfg(**{key: value}), tokenizer, 0.07)
 
 
 def test_unknown_tower_is_a_config_error(tiny_cfg, tokenizer):
     with pytest.raises(ConfigError, match="model.image_tower"):
-        build_model(tiny_cfg(image_tower="resnet9000"), tokenizer)
+        build_model(tiny_cfg(image_tower="resnet9000"), tokenizer, 0.07)

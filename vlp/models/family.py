@@ -241,7 +241,7 @@ def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
     """A model of the same family, architecture and tokenizer as the one saved in `path`,
     with freshly initialised weights (the from-scratch ablation); seed torch first.
 
-    `temperature` initialises the contrastive temperature (pretrain.temperature).
+    `temperature` initialises the contrastive temperature (model.temperature).
     """
     p = local_dir(path, "model directory")
     family, meta = recognise(p, "model directory")
@@ -259,7 +259,7 @@ def build_from_params(
     (`tokenizer` unused): a vlp model directory or a foreign checkpoint of `model.family`;
     parts a checkpoint lacks start from torch's RNG, so seed it first. Without: a from-scratch
     model of `model.family` sized by `cfg` with `tokenizer`. `temperature`
-    (pretrain.temperature) initialises the contrastive temperature of a model that has none.
+    (model.temperature) initialises the contrastive temperature of a model that has none.
     """
     family = get_family(cfg.family)
     if cfg.init_from:
