@@ -48,7 +48,7 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
         data, "pretrain", *image_transforms(cfg), first_caption_only=arm == "first"
     )
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
+    model = build_model(cfg.model, tokenizer, temperature=cfg.model.temperature)
     settings = TrainSettings.from_config(
         cfg.runtime,
         cfg.pretrain,

@@ -121,7 +121,7 @@ def main() -> None:
         torch.manual_seed(0)
         mcfg = dataclasses.replace(cfg.model, image_tower=tower)
         tok = build_tokenizer(mcfg, texts)
-        model = build_model(mcfg, tok, temperature=cfg.pretrain.temperature)
+        model = build_model(mcfg, tok, temperature=cfg.model.temperature)
         loader = DataLoader(
             train_ds,
             batch_size=args.batch_size,

@@ -31,14 +31,16 @@ ALLOWED = {
     ("vlp/zeroshot.py", "rerank_k"),
     # the answer decoder's own width split (finetune.vqa.answer_heads at its call site)
     ("vlp/tasks/vqa/model.py", "num_heads"),
-    # not yet taken from the config by every caller
-    ("vlp/tasks/predictor.py", "batch_size"),
-    ("vlp/tasks/vqa/task.py", "batch_size"),
+    # a VQA model loads with these when its task.json predates recording them; training
+    # passes finetune.vqa's values
     ("vlp/tasks/vqa/model.py", "head_lr_multiplier"),
     ("vlp/tasks/vqa/model.py", "freeze_encoders"),
     ("vlp/tasks/vqa/model.py", "answer_layers"),
     ("vlp/tasks/vqa/model.py", "answer_heads"),
-    ("vlp/models/objectives.py", "local_loss"),
+    # a predictor's forward batch when its caller names none (evaluate passes
+    # evaluate.batch_size, serving serving.max_rows)
+    ("vlp/tasks/predictor.py", "batch_size"),
+    ("vlp/tasks/vqa/task.py", "batch_size"),
 }
 
 

@@ -48,7 +48,7 @@ def test_checkpointing_keeps_gradients_and_saves_less(tower, tiny_cfg, tokenizer
     for module in model.modules():  # the recompute must replay the same dropout masks
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
-    objective = VLPObjective(model, ALL)
+    objective = VLPObjective(model, ALL, local_loss=True)
     batch = _batch(tokenizer, captions)
     plain, saved_plain = _step(objective, batch)
 

@@ -209,7 +209,7 @@ def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, t
         {"pixel_values": images[i], "caption": c, "image_id": i} for i, c in enumerate(captions)
     ]
     batch = make_pretrain_collate(tok, max_length=16)(items)
-    objective = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0))
+    objective = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0), local_loss=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
         opt.zero_grad()

@@ -178,7 +178,7 @@ def test_clip_tower_from_scratch(tiny_cfg, tokenizer, batch, tmp_path):
     assert (backbone.config.hidden_size, backbone.config.num_hidden_layers) == (32, 1)
     image_embeds, image_feat = m.encode_image(batch["pixel_values"])
     assert image_embeds.shape == (6, 1 + (32 // 8) ** 2, 32) and image_feat.shape == (6, 16)
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     out["loss"].backward()
     assert backbone.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     m.save_pretrained(tmp_path / "vlp")
@@ -213,7 +213,7 @@ def test_clip_tower_from_checkpoint(saved, tiny_cfg, tokenizer, batch, tmp_path)
     assert m.encode_image(big)[0].shape == (2, 1 + 36, 32)
 
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    objective = VLPObjective(m, ALL)
+    objective = VLPObjective(m, ALL, local_loss=True)
     before = m.image_tower.backbone.embeddings.patch_embedding.weight.clone()
     loss = objective(**batch)["loss"]
     loss.backward()

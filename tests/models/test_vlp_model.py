@@ -33,7 +33,7 @@ def test_shapes_of_every_method(tower, tiny_cfg, tokenizer, batch):
     assert m.itm_logits(image_embeds, batch["input_ids"], batch["attention_mask"]).shape == (b, 2)
     logits = m.decoder_logits(image_embeds, batch["input_ids"], batch["attention_mask"])
     assert logits.shape == (b, t, len(tokenizer))
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
 
@@ -117,7 +117,9 @@ def test_no_loss_weights_on_the_model_or_in_its_config(model, batch, tmp_path):
     """What a model is trained with belongs to the stage, not to the model or its files."""
     import json
 
-    VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0))(**batch)  # leaves no trace
+    VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0), local_loss=True)(
+        **batch
+    )  # leaves no trace
     assert not any("weight" in name for name in vars(model) if not name.startswith("_"))
     assert not hasattr(model, "loss_weights")
     model.save_pretrained(tmp_path / "m")
@@ -201,7 +203,7 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
     vit_sd = vit.state_dict()
     tower_sd = m.image_tower.backbone.state_dict()
     assert all(torch.equal(tower_sd[k], v) for k, v in vit_sd.items() if k in tower_sd)
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     assert all(torch.isfinite(v) for v in out.values())
     assert m.encode_image(batch["pixel_values"])[0].shape[-1] == 24  # projected to text width
 

@@ -44,7 +44,7 @@ def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: Objec
     dataset = PairsDataset(
         data_dir, "pretrain", ImageTransform(32, "squash", (0.5,) * 3, (0.5,) * 3)
     )
-    objective = VLPObjective(model, weights)
+    objective = VLPObjective(model, weights, local_loss=True)
     return objective, model, dataset, make_pretrain_collate(tok, model_cfg.max_text_length)
 
 
