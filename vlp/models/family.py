@@ -237,6 +237,13 @@ def load_model(
     return LoadedModel(family, p, model, family.checkpoint_format, key)
 
 
+def _check_temperature(temperature: float | None) -> float:
+    """`model.temperature`, which only a saved model's config leaves unset."""
+    if temperature is None or temperature <= 0:
+        raise ConfigError(f"model.temperature: must be a number > 0, got {temperature}")
+    return temperature
+
+
 def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
     """A model of the same family, architecture and tokenizer as the one saved in `path`,
     with freshly initialised weights (the from-scratch ablation); seed torch first.
@@ -247,7 +254,7 @@ def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
     family, meta = recognise(p, "model directory")
     if meta is None:
         raise ConfigError(f"{p}: not a vlp model directory (no {CONFIG_NAME})")
-    return family.impl().fresh(p, meta, temperature)
+    return family.impl().fresh(p, meta, _check_temperature(temperature))
 
 
 def build_from_params(
@@ -262,6 +269,7 @@ def build_from_params(
     (model.temperature) initialises the contrastive temperature of a model that has none.
     """
     family = get_family(cfg.family)
+    temperature = _check_temperature(temperature)
     if cfg.init_from:
         check_init_from(cfg)
         loaded = load_model(cfg.init_from, key="model.init_from", base=cfg, temperature=temperature)

@@ -125,7 +125,9 @@ def check_config(meta: Any, path: Path, keys: Sequence[str] = ()) -> None:
     if not isinstance(model, dict):
         missing.insert(0, "model")
     else:
-        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "family"]
+        # a saved model's temperature is a learned weight, not a config entry
+        unsaved = ("family", "temperature")
+        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in unsaved]
         missing += [f"model.{f}" for f in fields if f not in model]
     if missing:
         raise ConfigError(
