@@ -106,7 +106,7 @@ def main() -> None:
     for precision in args.precisions.split(","):
         torch.manual_seed(0)
         model = build_model(cfg.model, tokenizer, temperature=cfg.model.temperature).to(device)
-        objective = VLPObjective(model, weights)
+        objective = VLPObjective(model, weights, cfg.runtime.local_loss)
         dtype = torch.bfloat16 if precision == "bf16" else None
         flops = step_flops(objective, batch, dtype)
         settings = TrainSettings.from_config(
