@@ -87,7 +87,7 @@ def test_scratch_clip_from_params(tiny_cfg, tokenizer, batch):
 
 def test_scratch_clip_refuses_single_towers(tiny_cfg, tokenizer):
     with pytest.raises(ConfigError, match="model.image_pretrained"):
-        build_clip(tiny_cfg(family="clip", image_pretrained="/x"), tokenizer)
+        build_clip(tiny_cfg(family="clip", image_pretrained="/x"), tokenizer, 0.07)
 
 
 def test_not_a_model_directory(tmp_path):
@@ -154,7 +154,7 @@ def test_scratch_clip_with_a_clip_tokenizer_pools_its_end_of_text(clip_dir, tiny
 
     tok = load_clip_tokenizer(clip_dir, "model.tokenizer_pretrained")
     torch.manual_seed(0)
-    model = build_clip(tiny_cfg(family="clip"), tok)
+    model = build_clip(tiny_cfg(family="clip"), tok, 0.07)
     text = model.clip.config.text_config
     assert (text.bos_token_id, text.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
     _, feats = model.encode_text(**model.tokenize(TEXTS))

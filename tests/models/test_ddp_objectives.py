@@ -115,7 +115,7 @@ def test_clip_loss_grads_across_two_processes_match_one(tiny_cfg, tokenizer, cap
 
     captions = sorted(captions, key=len)[:6] + ["a red circle", "a red circle"]
     torch.manual_seed(0)
-    model = build_clip(tiny_cfg(family="clip"), tokenizer)
+    model = build_clip(tiny_cfg(family="clip"), tokenizer, 0.07)
     model.save_pretrained(tmp_path / "m")
     CLIPObjective(model, 1.0, local_loss=True)(
         **make_pretrain_collate(tokenizer, 16)(_items(captions))
