@@ -48,7 +48,7 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
         data, "pretrain", *image_transforms(cfg), first_caption_only=arm == "first"
     )
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature)
+    model = build_model(cfg.model, tokenizer, temperature=cfg.model.temperature)
     settings = TrainSettings.from_config(
         cfg.runtime,
         cfg.pretrain,
@@ -60,7 +60,13 @@ def run_arm(arm: str, cfg, data: Path, steps: int, tokenizer) -> dict:
     collate = make_pretrain_collate(tokenizer, cfg.model.max_text_length)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(VLPObjective(model, LM_ONLY), dataset, collate, settings, Path(tmp))
+        train(
+            VLPObjective(model, LM_ONLY, cfg.runtime.local_loss),
+            dataset,
+            collate,
+            settings,
+            Path(tmp),
+        )
         train_s = time.perf_counter() - t0
     size = cfg.data.image_size
     return {

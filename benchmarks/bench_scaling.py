@@ -57,7 +57,7 @@ def _model_and_data(args: argparse.Namespace, n: int):
     )
     tokenizer = train_tokenizer(CAPTIONS * 4, vocab_size=200)
     torch.manual_seed(0)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, cfg.temperature)
     g = torch.Generator().manual_seed(0)
     items = [
         {
@@ -81,7 +81,9 @@ def one_checkpointing_arm(args: argparse.Namespace, on: bool) -> dict[str, float
 
     torch.set_num_threads(args.threads)
     model, items, collate = _model_and_data(args, args.batch)
-    objective = VLPObjective(model, ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)).train()
+    objective = VLPObjective(
+        model, ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0), local_loss=True
+    ).train()
     if on:
         enable_activation_checkpointing(objective)
     batch = collate(items)
@@ -120,6 +122,7 @@ def checkpointing(args: argparse.Namespace) -> None:
 
 
 def _train_worker(rank: int, world: int, store: str, args: argparse.Namespace, out: str) -> None:
+    from vlp.config import load_config
     from vlp.models.objectives import ObjectiveWeights, VLPObjective
     from vlp.train import TrainSettings, train
 
@@ -128,14 +131,19 @@ def _train_worker(rank: int, world: int, store: str, args: argparse.Namespace, o
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model, items, collate = _model_and_data(args, args.batch * (args.steps + 1))
-        settings = TrainSettings(
+        params = load_config("params.yaml")
+        settings = TrainSettings.from_config(
+            params.runtime,
+            params.pretrain,
+            seed=params.seed,
+            checkpoint_every=0,
             max_steps=args.steps,
             batch_size=args.batch,
             device="cpu",
             precision="fp32",
             log_every=10**6,
         )
-        objective = VLPObjective(model, ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0))
+        objective = VLPObjective(model, ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0), local_loss=True)
         result = train(objective, items, collate, settings, Path(out) / f"w{world}")
         if rank == 0:
             Path(out, f"w{world}.json").write_text(json.dumps(result.samples_per_s))

@@ -65,7 +65,7 @@ def zero_shot_r1(model, data_dir: Path, transform: ImageTransform, batch_size: i
 
 def train_itc(model, loader: DataLoader, budget_s: float, lr: float) -> dict:
     """Train ITC until `budget_s` seconds of process CPU time are spent."""
-    objective = VLPObjective(model, ITC_ONLY)
+    objective = VLPObjective(model, ITC_ONLY, local_loss=True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     model.train()
@@ -121,7 +121,7 @@ def main() -> None:
         torch.manual_seed(0)
         mcfg = dataclasses.replace(cfg.model, image_tower=tower)
         tok = build_tokenizer(mcfg, texts)
-        model = build_model(mcfg, tok, temperature=cfg.pretrain.temperature)
+        model = build_model(mcfg, tok, temperature=cfg.model.temperature)
         loader = DataLoader(
             train_ds,
             batch_size=args.batch_size,

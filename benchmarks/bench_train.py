@@ -105,8 +105,8 @@ def main() -> None:
     weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
     for precision in args.precisions.split(","):
         torch.manual_seed(0)
-        model = build_model(cfg.model, tokenizer, temperature=cfg.pretrain.temperature).to(device)
-        objective = VLPObjective(model, weights)
+        model = build_model(cfg.model, tokenizer, temperature=cfg.model.temperature).to(device)
+        objective = VLPObjective(model, weights, cfg.runtime.local_loss)
         dtype = torch.bfloat16 if precision == "bf16" else None
         flops = step_flops(objective, batch, dtype)
         settings = TrainSettings.from_config(

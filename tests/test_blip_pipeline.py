@@ -13,7 +13,7 @@ import torch
 from tests.checkpoints.blip import make_blip_checkpoint, words_of
 from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.cli import main
-from vlp.config import profile_dir
+from vlp.config import Config, profile_dir
 
 pytestmark = pytest.mark.slow  # finetunes and evaluates four models
 
@@ -107,7 +107,9 @@ def test_a_blip_checkpoint_is_the_pretrained_model_of_the_whole_pipeline(workdir
     assert not torch.allclose(scratch.vision_proj.weight, model.vision_proj.weight, atol=0.05)
 
 
-def test_init_from_with_enabled_true_trains_from_the_checkpoint(workdir: Path) -> None:
+def test_init_from_with_enabled_true_trains_from_the_checkpoint(
+    workdir: Path, smoke_cfg: Config
+) -> None:
     from vlp.models import VLPModel
     from vlp.models.blip import load_blip
 
@@ -115,10 +117,7 @@ def test_init_from_with_enabled_true_trains_from_the_checkpoint(workdir: Path) -
     sets = ["--set", f"model.init_from={ckpt}", "--set", "pretrain.caption_warmup_steps=0"]
     assert main([*SMOKE, *sets, "--set", "pretrain.max_steps=2", "pretrain"]) == 0
     trained = VLPModel.from_pretrained(workdir / OUT / "models" / "pretrained")
-    from vlp.config import load_config
-
-    cfg = load_config(REPO_ROOT / "params.yaml", "smoke")
-    start = load_blip(ckpt, cfg.model, cfg.pretrain.temperature)
+    start = load_blip(ckpt, smoke_cfg.model, smoke_cfg.model.temperature)
     assert trained.tokenizer.get_vocab() == start.tokenizer.get_vocab()
     before, after = start.state_dict(), trained.state_dict()
     assert before.keys() == after.keys()

@@ -284,6 +284,13 @@ def test_finetune_trains_on_the_splits_in_params(cfg: Config, tmp_path: Path) ->
         finetune(on("trian"), "captioning")
 
 
+def test_finetune_accumulates_the_gradients_its_task_params_name(cfg: Config) -> None:
+    tcfg = dataclasses.replace(cfg.finetune.retrieval, batch_size=8, grad_accum_steps=100)
+    accum = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, retrieval=tcfg))
+    with pytest.raises(ConfigError, match=r"batch_size \* grad_accum_steps = 800 is larger"):
+        finetune(accum, "retrieval")
+
+
 @pytest.mark.parametrize("protocol", ["official", "lavis"])
 def test_vqa_evaluation_scores_and_records_its_protocol(
     cfg: Config, protocol: str, tmp_path: Path

@@ -129,6 +129,9 @@ class ModelConfig:
     patch_size: int
     num_image_layers: int
     cnn_channels: list[int]
+    # The contrastive temperature a from-scratch model (or a checkpoint without one) starts at;
+    # None in the config of a saved model, whose temperature is a learned weight.
+    temperature: float | None
 
 
 @dataclass
@@ -171,7 +174,6 @@ class PretrainConfig:
     itc_weight: float
     itm_weight: float
     lm_weight: float
-    temperature: float
     checkpoint_every: int
     # Steps of a captioning-only phase before the joint one: the LM alone, on each image's
     # first caption (0 = none). A recipe for the shapes world, where it teaches the image
@@ -200,6 +202,9 @@ class FinetuneConfig:
         """The params section of task `name`."""
         return getattr(self, get_task(name).name)
 
+
+# Every stage's `runtime.precision` / `--precision` choices.
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 
 # The VQA accuracy protocols of vlp.metrics.vqa (kept here so the CLI need not import torch).
 VQAProtocol = Literal["official", "lavis"]

@@ -94,7 +94,7 @@ def base_model(cfg: Config, init: str) -> Any:
     if init == "pretrained":
         return load_model(src).model
     torch.manual_seed(cfg.seed)
-    return fresh_model(src, temperature=cfg.pretrain.temperature)
+    return fresh_model(src, temperature=cfg.model.temperature)
 
 
 def _init_dir(cfg: Config) -> Path:

@@ -341,7 +341,7 @@ def save_init_from(cfg: Config) -> Path:
         if info.is_main:
             check_replaceable(out_dir)
             torch.manual_seed(cfg.seed)
-            model = build_from_params(cfg.model, None, p.temperature)
+            model = build_from_params(cfg.model, None, cfg.model.temperature)
             transform = image_transforms(cfg)[0]
             params = {
                 **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
@@ -475,7 +475,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         # a checkpoint (model.init_from) brings its weights and its own tokenizer
         tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-        model = build_from_params(cfg.model, tokenizer, temperature=p.temperature)
+        model = build_from_params(cfg.model, tokenizer, temperature=cfg.model.temperature)
         collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
 
         params = {

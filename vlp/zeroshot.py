@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from vlp.config import Config
     from vlp.models.family import LoadedModel
 
-PRECISIONS = ("auto", "fp32", "bf16")
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -72,6 +71,7 @@ def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
     """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
+    from vlp.config import PRECISIONS
     from vlp.models.family import load_model
     from vlp.train.distributed import DistInfo
     from vlp.train.settings import resolve_device, resolve_precision
@@ -85,7 +85,7 @@ def load_inference(
     device = resolve_device(cfg.runtime.device, DistInfo())
     # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
     encoder = load_model(
-        model_dir, device, key="--model", temperature=cfg.pretrain.temperature, as_is=True
+        model_dir, device, key="--model", temperature=cfg.model.temperature, as_is=True
     )
     encoder.model.eval()
     encoder.transform  # noqa: B018 (a directory without a known transform is refused here)

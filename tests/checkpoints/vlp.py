@@ -26,7 +26,7 @@ def tiny_vlp_dir(cfg: Config, path: Path, rerank_k: int | None = None, seed: int
     from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 
     torch.manual_seed(seed)
-    model = build_model(cfg.model, train_tokenizer(TEXTS, 120))
+    model = build_model(cfg.model, train_tokenizer(TEXTS, 120), 0.07)
     extra: dict = {IMAGE_TRANSFORM_FILE: {**TRANSFORM, "size": IMAGE_SIZE}}
     if rerank_k is not None:
         extra = {

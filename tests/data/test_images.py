@@ -168,7 +168,8 @@ class _PixelProbe(torch.nn.Module):
 def test_augmented_training_is_the_same_with_persistent_workers(
     smoke_data: Path, tmp_path: Path
 ) -> None:
-    from vlp.train.loop import TrainSettings, train
+    from tests.train.settings import train_settings
+    from vlp.train.loop import train
 
     t = ImageTransform(32, "squash", HALF, HALF)
     augment = Augmentation((0.3, 1.0), True, seed=0)
@@ -176,7 +177,7 @@ def test_augmented_training_is_the_same_with_persistent_workers(
     for workers in (0, 2):
         ds = PairsDataset(smoke_data, "val", t, augment)
         model = _PixelProbe()
-        settings = TrainSettings(
+        settings = train_settings(
             epochs=3, batch_size=8, lr=0.1, device="cpu", precision="fp32", num_workers=workers
         )
         collate = lambda items: {"pixel_values": torch.stack([i["pixel_values"] for i in items])}  # noqa: E731

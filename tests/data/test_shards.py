@@ -368,11 +368,12 @@ def _pixels(items: list[dict]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_training_loop_streams_shards_repeatably_and_resumes(shards, smoke_cfg, tmp_path):
+    from tests.train.settings import train_settings
     from vlp.train.checkpoint import list_checkpoints
-    from vlp.train.loop import TrainSettings, train
+    from vlp.train.loop import train
 
     # 120 train captions / batch 8: 15 steps an epoch; the stop at step 17 is mid-epoch
-    cfg = TrainSettings(
+    cfg = train_settings(
         epochs=2, batch_size=8, lr=1e-2, device="cpu", precision="fp32", num_workers=2,
         checkpoint_every=4,
     )  # fmt: skip

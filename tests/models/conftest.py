@@ -90,4 +90,4 @@ def model(tiny_cfg, tokenizer):
     from vlp.models.vlp_model import build_model
 
     torch.manual_seed(0)
-    return build_model(tiny_cfg(), tokenizer)
+    return build_model(tiny_cfg(), tokenizer, 0.07)

@@ -44,11 +44,11 @@ def _step(objective, batch) -> tuple[dict[str, torch.Tensor], int]:
 def test_checkpointing_keeps_gradients_and_saves_less(tower, tiny_cfg, tokenizer, captions):
     torch.manual_seed(0)
     cfg = tiny_cfg(image_tower=tower, num_text_layers=2, num_image_layers=2)
-    model = build_model(cfg, tokenizer).train()
+    model = build_model(cfg, tokenizer, 0.07).train()
     for module in model.modules():  # the recompute must replay the same dropout masks
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.1
-    objective = VLPObjective(model, ALL)
+    objective = VLPObjective(model, ALL, local_loss=True)
     batch = _batch(tokenizer, captions)
     plain, saved_plain = _step(objective, batch)
 
@@ -64,7 +64,7 @@ def test_checkpointing_keeps_gradients_and_saves_less(tower, tiny_cfg, tokenizer
 
 
 def test_resnet_tower_is_left_alone_with_a_warning(tiny_cfg, tokenizer):
-    model = build_model(tiny_cfg(image_tower="cnn"), tokenizer)
+    model = build_model(tiny_cfg(image_tower="cnn"), tokenizer, 0.07)
     with pytest.warns(UserWarning, match="image_tower.backbone .*BatchNorm"):
         applied = enable_activation_checkpointing(model)
     assert set(applied) == {"text_encoder", "text_decoder"}

@@ -87,7 +87,7 @@ def test_scratch_clip_from_params(tiny_cfg, tokenizer, batch):
 
 def test_scratch_clip_refuses_single_towers(tiny_cfg, tokenizer):
     with pytest.raises(ConfigError, match="model.image_pretrained"):
-        build_clip(tiny_cfg(family="clip", image_pretrained="/x"), tokenizer)
+        build_clip(tiny_cfg(family="clip", image_pretrained="/x"), tokenizer, 0.07)
 
 
 def test_not_a_model_directory(tmp_path):
@@ -102,7 +102,7 @@ def _clip(tiny_cfg, tokenizer, temperature=0.07):
 
 def test_clip_loss_is_itc_with_the_logit_scale(tiny_cfg, tokenizer, batch):
     model = _clip(tiny_cfg, tokenizer).eval()
-    out = CLIPObjective(model, weight=2.0)(**batch)
+    out = CLIPObjective(model, weight=2.0, local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_itc"}
     _, img = model.encode_image(batch["pixel_values"])
     _, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
@@ -117,12 +117,12 @@ def test_clip_loss_is_itc_with_the_logit_scale(tiny_cfg, tokenizer, batch):
     torch.testing.assert_close(out["loss_itc"], want)
     torch.testing.assert_close(out["loss"], 2 * want)
     with pytest.raises(ConfigError, match="contrastive loss alone"):
-        CLIPObjective(model, weight=0.0)
+        CLIPObjective(model, weight=0.0, local_loss=True)
 
 
 def test_training_steps_decrease_the_loss_and_learn_the_scale(tiny_cfg, tokenizer, batch):
     model = _clip(tiny_cfg, tokenizer)
-    objective = CLIPObjective(model)
+    objective = CLIPObjective(model, 1.0, local_loss=True)
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
     scale0 = model.logit_scale.item()
     losses = []
@@ -140,7 +140,7 @@ def test_training_steps_decrease_the_loss_and_learn_the_scale(tiny_cfg, tokenize
 def test_logit_scale_is_clamped_at_100(tiny_cfg, tokenizer, batch):
     model = _clip(tiny_cfg, tokenizer, temperature=0.001)  # scale 1000 at the start
     assert model.logit_scale.exp().item() == pytest.approx(1000.0)
-    CLIPObjective(model)(**batch)
+    CLIPObjective(model, 1.0, local_loss=True)(**batch)
     assert model.logit_scale.exp().item() == pytest.approx(100.0)
     assert model.temp.item() == pytest.approx(0.01)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_scratch_clip_with_a_clip_tokenizer_pools_its_end_of_text(clip_dir, tiny
 
     tok = load_clip_tokenizer(clip_dir, "model.tokenizer_pretrained")
     torch.manual_seed(0)
-    model = build_clip(tiny_cfg(family="clip"), tok)
+    model = build_clip(tiny_cfg(family="clip"), tok, 0.07)
     text = model.clip.config.text_config
     assert (text.bos_token_id, text.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
     _, feats = model.encode_text(**model.tokenize(TEXTS))

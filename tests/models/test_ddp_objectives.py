@@ -57,7 +57,7 @@ def _worker(rank: int, world: int, store: str, model_dir: str, captions: list[st
         # all objectives with unequal batch sizes and caption lengths across ranks
         model.zero_grad()
         uneven = collate(items[:3] if rank == 0 else items[3:])
-        out = VLPObjective(model, ALL)(**uneven)
+        out = VLPObjective(model, ALL, local_loss=True)(**uneven)
         out["loss"].backward()
         assert all(torch.isfinite(v) for v in out.values())
         assert model.itm_head.weight.grad is not None
@@ -71,10 +71,10 @@ def test_itc_grads_across_two_processes_match_one(tiny_cfg, tokenizer, captions,
     # rank 0 gets short captions, rank 1 long ones: token ids are padded to gather them
     captions = sorted(captions, key=len)[:6] + ["a red circle", "a red circle"]
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), tokenizer).eval()
+    model = build_model(tiny_cfg(), tokenizer, 0.07).eval()
     model.save_pretrained(tmp_path / "m")
     batch = make_pretrain_collate(tokenizer, 16)(_items(captions))
-    VLPObjective(model, ITC_ONLY)(**batch)["loss"].backward()
+    VLPObjective(model, ITC_ONLY, local_loss=True)(**batch)["loss"].backward()
     single = _grads(model)
 
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "m"), captions), nprocs=2)
@@ -97,7 +97,7 @@ def _clip_worker(rank: int, world: int, store: str, model_dir: str, captions: li
         items = _items(captions)
         half = len(items) // world
         batch = make_pretrain_collate(model.tokenizer, 16)(items[rank * half : (rank + 1) * half])
-        CLIPObjective(model)(**batch)["loss"].backward()
+        CLIPObjective(model, 1.0, local_loss=True)(**batch)["loss"].backward()
         grads = _grads(model)
         for g in grads.values():
             dist.all_reduce(g)
@@ -115,11 +115,11 @@ def test_clip_loss_grads_across_two_processes_match_one(tiny_cfg, tokenizer, cap
 
     captions = sorted(captions, key=len)[:6] + ["a red circle", "a red circle"]
     torch.manual_seed(0)
-    model = build_clip(tiny_cfg(family="clip"), tokenizer)
+    model = build_clip(tiny_cfg(family="clip"), tokenizer, 0.07)
     model.save_pretrained(tmp_path / "m")
-    CLIPObjective(model)(**make_pretrain_collate(tokenizer, 16)(_items(captions)))[
-        "loss"
-    ].backward()
+    CLIPObjective(model, 1.0, local_loss=True)(
+        **make_pretrain_collate(tokenizer, 16)(_items(captions))
+    )["loss"].backward()
     single = _grads(model)
 
     mp.spawn(

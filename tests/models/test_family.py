@@ -88,3 +88,8 @@ def test_nothing_outside_the_families_branches_on_a_family():
     ]
     branches = [line for p in files for line in _family_branches(p)]
     assert not branches, f"family names outside vlp/models' family modules: {branches}"
+
+
+def test_a_model_temperature_left_unset_is_a_config_error(tiny_cfg, tokenizer) -> None:
+    with pytest.raises(ConfigError, match="model.temperature: must be a number > 0, got None"):
+        build_from_params(tiny_cfg(temperature=None), tokenizer, temperature=None)

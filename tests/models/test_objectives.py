@@ -21,7 +21,7 @@ ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
 
 @pytest.mark.slow
 def test_losses_decrease_on_a_fixed_batch(model, batch):
-    objective = VLPObjective(model, ALL)
+    objective = VLPObjective(model, ALL, local_loss=True)
     opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
     first = None
     for _ in range(12):
@@ -40,7 +40,7 @@ def test_objective_is_the_weighted_sum_of_the_individual_losses(model, batch):
     model.eval()  # no dropout: the two computations below see the same network
     weights = ObjectiveWeights(itc=0.5, itm=2.0, lm=0.25)
     torch.manual_seed(1)  # ITM draws its hard negatives from torch's RNG
-    out = VLPObjective(model, weights)(**batch)
+    out = VLPObjective(model, weights, local_loss=True)(**batch)
 
     torch.manual_seed(1)
     px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
@@ -78,21 +78,21 @@ def test_lm_loss_equals_the_decoders_own_loss(model, batch):
 
 
 def test_zero_weight_switches_an_objective_off(model, batch):
-    out = VLPObjective(model, ITC_ONLY)(**batch)
+    out = VLPObjective(model, ITC_ONLY, local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_itc"}
     out["loss"].backward()
     assert model.itm_head.weight.grad is None
     assert all(p.grad is None for p in model.text_decoder.parameters())
     model.zero_grad(set_to_none=True)
 
-    out = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=2.0))(**batch)
+    out = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=2.0), local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_lm"}
     assert torch.allclose(out["loss"], 2 * out["loss_lm"])
     out["loss"].backward()
     assert all(p.grad is None for p in model.text_encoder.parameters())
     assert model.temp.grad is None
 
-    out = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=1.0, lm=0.0))(**batch)
+    out = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=1.0, lm=0.0), local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_itm"}
 
 
@@ -109,7 +109,7 @@ def test_itc_treats_same_image_captions_as_positives(model, batch):
     """Pairs 0 and 1 share an image: each row's target spreads evenly over both."""
     model.eval()
     with torch.no_grad():
-        got = VLPObjective(model, ITC_ONLY)(**batch)["loss_itc"]
+        got = VLPObjective(model, ITC_ONLY, local_loss=True)(**batch)["loss_itc"]
         _, img = model.encode_image(batch["pixel_values"])
         _, txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
     sim = img @ txt.t() / model.temp
@@ -138,5 +138,5 @@ def test_hard_negatives_never_share_the_image():
 def test_temperature_is_clamped(model, batch):
     with torch.no_grad():
         model.temp.fill_(5.0)
-    VLPObjective(model, ALL)(**batch)
+    VLPObjective(model, ALL, local_loss=True)(**batch)
     assert model.temp.item() == pytest.approx(0.5)

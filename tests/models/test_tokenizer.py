@@ -201,7 +201,7 @@ def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, t
 
     tok = load_tokenizer(clip_tokenizer_dir)
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), tok)
+    model = build_model(tiny_cfg(), tok, 0.07)
     assert model.text_decoder.config.eos_token_id == tok.sep_token_id
     captions = ["a red circle left of a blue square", "two green triangles"]
     images = torch.stack([torch.full((3, 32, 32), v) for v in (-0.8, 0.8)])
@@ -209,7 +209,7 @@ def test_fusion_model_with_clip_tokenizer_stops_generating(clip_tokenizer_dir, t
         {"pixel_values": images[i], "caption": c, "image_id": i} for i, c in enumerate(captions)
     ]
     batch = make_pretrain_collate(tok, max_length=16)(items)
-    objective = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0))
+    objective = VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0), local_loss=True)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
         opt.zero_grad()

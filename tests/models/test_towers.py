@@ -50,7 +50,7 @@ def test_bert_text_tower_equals_bert(with_lm_head, tiny_cfg, tmp_path):
     cfg = tiny_cfg(text_pretrained=str(tmp_path / "bert"))
     tok = build_tokenizer(cfg)
     assert tok.convert_ids_to_tokens(tok("a red circle")["input_ids"])[0] == "[CLS]"
-    m = build_model(cfg, tok).eval()
+    m = build_model(cfg, tok, 0.07).eval()
     enc = m.tokenize(["a red circle left of a blue square", "a big star"])
     assert enc["attention_mask"].eq(0).any()  # padding in the batch
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_image_tower_must_match_its_checkpoint(saved, tiny_cfg, tokenizer, tmp_p
     for tower in ("cnn", "convnext", "vit", "clip"):
         cfg = tiny_cfg(image_tower=tower, image_pretrained=str(tmp_path / saved))
         if tower == kind:
-            m = build_model(cfg, tokenizer)
+            m = build_model(cfg, tokenizer, 0.07)
             assert m.image_tower.model_type == {"clip": "clip_vision_model"}.get(
                 model_type, model_type
             )
@@ -167,18 +167,18 @@ def test_image_tower_must_match_its_checkpoint(saved, tiny_cfg, tokenizer, tmp_p
             with pytest.raises(
                 ConfigError, match=f"model.image_tower: '{tower}'.*'{model_type}' model"
             ):
-                build_model(cfg, tokenizer)
+                build_model(cfg, tokenizer, 0.07)
 
 
 def test_clip_tower_from_scratch(tiny_cfg, tokenizer, batch, tmp_path):
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(image_tower="clip"), tokenizer)
+    m = build_model(tiny_cfg(image_tower="clip"), tokenizer, 0.07)
     backbone = m.image_tower.backbone
     assert type(backbone).__name__ == "CLIPVisionModel"
     assert (backbone.config.hidden_size, backbone.config.num_hidden_layers) == (32, 1)
     image_embeds, image_feat = m.encode_image(batch["pixel_values"])
     assert image_embeds.shape == (6, 1 + (32 // 8) ** 2, 32) and image_feat.shape == (6, 16)
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     out["loss"].backward()
     assert backbone.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     m.save_pretrained(tmp_path / "vlp")
@@ -191,7 +191,7 @@ def test_clip_tower_from_checkpoint(saved, tiny_cfg, tokenizer, batch, tmp_path)
     src = SAVERS[saved](tmp_path / saved)
     reference = src.vision_model if saved == "clip" else src
     cfg = tiny_cfg(image_tower="clip", image_pretrained=str(tmp_path / saved))
-    m = build_model(cfg, tokenizer)
+    m = build_model(cfg, tokenizer, 0.07)
     pixels = batch["pixel_values"]
     with torch.no_grad():
         ref = reference(pixel_values=pixels)
@@ -213,7 +213,7 @@ def test_clip_tower_from_checkpoint(saved, tiny_cfg, tokenizer, batch, tmp_path)
     assert m.encode_image(big)[0].shape == (2, 1 + 36, 32)
 
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    objective = VLPObjective(m, ALL)
+    objective = VLPObjective(m, ALL, local_loss=True)
     before = m.image_tower.backbone.embeddings.patch_embedding.weight.clone()
     loss = objective(**batch)["loss"]
     loss.backward()
@@ -232,7 +232,9 @@ def test_clip_tower_from_checkpoint(saved, tiny_cfg, tokenizer, batch, tmp_path)
 
 def test_vit_tower_tokens_are_vits_own(tiny_cfg, tokenizer, batch, tmp_path):
     vit = save_vit(tmp_path / "vit")
-    m = build_model(tiny_cfg(image_tower="vit", image_pretrained=str(tmp_path / "vit")), tokenizer)
+    m = build_model(
+        tiny_cfg(image_tower="vit", image_pretrained=str(tmp_path / "vit")), tokenizer, 0.07
+    )
     with torch.no_grad():
         tokens = m.image_tower.backbone_tokens(batch["pixel_values"])
         ref = vit(pixel_values=batch["pixel_values"]).last_hidden_state

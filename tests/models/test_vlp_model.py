@@ -17,7 +17,7 @@ ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 @pytest.mark.parametrize("tower", ["cnn", "convnext", "vit"])
 def test_shapes_of_every_method(tower, tiny_cfg, tokenizer, batch):
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(image_tower=tower), tokenizer)
+    m = build_model(tiny_cfg(image_tower=tower), tokenizer, 0.07)
     b, t = batch["input_ids"].shape
     image_embeds, image_feat = m.encode_image(batch["pixel_values"])
     n = image_embeds.shape[1]
@@ -33,7 +33,7 @@ def test_shapes_of_every_method(tower, tiny_cfg, tokenizer, batch):
     assert m.itm_logits(image_embeds, batch["input_ids"], batch["attention_mask"]).shape == (b, 2)
     logits = m.decoder_logits(image_embeds, batch["input_ids"], batch["attention_mask"])
     assert logits.shape == (b, t, len(tokenizer))
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_lm"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
 
@@ -117,7 +117,9 @@ def test_no_loss_weights_on_the_model_or_in_its_config(model, batch, tmp_path):
     """What a model is trained with belongs to the stage, not to the model or its files."""
     import json
 
-    VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0))(**batch)  # leaves no trace
+    VLPObjective(model, ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0), local_loss=True)(
+        **batch
+    )  # leaves no trace
     assert not any("weight" in name for name in vars(model) if not name.startswith("_"))
     assert not hasattr(model, "loss_weights")
     model.save_pretrained(tmp_path / "m")
@@ -187,7 +189,7 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
         image_pretrained=str(tmp_path / "vit"),
         text_pretrained=str(tmp_path / "bert"),
     )
-    m = build_model(cfg, tokenizer)
+    m = build_model(cfg, tokenizer, 0.07)
 
     bert_sd, enc_sd = bert.state_dict(), m.text_encoder.state_dict()
     dec_sd = m.text_decoder.bert.state_dict()
@@ -201,7 +203,7 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
     vit_sd = vit.state_dict()
     tower_sd = m.image_tower.backbone.state_dict()
     assert all(torch.equal(tower_sd[k], v) for k, v in vit_sd.items() if k in tower_sd)
-    out = VLPObjective(m, ALL)(**batch)
+    out = VLPObjective(m, ALL, local_loss=True)(**batch)
     assert all(torch.isfinite(v) for v in out.values())
     assert m.encode_image(batch["pixel_values"])[0].shape[-1] == 24  # projected to text width
 
@@ -219,9 +221,9 @@ def test_towers_load_from_local_pretrained_dirs(tiny_cfg, tokenizer, batch, tmp_
 )
 def test_hub_names_are_rejected(tiny_cfg, tokenizer, key, value):
     with pytest.raises(ConfigError, match=f"model.{key}.*not a local directory"):
-        build_model(tiny_cfg(**{key: value}), tokenizer)
+        build_model(tiny_cfg(**{key: value}), tokenizer, 0.07)
 
 
 def test_unknown_tower_is_a_config_error(tiny_cfg, tokenizer):
     with pytest.raises(ConfigError, match="model.image_tower"):
-        build_model(tiny_cfg(image_tower="resnet9000"), tokenizer)
+        build_model(tiny_cfg(image_tower="resnet9000"), tokenizer, 0.07)

@@ -95,7 +95,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, tiny_cfg, tokenizer) -> Path
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("saved") / "model"
     transform = {IMAGE_TRANSFORM_FILE: {**TRANSFORM, "size": IMAGE_SIZE}}
-    build_model(tiny_cfg(), tokenizer).save_pretrained(path, transform)
+    build_model(tiny_cfg(), tokenizer, 0.07).save_pretrained(path, transform)
     return path
 
 

@@ -28,4 +28,4 @@ def tiny_vlp(smoke_cfg: Config, tiny_tokenizer):
     from vlp.models import build_model
 
     torch.manual_seed(0)
-    return build_model(smoke_cfg.model, tiny_tokenizer)
+    return build_model(smoke_cfg.model, tiny_tokenizer, 0.07)

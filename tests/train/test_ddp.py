@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlp.train import TrainSettings, train
+from tests.train.settings import train_settings
+from vlp.train import train
 
 pytestmark = pytest.mark.slow  # two training processes
 
@@ -47,7 +48,7 @@ def _collate(items: list) -> dict[str, torch.Tensor]:
     return {"x": torch.stack([i[0] for i in items]), "y": torch.stack([i[1] for i in items])}
 
 
-SETTINGS = TrainSettings(
+SETTINGS = train_settings(
     epochs=2,
     checkpoint_every=2,
     batch_size=16,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from tests.train.settings import train_settings
 from vlp.errors import ConfigError
 from vlp.train import TrainSettings, train
 from vlp.train.checkpoint import list_checkpoints
@@ -64,7 +65,7 @@ def settings(**kw: object) -> TrainSettings:
         device="cpu",
         precision="fp32",
     )
-    return TrainSettings(**{**base, **kw})
+    return train_settings(**{**base, **kw})
 
 
 class Stop(RuntimeError):
@@ -211,6 +212,6 @@ def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
 
 def test_bad_settings_raise_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="precision"):
-        TrainSettings(precision="fp16")
+        train_settings(precision="fp16")
     with pytest.raises(ConfigError, match="larger than the dataset"):
         train(fresh_model(), make_data(10), collate, settings(batch_size=16), tmp_path)

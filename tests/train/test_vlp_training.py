@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.train.settings import train_settings
 from vlp.config import Config, ModelConfig
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
-from vlp.train import TrainSettings, train
+from vlp.train import train
 
 pytestmark = pytest.mark.slow  # two-process training and resumed runs
 
@@ -39,11 +40,11 @@ def _parts(data_dir: Path, model_cfg: ModelConfig, tok_dir: Path, weights: Objec
 
     tok = load_tokenizer(tok_dir, str(tok_dir))
     torch.manual_seed(0)
-    model = build_model(model_cfg, tok)
+    model = build_model(model_cfg, tok, 0.07)
     dataset = PairsDataset(
         data_dir, "pretrain", ImageTransform(32, "squash", (0.5,) * 3, (0.5,) * 3)
     )
-    objective = VLPObjective(model, weights)
+    objective = VLPObjective(model, weights, local_loss=True)
     return objective, model, dataset, make_pretrain_collate(tok, model_cfg.max_text_length)
 
 
@@ -59,7 +60,7 @@ def tok_dir(smoke_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)
 ITC_ONLY = ObjectiveWeights(itc=1.0, itm=0.0, lm=0.0)
-SETTINGS = TrainSettings(
+SETTINGS = train_settings(
     max_steps=6, batch_size=16, lr=2e-3, warmup_steps=1, checkpoint_every=2, device="cpu"
 )
 

@@ -221,7 +221,7 @@ def clip_config(
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     if temperature <= 0:
-        raise ConfigError(f"pretrain.temperature: must be > 0, got {temperature}")
+        raise ConfigError(f"model.temperature: must be > 0, got {temperature}")
     bos, eos, pad = _bos_eos_pad(tokenizer)
     common = {
         "hidden_size": cfg.hidden_size,
@@ -251,7 +251,7 @@ def clip_config(
 
 
 def build_clip(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float = 0.07
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float
 ) -> CLIPDualEncoder:
     """A from-scratch CLIPDualEncoder sized by the params' model section (`clip_config`)."""
     from transformers import CLIPModel

@@ -237,17 +237,24 @@ def load_model(
     return LoadedModel(family, p, model, family.checkpoint_format, key)
 
 
+def _check_temperature(temperature: float | None) -> float:
+    """`model.temperature`, which only a saved model's config leaves unset."""
+    if temperature is None or temperature <= 0:
+        raise ConfigError(f"model.temperature: must be a number > 0, got {temperature}")
+    return temperature
+
+
 def fresh_model(path: str | os.PathLike, temperature: float) -> Any:
     """A model of the same family, architecture and tokenizer as the one saved in `path`,
     with freshly initialised weights (the from-scratch ablation); seed torch first.
 
-    `temperature` initialises the contrastive temperature (pretrain.temperature).
+    `temperature` initialises the contrastive temperature (model.temperature).
     """
     p = local_dir(path, "model directory")
     family, meta = recognise(p, "model directory")
     if meta is None:
         raise ConfigError(f"{p}: not a vlp model directory (no {CONFIG_NAME})")
-    return family.impl().fresh(p, meta, temperature)
+    return family.impl().fresh(p, meta, _check_temperature(temperature))
 
 
 def build_from_params(
@@ -259,9 +266,10 @@ def build_from_params(
     (`tokenizer` unused): a vlp model directory or a foreign checkpoint of `model.family`;
     parts a checkpoint lacks start from torch's RNG, so seed it first. Without: a from-scratch
     model of `model.family` sized by `cfg` with `tokenizer`. `temperature`
-    (pretrain.temperature) initialises the contrastive temperature of a model that has none.
+    (model.temperature) initialises the contrastive temperature of a model that has none.
     """
     family = get_family(cfg.family)
+    temperature = _check_temperature(temperature)
     if cfg.init_from:
         check_init_from(cfg)
         loaded = load_model(cfg.init_from, key="model.init_from", base=cfg, temperature=temperature)

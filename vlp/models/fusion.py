@@ -53,7 +53,7 @@ def fresh(p: Path, meta: dict[str, Any], temperature: float) -> VLPModel:
             model.temp.fill_(temperature)
         return model
     tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
-    return build_model(ModelConfig(**saved), tokenizer, temperature=temperature)
+    return build_model(ModelConfig(**{**saved, "temperature": None}), tokenizer, temperature)
 
 
 def reads_checkpoint(p: Path, key: str) -> bool:

@@ -227,7 +227,7 @@ class VLPObjective(nn.Module):
     weighted 0 is absent. The model is a submodule: training this module trains it.
     """
 
-    def __init__(self, model: VLPModel, weights: ObjectiveWeights, local_loss: bool = True) -> None:
+    def __init__(self, model: VLPModel, weights: ObjectiveWeights, local_loss: bool) -> None:
         super().__init__()
         self.model = model
         self.weights = weights
@@ -286,7 +286,7 @@ class CLIPObjective(nn.Module):
     a `make_pretrain_collate` batch and returns {"loss", "loss_itc"}.
     """
 
-    def __init__(self, model: nn.Module, weight: float = 1.0, local_loss: bool = True) -> None:
+    def __init__(self, model: nn.Module, weight: float, local_loss: bool) -> None:
         super().__init__()
         self.local_loss = local_loss  # runtime.local_loss
         if float(weight) == 0.0:

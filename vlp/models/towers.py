@@ -352,4 +352,5 @@ def checkpoint_model_config(
         patch_size=patch if isinstance(patch, int) else int(patch[0]),
         num_image_layers=vision.num_hidden_layers,
         cnn_channels=[],
+        temperature=None,
     )

@@ -70,7 +70,7 @@ class VLPModel(SavedModel):
         image_tower: nn.Module,
         text_encoder: nn.Module,
         text_decoder: nn.Module,
-        temperature: float = 0.07,
+        temperature: float | None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -84,7 +84,8 @@ class VLPModel(SavedModel):
         self.vision_proj = nn.Linear(image_tower.out_dim, cfg.embed_dim)
         self.text_proj = nn.Linear(hidden, cfg.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
-        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        # None: the temperature comes with the weights loaded (or filled) next
+        self.temp = nn.Parameter(torch.tensor(float("nan" if temperature is None else temperature)))
         self.enc_token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
         self.dec_token_id = tokenizer.convert_tokens_to_ids(DEC_TOKEN)
 
@@ -161,8 +162,9 @@ class VLPModel(SavedModel):
         self,
         cond_embeds: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
-        num_beams: int = 1,
-        max_length: int = 20,
+        *,
+        num_beams: int,
+        max_length: int,
     ) -> list[str]:
         """Decode one text per conditioning sequence with transformers' `generate`.
 
@@ -196,7 +198,7 @@ class VLPModel(SavedModel):
 
     @torch.no_grad()
     def generate_captions(
-        self, pixel_values: torch.Tensor, num_beams: int = 3, max_length: int = 20
+        self, pixel_values: torch.Tensor, num_beams: int, max_length: int
     ) -> list[str]:
         """Captions for a batch of images (greedy if num_beams == 1, else beam search)."""
         image_embeds, _ = self.encode_image(pixel_values)
@@ -243,7 +245,7 @@ class VLPModel(SavedModel):
         image_cfg_dict = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg_dict.pop("model_type")].from_dict(image_cfg_dict)
         image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=not weights)
-        model = _assemble(cfg, tokenizer, image_tower, text_cfg)
+        model = _assemble(cfg, tokenizer, image_tower, text_cfg, None, None)
         if weights:
             load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
@@ -254,8 +256,8 @@ def _assemble(
     tokenizer: PreTrainedTokenizerBase,
     image_tower: nn.Module,
     text_cfg: Any,
-    text_pretrained: str | None = None,
-    temperature: float = 0.07,
+    text_pretrained: str | None,
+    temperature: float | None,
 ) -> VLPModel:
     from transformers import BlipTextLMHeadModel, BlipTextModel
 
@@ -280,12 +282,12 @@ def _assemble(
 
 
 def build_model(
-    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float = 0.07
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float
 ) -> VLPModel:
     """A VLPModel for `model_cfg`: tiny from-scratch towers, or those named by `*_pretrained`.
 
     The text vocabulary is the tokenizer's (`len(tokenizer)`), not `model_cfg.vocab_size`.
-    `temperature` initialises the learnable ITC temperature (pretrain.temperature).
+    `temperature` initialises the learnable ITC temperature (model.temperature).
     """
     if model_cfg.text_pretrained:
         text_cfg = text_config_from_pretrained(model_cfg.text_pretrained, model_cfg, tokenizer)

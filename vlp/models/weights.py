@@ -68,7 +68,9 @@ class SavedModel(torch.nn.Module, ABC):
 
         `extra_json` maps further file names to JSON content written in the same step.
         """
-        meta = {"model": dataclasses.asdict(self.cfg), **self.architecture_configs()}
+        # a trained model's temperature is a learned weight, not a config entry
+        saved = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "temperature"}
+        meta = {"model": saved, **self.architecture_configs()}
         with atomic_dir(Path(path), "model") as tmp:
             save_weights(self, tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -123,7 +125,9 @@ def check_config(meta: Any, path: Path, keys: Sequence[str] = ()) -> None:
     if not isinstance(model, dict):
         missing.insert(0, "model")
     else:
-        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "family"]
+        # a saved model's temperature is a learned weight, not a config entry
+        unsaved = ("family", "temperature")
+        fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in unsaved]
         missing += [f"model.{f}" for f in fields if f not in model]
     if missing:
         raise ConfigError(
@@ -146,7 +150,11 @@ def saved_model_config(meta: dict[str, Any]) -> Any:
 
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     return ModelConfig(
-        **{"family": "fusion", **{k: v for k, v in meta["model"].items() if k in known}}
+        **{
+            "family": "fusion",
+            **{k: v for k, v in meta["model"].items() if k in known},
+            "temperature": None,
+        }
     )
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from vlp.config import PRECISIONS
 from vlp.errors import ConfigError
 from vlp.train.distributed import DistInfo
 
-PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -25,22 +25,22 @@ DEVICES = ("auto", "cpu", "cuda")
 class TrainSettings:
     """Plain knobs of one training run; build from a params section with `from_config`."""
 
-    epochs: int = 1
-    max_steps: int = -1  # > 0 overrides epochs (runs as many epochs as needed)
-    batch_size: int = 32  # global micro-batch, split across ranks
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    precision: str = "auto"  # auto | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
-    checkpoint_every: int = 0  # optimizer steps; <= 0: only the final checkpoint
-    log_every: int = 10  # progress-bar / log-line refresh, in steps
-    seed: int = 0
-    num_workers: int = 0
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False  # recompute the towers' layers in the backward pass
+    epochs: int
+    max_steps: int  # > 0 overrides epochs (runs as many epochs as needed)
+    batch_size: int  # global micro-batch, split across ranks
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_grad_norm: float  # <= 0 disables clipping
+    precision: str  # auto | bf16 | fp32
+    device: str  # auto | cpu | cuda
+    checkpoint_every: int  # optimizer steps; <= 0: only the final checkpoint
+    log_every: int  # progress-bar / log-line refresh, in steps
+    seed: int
+    num_workers: int
+    gradient_checkpointing: bool  # recompute the towers' layers in the backward pass
+    keep_checkpoints: int = 2  # not a param: how many step checkpoints a run keeps
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -54,7 +54,7 @@ class TrainSettings:
             raise ConfigError("epochs: must be >= 1 unless max_steps > 0")
 
     @classmethod
-    def from_config(cls, *sections: Any, seed: int = 0, **overrides: Any) -> TrainSettings:
+    def from_config(cls, *sections: Any, seed: int, **overrides: Any) -> TrainSettings:
         """Take every field the params sections (RuntimeConfig, PretrainConfig, ...) share with us.
 
         A later section wins over an earlier one; `overrides` win over all.

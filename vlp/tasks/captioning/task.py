@@ -38,7 +38,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
     tcfg = cfg.finetune.captioning
     return TrainingSetup(
-        VLPObjective(vlp, CAPTION_LOSS_WEIGHTS),
+        VLPObjective(vlp, CAPTION_LOSS_WEIGHTS, cfg.runtime.local_loss),
         pairs_for_training(
             cfg.data.root,
             cfg.data.shards,
