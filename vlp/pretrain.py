@@ -34,14 +34,13 @@ false` nothing trains: `model.init_from` is saved as the pretrained model, in th
 layout, and scored zero-shot (`save_init_from`).
 
 Under `torchrun` rank 0 does all file I/O and logging; training is data parallel across
-ranks.
+ranks. The zero-shot check and the metrics are `vlp.pretrain_report`'s; the fingerprint and
+the work folder, `vlp.pretrain_fingerprint`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -51,93 +50,16 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
-from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
+from vlp.io import check_replaceable
 from vlp.models.objectives import ObjectiveWeights
+from vlp.pretrain_fingerprint import fingerprint, read_inputs, work_dir
+from vlp.pretrain_report import save_and_check, summary, write_results, zero_shot_metrics
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import TrainResult, TrainSettings, epoch_steps, train
 
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
-PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
-# params that decide where and how often progress is saved or shown, not what is learned:
-# a resumed run may change them.
-UNFINGERPRINTED = (
-    "pretrain.out_dir",
-    "pretrain.checkpoint_every",
-    "pretrain.eval_split",
-    "pretrain.eval_batch_size",
-    "runtime.log_every",
-    "runtime.metrics_dir",
-    "runtime.plots_dir",
-    "runtime.local_loss",
-    "runtime.gradient_checkpointing",
-)
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
-
-
-def work_dir(cfg: Config) -> Path:
-    """Checkpoints and the tokenizer of an unfinished run; kept outside the stage output."""
-    out = Path(cfg.pretrain.out_dir)
-    return out.with_name(f"{out.name}.work")
-
-
-def fingerprint(cfg: Config) -> dict[str, Any]:
-    """What the trained model depends on: the params this stage trains with and the data hash.
-
-    With a pretrained image processor, the processor as resolved (its settings at the size
-    used) too: editing the checkpoint's processor changes what is learned.
-    """
-    from vlp.data.images import ProcessorTransform, image_transforms
-    from vlp.data.manifest import dataset_hash
-
-    params = {
-        "seed": cfg.seed,
-        "data.image_size": cfg.data.image_size,
-        **{f"images.{k}": v for k, v in dataclasses.asdict(cfg.images).items()},
-        **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
-        **{
-            key: v
-            for section in ("runtime", "pretrain")
-            for k, v in dataclasses.asdict(getattr(cfg, section)).items()
-            if (key := f"{section}.{k}") not in UNFINGERPRINTED
-        },
-    }
-    transform = image_transforms(cfg)[0]
-    if isinstance(transform, ProcessorTransform):
-        params["image_processor"] = transform.model_files()
-    if cfg.data.shards is not None:  # the stream trained on: its shards, by their index
-        from vlp.data.shards import INDEX_FILE
-
-        params["data.shuffle_buffer"] = cfg.data.shuffle_buffer
-        index = (Path(cfg.data.shards) / INDEX_FILE).read_bytes()
-        params["data.shards"] = hashlib.sha256(index).hexdigest()
-    return {"params": params, "data": dataset_hash(cfg.data.root)}
-
-
-CHECKPOINT_KEYS = ("init_from", "image_pretrained", "text_pretrained", "tokenizer_pretrained")
-
-
-def read_inputs(
-    cfg: Config, data_hash: str, shards_hash: str | None = None
-) -> dict[str, tuple[str, str]]:
-    """What a pretrain run reads, by content hash (`stage_run` inputs).
-
-    The dataset (`data_hash`, as in the fingerprint), the shard index it streams from
-    (`shards_hash`, idem) and each checkpoint directory of the model section
-    (`model.init_from`, `*_pretrained`).
-    """
-    from vlp.tasks import model_sha256
-
-    inputs = {"data": (cfg.data.root, data_hash)}
-    if shards_hash is not None:
-        inputs["shards"] = (str(cfg.data.shards), shards_hash)
-    for key in CHECKPOINT_KEYS:
-        path = getattr(cfg.model, key)
-        if path and Path(path).is_dir():
-            inputs[f"model.{key}"] = (path, model_sha256(path))
-    return inputs
 
 
 def corpus(data_dir: Path, splits: list[str]) -> list[str]:
@@ -177,57 +99,6 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
             save_tokenizer(tok, saved)
     barrier()
     return tok if info.is_main else load(saved, str(saved))
-
-
-def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, float]:
-    """Mean of `key` over the first and the last 10% of steps (at least one step each)."""
-    values = [h[key] for h in history if key in h]
-    n = max(1, len(values) // 10)
-    return sum(values[:n]) / n, sum(values[-n:]) / n
-
-
-@torch.no_grad()
-def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]:
-    """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
-    from torch.utils.data import DataLoader
-
-    from vlp.data.images import image_transforms
-    from vlp.data.manifest import read_pairs
-    from vlp.data.torch_data import ImagesDataset, collate
-    from vlp.metrics.retrieval import recall_at_k
-    from vlp.models.embed import embed_texts, encode_images
-
-    model.eval()
-    images = ImagesDataset(cfg.data.root, split, image_transforms(cfg)[0])
-    loader = DataLoader(images, batch_size=cfg.pretrain.eval_batch_size, collate_fn=collate)
-    image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
-    pairs = read_pairs(cfg.data.root, split)
-    index = {image_id: i for i, image_id in enumerate(images.image_ids)}
-    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
-    captions = list(pairs["caption"])
-    text_feat = embed_texts(model, captions, cfg.pretrain.eval_batch_size)
-    scores = recall_at_k((image_feat @ text_feat.t()).float().cpu(), text_to_image)
-    n_img, n_txt = len(images), len(captions)
-    per_image = n_txt / n_img
-    for k in (1, 5, 10):
-        # a random ranking finds the image in the top k with chance k/n; an image finds
-        # one of its ~per_image captions in the top k with chance ~k*per_image/n_txt
-        scores[f"chance_t2i_R@{k}"] = 100.0 * min(k, n_img) / n_img
-        scores[f"chance_i2t_R@{k}"] = 100.0 * min(1.0, k * per_image / n_txt)
-    scores.update(n_images=float(n_img), n_texts=float(n_txt))
-    return scores
-
-
-def zero_shot_skipped(cfg: Config) -> str | None:
-    """Why the zero-shot check after training cannot run (no eval split, or no data), or None."""
-    from vlp.data.manifest import split_sizes
-
-    split = cfg.pretrain.eval_split
-    if split is None:
-        return "skipped: pretrain.eval_split is null"
-    if not split_sizes(cfg.data.root).get(split):
-        return f"skipped: no {split!r} split in {cfg.data.root}"
-    return None
 
 
 def _family_notes(family: Any, p: Any) -> list[str]:
@@ -270,43 +141,6 @@ def _check_batches_fit(
         )
 
 
-def _zero_shot_metrics(zero_shot: dict[str, float] | str) -> dict[str, Any]:
-    """The zero-shot check as metrics: its scores, or why it was skipped."""
-    if isinstance(zero_shot, str):
-        return {"zero_shot": zero_shot}
-    return {f"zeroshot_{k}": v for k, v in zero_shot.items()}
-
-
-def _summary(
-    result: TrainResult,
-    zero_shot: dict[str, float] | str,
-    wall_s: float,
-    warmup: TrainResult | None = None,
-) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if warmup is not None:
-        first, last = smoothed_ends(warmup.history, "loss_lm")
-        metrics.update(
-            caption_warmup_steps=warmup.steps,
-            caption_warmup_s=warmup.wall_s,
-            caption_warmup_loss_lm_first=first,
-            caption_warmup_loss_lm_last=last,
-        )
-    for key in LOSS_KEYS:
-        if any(key in h for h in result.history):
-            first, last = smoothed_ends(result.history, key)
-            metrics[f"{key}_first"], metrics[f"{key}_last"] = first, last
-    metrics.update(_zero_shot_metrics(zero_shot))
-    metrics.update(
-        steps=result.steps,
-        train_samples_per_s=result.samples_per_s,
-        train_s=result.wall_s,
-        wall_s=wall_s,
-        world_size=result.world_size,
-    )
-    return metrics
-
-
 def _check_outputs(cfg: Config) -> Path:
     """Refuse output paths outside the workspace or dvc.yaml's outs; return `pretrain.out_dir`."""
     from vlp.tracking import check_stage_outputs
@@ -331,45 +165,6 @@ def _run_params(cfg: Config) -> dict[str, Any]:
         **{f"model.{k}": v for k, v in vars(cfg.model).items()},
         **{f"images.{k}": v for k, v in vars(cfg.images).items()},
     }
-
-
-def _save_and_check(
-    model: Any, cfg: Config, transform: Any, info: DistInfo | None = None
-) -> dict[str, float] | str:
-    """Save the pretrained model to `pretrain.out_dir`, then run the zero-shot check on it.
-
-    Saved first: the check is optional and never costs the model. Returns the check's scores,
-    or why it was skipped. With `info`, the model moves to the run's device for the check first.
-    """
-    model.save_pretrained(
-        Path(cfg.pretrain.out_dir),
-        {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()},
-    )
-    skipped = zero_shot_skipped(cfg)
-    if skipped is not None:
-        print(f"pretrain: zero-shot retrieval {skipped}")
-        return skipped
-    if info is not None:
-        from vlp.train.loop import resolve_device
-
-        model.to(resolve_device(cfg.runtime.device, info))
-    return zero_shot_retrieval(model, cfg, cfg.pretrain.eval_split)
-
-
-def _write_results(
-    cfg: Config, run: Any, metrics: dict[str, Any], history: list[dict[str, float]]
-) -> None:
-    """Write the metrics and the loss curve, and log both (and the numeric metrics) to `run`."""
-    metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
-    plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
-    atomic_write_json(metrics_path, metrics)
-    atomic_write_csv(plot_path, PLOT_COLUMNS, history)
-    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-    if "zero_shot" in metrics:
-        run.set_tags({"vlp.zero_shot": metrics["zero_shot"]})
-    run.log_artifact(metrics_path)
-    run.log_artifact(plot_path)
-    print(json.dumps(metrics, indent=2))
 
 
 def save_init_from(cfg: Config) -> Path:
@@ -405,11 +200,11 @@ def save_init_from(cfg: Config) -> Path:
             tags = {"vlp.init_from": str(cfg.model.init_from)}
             inputs = read_inputs(cfg, dataset_hash(cfg.data.root))
             with stage_run(cfg, "pretrain", params=params, tags=tags, inputs=inputs) as run:
-                zero_shot = _save_and_check(model, cfg, transform, info)
+                zero_shot = save_and_check(model, cfg, transform, info)
                 metrics: dict[str, Any] = {"init_from": str(cfg.model.init_from), "steps": 0}
-                metrics.update(_zero_shot_metrics(zero_shot))
+                metrics.update(zero_shot_metrics(zero_shot))
                 metrics["wall_s"] = time.perf_counter() - t0
-                _write_results(cfg, run, metrics, [])  # nothing trained: a curve with no steps
+                write_results(cfg, run, metrics, [])  # nothing trained: a curve with no steps
         barrier()
     return out_dir
 
@@ -604,9 +399,9 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 model, cfg, run, warmup_phase, joint, joint_weights, resume
             )
             if info.is_main:
-                zero_shot = _save_and_check(model, cfg, transform)
-                metrics = _summary(result, zero_shot, time.perf_counter() - t0, warmup)
+                zero_shot = save_and_check(model, cfg, transform)
+                metrics = summary(result, zero_shot, time.perf_counter() - t0, warmup)
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
-                _write_results(cfg, run, metrics, _loss_curve(result, warmup))
+                write_results(cfg, run, metrics, _loss_curve(result, warmup))
         barrier()
     return out_dir
