@@ -7,9 +7,9 @@ and use relations such as "to the left of"); downstream images also get
 `questions_per_image` VQA questions with 10 annotator answers each, in VQA v2 layout.
 The same config gives byte-identical files, so DVC caches the output.
 
-One module past 450 lines on purpose: the scene record, its rendering, captions and
-questions share the grid vocabulary above, and the dataset writer draws them all from one
-seeded RNG in an order that fixes the bytes, which reads best in one place.
+One module past 450 lines on purpose: rendering, captions, questions and the dataset
+writer are one world built on the scene record and grid vocabulary above, and the writer,
+which draws all of them from one seeded RNG in the order that fixes the bytes, needs each.
 """
 
 from __future__ import annotations
