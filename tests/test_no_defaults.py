@@ -29,6 +29,9 @@ ALLOWED = {
     ("vlp/zeroshot.py", "precision"),
     ("vlp/zeroshot.py", "batch_size"),
     ("vlp/zeroshot.py", "rerank_k"),
+    ("vlp/embeddings.py", "split"),
+    ("vlp/embeddings.py", "precision"),
+    ("vlp/embeddings.py", "batch_size"),
     # the answer decoder's own width split (finetune.vqa.answer_heads at its call site)
     ("vlp/tasks/vqa/model.py", "num_heads"),
     # a VQA model loads with these when its task.json predates recording them; training

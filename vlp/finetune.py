@@ -150,15 +150,13 @@ def _write_not_applicable(cfg: Config, out: Path, task: str, init: str, reason: 
     return out
 
 
-def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
-    """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
+def _check_outputs(cfg: Config, task: str, init: str) -> Path:
+    """Refuse a bad task, init, split or output path before anything trains; return the model dir."""
     from vlp.data.manifest import check_split_names
-    from vlp.tracking import check_stage_outputs, stage_run
-    from vlp.train.loop import TrainSettings, train
+    from vlp.tracking import check_stage_outputs
 
     _check(task, init)
     check_split_names(cfg.finetune.splits, "finetune.splits")
-    spec = get_task(task)
     out = model_dir(cfg, task, init)
     check_stage_outputs(
         cfg,
@@ -168,6 +166,57 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         },
     )
     check_replaceable(out)  # before training, not after
+    return out
+
+
+def _save_model(
+    cfg: Config, out: Path, task: str, init: str, setup: Any, transform: Any, result: Any
+) -> None:
+    """Write the finetuned task model directory (weights, image processor, `TASK_FILE`)."""
+    task_info = {
+        "task": task,
+        "init": init,
+        "image_size": transform.size,
+        # the evaluation transform (its size is image_size): predictors and serving
+        "image_transform": {k: v for k, v in transform.to_dict().items() if k != "size"},
+        "data": str(cfg.data.root),
+        "steps": result.steps,
+        "final_loss": result.final.get("loss"),
+        **setup.info,
+    }
+    with atomic_dir(out, "finetuned-model") as tmp:
+        get_task(task).module().save(setup.module, tmp)
+        if isinstance(transform, ProcessorTransform):
+            transform.save(tmp)  # preprocessor_config.json, beside the weights
+        (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
+
+
+def _log_results(
+    cfg: Config, run: Any, out: Path, task: str, init: str, result: Any, wall_s: float
+) -> None:
+    """Write the loss curve, log it and the run's summary to `run`, and print the summary."""
+    curve = loss_curve_path(cfg, task, init)
+    atomic_write_csv(curve, loss_columns(result.history), result.history)
+    summary = {
+        "steps": result.steps,
+        "train_s": result.wall_s,
+        "wall_s": wall_s,
+        "samples_per_s": result.samples_per_s,
+        "final_loss": result.final["loss"],
+    }
+    run.log_metrics(summary)
+    run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
+    run.log_artifact(curve)
+    report = {"task": task, "init": init, "model_dir": str(out), **summary}
+    print(json.dumps(report, indent=2))
+
+
+def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
+    """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
+    from vlp.tracking import stage_run
+    from vlp.train.loop import TrainSettings, train
+
+    out = _check_outputs(cfg, task, init)
     with distributed() as info:
         from vlp.models.family import model_family, task_not_applicable
 
@@ -189,7 +238,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         # the pretrained model's image processor if it keeps one (both inits: the ablation
         # changes the weights alone); each task's setup trains with this same transform
         transform = image_transforms(cfg, cfg.finetune.init_dir)[0]
-        setup = spec.module().setup(cfg, vlp, init)
+        setup = get_task(task).module().setup(cfg, vlp, init)
         module, dataset = setup.module, setup.dataset
         settings = TrainSettings.from_config(
             cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
@@ -203,7 +252,6 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             "num_parameters": sum(x.numel() for x in module.parameters()),
             "world_size": info.world_size,
         }
-        curve = loss_curve_path(cfg, task, init)
         work_name = out.with_name(f"{out.name}.work")
         # Checkpoints only live for the run: the stage output is the final model alone. The
         # loop writes them from rank 0 alone, so the other ranks get a path they never create.
@@ -224,36 +272,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 module, dataset, setup.collate, settings, work, on_log=on_log if run else None
             )
             if info.is_main:
-                task_info = {
-                    "task": task,
-                    "init": init,
-                    "image_size": transform.size,
-                    # the evaluation transform (its size is image_size): predictors and serving
-                    "image_transform": {
-                        k: v for k, v in transform.to_dict().items() if k != "size"
-                    },
-                    "data": str(cfg.data.root),
-                    "steps": result.steps,
-                    "final_loss": result.final.get("loss"),
-                    **setup.info,
-                }
-                with atomic_dir(out, "finetuned-model") as tmp:
-                    spec.module().save(module, tmp)
-                    if isinstance(transform, ProcessorTransform):
-                        transform.save(tmp)  # preprocessor_config.json, beside the weights
-                    (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
-                atomic_write_csv(curve, loss_columns(result.history), result.history)
-                summary = {
-                    "steps": result.steps,
-                    "train_s": result.wall_s,
-                    "wall_s": time.perf_counter() - t0,
-                    "samples_per_s": result.samples_per_s,
-                    "final_loss": result.final["loss"],
-                }
-                run.log_metrics(summary)
-                run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
-                run.log_artifact(curve)
-                report = {"task": task, "init": init, "model_dir": str(out), **summary}
-                print(json.dumps(report, indent=2))
+                _save_model(cfg, out, task, init, setup, transform, result)
+                _log_results(cfg, run, out, task, init, result, time.perf_counter() - t0)
         barrier()
     return out

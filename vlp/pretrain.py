@@ -34,14 +34,13 @@ false` nothing trains: `model.init_from` is saved as the pretrained model, in th
 layout, and scored zero-shot (`save_init_from`).
 
 Under `torchrun` rank 0 does all file I/O and logging; training is data parallel across
-ranks.
+ranks. The zero-shot check and the metrics are `vlp.pretrain_report`'s; the fingerprint and
+the work folder, `vlp.pretrain_fingerprint`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -51,95 +50,17 @@ import torch
 
 from vlp.config import Config
 from vlp.errors import ConfigError
-from vlp.io import atomic_write_csv, atomic_write_json, check_replaceable
-from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
+from vlp.io import check_replaceable
 from vlp.models.objectives import ObjectiveWeights
+from vlp.pretrain_fingerprint import fingerprint, read_inputs, work_dir
+from vlp.pretrain_report import save_and_check, summary, write_results, zero_shot_metrics
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import train
 from vlp.train.settings import TrainResult, TrainSettings, epoch_steps
 
-LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
-PLOT_COLUMNS = ("step", *LOSS_KEYS, "lr")
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
-# params that decide where and how often progress is saved or shown, not what is learned:
-# a resumed run may change them.
-UNFINGERPRINTED = (
-    "pretrain.out_dir",
-    "pretrain.checkpoint_every",
-    "pretrain.eval_split",
-    "pretrain.eval_batch_size",
-    "runtime.log_every",
-    "runtime.metrics_dir",
-    "runtime.plots_dir",
-    "runtime.local_loss",
-    "runtime.gradient_checkpointing",
-)
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
-
-
-def work_dir(cfg: Config) -> Path:
-    """Checkpoints and the tokenizer of an unfinished run; kept outside the stage output."""
-    out = Path(cfg.pretrain.out_dir)
-    return out.with_name(f"{out.name}.work")
-
-
-def fingerprint(cfg: Config) -> dict[str, Any]:
-    """What the trained model depends on: the params this stage trains with and the data hash.
-
-    With a pretrained image processor, the processor as resolved (its settings at the size
-    used) too: editing the checkpoint's processor changes what is learned.
-    """
-    from vlp.data.images import image_transforms
-    from vlp.data.manifest import dataset_hash
-    from vlp.data.processors import ProcessorTransform
-
-    params = {
-        "seed": cfg.seed,
-        "data.image_size": cfg.data.image_size,
-        **{f"images.{k}": v for k, v in dataclasses.asdict(cfg.images).items()},
-        **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
-        **{
-            key: v
-            for section in ("runtime", "pretrain")
-            for k, v in dataclasses.asdict(getattr(cfg, section)).items()
-            if (key := f"{section}.{k}") not in UNFINGERPRINTED
-        },
-    }
-    transform = image_transforms(cfg)[0]
-    if isinstance(transform, ProcessorTransform):
-        params["image_processor"] = transform.model_files()
-    if cfg.data.shards is not None:  # the stream trained on: its shards, by their index
-        from vlp.data.shards import INDEX_FILE
-
-        params["data.shuffle_buffer"] = cfg.data.shuffle_buffer
-        index = (Path(cfg.data.shards) / INDEX_FILE).read_bytes()
-        params["data.shards"] = hashlib.sha256(index).hexdigest()
-    return {"params": params, "data": dataset_hash(cfg.data.root)}
-
-
-CHECKPOINT_KEYS = ("init_from", "image_pretrained", "text_pretrained", "tokenizer_pretrained")
-
-
-def read_inputs(
-    cfg: Config, data_hash: str, shards_hash: str | None = None
-) -> dict[str, tuple[str, str]]:
-    """What a pretrain run reads, by content hash (`stage_run` inputs).
-
-    The dataset (`data_hash`, as in the fingerprint), the shard index it streams from
-    (`shards_hash`, idem) and each checkpoint directory of the model section
-    (`model.init_from`, `*_pretrained`).
-    """
-    from vlp.tasks import model_sha256
-
-    inputs = {"data": (cfg.data.root, data_hash)}
-    if shards_hash is not None:
-        inputs["shards"] = (str(cfg.data.shards), shards_hash)
-    for key in CHECKPOINT_KEYS:
-        path = getattr(cfg.model, key)
-        if path and Path(path).is_dir():
-            inputs[f"model.{key}"] = (path, model_sha256(path))
-    return inputs
 
 
 def corpus(data_dir: Path, splits: list[str]) -> list[str]:
@@ -179,57 +100,6 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
             save_tokenizer(tok, saved)
     barrier()
     return tok if info.is_main else load(saved, str(saved))
-
-
-def smoothed_ends(history: list[dict[str, float]], key: str) -> tuple[float, float]:
-    """Mean of `key` over the first and the last 10% of steps (at least one step each)."""
-    values = [h[key] for h in history if key in h]
-    n = max(1, len(values) // 10)
-    return sum(values[:n]) / n, sum(values[-n:]) / n
-
-
-@torch.no_grad()
-def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]:
-    """ITC-only retrieval on `split` (R@1/5/10 both ways, VSE++ protocol) and chance levels."""
-    from torch.utils.data import DataLoader
-
-    from vlp.data.images import image_transforms
-    from vlp.data.manifest import read_pairs
-    from vlp.data.torch_data import ImagesDataset, collate
-    from vlp.metrics.retrieval import retrieval_recall
-    from vlp.models.embed import embed_texts, encode_images
-
-    model.eval()
-    images = ImagesDataset(cfg.data.root, split, image_transforms(cfg)[0])
-    loader = DataLoader(images, batch_size=cfg.pretrain.eval_batch_size, collate_fn=collate)
-    image_feat = encode_images(model, (batch["pixel_values"] for batch in loader))[1]
-    pairs = read_pairs(cfg.data.root, split)
-    index = {image_id: i for i, image_id in enumerate(images.image_ids)}
-    text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
-    captions = list(pairs["caption"])
-    text_feat = embed_texts(model, captions, cfg.pretrain.eval_batch_size)
-    scores = retrieval_recall(text_to_image, image_feat @ text_feat.t())
-    n_img, n_txt = len(images), len(captions)
-    per_image = n_txt / n_img
-    for k in (1, 5, 10):
-        # a random ranking finds the image in the top k with chance k/n; an image finds
-        # one of its ~per_image captions in the top k with chance ~k*per_image/n_txt
-        scores[f"chance_t2i_R@{k}"] = 100.0 * min(k, n_img) / n_img
-        scores[f"chance_i2t_R@{k}"] = 100.0 * min(1.0, k * per_image / n_txt)
-    scores.update(n_images=float(n_img), n_texts=float(n_txt))
-    return scores
-
-
-def zero_shot_skipped(cfg: Config) -> str | None:
-    """Why the zero-shot check after training cannot run (no eval split, or no data), or None."""
-    from vlp.data.manifest import split_sizes
-
-    split = cfg.pretrain.eval_split
-    if split is None:
-        return "skipped: pretrain.eval_split is null"
-    if not split_sizes(cfg.data.root).get(split):
-        return f"skipped: no {split!r} split in {cfg.data.root}"
-    return None
 
 
 def _family_notes(family: Any, p: Any) -> list[str]:
@@ -272,37 +142,30 @@ def _check_batches_fit(
         )
 
 
-def _summary(
-    result: TrainResult,
-    zero_shot: dict[str, float] | str,
-    wall_s: float,
-    warmup: TrainResult | None = None,
-) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    if warmup is not None:
-        first, last = smoothed_ends(warmup.history, "loss_lm")
-        metrics.update(
-            caption_warmup_steps=warmup.steps,
-            caption_warmup_s=warmup.wall_s,
-            caption_warmup_loss_lm_first=first,
-            caption_warmup_loss_lm_last=last,
-        )
-    for key in LOSS_KEYS:
-        if any(key in h for h in result.history):
-            first, last = smoothed_ends(result.history, key)
-            metrics[f"{key}_first"], metrics[f"{key}_last"] = first, last
-    if isinstance(zero_shot, str):
-        metrics["zero_shot"] = zero_shot
-    else:
-        metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
-    metrics.update(
-        steps=result.steps,
-        train_samples_per_s=result.samples_per_s,
-        train_s=result.wall_s,
-        wall_s=wall_s,
-        world_size=result.world_size,
+def _check_outputs(cfg: Config) -> Path:
+    """Refuse output paths outside the workspace or dvc.yaml's outs; return `pretrain.out_dir`."""
+    from vlp.tracking import check_stage_outputs
+
+    out_dir = Path(cfg.pretrain.out_dir)
+    check_stage_outputs(
+        cfg,
+        {
+            "pretrain.out_dir": out_dir.parent,  # replaced as a whole: a sibling is built first
+            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
+            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
+        },
     )
-    return metrics
+    return out_dir
+
+
+def _run_params(cfg: Config) -> dict[str, Any]:
+    """The config sections the stage reads, as MLflow params."""
+    return {
+        **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
+        **{f"pretrain.{k}": v for k, v in vars(cfg.pretrain).items()},
+        **{f"model.{k}": v for k, v in vars(cfg.model).items()},
+        **{f"images.{k}": v for k, v in vars(cfg.images).items()},
+    }
 
 
 def save_init_from(cfg: Config) -> Path:
@@ -315,8 +178,7 @@ def save_init_from(cfg: Config) -> Path:
     from vlp.data.images import image_transforms
     from vlp.data.manifest import check_split_names, dataset_hash
     from vlp.models.family import build_from_params, check_init_from
-    from vlp.tracking import check_stage_outputs, stage_run
-    from vlp.train.settings import resolve_device
+    from vlp.tracking import stage_run
 
     t0 = time.perf_counter()
     p = cfg.pretrain
@@ -328,70 +190,165 @@ def save_init_from(cfg: Config) -> Path:
     check_init_from(cfg.model)
     if p.eval_split is not None:
         check_split_names(p.eval_split, "pretrain.eval_split")
-    out_dir = Path(p.out_dir)
-    check_stage_outputs(
-        cfg,
-        {
-            "pretrain.out_dir": out_dir.parent,
-            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
-            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
-        },
-    )
+    out_dir = _check_outputs(cfg)
     with distributed() as info:
         if info.is_main:
             check_replaceable(out_dir)
             torch.manual_seed(cfg.seed)
             model = build_from_params(cfg.model, None, cfg.model.temperature)
             transform = image_transforms(cfg)[0]
-            params = {
-                **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
-                **{f"pretrain.{k}": v for k, v in vars(p).items()},
-                **{f"model.{k}": v for k, v in vars(cfg.model).items()},
-                **{f"images.{k}": v for k, v in vars(cfg.images).items()},
-                "num_parameters": model.num_parameters(),
-            }
+            params = {**_run_params(cfg), "num_parameters": model.num_parameters()}
             tags = {"vlp.init_from": str(cfg.model.init_from)}
             inputs = read_inputs(cfg, dataset_hash(cfg.data.root))
             with stage_run(cfg, "pretrain", params=params, tags=tags, inputs=inputs) as run:
-                model.save_pretrained(
-                    out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()}
-                )
-                skipped = zero_shot_skipped(cfg)
-                if skipped is None:
-                    model.to(resolve_device(cfg.runtime.device, info))
-                    zero_shot: dict[str, float] | str = zero_shot_retrieval(
-                        model, cfg, p.eval_split
-                    )
-                else:
-                    print(f"pretrain: zero-shot retrieval {skipped}")
-                    zero_shot = skipped
+                zero_shot = save_and_check(model, cfg, transform, info)
                 metrics: dict[str, Any] = {"init_from": str(cfg.model.init_from), "steps": 0}
-                if isinstance(zero_shot, str):
-                    metrics["zero_shot"] = zero_shot
-                    run.set_tags({"vlp.zero_shot": zero_shot})
-                else:
-                    metrics.update({f"zeroshot_{k}": v for k, v in zero_shot.items()})
+                metrics.update(zero_shot_metrics(zero_shot))
                 metrics["wall_s"] = time.perf_counter() - t0
-                metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
-                plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
-                atomic_write_json(metrics_path, metrics)
-                atomic_write_csv(plot_path, PLOT_COLUMNS, [])  # nothing trained
-                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
-                run.log_artifact(metrics_path)
-                run.log_artifact(plot_path)
-                print(json.dumps(metrics, indent=2))
+                write_results(cfg, run, metrics, [])  # nothing trained: a curve with no steps
         barrier()
     return out_dir
+
+
+def _joint_weights(cfg: Config, family: Any) -> ObjectiveWeights:
+    """The joint phase's objective weights, checked with the rest of the pretrain section."""
+    p = cfg.pretrain
+    if p.caption_warmup_steps < 0:
+        raise ConfigError(
+            f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
+        )
+    try:
+        weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
+    except ConfigError as e:
+        raise ConfigError(f"pretrain.itc_weight/itm_weight/lm_weight: {e}") from None
+    if not any(getattr(p, f"{k}_weight") != 0 for k in family.objectives):
+        trained = " and ".join(f"pretrain.{k}_weight" for k in family.objectives)
+        raise ConfigError(f"{trained}: 0, but the {family.name} family trains no other objective")
+    return weights
+
+
+@dataclasses.dataclass
+class _Phase:
+    """What one training phase reads: its pairs and its settings."""
+
+    dataset: Any
+    settings: TrainSettings
+
+
+def _phases(
+    cfg: Config, family: Any, info: DistInfo, transform: Any, augment: Any
+) -> tuple[_Phase | None, _Phase]:
+    """The caption warm-up's data (None when it does not run) and the joint phase's.
+
+    Refuses batch sizes that cannot fill one optimizer step of either phase.
+    """
+    from vlp.data.shard_stream import pairs_for_training
+
+    p = cfg.pretrain
+    splits = ", ".join(p.splits)
+    stream = {"seed": cfg.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+    dataset = pairs_for_training(
+        cfg.data.root, cfg.data.shards, p.splits, transform, augment, **stream
+    )
+    settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
+    _check_batches_fit(
+        len(dataset),
+        f"pairs of pretrain.splits ({splits})",
+        settings,
+        info.world_size,
+        "lower pretrain.batch_size",
+    )
+    if info.is_main:
+        for note in _family_notes(family, p):
+            print(f"pretrain: {note}")
+    if not (p.caption_warmup_steps > 0 and "lm" in family.objectives):
+        return None, _Phase(dataset, settings)
+    firsts = pairs_for_training(
+        cfg.data.root,
+        cfg.data.shards,
+        p.splits,
+        transform,
+        augment,
+        **stream,
+        first_caption_only=True,
+    )
+    warmup_settings = TrainSettings.from_config(
+        cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
+    )
+    _check_batches_fit(
+        len(firsts),
+        f"images of pretrain.splits ({splits}) the caption warm-up trains on "
+        "(one caption per image)",
+        warmup_settings,
+        info.world_size,
+        "lower pretrain.batch_size, or set pretrain.caption_warmup_steps: 0 "
+        "(the warm-up is a recipe for the shapes world)",
+    )
+    return _Phase(firsts, warmup_settings), _Phase(dataset, settings)
+
+
+def _train_phases(
+    model: Any,
+    cfg: Config,
+    run: Any,
+    warmup_phase: _Phase | None,
+    joint: _Phase,
+    joint_weights: ObjectiveWeights,
+    resume: bool,
+) -> tuple[TrainResult | None, TrainResult]:
+    """Train the caption warm-up (if any), then the joint phase; log every step to `run`."""
+    from vlp.data.torch_data import make_pretrain_collate
+
+    collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
+    pending: list[tuple[int, dict[str, float]]] = []
+    offset = 0  # MLflow steps continue across the two phases
+
+    def on_log(metrics: dict[str, float], step: int) -> None:
+        pending.append((offset + step, metrics))
+        if len(pending) >= LOG_FLUSH_STEPS:
+            run.log_steps(pending)
+            pending.clear()
+
+    warmup: TrainResult | None = None
+    try:
+        if warmup_phase is not None:
+            warmup = train(
+                _objective(model, cfg, CAPTION_WARMUP_WEIGHTS),
+                warmup_phase.dataset,
+                collate,
+                warmup_phase.settings,
+                work_dir(cfg) / "caption_warmup",
+                resume=resume,
+                on_log=on_log if run else None,
+            )
+            offset = warmup.steps
+        result = train(
+            _objective(model, cfg, joint_weights),
+            joint.dataset,
+            collate,
+            joint.settings,
+            work_dir(cfg),
+            resume=resume,
+            on_log=on_log if run else None,
+        )
+    finally:
+        if run and pending:
+            run.log_steps(pending)  # also when training failed: keep what it logged
+    return warmup, result
+
+
+def _loss_curve(result: TrainResult, warmup: TrainResult | None) -> list[dict[str, float]]:
+    """Both phases' steps, the warm-up's first, numbered on from one to the other."""
+    if warmup is None:
+        return result.history
+    return warmup.history + [{**h, "step": warmup.steps + h["step"]} for h in result.history]
 
 
 def pretrain(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain stage; return `pretrain.out_dir` (written atomically by rank 0)."""
     from vlp.data.images import image_params, image_transforms
     from vlp.data.manifest import check_split_names, require_splits
-    from vlp.data.shard_stream import pairs_for_training
-    from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import build_from_params, check_init_from, get_family
-    from vlp.tracking import check_stage_outputs
 
     t0 = time.perf_counter()
     p = cfg.pretrain
@@ -399,74 +356,18 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         return save_init_from(cfg)
     if cfg.model.init_from:
         check_init_from(cfg.model)  # a bad checkpoint is refused before anything is written
-    if p.caption_warmup_steps < 0:
-        raise ConfigError(
-            f"pretrain.caption_warmup_steps: must be >= 0, got {p.caption_warmup_steps}"
-        )
-    try:
-        joint_weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
-    except ConfigError as e:
-        raise ConfigError(f"pretrain.itc_weight/itm_weight/lm_weight: {e}") from None
     family = get_family(cfg.model.family)
-    if not any(getattr(p, f"{k}_weight") != 0 for k in family.objectives):
-        trained = " and ".join(f"pretrain.{k}_weight" for k in family.objectives)
-        raise ConfigError(f"{trained}: 0, but the {family.name} family trains no other objective")
+    joint_weights = _joint_weights(cfg, family)
     require_splits(cfg.data.root, p.splits, "pretrain.splits")
     require_splits(cfg.data.root, p.tokenizer_splits, "pretrain.tokenizer_splits")
     if p.eval_split is not None:
         check_split_names(p.eval_split, "pretrain.eval_split")
-    out_dir = Path(p.out_dir)
-    check_stage_outputs(
-        cfg,
-        {
-            "pretrain.out_dir": out_dir.parent,  # replaced as a whole: a sibling is built first
-            "runtime.metrics_dir": Path(cfg.runtime.metrics_dir),
-            "runtime.plots_dir": Path(cfg.runtime.plots_dir),
-        },
-    )
+    out_dir = _check_outputs(cfg)
     with distributed() as info:
         if info.is_main:  # refuse a foreign output folder before training, not after
             check_replaceable(out_dir)
-        splits = ", ".join(p.splits)
         transform, augment = image_transforms(cfg)
-        stream = {"seed": cfg.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
-        dataset = pairs_for_training(
-            cfg.data.root, cfg.data.shards, p.splits, transform, augment, **stream
-        )
-        settings = TrainSettings.from_config(cfg.runtime, p, seed=cfg.seed)
-        _check_batches_fit(
-            len(dataset),
-            f"pairs of pretrain.splits ({splits})",
-            settings,
-            info.world_size,
-            "lower pretrain.batch_size",
-        )
-        firsts = None
-        if info.is_main:
-            for note in _family_notes(family, p):
-                print(f"pretrain: {note}")
-        if p.caption_warmup_steps > 0 and "lm" in family.objectives:
-            firsts = pairs_for_training(
-                cfg.data.root,
-                cfg.data.shards,
-                p.splits,
-                transform,
-                augment,
-                **stream,
-                first_caption_only=True,
-            )
-            warmup_settings = TrainSettings.from_config(
-                cfg.runtime, p, seed=cfg.seed, max_steps=p.caption_warmup_steps
-            )
-            _check_batches_fit(
-                len(firsts),
-                f"images of pretrain.splits ({splits}) the caption warm-up trains on "
-                "(one caption per image)",
-                warmup_settings,
-                info.world_size,
-                "lower pretrain.batch_size, or set pretrain.caption_warmup_steps: 0 "
-                "(the warm-up is a recipe for the shapes world)",
-            )
+        warmup_phase, joint = _phases(cfg, family, info, transform, augment)
         if info.is_main:
             fp = fingerprint(cfg)
             record = claim_work_dir(work_dir(cfg), fp, resume)
@@ -476,16 +377,11 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
         model = build_from_params(cfg.model, tokenizer, temperature=cfg.model.temperature)
-        collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
-
         params = {
-            **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
-            **{f"pretrain.{k}": v for k, v in vars(p).items()},
-            **{f"model.{k}": v for k, v in vars(cfg.model).items()},
-            **{f"images.{k}": v for k, v in vars(cfg.images).items()},
+            **_run_params(cfg),
             **image_params(transform),
             "num_parameters": model.num_parameters(),
-            "n_pairs": len(dataset),
+            "n_pairs": len(joint.dataset),
             "world_size": info.world_size,
         }
         if info.is_main:
@@ -500,69 +396,13 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
             if run:
                 # the run a later --resume marks as interrupted and links to its own
                 update_run_record(work_dir(cfg), mlflow_run_id=run.run_id)
-            pending: list[tuple[int, dict[str, float]]] = []
-            offset = 0  # MLflow steps continue across the two phases
-
-            def on_log(metrics: dict[str, float], step: int) -> None:
-                pending.append((offset + step, metrics))
-                if len(pending) >= LOG_FLUSH_STEPS:
-                    run.log_steps(pending)
-                    pending.clear()
-
-            warmup: TrainResult | None = None
-            try:
-                if firsts is not None:
-                    warmup = train(
-                        _objective(model, cfg, CAPTION_WARMUP_WEIGHTS),
-                        firsts,
-                        collate,
-                        warmup_settings,
-                        work_dir(cfg) / "caption_warmup",
-                        resume=resume,
-                        on_log=on_log if run else None,
-                    )
-                    offset = warmup.steps
-                result = train(
-                    _objective(model, cfg, joint_weights),
-                    dataset,
-                    collate,
-                    settings,
-                    work_dir(cfg),
-                    resume=resume,
-                    on_log=on_log if run else None,
-                )
-            finally:
-                if run and pending:
-                    run.log_steps(pending)  # also when training failed: keep what it logged
+            warmup, result = _train_phases(
+                model, cfg, run, warmup_phase, joint, joint_weights, resume
+            )
             if info.is_main:
-                # saved first: the zero-shot check is optional and never costs the model
-                model.save_pretrained(
-                    out_dir, {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()}
-                )
-                skipped = zero_shot_skipped(cfg)
-                if skipped is None:
-                    zero_shot: dict[str, float] | str = zero_shot_retrieval(
-                        model, cfg, p.eval_split
-                    )
-                else:
-                    print(f"pretrain: zero-shot retrieval {skipped}")
-                    zero_shot = skipped
-                metrics = _summary(result, zero_shot, time.perf_counter() - t0, warmup)
-                history = result.history
-                if warmup is not None:
-                    history = warmup.history + [
-                        {**h, "step": warmup.steps + h["step"]} for h in result.history
-                    ]
-                metrics_path = Path(cfg.runtime.metrics_dir) / "pretrain.json"
-                plot_path = Path(cfg.runtime.plots_dir) / "pretrain_loss.csv"
-                atomic_write_json(metrics_path, metrics)
-                atomic_write_csv(plot_path, PLOT_COLUMNS, history)
-                run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+                zero_shot = save_and_check(model, cfg, transform)
+                metrics = summary(result, zero_shot, time.perf_counter() - t0, warmup)
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
-                if skipped is not None:
-                    run.set_tags({"vlp.zero_shot": skipped})
-                run.log_artifact(metrics_path)
-                run.log_artifact(plot_path)
-                print(json.dumps(metrics, indent=2))
+                write_results(cfg, run, metrics, _loss_curve(result, warmup))
         barrier()
     return out_dir

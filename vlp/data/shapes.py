@@ -6,6 +6,10 @@ captions (the first follows one canonical template, the rest vary wording, word 
 and use relations such as "to the left of"); downstream images also get
 `questions_per_image` VQA questions with 10 annotator answers each, in VQA v2 layout.
 The same config gives byte-identical files, so DVC caches the output.
+
+One module past 450 lines on purpose: rendering, captions, questions and the dataset
+writer are one world built on the scene record and grid vocabulary above, and the writer,
+which draws all of them from one seeded RNG in the order that fixes the bytes, needs each.
 """
 
 from __future__ import annotations
@@ -413,13 +417,7 @@ def _split_plan(cfg: DataConfig) -> list[tuple[str, int]]:
     ]
 
 
-def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
-    """Generate the shapes dataset into out_dir (replaced atomically); returns out_dir.
-
-    No scene occurs twice in the whole dataset, so no test scene copies a training one;
-    within val and within test no caption text repeats, so recall@1 = 1 is reachable.
-    VQA questions are generated for the downstream splits (train, val, test).
-    """
+def _check_params(cfg: DataConfig) -> None:
     if cfg.image_size < 16:
         raise DataError(f"data.image_size={cfg.image_size}: shapes need at least 16 pixels")
     if cfg.captions_per_image < 1 or cfg.questions_per_image < 0:
@@ -427,6 +425,88 @@ def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
     for name, n in _split_plan(cfg):
         if n < 0:
             raise DataError(f"data.n_{name}={n}: must be >= 0")
+
+
+def _new_scene(
+    rng: random.Random,
+    cfg: DataConfig,
+    split: str,
+    n: int,
+    seen_scenes: set[tuple[ShapeObject, ...]],
+    split_captions: set[str] | None,
+) -> tuple[ShapesScene, list[str]]:
+    """A scene not in `seen_scenes` and its captions; with `split_captions`, none repeated."""
+    for _attempt in range(10_000):
+        scene = sample_scene(rng)
+        if scene.key in seen_scenes:
+            continue
+        captions = scene_captions(scene, rng, cfg.captions_per_image)
+        if split_captions is not None and (
+            len(set(captions)) < len(captions) or split_captions & set(captions)
+        ):
+            continue
+        return scene, captions
+    raise DataError(f"data.n_{split}={n}: too many images for distinct scenes")
+
+
+def _pair_rows(
+    cfg: DataConfig, image_id: int, rel: str, captions: list[str], split: str
+) -> list[dict]:
+    return [
+        dict(
+            caption_id=image_id * cfg.captions_per_image + k,
+            image_id=image_id,
+            image_path=rel,
+            caption=caption,
+            split=split,
+        )
+        for k, caption in enumerate(captions)
+    ]
+
+
+def _vqa_rows(
+    cfg: DataConfig, rng: random.Random, scene: ShapesScene, image_id: int, rel: str, split: str
+) -> list[dict]:
+    questions = scene_questions(scene, rng, cfg.questions_per_image)
+    rows = []
+    for k, (question, qtype, answer, atype) in enumerate(questions):
+        rows.append(
+            dict(
+                question_id=image_id * max(cfg.questions_per_image, 1) + k,
+                image_id=image_id,
+                image_path=rel,
+                question=question,
+                question_type=qtype,
+                answers=annotator_answers(answer, rng),
+                answer_type=atype,
+                multiple_choice_answer=answer,
+                split=split,
+            )
+        )
+    return rows
+
+
+VQA_COLUMNS = [
+    "question_id",
+    "image_id",
+    "image_path",
+    "question",
+    "question_type",
+    "answers",
+    "answer_type",
+    "multiple_choice_answer",
+    "split",
+]
+
+
+def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
+    """Generate the shapes dataset into out_dir (replaced atomically); returns out_dir.
+
+    No scene occurs twice in the whole dataset, so no test scene copies a training one;
+    within val and within test no caption text repeats, so recall@1 = 1 is reachable.
+    VQA questions are generated for the downstream splits (train, val, test).
+    """
+    _check_params(cfg)
     rng = random.Random(cfg.seed)
     seen_scenes: set[tuple[ShapeObject, ...]] = set()
     pairs: list[dict] = []
@@ -436,72 +516,26 @@ def generate_dataset(cfg: DataConfig, out_dir: Path) -> Path:
     with atomic_dir(out_dir, "dataset") as tmp:
         (tmp / IMAGES_DIR).mkdir()
         for split, n in _split_plan(cfg):
-            split_captions: set[str] = set()
-            unique_captions = split in ("val", "test")
+            split_captions: set[str] | None = set() if split in ("val", "test") else None
             for _ in range(n):
-                for _attempt in range(10_000):
-                    scene = sample_scene(rng)
-                    if scene.key in seen_scenes:
-                        continue
-                    captions = scene_captions(scene, rng, cfg.captions_per_image)
-                    if unique_captions and (
-                        len(set(captions)) < len(captions) or split_captions & set(captions)
-                    ):
-                        continue
-                    break
-                else:
-                    raise DataError(f"data.n_{split}={n}: too many images for distinct scenes")
+                scene, captions = _new_scene(rng, cfg, split, n, seen_scenes, split_captions)
                 seen_scenes.add(scene.key)
-                if unique_captions:
+                if split_captions is not None:
                     split_captions.update(captions)
                 rel = f"{IMAGES_DIR}/{image_id:06d}.png"
                 # Fixed zlib level and no metadata chunks: identical bytes for identical pixels.
                 render_scene(scene, cfg.image_size).save(
                     tmp / rel, format="PNG", compress_level=6, optimize=False
                 )
-                for k, caption in enumerate(captions):
-                    pairs.append(
-                        dict(
-                            caption_id=image_id * cfg.captions_per_image + k,
-                            image_id=image_id,
-                            image_path=rel,
-                            caption=caption,
-                            split=split,
-                        )
-                    )
+                pairs += _pair_rows(cfg, image_id, rel, captions, split)
                 if split != "pretrain":
-                    questions = scene_questions(scene, rng, cfg.questions_per_image)
-                    for k, (question, qtype, answer, atype) in enumerate(questions):
-                        vqa.append(
-                            dict(
-                                question_id=image_id * max(cfg.questions_per_image, 1) + k,
-                                image_id=image_id,
-                                image_path=rel,
-                                question=question,
-                                question_type=qtype,
-                                answers=annotator_answers(answer, rng),
-                                answer_type=atype,
-                                multiple_choice_answer=answer,
-                                split=split,
-                            )
-                        )
+                    vqa += _vqa_rows(cfg, rng, scene, image_id, rel, split)
                 image_id += 1
         write_manifest(
             _frame(pairs, ["caption_id", "image_id", "image_path", "caption", "split"]),
             tmp / PAIRS_FILE,
         )
-        vqa_cols = [
-            "question_id",
-            "image_id",
-            "image_path",
-            "question",
-            "question_type",
-            "answers",
-            "answer_type",
-            "multiple_choice_answer",
-            "split",
-        ]
-        write_manifest(_frame(vqa, vqa_cols), tmp / VQA_FILE)
+        write_manifest(_frame(vqa, VQA_COLUMNS), tmp / VQA_FILE)
     return out_dir
 
 
