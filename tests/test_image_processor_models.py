@@ -24,7 +24,7 @@ from tests.mlflow_helpers import empty_store  # noqa: F401
 from vlp.config import Config
 from vlp.data.images import image_transforms
 from vlp.data.processors import PROCESSOR_FILE, ProcessorTransform
-from vlp.pretrain import IMAGE_TRANSFORM_FILE
+from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
 
 pytestmark = pytest.mark.slow  # pretrains and finetunes real (tiny) models at 224 px
 
