@@ -14,11 +14,11 @@ import mlflow
 import pytest
 
 from flows.pipeline import vlp_pipeline
-from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, make_standin_model
+from tests.mlflow_helpers import STANDIN, STANDIN_LOADER, evaluated_metrics, make_standin_model
 from vlp.config import Config, load_config
 from vlp.errors import DataError
 from vlp.registry import register_model
-from vlp.tasks import TASKS, model_sha256
+from vlp.tasks import TASKS
 
 pytestmark = pytest.mark.slow  # the Prefect flow, a Prefect server and `dvc repro` subprocesses
 
@@ -47,9 +47,14 @@ else:
     model = Path("standin")
     model.mkdir(exist_ok=True)
     (model / "standin.json").write_text(json.dumps({"word": "smoke"}))
-    metrics = {TASKS["retrieval"].primary_metric: 0.9, "model_sha256": model_sha256(model)}
+    evaluated_on = {"split": "test", "data": "data", "data_hash": f"n_test={cfg.data.n_test}"}
+    metrics = {
+        TASKS["retrieval"].primary_metric: 0.9,
+        "model_sha256": model_sha256(model),
+        "evaluated_on": evaluated_on,
+    }
     done = register_model(
-        cfg, "retrieval", model, metrics, eval_hash=f"n_test={cfg.data.n_test}",
+        cfg, "retrieval", model, metrics,
         loader="standin_predictor:load_predictor", extra_code_paths=[Path(sys.argv[2])],
     )
     (out / "registered.json").write_text(json.dumps(done))
@@ -148,13 +153,14 @@ def _aliases(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
 
 def _register_standin(cfg: Config, eval_hash: str, folder: Path) -> str:
     model = make_standin_model(folder / eval_hash, "champion")
-    metrics = {TASKS["retrieval"].primary_metric: 0.5, "model_sha256": model_sha256(model)}
+    metrics = evaluated_metrics(
+        model, {TASKS["retrieval"].primary_metric: 0.5}, data_hash=eval_hash
+    )
     return register_model(
         cfg,
         "retrieval",
         model,
         metrics,
-        eval_hash=eval_hash,
         loader=STANDIN_LOADER,
         extra_code_paths=[STANDIN],
     )["model"]
