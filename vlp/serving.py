@@ -256,6 +256,8 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
 
     def _images(self, model_input: pd.DataFrame, rows: Sequence[int]) -> list[Any]:
         """The images at `rows`, decoded one at a time and fitted by the predictor's transform."""
+        if not rows:  # an embedding request of texts alone has no image column
+            return []
         transform = getattr(self.predictor, "transform", None)
         column = model_input["image"]
         return [

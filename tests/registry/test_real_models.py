@@ -84,7 +84,7 @@ def test_every_real_task_model_loads_and_predicts(
             assert all(isinstance(v, str) for v in out[column])
     # the model directory travels with the model: weights, tokenizer, config
     local = mlflow.artifacts.download_artifacts("models:/vlp-captioning@champion")
-    assert (Path(local) / "artifacts" / "captioning" / "task.json").exists()
+    assert (Path(local) / "artifacts" / finetuned["captioning"].name / "task.json").exists()
 
 
 def test_served_champion_captions_an_image(
