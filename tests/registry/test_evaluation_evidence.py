@@ -12,13 +12,14 @@ import mlflow
 import pytest
 
 from vlp.cli import main
-from vlp.config import Config
+from vlp.config import Config, load_config
 from vlp.data.manifest import dataset_hash
-from vlp.tasks import model_sha256
+from vlp.tasks import finetuned_name, model_sha256
 
 pytestmark = pytest.mark.slow  # finetunes, evaluates and registers a real model
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
+SMOKE_MODEL = "vlp-retrieval-smoke"  # a profile registers under its own names
 
 
 def _run_tags(client: mlflow.MlflowClient, name: str) -> dict[str, str]:
@@ -52,22 +53,24 @@ def test_a_model_scored_on_val_is_neither_compared_with_test_scores_nor_with_its
     assert vlp("evaluate", "retrieval") == 0
     assert vlp("register", "retrieval") == 0  # version 1, champion
     assert vlp("evaluate", "retrieval", split="val") == 0
-    evidence = json.loads(Path("metrics/retrieval.json").read_text())["evaluated_on"]
+    smoke = load_config(PARAMS, profile="smoke")  # where the profile's outputs go
+    metrics = Path(smoke.runtime.metrics_dir) / "retrieval.json"
+    evidence = json.loads(metrics.read_text())["evaluated_on"]
     data_hash = dataset_hash(smoke_data)
     assert evidence == {"split": "val", "data": str(smoke_data), "data_hash": data_hash}
     assert vlp("register", "retrieval") == 0  # version 2: the same model, its val scores
 
     client = mlflow.MlflowClient(store_cfg.tracking.uri)
-    model = model_sha256(Path("models/finetuned/retrieval-pretrained"))
+    model = model_sha256(Path(smoke.finetune.out_dir) / finetuned_name("retrieval"))
     for version, split in (("1", "test"), ("2", "val")):
-        tags = client.get_model_version("vlp-retrieval", version).tags
+        tags = client.get_model_version(SMOKE_MODEL, version).tags
         assert (tags["vlp.eval_split"], tags["vlp.eval_data"]) == (split, str(smoke_data))
         assert (tags["vlp.eval_data_hash"], tags["vlp.model_sha256"]) == (data_hash, model)
     capsys.readouterr()
     assert vlp("promote", "retrieval") == 3  # kept
     decision = json.loads(capsys.readouterr().out)
     assert decision["decision"] == "unchanged" and "nothing to gain" in decision["why"]
-    assert str(client.get_model_version_by_alias("vlp-retrieval", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(SMOKE_MODEL, "champion").version) == "1"
 
     # each run names what it opened: the overridden folders, by content hash
     finetune = _run_tags(client, "finetune-retrieval-pretrained")
