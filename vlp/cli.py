@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import select
 import signal
@@ -475,6 +476,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.params_path = Path(args.params)
+    # MLflow announces the creation of a fresh local store on stderr: not the user's concern,
+    # and a user error must stay one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         return _run(args)
     except BrokenPipeError:
