@@ -66,14 +66,15 @@ def test_identical_pipelines_give_identical_models_and_predictions(
         for done in [pool.submit(_pipeline, r, smoke_data, empty_store) for r in runs]:
             done.result()
 
+    outputs = [root / "profiles" / "smoke" for root in runs]  # a profile's output folder
     for folder in ("models/pretrained", "models/finetuned/vqa-pretrained", "results/vqa", "plots"):
-        a, b = (_files(root / folder) for root in runs)
+        a, b = (_files(out / folder) for out in outputs)
         assert a, f"{folder} is empty"
         assert sorted(a) == sorted(b), folder
         differ = [name for name in a if a[name] != b[name]]
         assert not differ, f"{folder}: {differ} differ"
-    assert "tokenizer/tokenizer.json" in _files(runs[0] / "models/pretrained")
+    assert "tokenizer/tokenizer.json" in _files(outputs[0] / "models/pretrained")
     for name in ("pretrain.json", "vqa.json"):
-        a, b = (_scores(root / "metrics" / name) for root in runs)
+        a, b = (_scores(out / "metrics" / name) for out in outputs)
         assert a == b, name
     assert "model_sha256" in a["pretrained"]  # vqa.json ties its scores to the weights
