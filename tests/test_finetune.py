@@ -497,7 +497,7 @@ def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
     done = _torchrun(tmp_path, [*sets, "finetune", "retrieval"])
     assert done.stdout.count('"model_dir"') == 1  # one rank reports
     out = tmp_path / OUT / "models" / "finetuned" / "retrieval-pretrained"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval"]  # no work folders
+    assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval-pretrained"]  # no work dirs
     assert json.loads((out / "task.json").read_text())["steps"] == 3
     assert sorted(p.name for p in (tmp_path / OUT / "plots").iterdir()) == [
         "finetune_retrieval_pretrained.csv"
