@@ -202,7 +202,7 @@ def test_fresh_copy_has_the_architecture_and_tokenizer_not_the_weights(
     model = _load(checkpoints["BlipForImageTextRetrieval"], tiny_cfg)
     model.save_pretrained(tmp_path / "model")
     torch.manual_seed(0)
-    fresh = VLPModel.from_pretrained(tmp_path / "model", weights=False)
+    fresh = VLPModel.from_pretrained(tmp_path / "model", fresh=True)
     ours, theirs = model.state_dict(), fresh.state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert not torch.equal(ours["vision_proj.weight"], theirs["vision_proj.weight"])

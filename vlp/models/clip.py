@@ -45,7 +45,6 @@ from vlp.models.weights import (
     SavedModel,
     load_transformers,
     load_weights,
-    read_saved,
     require_weights,
     saved_model_config,
 )
@@ -102,18 +101,6 @@ class CLIPDualEncoder(SavedModel):
     def architecture_configs(self) -> dict[str, Any]:
         """The `CLIPConfig`."""
         return {"clip_config": self.clip.config.to_dict()}
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", fresh: bool = False
-    ) -> CLIPDualEncoder:
-        """Load a model written by `save_pretrained` (safetensors only, never pickle).
-
-        `fresh`: the same architecture and tokenizer with newly initialised weights (the
-        from-scratch ablation); seed torch first for reproducible weights.
-        """
-        p = local_dir(path, "model directory")
-        return cls.from_saved(p, read_saved(p), device, fresh)
 
     @classmethod
     def from_saved(

@@ -48,7 +48,7 @@ def fresh(p: Path, meta: dict[str, Any], temperature: float) -> VLPModel:
     if saved.get("init_from"):
         # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
         # rebuilt from the configs saved with it.
-        model = VLPModel.from_saved(p, meta, weights=False)
+        model = VLPModel.from_saved(p, meta, fresh=True)
         with torch.no_grad():
             model.temp.fill_(temperature)
         return model

@@ -25,7 +25,6 @@ of the forward pass; the losses that train it (ITC, ITM, LM) are in `vlp.models.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
-from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer, local_dir
+from vlp.models.tokenizer import DEC_TOKEN, ENC_TOKEN, load_tokenizer
 from vlp.models.towers import (
     build_image_tower,
     fold_token_type_embeddings,
@@ -49,7 +48,6 @@ from vlp.models.weights import (
     SavedModel,
     check_config,
     load_weights,
-    read_saved,
     require_weights,
     saved_model_config,
 )
@@ -213,40 +211,31 @@ class VLPModel(SavedModel):
         }
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", weights: bool = True
-    ) -> VLPModel:
-        """Load a model written by `save_pretrained` (safetensors only, never pickle).
-
-        `weights=False`: the same architecture and tokenizer with freshly initialised weights
-        (seed torch first). Entries of vlp_config.json it does not read (e.g. the
-        `loss_weights` that older model directories carry) are ignored.
-        """
-        p = local_dir(path, "model directory")
-        return cls.from_saved(p, read_saved(p), device, weights)
-
-    @classmethod
     def from_saved(
         cls,
         p: Path,
         meta: dict[str, Any],
         device: str | torch.device = "cpu",
-        weights: bool = True,
+        fresh: bool = False,
     ) -> VLPModel:
-        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
+        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`.
+
+        Entries of vlp_config.json it does not read (e.g. the `loss_weights` that older
+        model directories carry) are ignored.
+        """
         from transformers import CONFIG_MAPPING, BlipTextConfig
 
         check_config(meta, p / CONFIG_NAME, ("text_config", "image_config.model_type"))
-        if weights:
+        if not fresh:
             require_weights(p)
         cfg = saved_model_config(meta)
         tokenizer = load_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         text_cfg = BlipTextConfig.from_dict(meta["text_config"])
         image_cfg_dict = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg_dict.pop("model_type")].from_dict(image_cfg_dict)
-        image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=not weights)
+        image_tower = image_tower_from_config(image_cfg, text_cfg.hidden_size, fresh=fresh)
         model = _assemble(cfg, tokenizer, image_tower, text_cfg, None, None)
-        if weights:
+        if not fresh:
             load_weights(model, p / WEIGHTS_NAME, device)
         return model.to(device)
 

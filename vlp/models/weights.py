@@ -22,6 +22,7 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, umask
+from vlp.models.tokenizer import local_dir
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "vlp_config.json"
@@ -37,6 +38,25 @@ class SavedModel(torch.nn.Module, ABC):
 
     cfg: Any
     tokenizer: Any
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", fresh: bool = False
+    ) -> Any:
+        """Load a model written by `save_pretrained` (safetensors only, never pickle).
+
+        `fresh`: the same architecture and tokenizer with newly initialised weights (the
+        from-scratch ablation); seed torch first for reproducible weights.
+        """
+        p = local_dir(path, "model directory")
+        return cls.from_saved(p, read_saved(p), device, fresh)
+
+    @classmethod
+    @abstractmethod
+    def from_saved(
+        cls, p: Path, meta: dict[str, Any], device: str | torch.device, fresh: bool
+    ) -> Any:
+        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
 
     @abstractmethod
     def architecture_configs(self) -> dict[str, Any]:
