@@ -208,6 +208,7 @@ class PretrainVisionConfig:
     epochs: int
     max_steps: int
     batch_size: int
+    grad_accum_steps: int
     lr: float
     weight_decay: float
     warmup_steps: int
