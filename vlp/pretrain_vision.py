@@ -79,15 +79,18 @@ def check_params(cfg: Config) -> None:
 
     pv = cfg.pretrain_vision
     check_split_names(pv.splits, "pretrain_vision.splits")
-    held_out = {
-        cfg.evaluate.split: "evaluate.split",
-        cfg.pretrain.eval_split: "pretrain.eval_split",
-    }
+    held_out: dict[str, list[str]] = {}
+    for key, split in (
+        ("evaluate.split", cfg.evaluate.split),
+        ("pretrain.eval_split", cfg.pretrain.eval_split),
+    ):
+        if split is not None:
+            held_out.setdefault(split, []).append(key)
     for split in pv.splits:
         if split in held_out:
             raise ConfigError(
                 f"pretrain_vision.splits: {split!r} is the evaluation split "
-                f"({held_out[split]}); visual pretraining never sees its images"
+                f"({' and '.join(held_out[split])}); visual pretraining never sees its images"
             )
     if not 0 <= pv.mask_ratio < 1:
         raise ConfigError(f"pretrain_vision.mask_ratio: must be in [0, 1), got {pv.mask_ratio}")
