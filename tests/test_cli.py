@@ -153,7 +153,8 @@ MALFORMED: dict[tuple[str, ...], Case] = {
     ("shard",): (["shard", "--data", "notdata", "--out", "shards"], "notdata"),
     ("pretrain",): (["--set", "data.root=notdata", "pretrain"], "notdata"),
     ("pretrain-vision",): (
-        ["--set", "data.root=notdata", "--set", "pretrain_vision.enabled=true", "pretrain-vision"],
+        ["--set", "data.root=notdata", "--set", "pretrain_vision.enabled=true"]
+        + ["--set", "model.image_tower=vit", "pretrain-vision"],
         "notdata",
     ),
     ("finetune",): (

@@ -40,6 +40,7 @@ def cfg(
             smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
         ),
     )
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_tower="vit"))
     return _replace(cfg, enabled=True, out_dir=str(tmp_path / "models" / "pretrained_vision"))
 
 
@@ -226,6 +227,13 @@ def test_continues_a_vitmae_checkpoint_from_its_weights(cfg: Config, tmp_path: P
     assert run.data.tags["vlp.input.pretrain_vision.init_from"] == model_sha256(init)
 
 
+def test_an_image_tower_other_than_vit_is_refused(cfg: Config, tmp_path: Path) -> None:
+    cnn = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_tower="cnn"))
+    with pytest.raises(ConfigError, match="model.image_tower is 'cnn'"):
+        pretrain_vision(cnn)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_directory_that_is_not_a_vitmae_checkpoint_is_refused(
     cfg: Config, tmp_path: Path
 ) -> None:
@@ -246,7 +254,7 @@ def test_cli_error_is_one_line(
     from vlp.cli import main
 
     argv = ["--params", str(REPO_ROOT / "params.yaml"), "--profile", "smoke"]
-    argv += ["--set", "pretrain_vision.enabled=true"]
+    argv += ["--set", "pretrain_vision.enabled=true", "--set", "model.image_tower=vit"]
     argv += ["--set", "pretrain_vision.splits=[train, test]", "pretrain-vision"]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.splitlines()

@@ -78,6 +78,12 @@ def check_params(cfg: Config) -> None:
     from vlp.data.manifest import check_split_names
 
     pv = cfg.pretrain_vision
+    if cfg.model.image_tower != "vit":
+        raise ConfigError(
+            f"pretrain_vision.enabled: true pretrains a ViT image tower, but model.image_tower "
+            f"is {cfg.model.image_tower!r}, which pretrain would build without it; set "
+            "model.image_tower: vit (or pretrain_vision.enabled: false)"
+        )
     check_split_names(pv.splits, "pretrain_vision.splits")
     held_out: dict[str, list[str]] = {}
     for key, split in (
