@@ -164,6 +164,7 @@ def test_disabled_writes_only_a_marker_and_trains_nothing(cfg: Config, tmp_path:
         ({"decoder_num_heads": 3}, "pretrain_vision.decoder_hidden_size"),
         ({"num_reconstructions": 0}, "pretrain_vision.num_reconstructions"),
         ({"batch_size": 128}, "pretrain_vision.batch_size"),
+        ({"batch_size": 0}, "pretrain_vision.batch_size"),
         ({"splits": ["bogus"]}, "pretrain_vision.splits"),
     ],
 )

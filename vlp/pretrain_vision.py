@@ -100,8 +100,13 @@ def check_params(cfg: Config) -> None:
             )
     if not 0 <= pv.mask_ratio < 1:
         raise ConfigError(f"pretrain_vision.mask_ratio: must be in [0, 1), got {pv.mask_ratio}")
-    positive = ("decoder_hidden_size", "decoder_num_layers", "decoder_num_heads")
-    for key in (*positive, "decoder_intermediate_size", "num_reconstructions"):
+    for key in (
+        "decoder_hidden_size",
+        "decoder_num_layers",
+        "decoder_num_heads",
+        "decoder_intermediate_size",
+        "num_reconstructions",
+    ):
         if getattr(pv, key) < 1:
             raise ConfigError(f"pretrain_vision.{key}: must be >= 1, got {getattr(pv, key)}")
     if pv.lr <= 0:
@@ -147,10 +152,13 @@ def fingerprint(cfg: Config, transform: Any) -> dict[str, Any]:
 
 
 def _settings(cfg: Config) -> TrainSettings:
+    """The loop's settings; a bad value is named by its params key."""
     try:
         return TrainSettings.from_config(cfg.runtime, cfg.pretrain_vision, seed=cfg.seed)
     except ConfigError as e:
-        raise ConfigError(f"pretrain_vision.{e}") from None
+        key = str(e).split(":")[0]
+        own = {f.name for f in dataclasses.fields(cfg.pretrain_vision)}
+        raise ConfigError(f"{'pretrain_vision' if key in own else 'runtime'}.{e}") from None
 
 
 def _check_outputs(cfg: Config, tracked: bool) -> Path:
@@ -259,6 +267,7 @@ def _train(
     drawn: set[int] = set()
 
     def on_log(metrics: dict[str, float], step: int) -> None:
+        """Buffer the step's metrics for MLflow; draw and log the grid when one is due."""
         pending.append((step, metrics))
         if len(pending) >= LOG_FLUSH_STEPS:
             run.log_steps(pending)
