@@ -49,6 +49,7 @@ OPTIONAL_INPUT_KEYS = (
     "model.image_pretrained",
     "model.text_pretrained",
     "model.tokenizer_pretrained",
+    "pretrain_vision.init_from",
 )
 
 

@@ -152,6 +152,11 @@ MALFORMED: dict[tuple[str, ...], Case] = {
     ("validate",): (["validate", "--data", "notdata"], "notdata"),
     ("shard",): (["shard", "--data", "notdata", "--out", "shards"], "notdata"),
     ("pretrain",): (["--set", "data.root=notdata", "pretrain"], "notdata"),
+    ("pretrain-vision",): (
+        ["--set", "data.root=notdata", "--set", "pretrain_vision.enabled=true"]
+        + ["--set", "model.image_tower=vit", "pretrain-vision"],
+        "notdata",
+    ),
     ("finetune",): (
         ["--set", "data.root=data", "--set", "finetune.init_dir=notdata", "finetune", "retrieval"],
         "notdata",
@@ -224,6 +229,10 @@ READ_ONLY: dict[tuple[str, ...], Case] = {
     ("shard",): (["shard", "--data", "data", "--out", OUT], "blocker"),
     ("pretrain",): (
         ["--set", "data.root=data", "--set", f"pretrain.out_dir={OUT}", "pretrain"],
+        "blocker",
+    ),
+    ("pretrain-vision",): (
+        ["--set", "data.root=data", "--set", f"pretrain_vision.out_dir={OUT}", "pretrain-vision"],
         "blocker",
     ),
     ("finetune",): (

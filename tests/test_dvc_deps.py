@@ -89,11 +89,9 @@ def _referenced_modules(name: str, nodes: list[ast.AST], root: Path = REPO) -> s
 def imported_modules(command: str, root: Path = REPO) -> set[str]:
     """Every vlp/flows module `vlp <command>` may import, parent packages included."""
     cli = ast.parse((root / "vlp" / "cli.py").read_text())
-    handler = next(
-        (n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == f"_cmd_{command}"),
-        None,
-    )
-    assert handler is not None, f"vlp/cli.py has no _cmd_{command} for `vlp {command}`"
+    name = f"_cmd_{command.replace('-', '_')}"  # `vlp pretrain-vision`: _cmd_pretrain_vision
+    handler = next((n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    assert handler is not None, f"vlp/cli.py has no {name} for `vlp {command}`"
     # cli.py's own lazy imports belong to other commands: only its top level and the handler
     todo = [
         "vlp.cli",
@@ -218,11 +216,18 @@ def test_the_flow_runs_one_stage_per_task_and_init_in_dependency_order() -> None
     stages = pipeline_stages(REPO)
     members = [f"finetune@{t}-{i}" for t in TASKS for i in ("pretrained", "scratch")]
     assert sorted(stages) == sorted(
-        ["generate", "validate", "pretrain", *members, *(f"evaluate@{t}" for t in TASKS)]
+        [
+            "generate",
+            "validate",
+            "pretrain-vision",
+            "pretrain",
+            *members,
+            *(f"evaluate@{t}" for t in TASKS),
+        ]
         + ["register", "promote"]
     )
     pos = stages.index
-    assert pos("generate") < pos("validate") < pos("pretrain")
+    assert pos("generate") < pos("validate") < pos("pretrain-vision") < pos("pretrain")
     for task in TASKS:
         for init in ("pretrained", "scratch"):
             assert pos("pretrain") < pos(f"finetune@{task}-{init}") < pos(f"evaluate@{task}")

@@ -85,6 +85,12 @@ def _cmd_pretrain(cfg: Config, args: argparse.Namespace) -> None:
     pretrain(cfg, resume=args.resume)
 
 
+def _cmd_pretrain_vision(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.pretrain_vision import pretrain_vision
+
+    pretrain_vision(cfg, resume=args.resume)
+
+
 def _cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.finetune import finetune
 
@@ -280,7 +286,13 @@ def _add_import_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
-    """pretrain and finetune: the training stages."""
+    """pretrain-vision, pretrain and finetune: the training stages."""
+    s = sub.add_parser(
+        "pretrain-vision", help="pretrain the ViT image tower as a masked autoencoder (MAE)"
+    )
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.set_defaults(func=_cmd_pretrain_vision)
+
     s = sub.add_parser("pretrain", help="pretrain with ITC + ITM + captioning LM")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=_cmd_pretrain)

@@ -50,6 +50,7 @@ OUTPUT_KEYS: tuple[tuple[str, str], ...] = (
     ("runtime", "metrics_dir"),
     ("runtime", "plots_dir"),
     ("validate", "report_dir"),
+    ("pretrain_vision", "out_dir"),
     ("pretrain", "out_dir"),
     ("finetune", "init_dir"),
     ("finetune", "out_dir"),
@@ -180,6 +181,39 @@ class PretrainConfig:
     # tower what the objects are quickly; real data sets it to 0 unless it is wanted.
     caption_warmup_steps: int
     eval_batch_size: int  # zero-shot retrieval after training: images/captions per forward
+    # FLIP: the fraction of a ViT/CLIP tower's patch tokens dropped per image in training
+    # (none in evaluation); the last `unmasked_steps` steps train with every patch
+    patch_dropout: float
+    unmasked_steps: int
+
+
+@dataclass
+class PretrainVisionConfig:
+    """Masked-autoencoder pretraining (MAE) of the ViT image tower on images alone.
+
+    The encoder's size is `model`'s (hidden_size, num_image_layers, num_heads,
+    intermediate_size, patch_size) unless `init_from` names a ViTMAE checkpoint to continue.
+    """
+
+    enabled: bool  # false: the stage trains nothing; `pretrain` builds its tower as params say
+    out_dir: str
+    splits: list[str]  # the images it learns from (never the evaluation split's)
+    init_from: str | None  # a local ViTMAE checkpoint directory to continue from
+    mask_ratio: float
+    norm_pix_loss: bool  # the loss on per-patch normalised pixels (MAE's best setting)
+    decoder_hidden_size: int
+    decoder_num_layers: int
+    decoder_num_heads: int
+    decoder_intermediate_size: int
+    epochs: int
+    max_steps: int
+    batch_size: int
+    grad_accum_steps: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    checkpoint_every: int
+    num_reconstructions: int  # fixed images shown in the reconstruction grid
 
 
 @dataclass
@@ -282,6 +316,7 @@ class Config:
     images: ImagesConfig
     validate: ValidateConfig
     model: ModelConfig
+    pretrain_vision: PretrainVisionConfig
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig

@@ -124,6 +124,18 @@ def test_hflip_mirrors_the_image_and_swaps_left_and_right_in_the_caption(
     assert any(" left " in plain[i]["caption"] for i in range(len(plain)))
 
 
+def test_an_images_dataset_draws_the_crops_of_a_pairs_dataset(smoke_data: Path) -> None:
+    """Visual pretraining's images: one item per image, cropped as the pairs are."""
+    t = ImageTransform(32, "squash", HALF, HALF)
+    augment = Augmentation((0.3, 0.5), True, seed=0)
+    images = ImagesDataset(smoke_data, "val", t, augment)
+    pairs = PairsDataset(smoke_data, "val", t, augment, first_caption_only=True)
+    assert images.takes_epoch and len(images) == len(pairs)
+    for key in [(i, epoch) for i in range(len(images)) for epoch in (0, 1)]:
+        assert torch.equal(images[key]["pixel_values"], pairs[key]["pixel_values"])
+    assert not torch.equal(images[(0, 0)]["pixel_values"], images[(0, 1)]["pixel_values"])
+
+
 def test_train_crop_scale_draws_crops_per_item_and_epoch(smoke_data: Path) -> None:
     t = ImageTransform(32, "squash", HALF, HALF)
     augment = Augmentation((0.3, 0.5), False, seed=0)

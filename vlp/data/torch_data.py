@@ -157,10 +157,18 @@ class PairsDataset(Dataset):
 
 
 class ImagesDataset(Dataset):
-    """One item per unique image of the split (first-seen order): pixel_values, image_id."""
+    """One item per unique image of the split (first-seen order): pixel_values, image_id.
+
+    With `augment`, items are keyed by (index, epoch) in training (`takes_epoch`), as in
+    `PairsDataset`: each epoch draws new crops.
+    """
 
     def __init__(
-        self, data_dir: str | os.PathLike, split: Splits, transform: ImageTransform
+        self,
+        data_dir: str | os.PathLike,
+        split: Splits,
+        transform: ImageTransform,
+        augment: Augmentation | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         pairs = read_pairs(self.data_dir, split)
@@ -171,13 +179,15 @@ class ImagesDataset(Dataset):
         ].reset_index(drop=True)
         self.image_ids: list[int] = [int(x) for x in self.frame["image_id"]]
         self._paths: list[str] = list(self.frame["image_path"])
-        self._images = _ImageReader(self.data_dir, transform, None)
+        self._images = _ImageReader(self.data_dir, transform, augment)
+        self.takes_epoch = augment is not None
 
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        pixels, _ = self._images(self._paths[i], i, 0)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = _key(key)
+        pixels, _ = self._images(self._paths[i], i, epoch)
         return {"pixel_values": pixels, "image_id": self.image_ids[i]}
 
 
