@@ -152,6 +152,7 @@ MALFORMED: dict[tuple[str, ...], Case] = {
     ("validate",): (["validate", "--data", "notdata"], "notdata"),
     ("shard",): (["shard", "--data", "notdata", "--out", "shards"], "notdata"),
     ("pretrain",): (["--set", "data.root=notdata", "pretrain"], "notdata"),
+    ("probe",): (["--set", "data.root=notdata", "probe"], "notdata"),
     ("finetune",): (
         ["--set", "data.root=data", "--set", "finetune.init_dir=notdata", "finetune", "retrieval"],
         "notdata",
@@ -224,6 +225,10 @@ READ_ONLY: dict[tuple[str, ...], Case] = {
     ("shard",): (["shard", "--data", "data", "--out", OUT], "blocker"),
     ("pretrain",): (
         ["--set", "data.root=data", "--set", f"pretrain.out_dir={OUT}", "pretrain"],
+        "blocker",
+    ),
+    ("probe",): (
+        ["--set", "data.root=data", "--set", f"runtime.metrics_dir={OUT}", "probe"],
         "blocker",
     ),
     ("finetune",): (

@@ -218,11 +218,11 @@ def test_the_flow_runs_one_stage_per_task_and_init_in_dependency_order() -> None
     stages = pipeline_stages(REPO)
     members = [f"finetune@{t}-{i}" for t in TASKS for i in ("pretrained", "scratch")]
     assert sorted(stages) == sorted(
-        ["generate", "validate", "pretrain", *members, *(f"evaluate@{t}" for t in TASKS)]
+        ["generate", "validate", "pretrain", "probe", *members, *(f"evaluate@{t}" for t in TASKS)]
         + ["register", "promote"]
     )
     pos = stages.index
-    assert pos("generate") < pos("validate") < pos("pretrain")
+    assert pos("generate") < pos("validate") < pos("pretrain") < pos("probe")
     for task in TASKS:
         for init in ("pretrained", "scratch"):
             assert pos("pretrain") < pos(f"finetune@{task}-{init}") < pos(f"evaluate@{task}")
