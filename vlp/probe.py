@@ -254,6 +254,7 @@ def probe(cfg: Config) -> Path:
     """Run the probe stage; return the `probe.json` it wrote in `runtime.metrics_dir`."""
     from vlp.data.manifest import dataset_hash
     from vlp.io import atomic_write_json
+    from vlp.models.tokenizer import local_dir
     from vlp.tasks import model_sha256
     from vlp.tracking import check_stage_outputs, stage_run
     from vlp.train.distributed import DistInfo
@@ -266,11 +267,15 @@ def probe(cfg: Config) -> Path:
     train, evaluated = probe_labels(root, p.train_split), probe_labels(root, p.eval_split)
     inputs = {"data": (root, dataset_hash(root))}
     if not (train.empty or evaluated.empty):
+        local_dir(cfg.pretrain.out_dir, "pretrain.out_dir")  # before any encoder runs
         inputs["pretrain.out_dir"] = (cfg.pretrain.out_dir, model_sha256(cfg.pretrain.out_dir))
         mae = mae_dir(cfg)
         if mae is not None:
             inputs["pretrain_vision.out_dir"] = (str(mae), model_sha256(mae))
-    params = {f"probe.{k}": v for k, v in vars(p).items()}
+    params = {
+        **{f"probe.{k}": v for k, v in vars(p).items()},
+        "pretrain_vision.enabled": cfg.pretrain_vision.enabled,
+    }
     with stage_run(cfg, "probe", params=params, inputs=inputs) as run:
         if train.empty or evaluated.empty:
             empty = p.train_split if train.empty else p.eval_split
