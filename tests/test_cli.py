@@ -157,6 +157,7 @@ MALFORMED: dict[tuple[str, ...], Case] = {
         + ["--set", "model.image_tower=vit", "pretrain-vision"],
         "notdata",
     ),
+    ("probe",): (["--set", "data.root=notdata", "probe"], "notdata"),
     ("finetune",): (
         ["--set", "data.root=data", "--set", "finetune.init_dir=notdata", "finetune", "retrieval"],
         "notdata",
@@ -233,6 +234,10 @@ READ_ONLY: dict[tuple[str, ...], Case] = {
     ),
     ("pretrain-vision",): (
         ["--set", "data.root=data", "--set", f"pretrain_vision.out_dir={OUT}", "pretrain-vision"],
+        "blocker",
+    ),
+    ("probe",): (
+        ["--set", "data.root=data", "--set", f"runtime.metrics_dir={OUT}", "probe"],
         "blocker",
     ),
     ("finetune",): (

@@ -221,6 +221,7 @@ def test_the_flow_runs_one_stage_per_task_and_init_in_dependency_order() -> None
             "validate",
             "pretrain-vision",
             "pretrain",
+            "probe",
             *members,
             *(f"evaluate@{t}" for t in TASKS),
         ]
@@ -228,6 +229,7 @@ def test_the_flow_runs_one_stage_per_task_and_init_in_dependency_order() -> None
     )
     pos = stages.index
     assert pos("generate") < pos("validate") < pos("pretrain-vision") < pos("pretrain")
+    assert pos("pretrain") < pos("probe")
     for task in TASKS:
         for init in ("pretrained", "scratch"):
             assert pos("pretrain") < pos(f"finetune@{task}-{init}") < pos(f"evaluate@{task}")

@@ -91,6 +91,12 @@ def _cmd_pretrain_vision(cfg: Config, args: argparse.Namespace) -> None:
     pretrain_vision(cfg, resume=args.resume)
 
 
+def _cmd_probe(cfg: Config, args: argparse.Namespace) -> None:
+    from vlp.probe import probe
+
+    probe(cfg)
+
+
 def _cmd_finetune(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.finetune import finetune
 
@@ -296,6 +302,11 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("pretrain", help="pretrain with ITC + ITM + captioning LM")
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=_cmd_pretrain)
+
+    s = sub.add_parser(
+        "probe", help="linear probes of the random, MAE and pretrained image encoders (shapes)"
+    )
+    s.set_defaults(func=_cmd_probe)
 
     s = sub.add_parser("finetune", help="finetune one downstream task")
     s.add_argument("task", choices=TASKS)

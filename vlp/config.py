@@ -217,6 +217,17 @@ class PretrainVisionConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Linear probes of frozen image encoders on the shapes world's one-object scenes."""
+
+    train_split: str  # the classifiers learn from this split's one-object images
+    eval_split: str  # and are scored on this one's
+    max_iter: int  # full-batch L-BFGS iterations
+    l2: float  # weight penalty (features standardised on the training split)
+    batch_size: int  # images per forward pass of an encoder
+
+
+@dataclass
 class FinetuneConfig:
     """Per-task finetuning; `ablation` also trains each task from scratch for comparison.
 
@@ -318,6 +329,7 @@ class Config:
     model: ModelConfig
     pretrain_vision: PretrainVisionConfig
     pretrain: PretrainConfig
+    probe: ProbeConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
     zeroshot: ZeroShotConfig

@@ -27,6 +27,11 @@ written with the same `fingerprint` (training params and data hash); the resumed
 run is linked to the interrupted one. The MLflow run records what it read by content hash
 (`read_inputs`): the dataset, its shards' index, and any checkpoint directory it starts from.
 
+With `pretrain_vision.enabled` the ViT image tower starts from the masked autoencoder the
+`pretrain-vision` stage trained (`vlp.vision_init.with_mae_tower`), as if
+`model.image_pretrained` named `pretrain_vision.out_dir`; its image processor is saved beside
+the model.
+
 With `model.init_from` (a vlp model directory, a transformers BLIP or CLIPModel checkpoint,
 see `vlp.models.family.build_from_params`) training starts from that model's weights and tokenizer instead of fresh ones,
 and the checkpoint's image processor is saved beside the model. With `pretrain.enabled:
@@ -58,6 +63,7 @@ from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import train
 from vlp.train.settings import TrainResult, TrainSettings, epoch_steps
+from vlp.vision_init import with_mae_tower
 
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
@@ -163,6 +169,7 @@ def _run_params(cfg: Config) -> dict[str, Any]:
     return {
         **{f"runtime.{k}": v for k, v in vars(cfg.runtime).items()},
         **{f"pretrain.{k}": v for k, v in vars(cfg.pretrain).items()},
+        "pretrain_vision.enabled": cfg.pretrain_vision.enabled,
         **{f"model.{k}": v for k, v in vars(cfg.model).items()},
         **{f"images.{k}": v for k, v in vars(cfg.images).items()},
     }
@@ -352,6 +359,8 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
 
     t0 = time.perf_counter()
     p = cfg.pretrain
+    # the model as built: its ViT starts from pretrain_vision.out_dir when MAE ran
+    built = with_mae_tower(cfg)
     if not p.enabled:
         return save_init_from(cfg)
     if cfg.model.init_from:
@@ -366,7 +375,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
     with distributed() as info:
         if info.is_main:  # refuse a foreign output folder before training, not after
             check_replaceable(out_dir)
-        transform, augment = image_transforms(cfg)
+        transform, augment = image_transforms(built)
         warmup_phase, joint = _phases(cfg, family, info, transform, augment)
         if info.is_main:
             fp = fingerprint(cfg)
@@ -376,7 +385,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         # a checkpoint (model.init_from) brings its weights and its own tokenizer
         tokenizer = None if cfg.model.init_from else _tokenizer(cfg, info, resume)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run
-        model = build_from_params(cfg.model, tokenizer, temperature=cfg.model.temperature)
+        model = build_from_params(built.model, tokenizer, temperature=cfg.model.temperature)
         params = {
             **_run_params(cfg),
             **image_params(transform),
@@ -400,7 +409,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
                 model, cfg, run, warmup_phase, joint, joint_weights, resume
             )
             if info.is_main:
-                zero_shot = save_and_check(model, cfg, transform)
+                zero_shot = save_and_check(model, built, transform)  # the tower's pixels
                 metrics = summary(result, zero_shot, time.perf_counter() - t0, warmup)
                 run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
                 write_results(cfg, run, metrics, _loss_curve(result, warmup))

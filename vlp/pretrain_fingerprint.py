@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp.config import Config
+from vlp.vision_init import with_mae_tower
 
 # params that decide where and how often progress is saved or shown, not what is learned:
 # a resumed run may change them.
@@ -39,15 +40,18 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
     """What the trained model depends on: the params this stage trains with and the data hash.
 
     With a pretrained image processor, the processor as resolved (its settings at the size
-    used) too: editing the checkpoint's processor changes what is learned.
+    used) too: editing the checkpoint's processor changes what is learned. With
+    `pretrain_vision.enabled`, the content hash of the masked autoencoder it starts from.
     """
     from vlp.data.images import image_transforms
     from vlp.data.manifest import dataset_hash
     from vlp.data.processors import ProcessorTransform
+    from vlp.tasks import model_sha256
 
     params = {
         "seed": cfg.seed,
         "data.image_size": cfg.data.image_size,
+        "pretrain_vision.enabled": cfg.pretrain_vision.enabled,
         **{f"images.{k}": v for k, v in dataclasses.asdict(cfg.images).items()},
         **{f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()},
         **{
@@ -57,7 +61,9 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
             if (key := f"{section}.{k}") not in UNFINGERPRINTED
         },
     }
-    transform = image_transforms(cfg)[0]
+    if cfg.pretrain_vision.enabled:  # the MAE encoder it starts from, by content
+        params["pretrain_vision.out_dir"] = model_sha256(cfg.pretrain_vision.out_dir)
+    transform = image_transforms(with_mae_tower(cfg))[0]
     if isinstance(transform, ProcessorTransform):
         params["image_processor"] = transform.model_files()
     if cfg.data.shards is not None:  # the stream trained on: its shards, by their index
@@ -78,8 +84,9 @@ def read_inputs(
     """What a pretrain run reads, by content hash (`stage_run` inputs).
 
     The dataset (`data_hash`, as in the fingerprint), the shard index it streams from
-    (`shards_hash`, idem) and each checkpoint directory of the model section
-    (`model.init_from`, `*_pretrained`).
+    (`shards_hash`, idem), each checkpoint directory of the model section
+    (`model.init_from`, `*_pretrained`) and the masked autoencoder the image tower starts
+    from (`pretrain_vision.out_dir`, when `pretrain_vision.enabled`).
     """
     from vlp.tasks import model_sha256
 
@@ -90,4 +97,7 @@ def read_inputs(
         path = getattr(cfg.model, key)
         if path and Path(path).is_dir():
             inputs[f"model.{key}"] = (path, model_sha256(path))
+    if cfg.pretrain_vision.enabled:
+        mae = cfg.pretrain_vision.out_dir
+        inputs["pretrain_vision.out_dir"] = (mae, model_sha256(mae))
     return inputs

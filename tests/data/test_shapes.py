@@ -7,6 +7,7 @@ import hashlib
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -213,3 +214,26 @@ def test_generate_names_an_unwritable_out(tmp_path, capsys):
     assert _generate_cli(blocker / "shapes") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"cannot write in {blocker}" in err
+
+
+def test_one_object_scenes_are_labelled_by_their_object():
+    from vlp.data.shapes import ShapeObject, ShapesScene, canonical_caption, single_object_labels
+
+    one = ShapesScene((ShapeObject(0, 2, "small", "purple", "cross"),), ((0.0, 0.0),))
+    two = ShapesScene(
+        (ShapeObject(0, 0, "large", "red", "circle"), ShapeObject(1, 1, "small", "blue", "square")),
+        ((0.0, 0.0), (0.0, 0.0)),
+    )
+    pairs = pd.DataFrame(
+        {
+            "caption_id": [11, 10, 20, 30],
+            "image_id": [1, 1, 2, 3],
+            "image_path": ["a.png", "a.png", "b.png", "c.png"],
+            "caption": ["a purple cross", canonical_caption(one), canonical_caption(two), "a dog"],
+            "split": ["test"] * 4,
+        }
+    )
+    labels = single_object_labels(pairs)
+    assert labels.to_dict("records") == [
+        {"image_id": 1, "image_path": "a.png", "shape": "cross", "color": "purple", "size": "small"}
+    ]

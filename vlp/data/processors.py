@@ -46,7 +46,7 @@ def pretrained_source(model: ModelConfig) -> tuple[str, str] | None:
 def native_image_size(directory: str | os.PathLike) -> int | None:
     """The resolution a checkpoint's vision transformer was trained at, or None if it has none.
 
-    A ViT's `image_size`, or the `vision_config.image_size` of a CLIP / BLIP model: their
+    A ViT's (or ViTMAE's) `image_size`, or the `vision_config.image_size` of a CLIP / BLIP model: their
     position embeddings are learned at that size. CNNs have none.
     """
     from transformers import AutoConfig
@@ -56,7 +56,7 @@ def native_image_size(directory: str | os.PathLike) -> int | None:
     except (OSError, ValueError):
         return None  # no transformers config: the model loader names the problem
     vision = getattr(config, "vision_config", None)
-    if vision is None and config.model_type != "vit":
+    if vision is None and config.model_type not in ("vit", "vit_mae"):
         return None
     size = getattr(vision if vision is not None else config, "image_size", None)
     if isinstance(size, list | tuple):

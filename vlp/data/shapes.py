@@ -543,25 +543,36 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def single_shape_labels(pairs: pd.DataFrame) -> pd.DataFrame:
-    """(image_id, image_path, label) of the single-object scenes among `pairs`, labelled by shape.
+def single_object_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """(image_id, image_path, shape, color, size) of the one-object scenes among `pairs`.
 
     The manifests hold no labels: an image's first caption (lowest caption_id) follows the
     canonical template, and for a one-object scene it is exactly one of the finitely many
-    canonical captions of a single shape, which names it. Images with more than one shape
-    are left out. For zero-shot classification (`vlp zeroshot --classify --labels shapes`).
+    canonical captions of a single shape, which names its shape, colour and size. Images
+    with more than one shape, and images of other datasets, are left out.
     """
     by_caption = {
-        canonical_caption(
-            ShapesScene((ShapeObject(r, c, size, color, shape),), ((0.0, 0.0),))
-        ): shape
+        canonical_caption(ShapesScene((obj,), ((0.0, 0.0),))): obj
         for r in range(3)
         for c in range(3)
         for size in SIZES
         for color in COLORS
         for shape in SHAPES
+        for obj in (ShapeObject(r, c, size, color, shape),)
     }
     first = pairs.sort_values("caption_id").drop_duplicates("image_id")
-    labels = first["caption"].map(by_caption)
-    out = first.assign(label=labels).dropna(subset=["label"])
-    return out[["image_id", "image_path", "label"]].reset_index(drop=True)
+    objects = first["caption"].map(by_caption).dropna()
+    out = first.loc[objects.index, ["image_id", "image_path"]]
+    for field in ("shape", "color", "size"):
+        out[field] = [getattr(o, field) for o in objects]
+    return out.reset_index(drop=True)
+
+
+def single_shape_labels(pairs: pd.DataFrame) -> pd.DataFrame:
+    """(image_id, image_path, label) of the one-object scenes among `pairs`, labelled by shape.
+
+    For zero-shot classification (`vlp zeroshot --classify --labels shapes`); see
+    `single_object_labels`.
+    """
+    labels = single_object_labels(pairs).rename(columns={"shape": "label"})
+    return labels[["image_id", "image_path", "label"]]

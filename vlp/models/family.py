@@ -60,6 +60,7 @@ class Family:
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
     checkpoint_format: str  # the foreign checkpoint directories it reads
+    loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
 
     def impl(self) -> ModuleType:
@@ -77,6 +78,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("retrieval", "captioning", "vqa"),
             has_itm=True,
             checkpoint_format="blip",
+            loads_image_tower=True,
             implementation="vlp.models.fusion",
         ),
         Family(
@@ -86,6 +88,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("retrieval",),
             has_itm=False,
             checkpoint_format="clip",
+            loads_image_tower=False,
             implementation="vlp.models.clip",
         ),
     )

@@ -41,6 +41,7 @@ TOWER_OF_MODEL_TYPE = {
     "resnet": "cnn",
     "convnext": "convnext",
     "vit": "vit",
+    "vit_mae": "vit",  # a masked autoencoder (ViTMAE): its encoder is the tower, as a ViT
     "clip": "clip",  # a CLIPModel: its vision model is the tower
     "clip_vision_model": "clip",
 }
@@ -112,11 +113,54 @@ def backbone_from_config(config: PretrainedConfig) -> PreTrainedModel:
     return AutoModel.from_config(config)
 
 
+def vit_config_of_mae(config: PretrainedConfig) -> PretrainedConfig:
+    """The ViTConfig of a ViTMAE encoder: same sizes, patches, norms and dropouts."""
+    from transformers import ViTConfig
+
+    keys = (
+        "image_size",
+        "patch_size",
+        "num_channels",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_act",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "initializer_range",
+        "layer_norm_eps",
+        "qkv_bias",
+    )
+    return ViTConfig(**{k: getattr(config, k) for k in keys})
+
+
+def vit_from_mae(path: str) -> PreTrainedModel:
+    """The encoder of a ViTMAE checkpoint (ViTMAEForPreTraining or ViTMAEModel) as a ViTModel.
+
+    ViTMAEModel's modules and parameter names are ViTModel's (the pre-training model keeps
+    them under `vit.`, which `from_pretrained` strips); the decoder is dropped. MAE's fixed
+    sin-cos position embeddings become the ViT's position table, trained from then on. Run
+    on all patches in their order, the ViT computes what the MAE encoder computes unmasked.
+    """
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel, ViTModel
+
+    saved = ViTMAEConfig.from_pretrained(path, local_files_only=True).architectures or []
+    if "ViTMAEForPreTraining" in saved:  # loaded whole: the decoder's weights are expected
+        mae = ViTMAEForPreTraining.from_pretrained(path, local_files_only=True).vit
+    else:
+        mae = ViTMAEModel.from_pretrained(path, local_files_only=True)
+    vit = ViTModel(vit_config_of_mae(mae.config), add_pooling_layer=False)
+    vit.load_state_dict(mae.state_dict(), strict=True)  # copies values; the ViT's stay trainable
+    return vit
+
+
 def load_backbone(path: str, tower: str) -> PreTrainedModel:
     """Load the `tower` backbone saved with `save_pretrained` in a local directory.
 
     `tower` is `model.image_tower`; the checkpoint must be of that kind (TOWER_OF_MODEL_TYPE).
-    A CLIPModel directory gives its vision model.
+    A CLIPModel directory gives its vision model; a ViTMAE directory its encoder, as a ViT
+    (`vit_from_mae`).
     """
     from transformers import AutoConfig, AutoModel, CLIPModel, CLIPVisionModel, ViTModel
 
@@ -139,6 +183,8 @@ def load_backbone(path: str, tower: str) -> PreTrainedModel:
         )
     if config.model_type == "vit":
         return ViTModel.from_pretrained(str(p), add_pooling_layer=False, local_files_only=True)
+    if config.model_type == "vit_mae":
+        return vit_from_mae(str(p))
     if config.model_type == "clip":
         return CLIPModel.from_pretrained(str(p), local_files_only=True).vision_model
     if config.model_type == "clip_vision_model":
