@@ -31,6 +31,9 @@ def smoke_cfg(tmp_path_factory: pytest.TempPathFactory) -> Config:
         ),
         data=dataclasses.replace(cfg.data, root=str(root / "data" / "shapes")),
         validate=dataclasses.replace(cfg.validate, report_dir=str(root / "reports" / "validation")),
+        pretrain_vision=dataclasses.replace(
+            cfg.pretrain_vision, out_dir=str(root / "models" / "pretrained_vision")
+        ),
         pretrain=dataclasses.replace(cfg.pretrain, out_dir=pretrained),
         finetune=dataclasses.replace(cfg.finetune, init_dir=pretrained, out_dir=finetuned),
         evaluate=dataclasses.replace(

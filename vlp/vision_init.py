@@ -4,7 +4,8 @@ With `pretrain_vision.enabled`, the `pretrain-vision` stage writes a ViTMAE chec
 `pretrain_vision.out_dir` and `pretrain` builds its ViT image tower from that directory's
 encoder, exactly as if `model.image_pretrained` named it (`with_mae_tower`): its weights,
 and its image processor, which is saved with the pretrained model. Disabled, the stage
-writes only a marker file (`DISABLED_MARKER`, `{"enabled": false}`) and trains nothing.
+writes only a marker file (`DISABLED_MARKER`: `disabled.json`, `{"enabled": false}`) and
+trains nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 from vlp.config import Config
 from vlp.errors import ConfigError
 
-DISABLED_MARKER = "pretrain_vision.json"  # what the disabled stage writes instead of a model
+# all the disabled stage writes (`vlp.pretrain_vision.DISABLED_FILE`)
+DISABLED_MARKER = "disabled.json"
 MAE_MODEL_TYPE = "vit_mae"  # transformers' model_type of a ViTMAE checkpoint
 
 
