@@ -114,7 +114,7 @@ def set_patch_dropout(model: nn.Module, rate: float) -> int:
 
     Towers without patches (CNN) are refused at a rate > 0 (ConfigError).
     """
-    towers = [m for m in model.modules() if hasattr(m, "patch_dropout")]
+    towers = [m for m in model.modules() if hasattr(m, "has_patches")]
     for tower in towers:
         if rate > 0 and not tower.has_patches:
             raise ConfigError(
