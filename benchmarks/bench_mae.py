@@ -208,7 +208,7 @@ def main() -> None:
           f"{'TFLOP/s':>8} {'peak':>7} {'MFU':>6}")  # fmt: skip
     for r in rows:
         print(
-            f"{r['precision']:5} {r['params'] / 1e6:7.2f}M {r['images_per_s']:9.1f} "
+            f"{r['precision']:5} {r['params'] / 1e6:7.2f}M {r['images_per_s']:9.3g} "
             f"{r['gflop_per_image']:9.4f} {r['counted_gflop_per_image']:8.4f} "
             f"{r['achieved_tflops']:8.4f} {r['peak_tflops']:7.2f} {100 * r['mfu']:5.1f}%"
         )
