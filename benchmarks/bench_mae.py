@@ -18,9 +18,10 @@ L_d = 1 + N decoder tokens, N = (S / p)^2 patches, d/i hidden/intermediate width
 is printed beside it as a check. MFU = formula FLOPs x images/s / peak FLOP/s of the
 precision, from `--peak-tflops` or this table (dense, no sparsity):
 
-    cpu   157 GFLOP/s fp32 and bf16: the 2-core AMD EPYC (Zen 3, AVX2, ~2.45 GHz) this was
-          written on: 2 cores x 2.45 GHz x 32 FLOP/cycle (2 x 256-bit FMA); no native bf16,
-          so bf16 is emulated and measured against the same peak
+    cpu   78.4 GFLOP/s per thread, fp32 and bf16: a core of the AMD EPYC (Zen 3, AVX2,
+          ~2.45 GHz) this was written on, 2.45 GHz x 32 FLOP/cycle (2 x 256-bit FMA), times
+          torch's threads (157 GFLOP/s for this 2-core machine); no native bf16, so bf16 is
+          emulated and measured against the same peak
     h100  66.9 TFLOP/s fp32 (no TF32), 989 TFLOP/s bf16 (H100 SXM datasheet)
     h200  same as h100 (same GH100 compute)
 
@@ -45,7 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 PEAK_FLOPS = {  # device -> precision -> dense peak FLOP/s (see the module docstring)
-    "cpu": {"fp32": 157e9, "bf16": 157e9},
+    "cpu": {"fp32": 78.4e9, "bf16": 78.4e9},  # per thread
     "h100": {"fp32": 66.9e12, "bf16": 989e12},
     "h200": {"fp32": 66.9e12, "bf16": 989e12},
 }
@@ -117,7 +118,7 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cpu":
-        return PEAK_FLOPS["cpu"][precision]
+        return PEAK_FLOPS["cpu"][precision] * torch.get_num_threads()
     name = torch.cuda.get_device_name(device).lower()
     for key in ("h200", "h100"):
         if key in name:
