@@ -15,6 +15,11 @@ are several times faster than from all captions with all objectives. The joint I
 LM phase then starts from that model. The loss curve and the MLflow run hold both phases,
 the warm-up's steps first; the `loss_*_first/last` metrics are the joint phase's.
 
+With `pretrain.patch_dropout` > 0 (FLIP, docs/flip.md) the joint phase's image tower
+(vit, clip, or BLIP's) sees a random `patch_dropout` of each image's patches dropped in
+training, until its last `pretrain.unmasked_steps` steps, which see them all; the caption
+warm-up and the zero-shot check always see every patch.
+
 With `model.family: clip` the model is a dual encoder (`vlp.models.clip`): from scratch
 (sized by `model`, with the trained tokenizer) or from the CLIPModel directory
 `model.init_from` (with its own tokenizer); it trains CLIP's contrastive loss alone, weighted
@@ -62,9 +67,10 @@ from vlp.pretrain_report import save_and_check, summary, write_results, zero_sho
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
 from vlp.train.loop import train
-from vlp.train.settings import TrainResult, TrainSettings, epoch_steps
+from vlp.train.settings import PatchDropout, TrainResult, TrainSettings, epoch_steps
 from vlp.vision_init import with_mae_tower
 
+PATCHLESS_TOWERS = ("cnn", "convnext")  # image towers with no patch tokens to drop
 LOG_FLUSH_STEPS = 50  # per-step metrics reach MLflow in batches of this many steps
 CAPTION_WARMUP_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
@@ -234,6 +240,23 @@ def _joint_weights(cfg: Config, family: Any) -> ObjectiveWeights:
     return weights
 
 
+def _masking(cfg: Config) -> PatchDropout | None:
+    """The joint phase's patch dropout (FLIP), checked; None when it drops nothing."""
+    p = cfg.pretrain
+    if not 0 <= p.patch_dropout < 1:
+        raise ConfigError(f"pretrain.patch_dropout: must be in [0, 1), got {p.patch_dropout}")
+    if p.unmasked_steps < 0:
+        raise ConfigError(f"pretrain.unmasked_steps: must be >= 0, got {p.unmasked_steps}")
+    if p.patch_dropout > 0 and cfg.model.image_tower in PATCHLESS_TOWERS:
+        raise ConfigError(
+            f"pretrain.patch_dropout: {p.patch_dropout}, but model.image_tower "
+            f"{cfg.model.image_tower!r} has no patch tokens to drop (use vit or clip, or 0)"
+        )
+    if p.patch_dropout == 0:
+        return None
+    return PatchDropout(rate=p.patch_dropout, unmasked_steps=p.unmasked_steps)
+
+
 @dataclasses.dataclass
 class _Phase:
     """What one training phase reads: its pairs and its settings."""
@@ -303,7 +326,11 @@ def _train_phases(
     joint_weights: ObjectiveWeights,
     resume: bool,
 ) -> tuple[TrainResult | None, TrainResult]:
-    """Train the caption warm-up (if any), then the joint phase; log every step to `run`."""
+    """Train the caption warm-up (if any), then the joint phase; log every step to `run`.
+
+    Only the joint phase drops patches (`pretrain.patch_dropout`): the warm-up's one fixed
+    caption per image names every object, and it should see them all.
+    """
     from vlp.data.torch_data import make_pretrain_collate
 
     collate = make_pretrain_collate(model.tokenizer, model.cfg.max_text_length)
@@ -337,6 +364,7 @@ def _train_phases(
             work_dir(cfg),
             resume=resume,
             on_log=on_log if run else None,
+            masking=_masking(cfg),
         )
     finally:
         if run and pending:
@@ -367,6 +395,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
         check_init_from(cfg.model)  # a bad checkpoint is refused before anything is written
     family = get_family(cfg.model.family)
     joint_weights = _joint_weights(cfg, family)
+    _masking(cfg)  # a bad patch dropout is refused before anything is written
     require_splits(cfg.data.root, p.splits, "pretrain.splits")
     require_splits(cfg.data.root, p.tokenizer_splits, "pretrain.tokenizer_splits")
     if p.eval_split is not None:

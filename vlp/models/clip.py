@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from vlp.errors import ConfigError
 from vlp.models.tokenizer import local_dir
-from vlp.models.towers import checkpoint_model_config
+from vlp.models.towers import checkpoint_model_config, clip_vision_tokens
 from vlp.models.weights import (
     CONFIG_NAME,
     TOKENIZER_DIR,
@@ -66,6 +66,8 @@ class CLIPDualEncoder(SavedModel):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.clip = clip
+        self.has_patches = True
+        self.patch_dropout = 0.0  # FLIP on the vision tower; the training loop sets it
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -86,7 +88,14 @@ class CLIPDualEncoder(SavedModel):
         """Images [B,3,S,S] -> (vision tokens [B,1+N,Hv], image_feat [B,E] L2-normalised).
 
         Any S: the position table is interpolated when S is not the config's image size.
+        Training with `patch_dropout` > 0: [B,1+K,Hv], K patches kept (`towers.drop_patches`).
         """
+        rate = self.patch_dropout if self.training else 0.0
+        if rate > 0:  # get_image_features' steps, patches dropped after the embeddings
+            vision = self.clip.vision_model
+            tokens = clip_vision_tokens(vision, pixel_values, rate)
+            pooled = self.clip.visual_projection(vision.post_layernorm(tokens[:, 0]))
+            return tokens, F.normalize(pooled, dim=-1)
         out = self.clip.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=True)
         return out.last_hidden_state, F.normalize(out.pooler_output, dim=-1)
 

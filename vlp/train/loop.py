@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from vlp.errors import ConfigError
 from vlp.io import claim_dir, remove_dir
+from vlp.models.towers import set_patch_dropout
 from vlp.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -42,6 +43,7 @@ from vlp.train.checkpoint import (
 )
 from vlp.train.distributed import DistInfo, barrier, init_distributed
 from vlp.train.settings import (
+    PatchDropout,
     TrainResult,
     TrainSettings,
     epoch_steps,
@@ -391,6 +393,7 @@ def train(
     *,
     resume: bool = False,
     on_log: Callable[[dict[str, float], int], None] | None = None,
+    masking: PatchDropout | None = None,
 ) -> TrainResult:
     """Train `model` in place on `dataset`; checkpoints go to `out_dir/checkpoints/`.
 
@@ -398,6 +401,8 @@ def train(
     rank-averaged `loss*` values, `lr` (the rate used for that step), `grad_norm` and
     `samples_per_s`. With `resume`, the newest checkpoint is loaded and the run continues
     exactly where it stopped (same sampler order, RNG states, optimizer and schedule).
+    `masking` sets the image towers' patch dropout before each step (FLIP); the towers are
+    left at 0 when the run ends.
     """
     s = settings
     was_deterministic = (
@@ -422,6 +427,8 @@ def train(
             batches = _epoch_batches(run, dataset, sampler, keys, loader)
             while pos.epoch == epoch and pos.step < run.total_steps:
                 t0 = time.perf_counter()
+                if masking is not None:
+                    set_patch_dropout(model, masking.rate_at(pos.step, run.total_steps))
                 metrics = _optimizer_step(run, _accumulate(run, batches), t0)
                 _show_progress(run, bar, metrics, show)
                 if s.checkpoint_every > 0 and pos.step % s.checkpoint_every == 0:
@@ -432,6 +439,8 @@ def train(
             last_ckpt = _checkpoint(run)
     finally:
         bar.close()
+        if masking is not None:
+            set_patch_dropout(model, 0.0)
         torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
     wall = time.perf_counter() - t_run
     samples_run = (pos.step - start_step) * s.batch_size * s.grad_accum_steps

@@ -68,6 +68,23 @@ class TrainSettings:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class PatchDropout:
+    """FLIP's schedule: image towers drop `rate` of each image's patch tokens in training,
+    except in the last `unmasked_steps` optimizer steps, which see every patch.
+
+    The rate of a step depends on its number alone, so a resumed run masks as the
+    uninterrupted one does.
+    """
+
+    rate: float
+    unmasked_steps: int
+
+    def rate_at(self, step: int, total_steps: int) -> float:
+        """The rate of optimizer step `step` (0-based) of a run of `total_steps`."""
+        return self.rate if step < total_steps - self.unmasked_steps else 0.0
+
+
 @dataclass
 class TrainResult:
     """What a run did: optimizer steps, per-step history and the last step's losses."""
