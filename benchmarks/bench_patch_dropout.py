@@ -50,7 +50,7 @@ def interleaved_speed(cfg: Any, start: Any, data: Any, args: argparse.Namespace)
     """Median samples/s and CPU-s/step of each rate, the rates taking turns (module docstring)."""
     from vlp.models.family import get_family
     from vlp.models.objectives import ObjectiveWeights
-    from vlp.models.towers import set_patch_dropout
+    from vlp.models.patch_dropout import set_patch_dropout
     from vlp.train.loop import param_groups
     from vlp.train.settings import resolve_precision
 

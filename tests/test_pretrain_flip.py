@@ -12,7 +12,8 @@ import pytest
 import vlp.pretrain
 from vlp.config import Config
 from vlp.errors import ConfigError, ResumeError
-from vlp.models.towers import ImageTower, kept_patches
+from vlp.models.patch_dropout import kept_patches
+from vlp.models.towers import ImageTower
 from vlp.pretrain import pretrain
 from vlp.pretrain_fingerprint import fingerprint, work_dir
 

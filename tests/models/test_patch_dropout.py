@@ -7,12 +7,8 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.models.objectives import ObjectiveWeights, VLPObjective
-from vlp.models.towers import (
-    BlipImageTower,
-    drop_patches,
-    kept_patches,
-    set_patch_dropout,
-)
+from vlp.models.patch_dropout import drop_patches, kept_patches, set_patch_dropout
+from vlp.models.towers import BlipImageTower
 from vlp.models.vlp_model import build_model
 
 ALL = ObjectiveWeights(itc=1.0, itm=1.0, lm=1.0)

@@ -36,8 +36,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from vlp.errors import ConfigError
+from vlp.models.patch_dropout import clip_vision_tokens
 from vlp.models.tokenizer import local_dir
-from vlp.models.towers import checkpoint_model_config, clip_vision_tokens
+from vlp.models.towers import checkpoint_model_config
 from vlp.models.weights import (
     CONFIG_NAME,
     TOKENIZER_DIR,

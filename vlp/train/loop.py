@@ -5,6 +5,8 @@ optimised) and any number of `loss_*` scalars (logged): the stage decides what i
 by what it passes, e.g. `VLPObjective(model, weights)` or `VQAModel`. The loop adds AdamW with linear
 warmup + cosine decay, gradient accumulation and clipping, bf16 autocast, exact
 checkpoint/resume, and data parallelism under `torchrun` (DDP; gloo on CPU, NCCL on CUDA).
+It is one module past 450 lines because the loop's steps (set-up, step, checkpoint, resume)
+share its private state; split, each would import the others' internals.
 
 Batch semantics: `batch_size` is the global micro-batch (summed over ranks; each rank gets
 `batch_size / world_size`), and one optimizer step sees `batch_size * grad_accum_steps`
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vlp.errors import ConfigError
 from vlp.io import claim_dir, remove_dir
-from vlp.models.towers import set_patch_dropout
+from vlp.models.patch_dropout import set_patch_dropout
 from vlp.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
