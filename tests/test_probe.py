@@ -70,7 +70,8 @@ def test_probe_scores_the_three_encoders_on_smoke_data(cfg: Config, tmp_path: Pa
         cfg, pretrain_vision=dataclasses.replace(cfg.pretrain_vision, enabled=True)
     )
     result = json.loads(probe(on).read_text())
-    train, evaluated = probe_labels(cfg.data.root, "train"), probe_labels(cfg.data.root, "test")
+    train = probe_labels(cfg.data.root, cfg.probe.train_split)
+    evaluated = probe_labels(cfg.data.root, cfg.probe.eval_split)
     assert result["n_train"] == len(train) > 0 and result["n_eval"] == len(evaluated) > 0
     assert set(result["accuracy"]) == {"random", "mae", "pretrained"}
     grid = 100.0 / len(evaluated)  # accuracies are multiples of one image
