@@ -200,7 +200,7 @@ def test_dvc_repro_runs_on_an_imported_dataset_and_never_writes_into_it(
         if any(c.get("changed deps", {}).get("data/coco") == "modified" for c in changes)
     }
     assert stale == {
-        "validate", "pretrain-vision", "pretrain", *(f"finetune@{t}-{i}" for t in ("retrieval", "captioning", "vqa")
+        "validate", "pretrain-vision", "pretrain", "probe", *(f"finetune@{t}-{i}" for t in ("retrieval", "captioning", "vqa")
                                   for i in ("pretrained", "scratch")),
         *(f"evaluate@{t}" for t in ("retrieval", "captioning", "vqa")),
     }  # fmt: skip
