@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.stage_helpers import isolated_cfg
 from vlp.config import Config
 from vlp.errors import OutputError
 from vlp.pretrain import pretrain
@@ -76,22 +77,7 @@ def _stage_runs(tmp_path: Path) -> list:
 def cfg(
     smoke_cfg: Config, smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Config:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # lineage reads dvc.yaml / dvc.lock from the working dir
-    return dataclasses.replace(
-        smoke_cfg,
-        pretrain=dataclasses.replace(
-            smoke_cfg.pretrain, out_dir=str(tmp_path / "models" / "pretrained")
-        ),
-        runtime=dataclasses.replace(
-            smoke_cfg.runtime,
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
-        ),
-        tracking=dataclasses.replace(
-            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
-        ),
-    )
+    return isolated_cfg(smoke_cfg, tmp_path, monkeypatch)
 
 
 def test_pretrain_writes_model_metrics_plots_and_run(cfg: Config, tmp_path: Path) -> None:

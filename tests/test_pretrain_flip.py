@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 import vlp.pretrain
+from tests.stage_helpers import isolated_cfg
 from vlp.config import Config
 from vlp.errors import ConfigError, ResumeError
 from vlp.models.patch_dropout import kept_patches
@@ -34,19 +35,7 @@ def cfg(
     smoke_cfg: Config, smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Config:
     """The smoke profile with a ViT tower, FLIP on, every output under `tmp_path`."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # lineage reads dvc.yaml / dvc.lock from the working dir
-    base = dataclasses.replace(
-        smoke_cfg,
-        runtime=dataclasses.replace(
-            smoke_cfg.runtime,
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
-        ),
-        tracking=dataclasses.replace(
-            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
-        ),
-    )
+    base = isolated_cfg(smoke_cfg, tmp_path, monkeypatch)
     return _flip(
         base,
         out_dir=str(tmp_path / "models" / "pretrained"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.checkpoints.mae import write_tiny_mae
+from tests.stage_helpers import isolated_cfg
 from vlp.config import Config
 from vlp.data.processors import PROCESSOR_FILE
 from vlp.errors import ConfigError
@@ -28,22 +29,7 @@ def _with(cfg: Config, mae: Path, **model: object) -> Config:
 
 @pytest.fixture
 def cfg(smoke_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # lineage reads dvc.yaml / dvc.lock from the working dir
-    return dataclasses.replace(
-        smoke_cfg,
-        pretrain=dataclasses.replace(
-            smoke_cfg.pretrain, out_dir=str(tmp_path / "models" / "pretrained")
-        ),
-        runtime=dataclasses.replace(
-            smoke_cfg.runtime,
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
-        ),
-        tracking=dataclasses.replace(
-            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
-        ),
-    )
+    return isolated_cfg(smoke_cfg, tmp_path, monkeypatch)
 
 
 def test_the_disabled_stage_marker_is_no_trained_mae(tmp_path: Path) -> None:

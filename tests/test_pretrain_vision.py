@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.stage_helpers import isolated_cfg
 from vlp.config import Config
 from vlp.errors import ConfigError, ResumeError
 from vlp.pretrain_vision import pretrain_vision, work_dir
@@ -27,19 +28,7 @@ def _replace(cfg: Config, **pv: object) -> Config:
 def cfg(
     smoke_cfg: Config, smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Config:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # lineage reads dvc.yaml / dvc.lock from the working dir
-    cfg = dataclasses.replace(
-        smoke_cfg,
-        runtime=dataclasses.replace(
-            smoke_cfg.runtime,
-            metrics_dir=str(tmp_path / "metrics"),
-            plots_dir=str(tmp_path / "plots"),
-        ),
-        tracking=dataclasses.replace(
-            smoke_cfg.tracking, artifact_root=str(tmp_path / "mlartifacts")
-        ),
-    )
+    cfg = isolated_cfg(smoke_cfg, tmp_path, monkeypatch)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_tower="vit"))
     return _replace(cfg, enabled=True, out_dir=str(tmp_path / "models" / "pretrained_vision"))
 
