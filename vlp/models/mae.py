@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlp.errors import ConfigError
+from vlp.models.towers import vit_sizes
 
 if TYPE_CHECKING:
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -40,11 +41,7 @@ def mae_config(model: ModelConfig, pv: PretrainVisionConfig, image_size: int) ->
             raise ConfigError(f"{key}: {width} is not divisible by its {heads} attention heads")
     return ViTMAEConfig(
         image_size=image_size,
-        patch_size=model.patch_size,
-        hidden_size=model.hidden_size,
-        num_hidden_layers=model.num_image_layers,
-        num_attention_heads=model.num_heads,
-        intermediate_size=model.intermediate_size,
+        **vit_sizes(model),
         decoder_hidden_size=pv.decoder_hidden_size,
         decoder_num_hidden_layers=pv.decoder_num_layers,
         decoder_num_attention_heads=pv.decoder_num_heads,

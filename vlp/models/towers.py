@@ -73,6 +73,17 @@ def check_image_tower(tower: str) -> None:
         raise ConfigError(f"model.image_tower: {tower!r} is not one of {', '.join(IMAGE_TOWERS)}")
 
 
+def vit_sizes(cfg: ModelConfig) -> dict[str, int]:
+    """The transformers config sizes of a ViT tower of `cfg` (the ViT and MAE encoders')."""
+    return {
+        "patch_size": cfg.patch_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_image_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+    }
+
+
 def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
     """A tiny from-scratch transformers config for `cfg.image_tower`."""
     from transformers import CLIPVisionConfig, ConvNextConfig, ResNetConfig, ViTConfig
@@ -92,14 +103,7 @@ def image_backbone_config(cfg: ModelConfig) -> PretrainedConfig:
             num_stages=len(cfg.cnn_channels),
         )
     # image_size only sizes the position table; forward interpolates it to the real size
-    transformer = {
-        "image_size": 64,
-        "patch_size": cfg.patch_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_image_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-    }
+    transformer = {"image_size": 64, **vit_sizes(cfg)}
     if cfg.image_tower == "clip":
         return CLIPVisionConfig(**transformer, attention_dropout=0.0)
     return ViTConfig(**transformer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
