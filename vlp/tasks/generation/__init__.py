@@ -1,0 +1,1 @@
+"""Text-to-image generation: a diffusion generator conditioned on a pretrained text encoder."""
