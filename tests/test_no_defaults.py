@@ -44,6 +44,7 @@ ALLOWED = {
     # evaluate.batch_size, serving serving.max_rows)
     ("vlp/tasks/predictor.py", "batch_size"),
     ("vlp/tasks/vqa/task.py", "batch_size"),
+    ("vlp/tasks/generation/task.py", "batch_size"),
 }
 
 

@@ -32,6 +32,7 @@ import yaml
 from vlp.errors import ConfigError
 from vlp.tasks import get_task
 from vlp.tasks.captioning import CaptioningConfig
+from vlp.tasks.generation import GenerationConfig
 from vlp.tasks.retrieval import RetrievalConfig
 from vlp.tasks.spec import FinetuneBudget
 from vlp.tasks.vqa import VQAConfig
@@ -242,6 +243,7 @@ class FinetuneConfig:
     retrieval: RetrievalConfig
     captioning: CaptioningConfig
     vqa: VQAConfig
+    generation: GenerationConfig
 
     def task(self, name: str) -> FinetuneBudget:
         """The params section of task `name`."""
@@ -267,6 +269,11 @@ class EvaluateConfig:
     data_root: str | None  # dataset to evaluate on; None: data.root
     num_examples: int  # qualitative examples logged per task
     vqa_protocol: VQAProtocol  # answer normalisation (vlp.metrics.vqa)
+    generation_prompts: int  # test prompts generation is scored on (evenly spaced over the split)
+    generation_clip_dir: str | None  # a local CLIP model directory: CLIP score; None: not scored
+    # a local torchmetrics Inception weights file: the standard FID; None: the Fréchet distance
+    # in the features of the pretrained image tower
+    generation_inception_weights: str | None
 
 
 @dataclass
@@ -304,6 +311,9 @@ class ServingConfig:
     max_rows: int  # the predictors' batch size: one request, one forward batch
     max_text_chars: int  # characters per text field, checked before any tokenisation
     max_text_tokens: int  # tokens per row, counted by the model's tokenizer
+    max_generation_prompts: int  # prompts per generation request (each samples several images)
+    max_generation_steps: int  # sampler steps a generation request may ask for
+    max_guidance_scale: float  # classifier-free guidance a generation request may ask for
 
 
 @dataclass

@@ -49,7 +49,13 @@ import torch
 from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.finetune import INITS, is_skipped, not_applicable
-from vlp.io import atomic_write_csv, atomic_write_json, atomic_write_text, claim_dir
+from vlp.io import (
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    claim_dir,
+)
 from vlp.tasks import finetuned_name, get_task, model_sha256
 from vlp.tasks.spec import Example, TaskEval
 
@@ -173,8 +179,13 @@ def _record_not_applicable(cfg: Config, task: str, reason: str) -> dict[str, Any
     return doc
 
 
+def result_file(results_dir: Path, name: str, init: str) -> Path:
+    """Where one init's extra result file `name` (`TaskEval.files`) goes: `<stem>_<init><suffix>`."""
+    return results_dir / f"{Path(name).stem}_{init}{Path(name).suffix}"
+
+
 def _write_results(cfg: Config, task: str, init: str, results_dir: Path, ev: TaskEval) -> None:
-    """One init's results, plot rows and examples (HTML and JSON)."""
+    """One init's results, plot rows, examples (HTML and JSON) and extra files."""
     atomic_write_json(results_dir / f"{init}.json", ev.results)
     atomic_write_csv(plot_path(cfg, task, init), get_task(task).plot_columns, ev.plot_rows)
     atomic_write_text(results_dir / f"examples_{init}.html", examples_html(task, init, ev.examples))
@@ -190,6 +201,8 @@ def _write_results(cfg: Config, task: str, init: str, results_dir: Path, ev: Tas
             for e in ev.examples
         ],
     )
+    for name, content in ev.files.items():
+        atomic_write_bytes(result_file(results_dir, name, init), content)
 
 
 def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
@@ -234,11 +247,13 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
     }
     with stage_run(cfg, "evaluate", task=task, params=params, inputs=inputs) as run:
         per_init: dict[str, dict[str, float]] = {}
+        files: dict[str, list[Path]] = {}
         for init in inits:
             t0 = time.perf_counter()
             ev = evaluate_model(cfg, paths[init])
             per_init[init] = {**ev.metrics, "eval_s": time.perf_counter() - t0}
             _write_results(cfg, task, init, results_dir, ev)
+            files[init] = [result_file(results_dir, name, init) for name in ev.files]
         if "scratch" not in inits:  # the DVC stage declares the scratch plot anyway
             atomic_write_csv(plot_path(cfg, task, "scratch"), spec.plot_columns, [])
         doc = metrics_document(cfg, task, per_init, hashes, data)
@@ -258,5 +273,7 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
             run.log_artifact(results_dir / f"{init}.json", "results")
             run.log_artifact(results_dir / f"examples_{init}.html", "examples")
             run.log_artifact(results_dir / f"examples_{init}.json", "examples")
+            for path in files[init]:
+                run.log_artifact(path, "examples")
     print(json.dumps(doc, indent=2))
     return doc

@@ -34,6 +34,7 @@ import dataclasses
 import importlib
 import io
 import logging
+import typing
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -57,26 +58,30 @@ log = logging.getLogger(__name__)
 EMBEDDING = "embedding"
 
 
-def task_signature(task: str) -> Any:
+def task_signature(task: str, settings: dict[str, Any] | None = None) -> Any:
     """The MLflow signature of `task`'s pyfunc (see the table in the module docstring).
 
     An embedding task's columns are optional (an embedding row holds one of them) and its
-    `output` param chooses the answer: the task's own (default) or `embedding`.
+    `output` param chooses the answer: the task's own (default) or `embedding`. A task's
+    request params (`Task.request_params`) default to the model's own `settings` (its
+    task.json).
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     spec = get_task(task, RegistryError)
     out_name, out_type = spec.output
-    if not spec.embeddings:
-        return ModelSignature(
-            inputs=Schema([ColSpec(t, n) for n, t in spec.inputs]),
-            outputs=Schema([ColSpec(out_type, out_name)]),
-        )
+    params = []
+    for name, kind in spec.request_params:
+        if settings is None or name not in settings:
+            raise RegistryError(f"task.json: lacks the {task} setting {name!r}")
+        params.append(ParamSpec(name, kind, settings[name]))
+    if spec.embeddings:
+        params.append(ParamSpec("output", "string", out_name))
     return ModelSignature(
-        inputs=Schema([ColSpec(t, n, required=False) for n, t in spec.inputs]),
+        inputs=Schema([ColSpec(t, n, required=not spec.embeddings) for n, t in spec.inputs]),
         outputs=Schema([ColSpec(out_type, out_name)]),
-        params=ParamSchema([ParamSpec("output", "string", out_name)]),
+        params=ParamSchema(params) if params else None,
     )
 
 
@@ -178,7 +183,7 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 
         try:
-            return self._predict(model_input, (params or {}).get("output"))
+            return self._predict(model_input, dict(params or {}))
         except RequestError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
         except Exception as e:
@@ -189,10 +194,10 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
                 error_code=INTERNAL_ERROR,
             ) from e
 
-    def _predict(self, model_input: pd.DataFrame, output: str | None) -> pd.DataFrame:
+    def _predict(self, model_input: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
         spec = get_task(self.task)
         own = spec.output[0]
-        output = output or own
+        output = params.pop("output", None) or own
         if output == EMBEDDING and spec.embeddings:
             return pd.DataFrame({EMBEDDING: self._embeddings(model_input)})
         if output != own:
@@ -203,8 +208,11 @@ class VLPTaskModel(mlflow.pyfunc.PythonModel):
         check_request(self.task, model_input, self.limits)
         rows = range(len(model_input))
         texts = {c: self._texts(model_input, c, rows) for c in text_columns(self.task)}
-        images = self._images(model_input, rows)
-        return pd.DataFrame(spec.module().serve(self.predictor, images, texts))
+        takes_images = any(kind == "binary" for _, kind in spec.inputs)
+        images = self._images(model_input, rows) if takes_images else []
+        own_params = {name: params[name] for name, _ in spec.request_params if name in params}
+        answer = spec.module().serve(self.predictor, images, texts, own_params, self.limits)
+        return pd.DataFrame(answer)
 
     def _embeddings(self, model_input: pd.DataFrame) -> list[list[float]]:
         """The L2-normalised embedding of each row's image or text, in row order."""
@@ -279,12 +287,14 @@ def serving_limits(model_config: dict[str, Any]) -> ServingConfig:
             f"model_config: missing key {missing[0]} (serving limits); register the model "
             "again to record them"
         )
-    return ServingConfig(**{k: int(model_config[k]) for k in keys})
+    types = typing.get_type_hints(ServingConfig)
+    return ServingConfig(**{k: types[k](model_config[k]) for k in keys})
 
 
 def pip_requirements() -> list[str]:
     """Pinned requirements of the served model, taken from this environment."""
     pkgs = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas"]
+    pkgs += ["diffusers", "peft"]  # the generation task's generators
     reqs = []
     for pkg in pkgs:
         try:
@@ -292,6 +302,16 @@ def pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             reqs.append(pkg)
     return reqs
+
+
+def _settings(task: str, model_dir: Path) -> dict[str, Any] | None:
+    """The task.json of a model whose task has request params (their defaults), else None."""
+    from vlp.io import load_json
+    from vlp.tasks import TASK_FILE
+
+    if not get_task(task, RegistryError).request_params:
+        return None
+    return load_json(Path(model_dir) / TASK_FILE, RegistryError)
 
 
 def log_task_model(
@@ -320,7 +340,7 @@ def log_task_model(
         },
         artifacts={"model_dir": str(model_dir)},
         code_paths=code_paths,
-        signature=task_signature(task),
+        signature=task_signature(task, _settings(task, model_dir)),
         pip_requirements=pip_requirements(),
         registered_model_name=registered_model_name,
     )

@@ -40,7 +40,15 @@ def test_embedding_rows_keep_their_order_and_bad_rows_are_refused() -> None:
             return np.array([[0.0, 1.0, len(t)] for t in texts], dtype=np.float32)
 
     model = VLPTaskModel()
-    limits = ServingConfig(max_image_pixels=600, max_rows=3, max_text_chars=9, max_text_tokens=9)
+    limits = ServingConfig(
+        max_image_pixels=600,
+        max_rows=3,
+        max_text_chars=9,
+        max_text_tokens=9,
+        max_generation_prompts=2,
+        max_generation_steps=5,
+        max_guidance_scale=4.0,
+    )
     model.task, model.limits, model.predictor = "retrieval", limits, Fixed()
     frame = pd.DataFrame({"image": [None, _png(0), None], "text": ["abc", None, "hello"]})
     out = model.predict(None, frame, params={"output": "embedding"})

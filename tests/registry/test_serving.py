@@ -215,7 +215,15 @@ def _register_standin(cfg: Config, task: str = "captioning") -> None:
 
 @pytest.mark.slow
 def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
-    limits = ServingConfig(max_image_pixels=99, max_rows=5, max_text_chars=7, max_text_tokens=3)
+    limits = ServingConfig(
+        max_image_pixels=99,
+        max_rows=5,
+        max_text_chars=7,
+        max_text_tokens=3,
+        max_generation_prompts=2,
+        max_generation_steps=9,
+        max_guidance_scale=2.5,
+    )
     _register_standin(dataclasses.replace(store_cfg, serving=limits))
     model = mlflow.pyfunc.load_model("models:/vlp-captioning@champion")
     assert {k: model.model_config[k] for k in dataclasses.asdict(limits)} == {
@@ -223,6 +231,9 @@ def test_registered_model_records_the_serving_limits(store_cfg: Config) -> None:
         "max_rows": 5,
         "max_text_chars": 7,
         "max_text_tokens": 3,
+        "max_generation_prompts": 2,
+        "max_generation_steps": 9,
+        "max_guidance_scale": 2.5,
     }
 
 

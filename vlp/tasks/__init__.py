@@ -1,4 +1,4 @@
-"""Downstream tasks on top of the pretrained VLP model: retrieval, captioning, VQA.
+"""Downstream tasks on top of the pretrained VLP model: retrieval, captioning, VQA, generation.
 
 Each task is one package, `vlp/tasks/<name>/`, that owns its params section, training
 setup, evaluation, predictor, plots and serving schema (`vlp.tasks.spec`); `TASKS` below
@@ -16,7 +16,10 @@ registry's pyfunc serves it.
 - retrieval: `score` is ITM-reranked (ITC top-k per image and per text, k =
   `rerank_k`), other tasks return plain ITC cosine scores;
 - captioning: `caption(images) -> list[str]` (beam search);
-- vqa: `answer(images, questions) -> list[str]` (one question per image).
+- vqa: `answer(images, questions) -> list[str]` (one question per image);
+- generation: `generate(prompts) -> list[PIL.Image]` (the best of `num_candidates` samples
+  per prompt by the model's own ITM or ITC score); its model directory also holds
+  `generator/`, the diffusion generator conditioned on the directory's text encoder.
 
 Reading a task model directory (its `task.json`, its image transform) is the model loader's
 job (`vlp.models.checkpoints`).
@@ -35,11 +38,12 @@ from pathlib import Path
 # from here, and every stage's code deps follow from what it imports (tests/test_dvc_deps.py).
 from vlp.errors import ConfigError, VlpError
 from vlp.tasks.captioning import TASK as CAPTIONING
+from vlp.tasks.generation import TASK as GENERATION
 from vlp.tasks.retrieval import TASK as RETRIEVAL
 from vlp.tasks.spec import Task
 from vlp.tasks.vqa import TASK as VQA
 
-TASKS: dict[str, Task] = {t.name: t for t in (RETRIEVAL, CAPTIONING, VQA)}
+TASKS: dict[str, Task] = {t.name: t for t in (RETRIEVAL, CAPTIONING, VQA, GENERATION)}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 TASK_FILE = "task.json"
 

@@ -10,8 +10,10 @@ description names (`implementation`) holds the torch side:
 - `Predictor`: inference over a saved task model (what `load_predictor`, the registry's
   pyfunc and `vlp evaluate` all use);
 - `evaluate(cfg, predictor, data) -> TaskEval`: scores of a predictor on `evaluate.split`;
-- `serve(predictor, images, texts) -> {output column: values}`: the served answer to one
-  request, its images decoded and its texts (by input column) checked.
+- `serve(predictor, images, texts, params, limits) -> {output column: values}`: the served
+  answer to one request, its images decoded, its texts (by input column) checked, `params`
+  its request params (`request_params`, defaults filled in) and `limits` the `serving`
+  limits it was registered with.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Task:
     evaluate_options: tuple[str, ...] = ()
     # whether its pyfunc also answers `params={"output": "embedding"}` requests
     embeddings: bool = False
+    # request params of its pyfunc: (name, MLflow type); each defaults to the `task.json`
+    # setting of that name and is bounded by the `serving` limits (`serve` checks them)
+    request_params: tuple[tuple[str, str], ...] = ()
 
     def module(self) -> ModuleType:
         """The task's torch side (imported on first use)."""
@@ -90,3 +95,6 @@ class TaskEval:
     results: Any  # JSON-serialisable results file content
     plot_rows: list[dict[str, Any]]
     examples: list[Example] = field(default_factory=list)
+    # more qualitative files (e.g. a gallery of generated images): name -> content, written
+    # as `results/<task>/<stem>_<init><suffix>` and logged with the examples
+    files: dict[str, bytes] = field(default_factory=dict)

@@ -140,7 +140,9 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     return TaskEval(metrics, results, rows, examples)
 
 
-def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, Any]:
+def serve(
+    predictor: Any, images: list[Any], texts: dict[str, list[str]], params: dict, limits: Any
+) -> dict[str, Any]:
     """One score per request row: its (image, text) pair."""
     # the diagonal of the image x text score matrix
     scores = np.asarray(predictor.score(images, texts["text"]))

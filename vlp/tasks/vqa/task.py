@@ -126,6 +126,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     return TaskEval(metrics, results, rows, examples)
 
 
-def serve(predictor: Any, images: list[Any], texts: dict[str, list[str]]) -> dict[str, list]:
+def serve(
+    predictor: Any, images: list[Any], texts: dict[str, list[str]], params: dict, limits: Any
+) -> dict[str, list]:
     """One answer per request row: its image and its question."""
     return {"answer": list(predictor.answer(images, texts["question"]))}

@@ -1,0 +1,185 @@
+"""Scoring a generation model on the evaluation split's captions (`score_generation`).
+
+The prompts are `evaluate.generation_prompts` captions of `evaluate.split`, evenly spaced over
+its pairs (every caption style of the shapes world comes up). Each prompt gets the model's
+`num_candidates` samples once; the kept image is then chosen in every way the model can
+(`none`: the first sample; `itc`; `itm` with an ITM head), so the re-ranking gain is measured
+on the same samples:
+
+- compositional accuracy (`vlp.metrics.generation.compositional_scores`: the scene parser
+  reads each image back) of the images the model's own `rerank` keeps: `exact_match`,
+  `exact_match_one_object`, `count`, `color`, `shape`, `position`, `relation`; the same with
+  `_no_rerank` (first sample), `exact_match_rerank_<itc|itm>` and `rerank_gain`
+  (`exact_match - exact_match_no_rerank`);
+- `itc_score`: the pretrained model's (`finetune.init_dir`) ITC agreement of kept image and
+  prompt; `clip_score` with `evaluate.generation_clip_dir`;
+- `frechet_distance_<features>`: kept images against every image of the split (at the
+  generated size), in the features of the pretrained model's image tower
+  (`vlp_image_tower`), or of torchmetrics' Inception with `evaluate.generation_inception_weights`
+  (`inception`);
+- `images_per_s`: sampled images per second (candidates included).
+
+`predictor` is a generation `Predictor` (`vlp.tasks.generation.task`). The pretrained model is
+the judge of both inits, so their scores compare; re-ranking uses each
+model's own (what it ships with).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlp.tasks.spec import Example, TaskEval
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from vlp.config import Config
+
+GALLERY_FILES = ("gallery.png", "gallery.html")
+
+
+def evaluation_prompts(data: Path, split: str, n: int) -> pd.DataFrame:
+    """`n` caption pairs of `split`, evenly spaced over its manifest order (all if fewer)."""
+    from vlp.data.manifest import read_pairs
+    from vlp.errors import ConfigError, DataError
+
+    if n < 1:
+        raise ConfigError(f"evaluate.generation_prompts: must be >= 1, got {n}")
+    pairs = read_pairs(data, split)
+    if pairs.empty:
+        raise DataError(f"{data}: no captions in split {split!r} to generate from")
+    n = min(n, len(pairs))
+    return pairs.iloc[[i * len(pairs) // n for i in range(n)]].reset_index(drop=True)
+
+
+class TowerFeatures(torch.nn.Module):
+    """Global image-tower features [N, H] of uint8 images [N, 3, H, W] (FID's input)."""
+
+    def __init__(self, loaded: Any) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.transform = loaded.transform
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        pil = [Image.fromarray(x.permute(1, 2, 0).cpu().numpy()) for x in images.to(torch.uint8)]
+        pixels = self.transform.pixels(pil).to(next(self.model.parameters()).device)
+        return self.model.encode_image(pixels)[0][:, 0].float().cpu()
+
+
+def _judge(cfg: Config, device: torch.device) -> Any:
+    from vlp.models.family import load_model
+
+    return load_model(cfg.finetune.init_dir, device=device, key="finetune.init_dir")
+
+
+def _rerank_metrics(
+    predictor: Any, prompts: list[str], candidates: list[list[Image.Image]]
+) -> tuple[dict[str, float], list[Image.Image], list[dict[str, Any]]]:
+    """Compositional scores of the kept images for every way of keeping one; the model's own
+    way's metrics first, plus the images it keeps and their parse rows."""
+    from vlp.metrics.generation import compositional_scores
+
+    ways = ["none", "itc", *(["itm"] if predictor.has_itm else [])]
+    own = predictor.sampling.rerank
+    metrics: dict[str, float] = {}
+    kept: list[Image.Image] = []
+    rows: list[dict[str, Any]] = []
+    for how in ways:
+        picks = predictor.pick(prompts, candidates, how)
+        images = [group[i] for group, i in zip(candidates, picks, strict=True)]
+        scores, parsed = compositional_scores(prompts, images)
+        if how == own:
+            metrics.update(scores)
+            kept, rows = images, [{**r, "candidate": i} for r, i in zip(parsed, picks, strict=True)]
+        if how == "none":
+            metrics.update({f"{k}_no_rerank": v for k, v in scores.items()})
+        else:
+            metrics[f"exact_match_rerank_{how}"] = scores["exact_match"]
+    metrics["rerank_gain"] = metrics["exact_match"] - metrics["exact_match_no_rerank"]
+    return metrics, kept, rows
+
+
+def _agreement_and_distance(
+    cfg: Config, predictor: Any, data: Path, prompts: list[str], kept: list[Image.Image]
+) -> dict[str, float]:
+    """ITC (and CLIP) score of kept images and prompts; Fréchet distance to the split's images."""
+    from vlp.data.images import ImageTransform
+    from vlp.data.manifest import read_pairs
+    from vlp.data.torch_data import read_images
+    from vlp.metrics.generation import clip_score, frechet_distance, itc_score
+    from vlp.tasks.generation import UNIT_RANGE
+
+    judge = _judge(cfg, predictor.device)
+
+    def itc(images: list[Image.Image], texts: list[str]) -> torch.Tensor:
+        image_feat = judge.image_features(judge.transform.pixels(images))[1]
+        return (image_feat * judge.text_features(texts)).sum(-1).float().cpu()
+
+    out = {"itc_score": float(itc_score(kept, prompts, itc))}
+    if cfg.evaluate.generation_clip_dir is not None:
+        out["clip_score"] = float(clip_score(kept, prompts, cfg.evaluate.generation_clip_dir))
+    # the split's images as the generator saw its training images
+    size, resize = int(predictor.info["generated_size"]), str(predictor.info["generated_resize"])
+    paths = read_pairs(data, cfg.evaluate.split).drop_duplicates("image_id")["image_path"]
+    real = read_images(data, list(paths), ImageTransform(size, resize, **UNIT_RANGE))
+    weights = cfg.evaluate.generation_inception_weights
+    if weights is None:
+        features, name = TowerFeatures(judge), "vlp_image_tower"
+    else:
+        from vlp.metrics.generation import inception_features
+
+        features, name = inception_features(weights), "inception"
+    out[f"frechet_distance_{name}"] = float(frechet_distance(real, kept, features, name))
+    return out
+
+
+def _gallery(prompts: list[str], candidates: list[list[Image.Image]], n: int) -> dict[str, bytes]:
+    """The gallery (prompts x candidates) of the first `n` prompts, PNG and HTML."""
+    from vlp.metrics.generation import write_gallery
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_gallery(Path(tmp), prompts[:n], candidates[:n])
+        return {
+            name: Path(path).read_bytes() for name, path in zip(GALLERY_FILES, files, strict=True)
+        }
+
+
+def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
+    """Every generation score of `predictor` on the evaluation prompts (see the module doc)."""
+    from vlp.data.manifest import resolve_image
+
+    chosen = evaluation_prompts(data, cfg.evaluate.split, cfg.evaluate.generation_prompts)
+    prompts = [str(c) for c in chosen["caption"]]
+    t0 = time.perf_counter()
+    candidates = predictor.candidates(prompts, predictor.sampling)
+    sample_s = time.perf_counter() - t0
+    metrics, kept, rows = _rerank_metrics(predictor, prompts, candidates)
+    metrics.update(_agreement_and_distance(cfg, predictor, data, prompts, kept))
+    metrics["images_per_s"] = len(prompts) * predictor.sampling.num_candidates / sample_s
+    results = [
+        {"caption_id": int(c), "image_id": int(i), "prompt": p, **row}
+        for c, i, p, row in zip(
+            chosen["caption_id"], chosen["image_id"], prompts, rows, strict=True
+        )
+    ]
+    plot_rows = [{"metric": k, "score": v} for k, v in metrics.items() if k != "images_per_s"]
+    examples = [
+        Example(
+            image_path=resolve_image(data, str(chosen["image_path"][i])),
+            ground_truth=[prompts[i]],
+            prediction="exact match" if rows[i].get("exact_match") else "not an exact match",
+            query="the dataset's image of this caption; the generated ones are in the gallery",
+        )
+        for i in range(min(cfg.evaluate.num_examples, len(prompts)))
+    ]
+    files = _gallery(prompts, candidates, cfg.evaluate.num_examples)
+    return TaskEval(metrics, results, plot_rows, examples, files)

@@ -1,0 +1,327 @@
+"""Generation's torch side: train a generator, sample and re-rank, score and serve images.
+
+A generation model directory is a vlp model directory (the text encoder the generator is
+conditioned on, and the image tower and heads that re-rank its samples) plus `generator/`,
+written by the generator (`Generator.save`), and `task.json` with the inference settings
+(`SAMPLING`) and which generator it holds (`generator`: `vlp` for vlp's own, `diffusers` for
+a user's pipeline; `GENERATORS`).
+
+Finetuning goes through the shared loop: `GenerationObjective` holds the generator (and the
+vlp model it saves) and returns the generator's denoising loss; only
+`Generator.trainable_parameters()` are updated, so the text encoder stays as pretrained
+unless `train_text_encoder`. Images are the pairs' images scaled to [-1, 1] at the
+generator's size.
+
+Re-ranking as DALL-E: `num_candidates` samples per prompt, and the model keeps the one it
+scores highest: `itc` the ITC cosine of (image, prompt), `itm` the pair score retrieval
+re-ranks with (ITM log-odds + ITC logit; fusion family only), `none` the first sample.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlp.errors import ConfigError, RequestError
+from vlp.tasks.generation import SAMPLING, UNIT_RANGE
+from vlp.tasks.predictor import Predictor as BasePredictor
+from vlp.tasks.spec import TaskEval, TrainingSetup
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlp.config import Config
+    from vlp.tasks.generation.generator import Generator
+
+# The generator kinds a model directory may hold (task.json `generator`) and their modules;
+# each has `build_generator(...)` (training) and `load_generator(model_dir, text_model)`.
+GENERATORS = {
+    "vlp": "vlp.tasks.generation.model",
+    "diffusers": "vlp.tasks.generation.diffusers_pipeline",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How a predictor samples: its task.json settings, or a request's."""
+
+    steps: int
+    guidance_scale: float
+    num_candidates: int
+    rerank: str  # itm | itc | none
+    seed: int
+
+    @classmethod
+    def of(cls, info: dict[str, Any]) -> Sampling:
+        """The settings a generation model's task.json records."""
+        return cls(
+            steps=int(info["steps"]),
+            guidance_scale=float(info["guidance_scale"]),
+            num_candidates=int(info["num_candidates"]),
+            rerank=str(info["rerank"]),
+            seed=int(info["sample_seed"]),
+        )
+
+
+def generated_size(cfg: Config) -> int:
+    """The side of the generated images: `finetune.generation.image_size`, else the data's."""
+    size = cfg.finetune.generation.image_size
+    return cfg.data.image_size if size is None else size
+
+
+def _generator_module(kind: str) -> Any:
+    if kind not in GENERATORS:
+        raise ConfigError(f"task.json: generator {kind!r} is not one of {', '.join(GENERATORS)}")
+    return importlib.import_module(GENERATORS[kind])
+
+
+def check_rerank(rerank: str, family: str, key: str) -> None:
+    """ConfigError naming `key` when `rerank` is itm and the model family has no ITM head."""
+    from vlp.models.family import get_family
+
+    if rerank == "itm" and not get_family(family).has_itm:
+        raise ConfigError(
+            f"{key}: itm re-ranking needs an ITM head, which model.family {family} has not; "
+            "use itc or none"
+        )
+
+
+def build_generator(cfg: Config, vlp: Any, init: str) -> tuple[str, Generator]:
+    """(kind, generator) `finetune.generation` describes, conditioned on `vlp`'s text encoder
+    (vlp's own) or bringing its own (`init_from`, a diffusers pipeline directory)."""
+    t = cfg.finetune.generation
+    torch.manual_seed(cfg.seed + 2)  # the generator's init: the same for both inits
+    if t.init_from is None:
+        return "vlp", _generator_module("vlp").build_generator(
+            vlp,
+            image_size=generated_size(cfg),
+            block_out_channels=list(t.block_out_channels),
+            layers_per_block=t.layers_per_block,
+            attention_head_dim=t.attention_head_dim,
+            train_timesteps=t.train_timesteps,
+            beta_schedule=t.beta_schedule,
+            prediction_type=t.prediction_type,
+            cond_dropout=t.cond_dropout,
+            sampler=t.sampler,
+            train_text_encoder=t.train_text_encoder,
+            vae_from=t.vae_from,
+        )
+    return "diffusers", _generator_module("diffusers").build_generator(
+        t.init_from,
+        lora_rank=t.lora_rank,
+        lora_alpha=t.lora_alpha,
+        cond_dropout=t.cond_dropout,
+        sampler=t.sampler,
+        image_size=t.image_size,
+        fresh=init == "scratch",
+    )
+
+
+class GenerationObjective(torch.nn.Module):
+    """The training module: `forward(pixel_values, prompts) -> {"loss"}`, the denoising loss.
+
+    Holds the vlp model too (saved with the generator, used to re-rank its samples); only the
+    generator's `trainable_parameters()` keep `requires_grad`.
+    """
+
+    def __init__(self, generator: Generator, vlp: torch.nn.Module) -> None:
+        super().__init__()
+        if not isinstance(generator, torch.nn.Module):
+            raise TypeError(f"{type(generator).__name__}: a generator must be a torch Module")
+        self.generator = generator
+        self.vlp = vlp
+        trainable = {id(p) for p in generator.trainable_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"loss": self.generator.training_loss(pixel_values, prompts)}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pairs -> {"pixel_values" [B, 3, S, S] in [-1, 1], "prompts" [B]}."""
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "prompts": [it["caption"] for it in items],
+    }
+
+
+def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
+    """The generator, trained to denoise the images of `finetune.splits` given their captions."""
+    from vlp.data.images import ImageTransform
+    from vlp.data.shard_stream import pairs_for_training
+
+    t = cfg.finetune.generation
+    check_rerank(t.rerank, vlp.cfg.family, "finetune.generation.rerank")
+    kind, generator = build_generator(cfg, vlp, init)
+    transform = ImageTransform(generator.image_size, cfg.images.resize, **UNIT_RANGE)
+    dataset = pairs_for_training(
+        cfg.data.root,
+        cfg.data.shards,
+        cfg.finetune.splits,
+        transform,
+        None,  # no crops or flips: a scene's layout is what its caption says
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+    )
+    info = {
+        "generator": kind,
+        "generated_size": generator.image_size,
+        "generated_resize": cfg.images.resize,  # how the training images were resized to it
+        **{k: getattr(t, k) for k in SAMPLING},
+    }
+    return TrainingSetup(GenerationObjective(generator, vlp), dataset, collate, info)
+
+
+def save(module: Any, model_dir: Path) -> None:
+    """Write the vlp model and the generator (`generator/`) into a model directory."""
+    module.vlp.cpu().save_pretrained(model_dir)
+    module.generator.cpu().save(model_dir)
+
+
+class Predictor(BasePredictor):
+    """Generation: `generate(prompts)` -> the best of `num_candidates` samples per prompt."""
+
+    def __init__(self, model: Any, info: dict[str, Any], model_dir: Path, batch_size: int = 64):
+        super().__init__(model, info, model_dir, batch_size)
+        module = _generator_module(str(info["generator"]))
+        self.generator = module.load_generator(Path(model_dir), model).to(self.device).eval()
+        self.sampling = Sampling.of(info)
+        self.has_itm = _has_itm(model)
+
+    @torch.no_grad()
+    def candidates(self, prompts: Sequence[str], sampling: Sampling) -> list[list[Image.Image]]:
+        """`num_candidates` images per prompt, sampled in batches of about `batch_size` images.
+
+        The images of a prompt depend on the settings, the seed and the prompt's batch.
+        """
+        n = sampling.num_candidates
+        per_call = max(1, self.batch_size // n)
+        out: list[list[Image.Image]] = []
+        for start in range(0, len(prompts), per_call):
+            out += self.generator.sample(
+                list(prompts[start : start + per_call]),
+                num_images_per_prompt=n,
+                steps=sampling.steps,
+                guidance_scale=sampling.guidance_scale,
+                seed=sampling.seed + start,
+            )
+        return out
+
+    @torch.no_grad()
+    def candidate_scores(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[Image.Image]], how: str
+    ) -> torch.Tensor:
+        """[P, N] scores of each prompt's N candidates: `itc` cosine, or `itm` (ITM log-odds
+        plus ITC logit, as retrieval re-ranks)."""
+        from vlp.models.embed import encode_texts
+
+        n = len(candidates[0])
+        flat = [im for group in candidates for im in group]
+        image_embeds, image_feat = self._image_states(flat)
+        ids, mask, text_feat = encode_texts(self.model, list(prompts), self.batch_size)
+        rows = torch.arange(len(prompts), device=ids.device).repeat_interleave(n)
+        itc = (image_feat * text_feat[rows]).sum(-1).float()
+        if how == "itc":
+            return itc.view(-1, n)
+        if how != "itm" or not self.has_itm:
+            raise ConfigError(f"rerank: {how!r} is not a score this model gives (itc, itm)")
+        itm = torch.empty_like(itc)
+        for sl in self._chunks(len(flat)):
+            m = mask[rows[sl]]
+            t = int(m.sum(dim=1).max())
+            logits = self.model.itm_logits(image_embeds[sl], ids[rows[sl], :t], m[:, :t])
+            itm[sl] = (logits[:, 1] - logits[:, 0]).float()
+        return (itm + itc / self.model.temp.detach().float()).view(-1, n)
+
+    def pick(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[Image.Image]], how: str
+    ) -> list[int]:
+        """The index of each prompt's kept candidate: its best by `how`, or 0 with `none`."""
+        if how == "none" or len(candidates[0]) == 1:
+            return [0] * len(candidates)
+        return self.candidate_scores(prompts, candidates, how).argmax(dim=1).tolist()
+
+    def generate(
+        self, prompts: Sequence[str], sampling: Sampling | None = None
+    ) -> list[Image.Image]:
+        """One image per prompt: the best of its candidates (the model's own settings unless
+        `sampling` is given)."""
+        sampling = sampling or self.sampling
+        if not prompts:
+            return []
+        candidates = self.candidates(prompts, sampling)
+        picks = self.pick(prompts, candidates, sampling.rerank)
+        return [group[i] for group, i in zip(candidates, picks, strict=True)]
+
+
+def _has_itm(model: Any) -> bool:
+    from vlp.models.family import get_family
+
+    return get_family(model.cfg.family).has_itm
+
+
+def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
+    """Compositional accuracy with and without re-ranking, ITC (and CLIP) score, Fréchet
+    distance and a gallery, on `evaluate.generation_prompts` prompts of `evaluate.split`."""
+    from vlp.tasks.generation.evaluation import score_generation
+
+    return score_generation(cfg, predictor, data)
+
+
+def _check_request(params: dict[str, Any], sampling: Sampling, limits: Any) -> Sampling:
+    """The request's sampling: the model's, with its `steps` / `guidance_scale` if given and
+    within the `serving` limits; RequestError naming the param and limit otherwise."""
+    steps = params.get("steps", sampling.steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise RequestError(f"params steps must be a positive integer, got {steps!r}")
+    if steps > limits.max_generation_steps:
+        raise RequestError(
+            f"params steps is {steps}, over the limit of {limits.max_generation_steps} "
+            "(serving.max_generation_steps)"
+        )
+    guidance = params.get("guidance_scale", sampling.guidance_scale)
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0:
+        raise RequestError(f"params guidance_scale must be a number >= 0, got {guidance!r}")
+    if guidance > limits.max_guidance_scale:
+        raise RequestError(
+            f"params guidance_scale is {guidance}, over the limit of {limits.max_guidance_scale} "
+            "(serving.max_guidance_scale)"
+        )
+    return dataclasses.replace(sampling, steps=steps, guidance_scale=float(guidance))
+
+
+def png_base64(image: Image.Image) -> str:
+    """A PNG of `image`, base64-encoded (how a served image travels in JSON)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def serve(
+    predictor: Any,
+    images: list[Any],
+    texts: dict[str, list[str]],
+    params: dict[str, Any],
+    limits: Any,
+) -> dict[str, list]:
+    """One PNG (base64) per request row: the image generated from its prompt.
+
+    At most `serving.max_generation_prompts` prompts; `params` may lower or raise `steps` and
+    `guidance_scale` within `serving.max_generation_steps` and `serving.max_guidance_scale`.
+    """
+    prompts = texts["prompt"]
+    if len(prompts) > limits.max_generation_prompts:
+        raise RequestError(
+            f"request has {len(prompts)} prompts, over the limit of "
+            f"{limits.max_generation_prompts} (serving.max_generation_prompts)"
+        )
+    sampling = _check_request(params, predictor.sampling, limits)
+    return {"image": [png_base64(im) for im in predictor.generate(prompts, sampling)]}
