@@ -229,6 +229,10 @@ def evaluate(cfg: Config, task: str) -> dict[str, Any] | None:
     reason = not_applicable(paths["pretrained"])
     if reason is not None:
         return _record_not_applicable(cfg, task, reason)
+    # an init the task rules out (finetune wrote its reason) is not scored, as with the
+    # ablation off
+    inits = [i for i in inits if not_applicable(paths[i]) is None]
+    paths = {init: paths[init] for init in inits}
     for init, path in paths.items():
         if not path.is_dir() or is_skipped(path):
             raise ConfigError(

@@ -25,7 +25,9 @@ dual encoder (`model.family: clip`) does retrieval alone, trained with CLIP's co
 For captioning and VQA it writes a "not applicable" model directory (the reason in
 `NOT_APPLICABLE`, `task.json` with `applicable: false`) and an empty loss curve, records an
 MLflow run tagged `vlp.applicable: false`, and succeeds; `vlp evaluate` and `vlp register`
-carry the verdict on.
+carry the verdict on. A task may also rule out one init (`init_not_applicable`: generation
+from a user's diffusers pipeline has no scratch ablation); `vlp evaluate` then scores the
+other alone.
 
 Under `torchrun` training is data parallel across ranks and rank 0 alone writes files
 (model directory, loss curve, checkpoints in its work folder) and the MLflow run.
@@ -95,6 +97,13 @@ def base_model(cfg: Config, init: str) -> Any:
         return load_model(src).model
     torch.manual_seed(cfg.seed)
     return fresh_model(src, temperature=cfg.model.temperature)
+
+
+def init_not_applicable(cfg: Config, task: str, init: str) -> str | None:
+    """Why `task` cannot be finetuned from `init` under `cfg` (its module's optional
+    `not_applicable`), or None."""
+    check = getattr(get_task(task).module(), "not_applicable", None)
+    return None if check is None else check(cfg, init)
 
 
 def _init_dir(cfg: Config) -> Path:
@@ -221,6 +230,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         from vlp.models.family import model_family, task_not_applicable
 
         reason = task_not_applicable(model_family(_init_dir(cfg)), task)
+        reason = reason or init_not_applicable(cfg, task, init)
         if reason is not None:
             if info.is_main:
                 _write_not_applicable(cfg, out, task, init, reason)

@@ -10,6 +10,8 @@ description names (`implementation`) holds the torch side:
 - `Predictor`: inference over a saved task model (what `load_predictor`, the registry's
   pyfunc and `vlp evaluate` all use);
 - `evaluate(cfg, predictor, data) -> TaskEval`: scores of a predictor on `evaluate.split`;
+- optionally `not_applicable(cfg, init) -> str | None`: why the task cannot be finetuned
+  from `init` under `cfg` (finetune then writes a "not applicable" model directory);
 - `serve(predictor, images, texts, params, limits) -> {output column: values}`: the served
   answer to one request, its images decoded, its texts (by input column) checked, `params`
   its request params (`request_params`, defaults filled in) and `limits` the `serving`

@@ -8,15 +8,15 @@ on the same samples:
 
 - compositional accuracy (`vlp.metrics.generation.compositional_scores`: the scene parser
   reads each image back) of the images the model's own `rerank` keeps: `exact_match`,
-  `exact_match_one_object`, `count`, `color`, `shape`, `position`, `relation`; the same with
-  `_no_rerank` (first sample), `exact_match_rerank_<itc|itm>` and `rerank_gain`
-  (`exact_match - exact_match_no_rerank`);
+  `exact_match_one_object`, `count`, `color`, `shape`, `size`, `position`, `relation` (and
+  how many prompts were scored); the same with `_no_rerank` (the first sample),
+  `exact_match_rerank_<itc|itm>` and `rerank_gain` (`exact_match - exact_match_no_rerank`);
 - `itc_score`: the pretrained model's (`finetune.init_dir`) ITC agreement of kept image and
   prompt; `clip_score` with `evaluate.generation_clip_dir`;
 - `frechet_distance_<features>`: kept images against every image of the split (at the
-  generated size), in the features of the pretrained model's image tower
-  (`vlp_image_tower`), or of torchmetrics' Inception with `evaluate.generation_inception_weights`
-  (`inception`);
+  generated size), in the pretrained model's ITC image embedding (`image_tower`), or in
+  torchmetrics' Inception v3 features with `evaluate.generation_inception_weights`
+  (`inception`: the standard FID);
 - `images_per_s`: sampled images per second (candidates included).
 
 `predictor` is a generation `Predictor` (`vlp.tasks.generation.task`). The pretrained model is
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from vlp.config import Config
 
 GALLERY_FILES = ("gallery.png", "gallery.html")
+COUNTS = ("prompts", "unparsable_prompts")  # how many prompts were scored, not scores
 
 
 def evaluation_prompts(data: Path, split: str, n: int) -> pd.DataFrame:
@@ -58,23 +59,6 @@ def evaluation_prompts(data: Path, split: str, n: int) -> pd.DataFrame:
     return pairs.iloc[[i * len(pairs) // n for i in range(n)]].reset_index(drop=True)
 
 
-class TowerFeatures(torch.nn.Module):
-    """Global image-tower features [N, H] of uint8 images [N, 3, H, W] (FID's input)."""
-
-    def __init__(self, loaded: Any) -> None:
-        super().__init__()
-        self.model = loaded.model
-        self.transform = loaded.transform
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from PIL import Image
-
-        pil = [Image.fromarray(x.permute(1, 2, 0).cpu().numpy()) for x in images.to(torch.uint8)]
-        pixels = self.transform.pixels(pil).to(next(self.model.parameters()).device)
-        return self.model.encode_image(pixels)[0][:, 0].float().cpu()
-
-
 def _judge(cfg: Config, device: torch.device) -> Any:
     from vlp.models.family import load_model
 
@@ -86,6 +70,7 @@ def _rerank_metrics(
 ) -> tuple[dict[str, float], list[Image.Image], list[dict[str, Any]]]:
     """Compositional scores of the kept images for every way of keeping one; the model's own
     way's metrics first, plus the images it keeps and their parse rows."""
+    from vlp.errors import DataError
     from vlp.metrics.generation import compositional_scores
 
     ways = ["none", "itc", *(["itm"] if predictor.has_itm else [])]
@@ -97,11 +82,16 @@ def _rerank_metrics(
         picks = predictor.pick(prompts, candidates, how)
         images = [group[i] for group, i in zip(candidates, picks, strict=True)]
         scores, parsed = compositional_scores(prompts, images)
+        if "exact_match" not in scores:
+            raise DataError(
+                f"evaluate.split: none of its {len(prompts)} captions is a scene "
+                "the shapes parser reads; generation is scored on shapes captions"
+            )
         if how == own:
             metrics.update(scores)
             kept, rows = images, [{**r, "candidate": i} for r, i in zip(parsed, picks, strict=True)]
         if how == "none":
-            metrics.update({f"{k}_no_rerank": v for k, v in scores.items()})
+            metrics.update({f"{k}_no_rerank": v for k, v in scores.items() if k not in COUNTS})
         else:
             metrics[f"exact_match_rerank_{how}"] = scores["exact_match"]
     metrics["rerank_gain"] = metrics["exact_match"] - metrics["exact_match_no_rerank"]
@@ -115,30 +105,34 @@ def _agreement_and_distance(
     from vlp.data.images import ImageTransform
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import read_images
-    from vlp.metrics.generation import clip_score, frechet_distance, itc_score
+    from vlp.metrics.generation import (
+        ImageTowerFeatures,
+        clip_score,
+        frechet_distance,
+        inception_features,
+        itc_score,
+        model_score_fn,
+    )
     from vlp.tasks.generation import UNIT_RANGE
 
     judge = _judge(cfg, predictor.device)
-
-    def itc(images: list[Image.Image], texts: list[str]) -> torch.Tensor:
-        image_feat = judge.image_features(judge.transform.pixels(images))[1]
-        return (image_feat * judge.text_features(texts)).sum(-1).float().cpu()
-
-    out = {"itc_score": float(itc_score(kept, prompts, itc))}
-    if cfg.evaluate.generation_clip_dir is not None:
-        out["clip_score"] = float(clip_score(kept, prompts, cfg.evaluate.generation_clip_dir))
+    batch = cfg.evaluate.batch_size
+    out = {"itc_score": itc_score(kept, prompts, model_score_fn(judge), batch_size=batch)}
+    clip_dir = cfg.evaluate.generation_clip_dir
+    if clip_dir is not None:
+        out["clip_score"] = clip_score(
+            kept, prompts, Path(clip_dir), device=predictor.device, batch_size=batch
+        )
     # the split's images as the generator saw its training images
     size, resize = int(predictor.info["generated_size"]), str(predictor.info["generated_resize"])
     paths = read_pairs(data, cfg.evaluate.split).drop_duplicates("image_id")["image_path"]
     real = read_images(data, list(paths), ImageTransform(size, resize, **UNIT_RANGE))
     weights = cfg.evaluate.generation_inception_weights
     if weights is None:
-        features, name = TowerFeatures(judge), "vlp_image_tower"
+        features, name = ImageTowerFeatures(judge.model, judge.transform), "image_tower"
     else:
-        from vlp.metrics.generation import inception_features
-
-        features, name = inception_features(weights), "inception"
-    out[f"frechet_distance_{name}"] = float(frechet_distance(real, kept, features, name))
+        features, name = inception_features(Path(weights)).to(predictor.device), "inception"
+    out[f"frechet_distance_{name}"] = frechet_distance(real, kept, features, name, batch_size=batch)
     return out
 
 
@@ -151,6 +145,15 @@ def _gallery(prompts: list[str], candidates: list[list[Image.Image]], n: int) ->
         return {
             name: Path(path).read_bytes() for name, path in zip(GALLERY_FILES, files, strict=True)
         }
+
+
+def _plotted(metric: str) -> bool:
+    """Whether a metric is a percentage the scores plot shows (not a count, distance or speed)."""
+    if metric in COUNTS or metric in ("images_per_s", "rerank_gain"):
+        return False
+    return not metric.startswith("frechet_distance") and (
+        metric == "exact_match_no_rerank" or not metric.endswith("_no_rerank")
+    )
 
 
 def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
@@ -171,13 +174,14 @@ def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
             chosen["caption_id"], chosen["image_id"], prompts, rows, strict=True
         )
     ]
-    plot_rows = [{"metric": k, "score": v} for k, v in metrics.items() if k != "images_per_s"]
+    plot_rows = [{"metric": k, "score": v} for k, v in metrics.items() if _plotted(k)]
     examples = [
         Example(
             image_path=resolve_image(data, str(chosen["image_path"][i])),
             ground_truth=[prompts[i]],
-            prediction="exact match" if rows[i].get("exact_match") else "not an exact match",
-            query="the dataset's image of this caption; the generated ones are in the gallery",
+            prediction=f"generated ({'exact' if rows[i]['exact'] else 'not exact'}): "
+            f"{rows[i]['objects']}",
+            query="the dataset's image of the prompt; the generated images are in the gallery",
         )
         for i in range(min(cfg.evaluate.num_examples, len(prompts)))
     ]

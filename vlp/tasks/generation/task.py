@@ -2,9 +2,8 @@
 
 A generation model directory is a vlp model directory (the text encoder the generator is
 conditioned on, and the image tower and heads that re-rank its samples) plus `generator/`,
-written by the generator (`Generator.save`), and `task.json` with the inference settings
-(`SAMPLING`) and which generator it holds (`generator`: `vlp` for vlp's own, `diffusers` for
-a user's pipeline; `GENERATORS`).
+and `task.json` with the inference settings (`SAMPLING`) and which kind of generator it
+holds (`generator`: `vlp` for vlp's own, `diffusers` for a user's pipeline; `kinds`).
 
 Finetuning goes through the shared loop: `GenerationObjective` holds the generator (and the
 vlp model it saves) and returns the generator's denoising loss; only
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import importlib
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,13 +37,6 @@ if TYPE_CHECKING:
 
     from vlp.config import Config
     from vlp.tasks.generation.generator import Generator
-
-# The generator kinds a model directory may hold (task.json `generator`) and their modules;
-# each has `build_generator(...)` (training) and `load_generator(model_dir, text_model)`.
-GENERATORS = {
-    "vlp": "vlp.tasks.generation.model",
-    "diffusers": "vlp.tasks.generation.diffusers_pipeline",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,18 +61,6 @@ class Sampling:
         )
 
 
-def generated_size(cfg: Config) -> int:
-    """The side of the generated images: `finetune.generation.image_size`, else the data's."""
-    size = cfg.finetune.generation.image_size
-    return cfg.data.image_size if size is None else size
-
-
-def _generator_module(kind: str) -> Any:
-    if kind not in GENERATORS:
-        raise ConfigError(f"task.json: generator {kind!r} is not one of {', '.join(GENERATORS)}")
-    return importlib.import_module(GENERATORS[kind])
-
-
 def check_rerank(rerank: str, family: str, key: str) -> None:
     """ConfigError naming `key` when `rerank` is itm and the model family has no ITM head."""
     from vlp.models.family import get_family
@@ -93,56 +72,35 @@ def check_rerank(rerank: str, family: str, key: str) -> None:
         )
 
 
-def build_generator(cfg: Config, vlp: Any, init: str) -> tuple[str, Generator]:
-    """(kind, generator) `finetune.generation` describes, conditioned on `vlp`'s text encoder
-    (vlp's own) or bringing its own (`init_from`, a diffusers pipeline directory)."""
-    t = cfg.finetune.generation
-    torch.manual_seed(cfg.seed + 2)  # the generator's init: the same for both inits
-    if t.init_from is None:
-        return "vlp", _generator_module("vlp").build_generator(
-            vlp,
-            image_size=generated_size(cfg),
-            block_out_channels=list(t.block_out_channels),
-            layers_per_block=t.layers_per_block,
-            attention_head_dim=t.attention_head_dim,
-            train_timesteps=t.train_timesteps,
-            beta_schedule=t.beta_schedule,
-            prediction_type=t.prediction_type,
-            cond_dropout=t.cond_dropout,
-            sampler=t.sampler,
-            train_text_encoder=t.train_text_encoder,
-            vae_from=t.vae_from,
-        )
-    return "diffusers", _generator_module("diffusers").build_generator(
-        t.init_from,
-        lora_rank=t.lora_rank,
-        lora_alpha=t.lora_alpha,
-        cond_dropout=t.cond_dropout,
-        sampler=t.sampler,
-        image_size=t.image_size,
-        fresh=init == "scratch",
-    )
-
-
 class GenerationObjective(torch.nn.Module):
     """The training module: `forward(pixel_values, prompts) -> {"loss"}`, the denoising loss.
 
-    Holds the vlp model too (saved with the generator, used to re-rank its samples); only the
-    generator's `trainable_parameters()` keep `requires_grad`.
+    Holds the vlp model (saved with the generator, re-ranking its samples) and the generator,
+    or, for a generator that is no torch Module (a diffusers pipeline), the parameters it
+    trains; only the generator's `trainable_parameters()` keep `requires_grad`.
     """
 
-    def __init__(self, generator: Generator, vlp: torch.nn.Module) -> None:
+    def __init__(self, kind: str, generator: Generator, vlp: torch.nn.Module) -> None:
         super().__init__()
-        if not isinstance(generator, torch.nn.Module):
-            raise TypeError(f"{type(generator).__name__}: a generator must be a torch Module")
-        self.generator = generator
+        self.kind = kind
         self.vlp = vlp
-        trainable = {id(p) for p in generator.trainable_parameters()}
+        trainable = generator.trainable_parameters()
+        if isinstance(generator, torch.nn.Module):
+            self.generator = generator
+        else:
+            self._generator = generator  # not a submodule: the loop sees its trained weights
+            self.trained = torch.nn.ParameterList(trainable)
+        ids = {id(p) for p in trainable}
         for p in self.parameters():
-            p.requires_grad_(id(p) in trainable)
+            p.requires_grad_(id(p) in ids)
+
+    @property
+    def gen(self) -> Generator:
+        """The generator, whichever way it is held."""
+        return self.generator if "generator" in self._modules else self._generator
 
     def forward(self, pixel_values: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return {"loss": self.generator.training_loss(pixel_values, prompts)}
+        return {"loss": self.gen.training_loss(pixel_values, prompts)}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -157,10 +115,13 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The generator, trained to denoise the images of `finetune.splits` given their captions."""
     from vlp.data.images import ImageTransform
     from vlp.data.shard_stream import pairs_for_training
+    from vlp.tasks.generation import kinds
 
     t = cfg.finetune.generation
     check_rerank(t.rerank, vlp.cfg.family, "finetune.generation.rerank")
-    kind, generator = build_generator(cfg, vlp, init)
+    torch.manual_seed(cfg.seed + 2)  # the generator's init: the same for both inits
+    kind = kinds.kind_of(cfg)
+    generator = kinds.build(cfg, vlp)
     transform = ImageTransform(generator.image_size, cfg.images.resize, **UNIT_RANGE)
     dataset = pairs_for_training(
         cfg.data.root,
@@ -177,43 +138,47 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         "generated_resize": cfg.images.resize,  # how the training images were resized to it
         **{k: getattr(t, k) for k in SAMPLING},
     }
-    return TrainingSetup(GenerationObjective(generator, vlp), dataset, collate, info)
+    return TrainingSetup(GenerationObjective(kind, generator, vlp), dataset, collate, info)
+
+
+def not_applicable(cfg: Config, init: str) -> str | None:
+    """Why generation cannot be finetuned from `init`: a user's pipeline has no scratch run."""
+    if init == "scratch" and cfg.finetune.generation.init_from is not None:
+        return (
+            "finetune.generation.init_from: a diffusers pipeline is conditioned on its own text "
+            "encoder, so the ablation of vlp's (pretrained vs freshly initialised) does not apply"
+        )
+    return None
 
 
 def save(module: Any, model_dir: Path) -> None:
     """Write the vlp model and the generator (`generator/`) into a model directory."""
-    module.vlp.cpu().save_pretrained(model_dir)
-    module.generator.cpu().save(model_dir)
+    from vlp.tasks.generation import kinds
+
+    kinds.save(module.kind, module.gen, module.vlp, model_dir)
 
 
 class Predictor(BasePredictor):
     """Generation: `generate(prompts)` -> the best of `num_candidates` samples per prompt."""
 
     def __init__(self, model: Any, info: dict[str, Any], model_dir: Path, batch_size: int = 64):
+        from vlp.tasks.generation import kinds
+
         super().__init__(model, info, model_dir, batch_size)
-        module = _generator_module(str(info["generator"]))
-        self.generator = module.load_generator(Path(model_dir), model).to(self.device).eval()
+        self.generator = kinds.load(str(info["generator"]), Path(model_dir), model, self.device)
         self.sampling = Sampling.of(info)
         self.has_itm = _has_itm(model)
 
     @torch.no_grad()
     def candidates(self, prompts: Sequence[str], sampling: Sampling) -> list[list[Image.Image]]:
-        """`num_candidates` images per prompt, sampled in batches of about `batch_size` images.
-
-        The images of a prompt depend on the settings, the seed and the prompt's batch.
-        """
-        n = sampling.num_candidates
-        per_call = max(1, self.batch_size // n)
-        out: list[list[Image.Image]] = []
-        for start in range(0, len(prompts), per_call):
-            out += self.generator.sample(
-                list(prompts[start : start + per_call]),
-                num_images_per_prompt=n,
-                steps=sampling.steps,
-                guidance_scale=sampling.guidance_scale,
-                seed=sampling.seed + start,
-            )
-        return out
+        """`num_candidates` images per prompt, from one seeded draw of the generator's noise."""
+        return self.generator.sample(
+            list(prompts),
+            num_images_per_prompt=sampling.num_candidates,
+            steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            seed=sampling.seed,
+        )
 
     @torch.no_grad()
     def candidate_scores(

@@ -1,0 +1,109 @@
+"""The kinds of generator a generation model directory holds (task.json `generator`).
+
+- `vlp`: vlp's own `UNetGenerator` (`vlp.tasks.generation.model`), conditioned on the text
+  encoder of the directory's vlp model, which it saves with `generator/`;
+- `diffusers`: a user's diffusers text-to-image pipeline (`init_from`;
+  `vlp.tasks.generation.diffusers_pipeline`), finetuned in full or with LoRA and saved as a
+  self-contained pipeline in `generator/`; the directory's vlp model only re-ranks its samples.
+
+`build` makes the one `finetune.generation` describes, `save` writes it into a model directory
+being assembled (vlp model included), `load` reads it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vlp.config import Config
+    from vlp.tasks.generation.generator import Generator
+
+GENERATOR_DIR = "generator"  # inside a generation model directory
+KINDS = ("vlp", "diffusers")
+
+
+def kind_of(cfg: Config) -> str:
+    """The kind `finetune.generation` asks for: a pipeline with `init_from`, else vlp's own."""
+    return "vlp" if cfg.finetune.generation.init_from is None else "diffusers"
+
+
+def generated_size(cfg: Config) -> int:
+    """The side of the generated images: `finetune.generation.image_size`, else the data's."""
+    size = cfg.finetune.generation.image_size
+    return cfg.data.image_size if size is None else size
+
+
+def _pipeline_placement(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """Where a pipeline's frozen parts live while training: this process's device, in the
+    precision the loop trains in (its trained weights stay in float32)."""
+    from vlp.train.distributed import init_distributed
+    from vlp.train.settings import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.runtime.device, init_distributed())
+    return device, resolve_precision(cfg.runtime.precision, device) or torch.float32
+
+
+def build(cfg: Config, vlp: Any) -> Generator:
+    """The generator `finetune.generation` describes, before training; seed torch first."""
+    t = cfg.finetune.generation
+    if kind_of(cfg) == "vlp":
+        from vlp.tasks.generation.model import UNetGenerator
+
+        return UNetGenerator.build(
+            vlp,
+            image_size=generated_size(cfg),
+            block_out_channels=list(t.block_out_channels),
+            layers_per_block=t.layers_per_block,
+            attention_head_dim=t.attention_head_dim,
+            train_timesteps=t.train_timesteps,
+            beta_schedule=t.beta_schedule,
+            prediction_type=t.prediction_type,
+            cond_dropout=t.cond_dropout,
+            sampler=t.sampler,
+            train_text_encoder=t.train_text_encoder,
+            vae_from=t.vae_from,
+        )
+    from vlp.tasks.generation.diffusers_pipeline import DiffusersPipelineGenerator
+
+    device, dtype = _pipeline_placement(cfg)
+    return DiffusersPipelineGenerator.from_directory(
+        Path(str(t.init_from)).expanduser(),
+        lora_rank=t.lora_rank,
+        lora_alpha=t.lora_alpha,
+        cond_dropout=t.cond_dropout,
+        sampler=t.sampler,
+        image_size=generated_size(cfg),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def save(kind: str, generator: Generator, vlp: Any, model_dir: Path) -> None:
+    """Write the vlp model and the generator (`generator/`) into `model_dir`."""
+    if kind == "vlp":
+        generator.save(model_dir)  # the vlp model it is conditioned on, then generator/
+        return
+    vlp.cpu().save_pretrained(model_dir)
+    generator.save(Path(model_dir) / GENERATOR_DIR)
+
+
+def load(kind: str, model_dir: Path, vlp: Any, device: torch.device) -> Generator:
+    """The generator a model directory holds, on `device`; `vlp`: the directory's vlp model."""
+    if kind not in KINDS:
+        raise ConfigError(
+            f"{Path(model_dir) / 'task.json'}: generator {kind!r} is not one of {', '.join(KINDS)}"
+        )
+    if kind == "vlp":
+        from vlp.tasks.generation.model import UNetGenerator
+
+        return UNetGenerator.load(model_dir, device, text_model=vlp)
+    from vlp.tasks.generation.diffusers_pipeline import DiffusersPipelineGenerator
+
+    return DiffusersPipelineGenerator.load(
+        Path(model_dir) / GENERATOR_DIR, device=device, dtype=torch.float32
+    )
