@@ -143,8 +143,8 @@ def metrics_document(
     Each init's block carries `model_sha256`, the hash of the model directory it scored;
     `evaluated_on` is `data`, the record of what was evaluated (`evaluated_on`).
     """
-    primary = get_task(task).primary_metric
     pre = per_init["pretrained"]
+    primary = get_task(task).gate_metric(pre)
     doc: dict[str, Any] = {
         primary: pre[primary],
         **{init: {**m, "model_sha256": model_hashes[init]} for init, m in per_init.items()},

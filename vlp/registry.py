@@ -32,6 +32,7 @@ CHALLENGER = "challenger"
 HISTORY_TAG = "vlp.champion_history"
 DECISIONS_TAG = "vlp.decisions"
 METRIC_TAG = "vlp.primary_metric_value"
+METRIC_NAME_TAG = "vlp.primary_metric"  # the metric METRIC_TAG holds (`Task.gate_metric`)
 EVALUATED_ON_KEY = "evaluated_on"  # its key in metrics/<task>.json (written by `vlp evaluate`)
 # the evaluation record on a version: split, data folder, content hash of the data read
 EVAL_SPLIT_TAG = "vlp.eval_split"
@@ -212,7 +213,7 @@ def register_model(
     if not Path(model_dir).is_dir():
         raise RegistryError(f"{model_dir}: model directory not found; run `vlp finetune {task}`")
     source = source or f"metrics for {task}"
-    metric = get_task(task, RegistryError).primary_metric
+    metric = get_task(task, RegistryError).gate_metric(metrics)
     value = primary_metric_value(metrics, metric, source)
     model_hash = _scored_model(Path(model_dir), metrics, source, task)
     record = {EVALUATED_ON_TAGS[k]: v for k, v in evaluated_on(metrics, source, task).items()}
@@ -234,7 +235,7 @@ def register_model(
     version = str(info.registered_model_version)
     for key, val in {
         "vlp.task": task,
-        "vlp.primary_metric": metric,
+        METRIC_NAME_TAG: metric,
         METRIC_TAG: repr(value),
         **record,
         MODEL_HASH_TAG: model_hash,
@@ -272,7 +273,7 @@ def register_task_models(cfg: Config, task: str = "all") -> list[dict[str, Any]]
             why = str(metrics.get("reason", "not applicable to this model"))
             results.append({"task": t, "registered": False, "why": f"not applicable: {why}"})
             continue
-        primary_metric_value(metrics, TASKS[t].primary_metric, str(metrics_path))
+        primary_metric_value(metrics, TASKS[t].gate_metric(metrics), str(metrics_path))
         results.append(
             register_model(
                 cfg,
@@ -356,8 +357,9 @@ def _evaluated_on(version: Any) -> str:
 
 
 def _comparable(challenger: Any, champion: Any) -> bool:
-    """Whether both versions record an evaluation on the same split of the same data."""
-    keys = (EVAL_SPLIT_TAG, EVAL_HASH_TAG)
+    """Whether both versions record an evaluation on the same split of the same data, scored
+    by the same metric."""
+    keys = (EVAL_SPLIT_TAG, EVAL_HASH_TAG, METRIC_NAME_TAG)
     new, old = ([v.tags.get(k) for k in keys] for v in (challenger, champion))
     return all(new) and new == old
 
@@ -402,12 +404,13 @@ def promote(cfg: Config, task: str, force: bool = False, reason: str = "") -> di
     `force` overrides a refusal; every decision but "already the champion" is recorded on
     the version(s) involved.
     """
-    metric = get_task(task, RegistryError).primary_metric
+    spec = get_task(task, RegistryError)
     name = model_name(cfg, task)
     client = _client(cfg)
     challenger = _alias(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(f"{name}: no '{CHALLENGER}' version; run `vlp register {task}` first")
+    metric = challenger.tags.get(METRIC_NAME_TAG, spec.primary_metric)
     champion = _alias(client, name, CHAMPION)
     new = float(challenger.tags.get(METRIC_TAG, "nan"))
     old = float(champion.tags.get(METRIC_TAG, "nan")) if champion else None

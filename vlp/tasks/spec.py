@@ -60,6 +60,17 @@ class Task:
     # request params of its pyfunc: (name, MLflow type); each defaults to the `task.json`
     # setting of that name and is bounded by the `serving` limits (`serve` checks them)
     request_params: tuple[tuple[str, str], ...] = ()
+    # the promotion gate where the evaluation data gives no primary_metric (generation on
+    # captions its scene parser cannot read); None: there is always a primary_metric
+    fallback_metric: str | None = None
+
+    def gate_metric(self, metrics: dict[str, Any]) -> str:
+        """The metric that gates promotion for an evaluation's `metrics` (top level or under
+        `pretrained`): `primary_metric` where they have it, else `fallback_metric`."""
+        for node in (metrics, metrics.get("pretrained")):
+            if isinstance(node, dict) and self.primary_metric in node:
+                return self.primary_metric
+        return self.fallback_metric or self.primary_metric
 
     def module(self) -> ModuleType:
         """The task's torch side (imported on first use)."""

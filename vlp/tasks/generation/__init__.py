@@ -37,7 +37,7 @@ class GenerationConfig(FinetuneBudget):
     beta_schedule: str  # diffusers' linear | scaled_linear | squaredcos_cap_v2
     prediction_type: str  # what the denoiser predicts: epsilon | v_prediction
     sampler: str  # ddim (DDIM) | dpm (DPM-Solver++)
-    steps: int  # sampler steps per image
+    sample_steps: int  # sampler steps per image
     guidance_scale: float  # classifier-free guidance; 1: conditional prediction alone
     num_candidates: int  # samples per prompt re-ranked by `rerank`
     rerank: Rerank
@@ -47,8 +47,9 @@ class GenerationConfig(FinetuneBudget):
 # Images cross the generator protocol in [-1, 1]: an image transform's mean and std for that.
 UNIT_RANGE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
-# The inference settings `task.json` records; a request may change steps and guidance_scale.
-SAMPLING = ("sampler", "steps", "guidance_scale", "num_candidates", "rerank", "sample_seed")
+# The inference settings `task.json` records (its `steps` are the training's optimizer steps);
+# a request may change sample_steps and guidance_scale.
+SAMPLING = ("sampler", "sample_steps", "guidance_scale", "num_candidates", "rerank", "sample_seed")
 
 TASK = Task(
     name="generation",
@@ -61,5 +62,8 @@ TASK = Task(
     output=("image", "string"),
     implementation="vlp.tasks.generation.task",
     evaluate_options=("generation_prompts", "generation_clip_dir", "generation_inception_weights"),
-    request_params=(("steps", "long"), ("guidance_scale", "double")),
+    request_params=(("sample_steps", "long"), ("guidance_scale", "double")),
+    # captions that are no shapes scenes (photos) have no exact match: the pretrained model's
+    # agreement of image and prompt gates promotion instead
+    fallback_metric="itc_score",
 )

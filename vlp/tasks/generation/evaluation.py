@@ -11,8 +11,10 @@ on the same samples:
   `exact_match_one_object`, `count`, `color`, `shape`, `size`, `position`, `relation` (and
   how many prompts were scored); the same with `_no_rerank` (the first sample),
   `exact_match_rerank_<itc|itm>` and `rerank_gain` (`exact_match - exact_match_no_rerank`);
+  on captions that are no shapes scenes (photos) only the counts of prompts;
 - `itc_score`: the pretrained model's (`finetune.init_dir`) ITC agreement of kept image and
-  prompt; `clip_score` with `evaluate.generation_clip_dir`;
+  prompt (100 x mean cosine), `itc_score_no_rerank` of the first samples; `clip_score` with
+  `evaluate.generation_clip_dir`;
 - `frechet_distance_<features>`: kept images against every image of the split (at the
   generated size), in the pretrained model's ITC image embedding (`image_tower`), or in
   torchmetrics' Inception v3 features with `evaluate.generation_inception_weights`
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 GALLERY_FILES = ("gallery.png", "gallery.html")
 COUNTS = ("prompts", "unparsable_prompts")  # how many prompts were scored, not scores
+# how each prompt's image is kept ("none", "itc", "itm") -> (candidate index, image) per prompt
+Kept = dict[str, tuple[list[int], list["Image.Image"]]]
 
 
 def evaluation_prompts(data: Path, split: str, n: int) -> pd.DataFrame:
@@ -65,41 +69,42 @@ def _judge(cfg: Config, device: torch.device) -> Any:
     return load_model(cfg.finetune.init_dir, device=device, key="finetune.init_dir")
 
 
-def _rerank_metrics(
-    predictor: Any, prompts: list[str], candidates: list[list[Image.Image]]
-) -> tuple[dict[str, float], list[Image.Image], list[dict[str, Any]]]:
-    """Compositional scores of the kept images for every way of keeping one; the model's own
-    way's metrics first, plus the images it keeps and their parse rows."""
-    from vlp.errors import DataError
+def _kept(predictor: Any, prompts: list[str], candidates: list[list[Image.Image]]) -> Kept:
+    """(candidate index, image) kept per prompt by every way the model can keep one."""
+    out: Kept = {}
+    for how in ("none", "itc", *(["itm"] if predictor.has_itm else [])):
+        picks = predictor.pick(prompts, candidates, how)
+        out[how] = (picks, [group[i] for group, i in zip(candidates, picks, strict=True)])
+    return out
+
+
+def _compositional(
+    prompts: list[str], kept: Kept, own: str
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Compositional scores of the images each way keeps (the model's own way's unsuffixed),
+    and the parse rows of the images it keeps; no scores where no prompt is a shapes scene."""
     from vlp.metrics.generation import compositional_scores
 
-    ways = ["none", "itc", *(["itm"] if predictor.has_itm else [])]
-    own = predictor.sampling.rerank
     metrics: dict[str, float] = {}
-    kept: list[Image.Image] = []
     rows: list[dict[str, Any]] = []
-    for how in ways:
-        picks = predictor.pick(prompts, candidates, how)
-        images = [group[i] for group, i in zip(candidates, picks, strict=True)]
+    for how, (picks, images) in kept.items():
         scores, parsed = compositional_scores(prompts, images)
-        if "exact_match" not in scores:
-            raise DataError(
-                f"evaluate.split: none of its {len(prompts)} captions is a scene "
-                "the shapes parser reads; generation is scored on shapes captions"
-            )
         if how == own:
             metrics.update(scores)
-            kept, rows = images, [{**r, "candidate": i} for r, i in zip(parsed, picks, strict=True)]
+            rows = [{**r, "candidate": i} for r, i in zip(parsed, picks, strict=True)]
+        if "exact_match" not in scores:  # e.g. photos: their captions are no shapes scenes
+            continue
         if how == "none":
             metrics.update({f"{k}_no_rerank": v for k, v in scores.items() if k not in COUNTS})
         else:
             metrics[f"exact_match_rerank_{how}"] = scores["exact_match"]
-    metrics["rerank_gain"] = metrics["exact_match"] - metrics["exact_match_no_rerank"]
-    return metrics, kept, rows
+    if "exact_match" in metrics:
+        metrics["rerank_gain"] = metrics["exact_match"] - metrics["exact_match_no_rerank"]
+    return metrics, rows
 
 
 def _agreement_and_distance(
-    cfg: Config, predictor: Any, data: Path, prompts: list[str], kept: list[Image.Image]
+    cfg: Config, predictor: Any, data: Path, prompts: list[str], kept: Kept
 ) -> dict[str, float]:
     """ITC (and CLIP) score of kept images and prompts; Fréchet distance to the split's images."""
     from vlp.data.images import ImageTransform
@@ -117,7 +122,12 @@ def _agreement_and_distance(
 
     judge = _judge(cfg, predictor.device)
     batch = cfg.evaluate.batch_size
-    out = {"itc_score": itc_score(kept, prompts, model_score_fn(judge), batch_size=batch)}
+    score_fn = model_score_fn(judge)
+    first, kept = kept["none"][1], kept[predictor.sampling.rerank][1]
+    out = {
+        "itc_score": itc_score(kept, prompts, score_fn, batch_size=batch),
+        "itc_score_no_rerank": itc_score(first, prompts, score_fn, batch_size=batch),
+    }
     clip_dir = cfg.evaluate.generation_clip_dir
     if clip_dir is not None:
         out["clip_score"] = clip_score(
@@ -148,12 +158,12 @@ def _gallery(prompts: list[str], candidates: list[list[Image.Image]], n: int) ->
 
 
 def _plotted(metric: str) -> bool:
-    """Whether a metric is a percentage the scores plot shows (not a count, distance or speed)."""
+    """Whether a metric is a compositional accuracy the scores plot shows (in percent)."""
     if metric in COUNTS or metric in ("images_per_s", "rerank_gain"):
         return False
-    return not metric.startswith("frechet_distance") and (
-        metric == "exact_match_no_rerank" or not metric.endswith("_no_rerank")
-    )
+    if metric.startswith(("frechet_distance", "itc_score", "clip_score")):
+        return False
+    return metric == "exact_match_no_rerank" or not metric.endswith("_no_rerank")
 
 
 def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
@@ -165,7 +175,8 @@ def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
     t0 = time.perf_counter()
     candidates = predictor.candidates(prompts, predictor.sampling)
     sample_s = time.perf_counter() - t0
-    metrics, kept, rows = _rerank_metrics(predictor, prompts, candidates)
+    kept = _kept(predictor, prompts, candidates)
+    metrics, rows = _compositional(prompts, kept, predictor.sampling.rerank)
     metrics.update(_agreement_and_distance(cfg, predictor, data, prompts, kept))
     metrics["images_per_s"] = len(prompts) * predictor.sampling.num_candidates / sample_s
     results = [
@@ -179,8 +190,8 @@ def score_generation(cfg: Config, predictor: Any, data: Path) -> TaskEval:
         Example(
             image_path=resolve_image(data, str(chosen["image_path"][i])),
             ground_truth=[prompts[i]],
-            prediction=f"generated ({'exact' if rows[i]['exact'] else 'not exact'}): "
-            f"{rows[i]['objects']}",
+            prediction=f"generated, parsed as: {rows[i]['objects']} "
+            f"(exact match: {rows[i]['exact']})",
             query="the dataset's image of the prompt; the generated images are in the gallery",
         )
         for i in range(min(cfg.evaluate.num_examples, len(prompts)))

@@ -53,7 +53,7 @@ class Sampling:
     def of(cls, info: dict[str, Any]) -> Sampling:
         """The settings a generation model's task.json records."""
         return cls(
-            steps=int(info["steps"]),
+            steps=int(info["sample_steps"]),
             guidance_scale=float(info["guidance_scale"]),
             num_candidates=int(info["num_candidates"]),
             rerank=str(info["rerank"]),
@@ -242,14 +242,14 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
 
 
 def _check_request(params: dict[str, Any], sampling: Sampling, limits: Any) -> Sampling:
-    """The request's sampling: the model's, with its `steps` / `guidance_scale` if given and
+    """The request's sampling: the model's, with its `sample_steps` / `guidance_scale` if given and
     within the `serving` limits; RequestError naming the param and limit otherwise."""
-    steps = params.get("steps", sampling.steps)
+    steps = params.get("sample_steps", sampling.steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise RequestError(f"params steps must be a positive integer, got {steps!r}")
+        raise RequestError(f"params sample_steps must be a positive integer, got {steps!r}")
     if steps > limits.max_generation_steps:
         raise RequestError(
-            f"params steps is {steps}, over the limit of {limits.max_generation_steps} "
+            f"params sample_steps is {steps}, over the limit of {limits.max_generation_steps} "
             "(serving.max_generation_steps)"
         )
     guidance = params.get("guidance_scale", sampling.guidance_scale)
@@ -279,7 +279,7 @@ def serve(
 ) -> dict[str, list]:
     """One PNG (base64) per request row: the image generated from its prompt.
 
-    At most `serving.max_generation_prompts` prompts; `params` may lower or raise `steps` and
+    At most `serving.max_generation_prompts` prompts; `params` may lower or raise `sample_steps` and
     `guidance_scale` within `serving.max_generation_steps` and `serving.max_guidance_scale`.
     """
     prompts = texts["prompt"]
