@@ -181,15 +181,22 @@ def saved_model_config(meta: dict[str, Any]) -> Any:
 def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Write `module`'s state dict to `path` as safetensors, tied tensors stored once.
 
-    As `safetensors.torch.save_model` (which `load_model` reads), but the header's
-    metadata (one entry per dropped alias of a tied tensor) is sorted: the writer emits it
-    in the order of a hash map seeded per process, so identical weights gave files whose
-    bytes differed from run to run, and DVC saw a changed output. The file gets the mode
-    of any new file (the writer makes it private).
+    As `safetensors.torch.save_model` (which `load_model` reads), then `canonical_safetensors`.
     """
     from safetensors.torch import save_model
 
     save_model(module, str(path))
+    canonical_safetensors(Path(path))
+
+
+def canonical_safetensors(path: Path) -> None:
+    """Give a safetensors file just written the mode of any new file and a sorted metadata.
+
+    The writer emits the header's metadata (one entry per dropped alias of a tied tensor,
+    adapter configs, ...) in the order of a hash map seeded per process, so identical
+    weights gave files whose bytes differed from run to run, and DVC saw a changed output;
+    and it makes the file private.
+    """
     os.chmod(path, 0o666 & ~umask())
     with open(path, "r+b") as f:
         (size,) = struct.unpack("<Q", f.read(8))
