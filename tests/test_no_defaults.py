@@ -44,6 +44,9 @@ ALLOWED = {
     # evaluate.batch_size, serving serving.max_rows)
     ("vlp/tasks/predictor.py", "batch_size"),
     ("vlp/tasks/vqa/task.py", "batch_size"),
+    # generation metrics' forward batch when the caller names none (None: a set in one pass);
+    # `vlp eval generation` passes zeroshot.batch_size
+    ("vlp/metrics/generation.py", "batch_size"),
 }
 
 
