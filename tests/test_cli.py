@@ -191,6 +191,10 @@ MALFORMED: dict[tuple[str, ...], Case] = {
         "bad.json",
     ),
     ("eval", "retrieval"): (["eval", "retrieval", "--similarity", "bad.npy"], "bad.npy"),
+    ("eval", "generation"): (
+        ["eval", "generation", "--annotations", "bad.json", "--images", "pics"],
+        "bad.json",
+    ),
     ("zeroshot",): (["zeroshot", "--model", "notdata", "--data", "data"], "notdata"),
     ("embed",): (
         ["embed", "--model", "pretrained", "--data", "notdata", "--out", "e.parquet"],
@@ -262,6 +266,10 @@ READ_ONLY: dict[tuple[str, ...], Case] = {
     ),
     ("eval", "retrieval"): (
         ["eval", "retrieval", "--similarity", "sim.npy", "--out", OUT],
+        "blocker",
+    ),
+    ("eval", "generation"): (
+        ["eval", "generation", "--annotations", "coco.json", "--images", "pics", "--out", OUT],
         "blocker",
     ),
     ("zeroshot",): (

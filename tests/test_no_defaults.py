@@ -45,6 +45,9 @@ ALLOWED = {
     ("vlp/tasks/predictor.py", "batch_size"),
     ("vlp/tasks/vqa/task.py", "batch_size"),
     ("vlp/tasks/generation/task.py", "batch_size"),
+    # generation metrics' forward batch when the caller names none (None: a set in one pass);
+    # `vlp eval generation` passes zeroshot.batch_size
+    ("vlp/metrics/generation.py", "batch_size"),
 }
 
 

@@ -112,7 +112,9 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.metrics import files
 
-    if args.kind == "captions":
+    if args.kind == "generation":
+        scores = _score_generation(cfg, args)
+    elif args.kind == "captions":
         scores = files.score_caption_files(Path(args.results), Path(args.annotations))
     elif args.kind == "vqa":
         scores = files.score_vqa_files(
@@ -123,6 +125,28 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
             Path(args.similarity), Path(args.text_image) if args.text_image else None
         )
     _print_json(scores, args.out)
+
+
+def _score_generation(cfg: Config, args: argparse.Namespace) -> dict:
+    from vlp.metrics.generation import score_generation_files
+    from vlp.train.distributed import DistInfo
+    from vlp.train.settings import resolve_device
+
+    _check_out(args.out)  # before the models run
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    return score_generation_files(
+        Path(args.annotations),
+        Path(args.images),
+        model_dir=path(args.model),
+        clip_dir=path(args.clip),
+        reference_dir=path(args.reference),
+        inception_weights=path(args.inception_weights),
+        device=resolve_device(cfg.runtime.device, DistInfo()),
+        batch_size=cfg.zeroshot.batch_size,
+    )
 
 
 def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
@@ -320,7 +344,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("task", choices=TASKS)
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("eval", help="score standard results files (captions, VQA, retrieval)")
+    s = sub.add_parser(
+        "eval", help="score standard results files (captions, VQA, retrieval, generated images)"
+    )
     kind = s.add_subparsers(dest="kind", required=True)
     k = kind.add_parser("captions", help="COCO caption results vs COCO annotations")
     k.add_argument("--results", required=True)
@@ -342,7 +368,38 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--similarity", required=True)
     k.add_argument("--text-image", default=None)
     k.add_argument("--out", default=None)
+    _add_eval_generation(kind)
     s.set_defaults(func=_cmd_eval)
+
+
+def _add_eval_generation(kind: argparse._SubParsersAction) -> None:
+    """`vlp eval generation`: generated images vs the prompts they were drawn from."""
+    k = kind.add_parser(
+        "generation",
+        help="generated images vs their prompts: compositional accuracy, CLIP/ITC score, FID",
+        description="ANNOTATIONS is a COCO captions file: each annotation's caption is the "
+        "prompt its image was generated from, `images` gives each image's file_name under "
+        "IMAGES. Shapes-world prompts get exact compositional accuracy (a deterministic parser "
+        "reads each image back; other prompts are counted in unparsable_prompts); the other "
+        "scores need their inputs. Models run on runtime.device in batches of "
+        "zeroshot.batch_size. See docs/generation-metrics.md.",
+    )
+    k.add_argument("--annotations", required=True)
+    k.add_argument("--images", required=True, help="folder the file_names are relative to")
+    k.add_argument(
+        "--model",
+        default=None,
+        help="a vlp model directory (or CLIP/BLIP checkpoint): itc_score, and FID's features",
+    )
+    k.add_argument("--clip", default=None, help="a transformers CLIP directory: clip_score")
+    k.add_argument("--reference", default=None, help="folder of real images: fid")
+    k.add_argument(
+        "--inception-weights",
+        default=None,
+        help="torch-fidelity's Inception v3 weights file (pt_inception-2015-12-05): the "
+        "standard FID features instead of --model's; needs the torch-fidelity package",
+    )
+    k.add_argument("--out", default=None)
 
 
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from vlp.data.images import IMAGE_SUFFIXES
 from vlp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from vlp.models.family import LoadedModel
 
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass

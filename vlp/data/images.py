@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("squash", "shorter_side_crop")
+# what counts as an image file in a folder of images
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ASPECT_RANGE = (3 / 4, 4 / 3)  # random resized crop's aspect ratios, as torchvision and BLIP
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 _SWAP = {"left": "right", "right": "left"}

@@ -19,7 +19,9 @@ def _load_json(path: Path) -> Any:
     return load_json(path, ResultsError)
 
 
-def _records(path: Path, data: Any, key: str | None, fields: dict[str, type | tuple]) -> list[dict]:
+def checked_records(
+    path: Path, data: Any, key: str | None, fields: dict[str, type | tuple]
+) -> list[dict]:
     """The list of records (top level, or under `key`), each checked for `fields` and their types."""
     if key is not None:
         if not isinstance(data, dict) or key not in data:
@@ -45,8 +47,8 @@ def _records(path: Path, data: Any, key: str | None, fields: dict[str, type | tu
 
 def score_caption_files(results: Path, annotations: Path) -> dict[str, float]:
     """BLEU-1..4, ROUGE-L, CIDEr-D of a COCO results file against COCO caption annotations."""
-    res = _records(results, _load_json(results), None, {"image_id": int, "caption": str})
-    ann = _records(
+    res = checked_records(results, _load_json(results), None, {"image_id": int, "caption": str})
+    ann = checked_records(
         annotations, _load_json(annotations), "annotations", {"image_id": int, "caption": str}
     )
     if not res:
@@ -74,9 +76,9 @@ def score_vqa_files(
 
     `protocol`: `official` (the VQA v2 script today) or `lavis` (vlp.metrics.vqa).
     """
-    res = _records(results, _load_json(results), None, {"question_id": int, "answer": str})
-    qs = _records(questions, _load_json(questions), "questions", {"question_id": int})
-    ann = _records(
+    res = checked_records(results, _load_json(results), None, {"question_id": int, "answer": str})
+    qs = checked_records(questions, _load_json(questions), "questions", {"question_id": int})
+    ann = checked_records(
         annotations,
         _load_json(annotations),
         "annotations",

@@ -1,0 +1,472 @@
+"""Text-to-image metrics: compositional accuracy, text-image agreement, Fréchet distance.
+
+- `compositional_scores`: GenEval's idea with the shapes world's own parser in place of a
+  detector. `vlp.data.shapes_parse` reads each image back into objects and each prompt into
+  its claims; a prompt's objects are matched to the image's (the one-to-one assignment that
+  satisfies the most claims) and each claim is checked: `color`, `shape`, `size`, `position`
+  (grid cell) per named object, `relation` per stated relation, `count` (the image has
+  exactly as many objects as the prompt names: every shapes-world caption names its whole
+  scene). `exact_match`: every claim of the prompt holds. All in percent; a key is left out
+  when no prompt makes such a claim. A prompt no caption template reads is not scored: it is
+  counted in `unparsable_prompts` (and its row says so), so a file of other prompts still
+  gets its other metrics.
+- `clip_score`: torchmetrics' `CLIPScore` with a local transformers CLIP directory:
+  max(100 * mean cosine(image, prompt), 0).
+- `itc_score`: 100 * the mean cosine of each image with its own prompt under a vlp model's
+  ITC embeddings (CLIPScore's scale, not clipped at 0); `score_fn` is e.g. a task
+  `Predictor.score` or `model_score_fn(load_model(...))`.
+- `frechet_distance`: torchmetrics' `FrechetInceptionDistance` over any feature extractor:
+  the standard Inception v3 (`inception_features`, needs torch-fidelity and its weights
+  file) or a vlp model's L2-normalised ITC image embedding (`ImageTowerFeatures`, in the
+  manner of CLIP-FID; a distance between unit vectors, so far smaller than Inception FIDs).
+- `write_gallery` (`vlp.metrics.gallery`): prompts x samples as one PNG grid and an HTML page.
+- `score_generation_files`: all of them for `vlp eval generation` (COCO captions file of
+  prompts, folder of images).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlp.data.shapes import relation
+from vlp.data.shapes_parse import CaptionClaims, parse_caption, parse_scene, scene_text
+from vlp.errors import ConfigError, ResultsError
+from vlp.io import load_json
+from vlp.metrics.gallery import write_gallery
+
+if TYPE_CHECKING:
+    from vlp.data.shapes import ShapeObject
+
+__all__ = [
+    "ImageTowerFeatures",
+    "clip_score",
+    "compositional_scores",
+    "frechet_distance",
+    "inception_features",
+    "itc_score",
+    "model_score_fn",
+    "scene_scores",
+    "score_generation_files",
+    "write_gallery",
+]
+
+ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
+INCEPTION = "inception-v3-2048"  # `fid_features` of the standard FID
+
+
+# ---------------------------------------------------------------- compositional accuracy
+
+
+def _attribute(obj: ShapeObject, attr: str) -> object:
+    """An image object's value of a claimed attribute (`position`: its (row, col) cell)."""
+    return (obj.row, obj.col) if attr == "position" else getattr(obj, attr)
+
+
+def _object_claims_held(claims: CaptionClaims, objects: Sequence[ShapeObject]) -> np.ndarray:
+    """[named objects, image objects] how many attribute claims each image object satisfies."""
+    held = np.zeros((len(claims.objects), len(objects)), dtype=int)
+    for i, claim in enumerate(claims.objects):
+        for j, obj in enumerate(objects):
+            held[i, j] = sum(_attribute(obj, k) == v for k, v in claim.claims().items())
+    return held
+
+
+def _assignments(n: int, m: int) -> Iterator[tuple[int | None, ...]]:
+    """Every one-to-one map of n named objects into m image objects (None: left unmatched)."""
+    for a in itertools.product([*range(m), None], repeat=n):
+        matched = [j for j in a if j is not None]
+        if len(matched) == len(set(matched)):
+            yield a
+
+
+def _claims_held(
+    claims: CaptionClaims, objects: Sequence[ShapeObject]
+) -> dict[str, tuple[int, int]]:
+    """Attribute -> (claims held, claims made), under the assignment holding the most."""
+    per_object = _object_claims_held(claims, objects)
+
+    def related(a: tuple[int | None, ...]) -> list[bool]:
+        pairs = [(a[x], r, a[y]) for x, r, y in claims.relations]
+        return [
+            i is not None and j is not None and relation(objects[i], objects[j]) == r
+            for i, r, j in pairs
+        ]
+
+    def total(a: tuple[int | None, ...]) -> int:
+        named = sum(int(per_object[i, j]) for i, j in enumerate(a) if j is not None)
+        return named + sum(related(a))
+
+    best = max(_assignments(len(claims.objects), len(objects)), key=total)
+    held = {k: [0, 0] for k in ATTRIBUTES}
+    held["count"] = [int(len(objects) == claims.count), 1]
+    for i, j in enumerate(best):
+        for attr, value in claims.objects[i].claims().items():
+            held[attr][0] += int(j is not None and _attribute(objects[j], attr) == value)
+            held[attr][1] += 1
+    rel = related(best)
+    held["relation"] = [sum(rel), len(rel)]
+    return {k: (h, n) for k, (h, n) in held.items()}
+
+
+def compositional_scores(
+    prompts: Sequence[str], images: Sequence[Image.Image]
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics in percent, one row per prompt) of each image against the prompt it was drawn
+    from, as the module docstring says; `scene_scores` of the parsed images (an image given
+    more than once, as the same object, is parsed once).
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    parsed: dict[int, tuple[ShapeObject, ...]] = {}
+    for image in images:
+        if id(image) not in parsed:
+            parsed[id(image)] = parse_scene(image)
+    return scene_scores(prompts, [parsed[id(image)] for image in images])
+
+
+def scene_scores(
+    prompts: Sequence[str], scenes: Sequence[Sequence[ShapeObject]]
+) -> tuple[dict[str, float], list[dict]]:
+    """(metrics in percent, one row per prompt) of each scene's objects against its prompt.
+
+    A row: `prompt`, `template` (the caption template that read it; None: unparsable),
+    `objects` (the scene, as text), `exact` (bool; None when unparsable) and per attribute
+    the percent of that prompt's claims that hold (None: no such claim).
+    """
+    totals = {k: [0, 0] for k in ATTRIBUTES}
+    exact: list[bool] = []
+    exact_one: list[bool] = []
+    rows = []
+    for prompt, objects in zip(prompts, scenes, strict=True):
+        claims = parse_caption(prompt)
+        row: dict[str, Any] = {
+            "prompt": prompt,
+            "template": None if claims is None else claims.template,
+            "objects": scene_text(tuple(objects)),
+            "exact": None,
+        }
+        if claims is not None:
+            held = _claims_held(claims, objects)
+            row["exact"] = all(h == n for h, n in held.values())
+            exact.append(row["exact"])
+            if len(claims.objects) == 1:
+                exact_one.append(row["exact"])
+            for k, (h, n) in held.items():
+                totals[k][0] += h
+                totals[k][1] += n
+                row[k] = 100.0 * h / n if n else None
+        rows.append(row)
+    metrics: dict[str, float] = {}
+    if exact:
+        metrics["exact_match"] = 100.0 * float(np.mean(exact))
+    if exact_one:
+        metrics["exact_match_one_object"] = 100.0 * float(np.mean(exact_one))
+    for k, (h, n) in totals.items():
+        if n:
+            metrics[k] = 100.0 * h / n
+    metrics["prompts"] = len(exact)
+    metrics["unparsable_prompts"] = len(prompts) - len(exact)
+    return metrics, rows
+
+
+# ---------------------------------------------------------------- text-image agreement
+
+
+def _batches(n: int, batch_size: int | None) -> list[slice]:
+    step = batch_size or max(n, 1)
+    return [slice(s, s + step) for s in range(0, n, step)]
+
+
+def _uint8(image: Image.Image, side: int | None = None) -> torch.Tensor:
+    """An image as a uint8 tensor [3, H, W], resized (bicubic) to side x side if given."""
+    img = image.convert("RGB")
+    if side is not None and img.size != (side, side):
+        img = img.resize((side, side), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def _check_pairs(images: Sequence[Any], prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts) or not images:
+        raise ValueError(
+            f"need as many images as prompts, at least one: {len(images)}, {len(prompts)}"
+        )
+
+
+class _TensorFeatures(torch.nn.Module):
+    """A CLIPModel whose feature methods return the projected embeddings as tensors, as
+    torchmetrics' CLIPScore expects; transformers 5 returns them as a model output's
+    `pooler_output` (Lightning-AI/torchmetrics#3428)."""
+
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    @staticmethod
+    def _tensor(out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.clip.get_text_features(*args, **kwargs))
+
+
+def clip_score(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    clip_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+) -> float:
+    """torchmetrics' CLIPScore of each image with its prompt, with the CLIP model in `clip_dir`
+    (a transformers CLIPModel directory with its processor); ConfigError naming it otherwise.
+
+    `batch_size`: images per forward pass (None: all at once).
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    _check_pairs(images, prompts)
+
+    def load() -> tuple[Any, Any]:
+        try:
+            model = CLIPModel.from_pretrained(str(clip_dir), local_files_only=True).eval()
+            processor = CLIPProcessor.from_pretrained(str(clip_dir), local_files_only=True)
+            return _TensorFeatures(model), processor
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(
+                f"--clip {clip_dir}: not a transformers CLIP model directory ({e})"
+            ) from None
+
+    metric = CLIPScore(model_name_or_path=load).to(device)
+    with torch.no_grad():
+        for sl in _batches(len(images), batch_size):
+            metric.update([_uint8(img).to(device) for img in images[sl]], list(prompts[sl]))
+    return float(metric.compute())
+
+
+def itc_score(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    score_fn: Callable[[Sequence[Image.Image], Sequence[str]], np.ndarray],
+    *,
+    batch_size: int | None = None,
+) -> float:
+    """100 x the mean cosine of each image with its own prompt: the diagonal of
+    `score_fn(images, texts)` ([N, M] ITC cosines, e.g. `Predictor.score`), in batches of
+    `batch_size` pairs (None: one call)."""
+    _check_pairs(images, prompts)
+    diagonal = [
+        np.diag(np.asarray(score_fn(images[sl], prompts[sl]), dtype=np.float64))
+        for sl in _batches(len(images), batch_size)
+    ]
+    return 100.0 * float(np.concatenate(diagonal).mean())
+
+
+def model_score_fn(encoder: Any) -> Callable[[Sequence[Image.Image], Sequence[str]], np.ndarray]:
+    """ITC cosine scores [N, M] of a loaded model directory (`vlp.models.family.load_model`),
+    preprocessed by its own transform: the `score_fn` of any vlp, CLIP or BLIP directory.
+    Puts the model in eval mode."""
+    encoder.model.eval()
+
+    @torch.no_grad()
+    def score(images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
+        image = encoder.image_features(encoder.transform.pixels(list(images)))[1]
+        text = encoder.text_features(list(texts))
+        image = torch.nn.functional.normalize(image.float(), dim=-1)
+        text = torch.nn.functional.normalize(text.float(), dim=-1)
+        return (image @ text.T).cpu().numpy()
+
+    return score
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+class ImageTowerFeatures(torch.nn.Module):
+    """A vlp model's L2-normalised ITC image embedding [B, E] of uint8 images [B, 3, H, W],
+    preprocessed by its transform: FID features without Inception weights.
+
+    `model` has `encode_image(pixels) -> (states, features)` (every family's model, a
+    `Predictor.model`, a `LoadedModel.model`), put in eval mode; `transform` has
+    `pixels(PIL images)`.
+    """
+
+    def __init__(self, model: torch.nn.Module, transform: Any) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.transform = transform
+        self.num_features = int(self(torch.zeros((1, 3, 8, 8), dtype=torch.uint8)).shape[-1])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pil = [Image.fromarray(x.permute(1, 2, 0).cpu().numpy()) for x in images]
+        device = next(self.model.parameters()).device
+        return self.model.encode_image(self.transform.pixels(pil).to(device))[1].float()
+
+
+def inception_features(weights: Path) -> torch.nn.Module:
+    """The standard FID extractor: torchmetrics' Inception v3 (2048 pool features) with the
+    torch-fidelity weights file `weights`; ConfigError if it or torch-fidelity is missing."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ConfigError(
+            "--inception-weights: the Inception v3 extractor needs the torch-fidelity package "
+            "(pip install torch-fidelity); without it, FID uses --model's image features"
+        )
+    if not Path(weights).is_file():
+        raise ConfigError(f"--inception-weights {weights}: file not found")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
+            feature_extractor_weights_path=str(weights),
+        )
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(
+            f"--inception-weights {weights}: not Inception v3 weights ({e})"
+        ) from None
+    net.num_features = 2048
+    return net
+
+
+def frechet_distance(
+    real_images: Sequence[Image.Image],
+    generated_images: Sequence[Image.Image],
+    features: torch.nn.Module,
+    feature_name: str,
+    *,
+    batch_size: int | None = None,
+) -> float:
+    """torchmetrics' FrechetInceptionDistance between two image sets under `features` (a
+    module from uint8 images [B, 3, H, W] to features [B, D], named `feature_name` in errors).
+
+    Every image is brought to the size of the first real one (bicubic) so that batches stack;
+    `batch_size`: images per forward pass (None: a set at once). ResultsError with fewer than
+    two images in a set.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    for name, images in (("reference", real_images), ("generated", generated_images)):
+        if len(images) < 2:
+            raise ResultsError(
+                f"FID ({feature_name}): {len(images)} {name} images; needs 2 or more"
+            )
+    metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
+    side = max(real_images[0].size)
+    device = next(iter(features.parameters()), torch.zeros(0)).device
+    for images, real in ((real_images, True), (generated_images, False)):
+        for sl in _batches(len(images), batch_size):
+            metric.update(torch.stack([_uint8(img, side) for img in images[sl]]).to(device), real)
+    return float(metric.compute())
+
+
+# ---------------------------------------------------------------- files
+
+
+def _read_prompts(annotations: Path, images_dir: Path) -> tuple[list[str], list[Path]]:
+    """(prompt, image file) per annotation of a COCO captions file (`images` give file_name
+    per id, relative to `images_dir`); ResultsError naming the file otherwise."""
+    from vlp.metrics.files import checked_records
+
+    doc = load_json(annotations, ResultsError)
+    ann = checked_records(annotations, doc, "annotations", {"image_id": int, "caption": str})
+    listed = checked_records(annotations, doc, "images", {"id": int, "file_name": str})
+    if not ann:
+        raise ResultsError(f"{annotations}: no annotations")
+    files = {rec["id"]: rec["file_name"] for rec in listed}
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise ResultsError(f"--images {images_dir}: not a folder")
+    paths = []
+    for i, rec in enumerate(ann):
+        if rec["image_id"] not in files:
+            raise ResultsError(
+                f"{annotations}: annotation {i}'s image_id {rec['image_id']} is not in its images"
+            )
+        paths.append(root / files[rec["image_id"]])
+    return [rec["caption"] for rec in ann], paths
+
+
+def _open_all(paths: Sequence[Path]) -> dict[Path, Image.Image]:
+    from vlp.data.torch_data import open_image
+
+    return {p: open_image(p).convert("RGB") for p in dict.fromkeys(paths)}
+
+
+def _reference_images(reference_dir: Path) -> list[Image.Image]:
+    from vlp.data.images import IMAGE_SUFFIXES
+
+    root = Path(reference_dir)
+    if not root.is_dir():
+        raise ResultsError(f"--reference {reference_dir}: not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return list(_open_all(paths).values())
+
+
+def score_generation_files(
+    annotations: Path,
+    images_dir: Path,
+    *,
+    model_dir: Path | None = None,
+    clip_dir: Path | None = None,
+    reference_dir: Path | None = None,
+    inception_weights: Path | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int | None = None,
+) -> dict[str, float | str]:
+    """Every generation metric of generated images against the prompts they were drawn from.
+
+    `annotations`: COCO captions JSON, each annotation's caption the prompt of its image
+    (`images[].file_name` under `images_dir`; an image with several annotations is scored
+    against each). Compositional scores always (shapes-world prompts); `clip_score` with
+    `clip_dir`; `itc_score` with `model_dir` (any directory `load_model` reads); `fid` with
+    `reference_dir`, under Inception v3 given `inception_weights`, else `model_dir`'s image
+    features (`fid_features` names which). `batch_size`: images per forward pass (None: all).
+    """
+    prompts, paths = _read_prompts(annotations, images_dir)
+    opened = _open_all(paths)
+    images = [opened[p] for p in paths]
+    scores: dict[str, float | str] = dict(compositional_scores(prompts, images)[0])
+    scores["images"] = len(opened)
+    if clip_dir is not None:
+        scores["clip_score"] = clip_score(
+            images, prompts, Path(clip_dir), device=device, batch_size=batch_size
+        )
+    encoder = None
+    if model_dir is not None:
+        from vlp.models.family import load_model
+
+        encoder = load_model(model_dir, device, key="--model", as_is=True)
+        scores["itc_score"] = itc_score(
+            images, prompts, model_score_fn(encoder), batch_size=batch_size
+        )
+    if reference_dir is not None:
+        if inception_weights is not None:
+            features, name = inception_features(Path(inception_weights)).to(device), INCEPTION
+        elif encoder is not None:
+            features = ImageTowerFeatures(encoder.model, encoder.transform)
+            name = f"itc:{Path(model_dir).resolve()}"  # type: ignore[arg-type]
+        else:
+            raise ConfigError(
+                "--reference: FID needs --model (its image features) or --inception-weights"
+            )
+        scores["fid"] = frechet_distance(
+            _reference_images(Path(reference_dir)), list(opened.values()), features, name,
+            batch_size=batch_size,
+        )  # fmt: skip
+        scores["fid_features"] = name
+    return scores
