@@ -36,7 +36,7 @@ class GenerationConfig(FinetuneBudget):
     # the generators check these three (vlp.tasks.generation.model, diffusers_pipeline)
     beta_schedule: str  # diffusers' linear | scaled_linear | squaredcos_cap_v2
     prediction_type: str  # what the denoiser predicts: epsilon | v_prediction
-    sampler: str  # ddim (DDIM) | dpm (DPM-Solver++)
+    sampler: str  # ddim, or DPM-Solver++: dpm_solver (vlp's own UNet), dpm (a pipeline)
     sample_steps: int  # sampler steps per image
     guidance_scale: float  # classifier-free guidance; 1: conditional prediction alone
     num_candidates: int  # samples per prompt re-ranked by `rerank`

@@ -13,7 +13,8 @@ generator's size.
 
 Re-ranking as DALL-E: `num_candidates` samples per prompt, and the model keeps the one it
 scores highest: `itc` the ITC cosine of (image, prompt), `itm` the pair score retrieval
-re-ranks with (ITM log-odds + ITC logit; fusion family only), `none` the first sample.
+re-ranks with (ITM log-odds + ITC logit; a family without an ITM head re-ranks by `itc`),
+`none` the first sample.
 """
 
 from __future__ import annotations
@@ -61,15 +62,18 @@ class Sampling:
         )
 
 
-def check_rerank(rerank: str, family: str, key: str) -> None:
-    """ConfigError naming `key` when `rerank` is itm and the model family has no ITM head."""
+def effective_rerank(rerank: str, family: str) -> str:
+    """The re-ranking a model of `family` does for `finetune.generation.rerank`: itm becomes
+    itc, with a note, for a family without an ITM head (a dual encoder)."""
     from vlp.models.family import get_family
 
     if rerank == "itm" and not get_family(family).has_itm:
-        raise ConfigError(
-            f"{key}: itm re-ranking needs an ITM head, which model.family {family} has not; "
-            "use itc or none"
+        print(
+            f"finetune.generation.rerank: itm ignored: the {family} family has no ITM head; "
+            "candidates are re-ranked by itc"
         )
+        return "itc"
+    return rerank
 
 
 class GenerationObjective(torch.nn.Module):
@@ -118,7 +122,6 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     from vlp.tasks.generation import kinds
 
     t = cfg.finetune.generation
-    check_rerank(t.rerank, vlp.cfg.family, "finetune.generation.rerank")
     torch.manual_seed(cfg.seed + 2)  # the generator's init: the same for both inits
     kind = kinds.kind_of(cfg)
     generator = kinds.build(cfg, vlp)
@@ -137,6 +140,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         "generated_size": generator.image_size,
         "generated_resize": cfg.images.resize,  # how the training images were resized to it
         **{k: getattr(t, k) for k in SAMPLING},
+        "rerank": effective_rerank(t.rerank, vlp.cfg.family),
     }
     return TrainingSetup(GenerationObjective(kind, generator, vlp), dataset, collate, info)
 
