@@ -75,9 +75,11 @@ def git_init(path: Path) -> str:
 
 
 def make_standin_model(path: Path, word: str) -> Path:
-    """A stand-in task model directory answering with `word`."""
+    """A stand-in task model directory answering with `word`; its task.json holds the
+    settings a generation model's request params default to."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "standin.json").write_text(json.dumps({"word": word}))
+    (path / "task.json").write_text(json.dumps({"sample_steps": 2, "guidance_scale": 1.5}))
     return path
 
 

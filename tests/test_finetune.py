@@ -89,10 +89,15 @@ def _images(cfg: Config, n: int) -> list[Image.Image]:
     return [Image.open(Path(cfg.data.root) / p) for p in paths]
 
 
-PRIMARY = {"retrieval": "rsum", "captioning": "CIDEr", "vqa": "overall"}
+PRIMARY = {
+    "retrieval": "rsum",
+    "captioning": "CIDEr",
+    "vqa": "overall",
+    "generation": "exact_match",
+}
 
 
-@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa", "generation"])
 def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
     cfg: Config, task: str, tmp_path: Path
 ) -> None:
@@ -137,6 +142,16 @@ def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
         assert set(doc["pretrained"]) >= {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"}
         assert len(results) == cfg.data.n_test
         assert set(results[0]) == {"image_id", "caption"}
+    elif task == "generation":
+        assert set(doc["pretrained"]) >= {
+            "exact_match", "exact_match_no_rerank", "rerank_gain", "itc_score",
+            "frechet_distance_image_tower",
+        }  # fmt: skip
+        assert len(results) == cfg.evaluate.generation_prompts
+        assert {"prompt", "exact", "objects", "candidate"} <= set(results[0])
+        for init in ("pretrained", "scratch"):
+            gallery = tmp_path / "results" / task / f"gallery_{init}.png"
+            assert Image.open(gallery).format == "PNG"
     else:
         assert set(doc["pretrained"]) >= {"overall", "type_yes/no", "type_number", "type_other"}
         from vlp.data.manifest import read_vqa
@@ -168,13 +183,17 @@ def test_finetune_and_evaluate_write_models_metrics_plots_and_runs(
     assert {"examples_pretrained.html", "examples_scratch.json"} <= set(
         _artifacts(ev.info.run_id, "examples")
     )
+    if task == "generation":  # the galleries are logged with the examples
+        assert {"gallery_pretrained.png", "gallery_scratch.html"} <= set(
+            _artifacts(ev.info.run_id, "examples")
+        )
     assert len(_artifacts(ev.info.run_id, "plots")) == 2
     ft = runs[f"finetune-{task}-pretrained"]
     assert ft.data.tags["vlp.init"] == "pretrained"
     assert "loss" in ft.data.metrics
 
 
-@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa", "generation"])
 def test_load_predictor_serves_each_task(cfg: Config, task: str) -> None:
     predictor = load_predictor(finetune(cfg, task))
     assert predictor.task == task
@@ -193,6 +212,10 @@ def test_load_predictor_serves_each_task(cfg: Config, task: str) -> None:
         assert len(answers) == 3 and set(answers) <= set(predictor.vqa.answers)
         with pytest.raises(ConfigError):
             predictor.answer(images, ["one question"])
+    if task == "generation":
+        generated = predictor.generate(texts)
+        size = cfg.finetune.generation.image_size
+        assert [im.size for im in generated] == [(size, size)] * 3
 
 
 def test_retrieval_predictor_score_matches_the_evaluated_reranking(cfg: Config) -> None:

@@ -174,8 +174,12 @@ def test_dvc_repro_runs_on_an_imported_dataset_and_never_writes_into_it(
     summary = json.loads((repo / "reports" / "validation" / "summary.json").read_text())
     assert summary["data_dir"] == "data/coco" and summary["success"]
     assert summary["manifests"]["pairs.parquet"]["images"] == sum(SPLITS.values())
-    for metrics in ("pretrain", "retrieval", "captioning", "vqa"):
+    for metrics in ("pretrain", "retrieval", "captioning", "vqa", "generation"):
         assert json.loads((repo / "metrics" / f"{metrics}.json").read_text())
+    # photos' captions are no shapes scenes: generation is gated by its ITC score
+    generation = json.loads((repo / "metrics" / "generation.json").read_text())
+    assert "exact_match" not in generation["pretrained"]
+    assert generation["itc_score"] == generation["pretrained"]["itc_score"]
     for report in ("registered", "promotion"):
         assert json.loads((repo / "reports" / "registry" / f"{report}.json").read_text())
     assert _changed_stages(repo) == {}
@@ -200,7 +204,7 @@ def test_dvc_repro_runs_on_an_imported_dataset_and_never_writes_into_it(
         if any(c.get("changed deps", {}).get("data/coco") == "modified" for c in changes)
     }
     assert stale == {
-        "validate", "pretrain-vision", "pretrain", "probe", *(f"finetune@{t}-{i}" for t in ("retrieval", "captioning", "vqa")
+        "validate", "pretrain-vision", "pretrain", "probe", *(f"finetune@{t}-{i}" for t in ("retrieval", "captioning", "vqa", "generation")
                                   for i in ("pretrained", "scratch")),
-        *(f"evaluate@{t}" for t in ("retrieval", "captioning", "vqa")),
+        *(f"evaluate@{t}" for t in ("retrieval", "captioning", "vqa", "generation")),
     }  # fmt: skip

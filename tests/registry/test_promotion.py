@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tests.mlflow_helpers import (
     STANDIN,
@@ -152,18 +155,51 @@ def test_every_task_loads_as_a_pyfunc_with_a_signature(store_cfg: Config) -> Non
         "captioning": pd.DataFrame({"image": [image]}),
         "vqa": pd.DataFrame({"image": [image], "question": ["what?"]}),
         "retrieval": pd.DataFrame({"image": [image, image], "text": ["a", "abc"]}),
+        "generation": pd.DataFrame({"prompt": ["a red circle", "two"]}),
     }
     expected = {
         "captioning": ("caption", ["w 10x10"]),
         "vqa": ("answer", ["w 5"]),
         "retrieval": ("score", [11.0, 13.0]),
+        # PNGs (base64) as wide as the prompt and as tall as the request's steps
+        "generation": ("image", [(12, 3), (3, 3)]),
     }
     for task in TASKS:
         _register(store_cfg, task, "w", 1.0)
         model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")
-        assert model.metadata.get_input_schema().input_names()[0] == "image"
+        first_input = TASKS[task].inputs[0][0]
+        assert model.metadata.get_input_schema().input_names()[0] == first_input
         column, values = expected[task]
-        assert model.predict(inputs[task])[column].tolist() == values
+        out = model.predict(inputs[task], params={"sample_steps": 3})[column].tolist()
+        if task == "generation":
+            out = [Image.open(io.BytesIO(base64.b64decode(png))).size for png in out]
+        assert out == values
+
+
+def test_generation_without_exact_match_is_gated_by_its_itc_score(store_cfg: Config) -> None:
+    """Captions no scene parser reads (photos) have no exact match: itc_score gates instead,
+    and only versions scored by the same metric compare."""
+
+    def register(word: str, scores: dict[str, float], data_hash: str = "d1") -> dict:
+        model_dir = make_standin_model(Path(f"models/generation-{word}"), word)
+        return register_model(
+            store_cfg,
+            "generation",
+            model_dir,
+            evaluated_metrics(model_dir, scores, data_hash=data_hash),
+            loader=STANDIN_LOADER,
+            extra_code_paths=[STANDIN],
+        )
+
+    assert register("a", {"itc_score": 20.0})["itc_score"] == 20.0
+    assert _tags("vlp-generation", "1")["vlp.primary_metric"] == "itc_score"
+    register("b", {"itc_score": 25.0})
+    decision = promote(store_cfg, "generation")
+    assert decision["decision"] == "promoted" and decision["why"].startswith("itc_score 25")
+    # the primary metric wins where there is one; unlike scores never compare
+    register("c", {"exact_match": 90.0, "itc_score": 10.0})
+    assert _tags("vlp-generation", "3")["vlp.primary_metric"] == "exact_match"
+    assert promote(store_cfg, "generation")["decision"] == "refused"
 
 
 def test_pipeline_gate_respects_auto_promote(store_cfg: Config) -> None:
@@ -175,7 +211,12 @@ def test_pipeline_gate_respects_auto_promote(store_cfg: Config) -> None:
     assert {d["decision"] for d in promote_all(off, pipeline=True)} == {"skipped"}
     assert _aliases("vlp-retrieval")["champion"] == "1"
     decisions = {d["task"]: d["decision"] for d in promote_all(store_cfg, pipeline=True)}
-    assert decisions == {"retrieval": "promoted", "captioning": "unchanged", "vqa": "unchanged"}
+    assert decisions == {
+        "retrieval": "promoted",
+        "captioning": "unchanged",
+        "vqa": "unchanged",
+        "generation": "unchanged",
+    }
     assert _aliases("vlp-retrieval")["champion"] == "2"
 
 

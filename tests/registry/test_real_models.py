@@ -52,6 +52,11 @@ def finetuned(
         return {task: finetune(cfg, task) for task in TASKS}
 
 
+def finetuned_size(model_dir: Path) -> int:
+    """The side of the images a generation model directory generates."""
+    return int(json.loads((model_dir / "task.json").read_text())["generated_size"])
+
+
 def _image_bytes(cfg: Config) -> bytes:
     from vlp.data.manifest import read_pairs
 
@@ -69,6 +74,7 @@ def test_every_real_task_model_loads_and_predicts(
         "captioning": pd.DataFrame({"image": [image]}),
         "vqa": pd.DataFrame({"image": [image, image], "question": ["is there a circle?"] * 2}),
         "retrieval": pd.DataFrame({"image": [image, image], "text": ["a red circle", "x"]}),
+        "generation": pd.DataFrame({"prompt": ["a large red circle at the top left"]}),
     }
     for task in TASKS:
         metric = TASKS[task].primary_metric
@@ -76,10 +82,13 @@ def test_every_real_task_model_loads_and_predicts(
         register_model(store_cfg, task, finetuned[task], metrics)
         model = mlflow.pyfunc.load_model(f"models:/vlp-{task}@champion")
         out = model.predict(frames[task])
-        column = {"captioning": "caption", "vqa": "answer", "retrieval": "score"}[task]
+        column = TASKS[task].output[0]
         assert list(out.columns) == [column] and len(out) == len(frames[task])
         if task == "retrieval":
             assert out["score"].map(float).notna().all()
+        elif task == "generation":  # a PNG of the generated side, base64
+            png = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
+            assert png.format == "PNG" and png.size[0] == finetuned_size(finetuned[task])
         else:
             assert all(isinstance(v, str) for v in out[column])
     # the model directory travels with the model: weights, tokenizer, config

@@ -148,7 +148,7 @@ def test_runs_nested_runs_metrics_and_versions_land_in_postgresql(
 
     versions = _query(stack, "SELECT name, version, run_id FROM model_versions ORDER BY name")
     models = {name for name, _, _ in versions}
-    assert models == {"vlp-retrieval", "vlp-captioning", "vlp-vqa"}
+    assert models == {"vlp-retrieval", "vlp-captioning", "vlp-vqa", "vlp-generation"}
     stage_ids = {r[0]: p for p, rs in stages.items() for r in rs}
     for model in models:
         mine = [(v, run) for name, v, run in versions if name == model]
