@@ -38,14 +38,12 @@ def generated_size(cfg: Config) -> int:
     return cfg.data.image_size if size is None else size
 
 
-def _pipeline_placement(cfg: Config) -> tuple[torch.device, torch.dtype]:
-    """Where a pipeline's frozen parts live while training: this process's device, in the
-    precision the loop trains in (its trained weights stay in float32)."""
+def _pipeline_device(cfg: Config) -> torch.device:
+    """This process's training device, where a pipeline's parts live while it trains."""
     from vlp.train.distributed import init_distributed
-    from vlp.train.settings import resolve_device, resolve_precision
+    from vlp.train.settings import resolve_device
 
-    device = resolve_device(cfg.runtime.device, init_distributed())
-    return device, resolve_precision(cfg.runtime.precision, device) or torch.float32
+    return resolve_device(cfg.runtime.device, init_distributed())
 
 
 def build(cfg: Config, vlp: Any) -> Generator:
@@ -70,7 +68,8 @@ def build(cfg: Config, vlp: Any) -> Generator:
         )
     from vlp.tasks.generation.diffusers_pipeline import DiffusersPipelineGenerator
 
-    device, dtype = _pipeline_placement(cfg)
+    # float32 throughout: the loop's autocast runs bf16 where runtime.precision says so, and
+    # the frozen parts are saved as the user's pipeline holds them, not rounded to bf16
     return DiffusersPipelineGenerator.from_directory(
         Path(str(t.init_from)).expanduser(),
         lora_rank=t.lora_rank,
@@ -78,8 +77,8 @@ def build(cfg: Config, vlp: Any) -> Generator:
         cond_dropout=t.cond_dropout,
         sampler=t.sampler,
         image_size=generated_size(cfg),
-        device=device,
-        dtype=dtype,
+        device=_pipeline_device(cfg),
+        dtype=torch.float32,
     )
 
 
