@@ -7,23 +7,27 @@ one (`<task>-scratch`), then writes (what is scored and how is the task's own `e
 
 - `<runtime.metrics_dir>/<task>.json`: `{<primary>: value, "pretrained": {...}, "scratch": {...},
   "delta": {...}}` where `<primary>` is the task's primary metric (retrieval `rsum`,
-  captioning `CIDEr`, vqa `overall`) of the pretrained-init model and `delta` is
+  captioning `CIDEr`, vqa `overall`, generation `exact_match`, or its fallback where the
+  data gives none: `Task.gate_metric`) of the pretrained-init model and `delta` is
   pretrained minus scratch for every metric; each init's block also names the model it
   scored by its content hash, `model_sha256` (`vlp.tasks.model_sha256`), and
   `evaluated_on` names the data: `{"split", "data" (the folder), "data_hash"}`, the
   content hash of the dataset read (`vlp.data.manifest.dataset_hash`). `vlp register`
   copies both onto the registered version, and `vlp promote` compares only like with like;
 - `results/<task>/<init>.json`: COCO caption results, VQA results, or retrieval rankings;
-- `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows;
+- `results/<task>/examples_<init>.html|json`: a few (image, ground truth, prediction) rows,
+  and the task's extra files (`TaskEval.files`: generation's gallery, `gallery_<init>.png`);
 - plots (in `runtime.plots_dir`): `plots/retrieval_recall_<init>.csv` (R@K by K), `plots/vqa_accuracy_<init>.csv`
-  (accuracy per answer type), `plots/captioning_scores_<init>.csv`;
+  (accuracy per answer type), `plots/captioning_scores_<init>.csv`,
+  `plots/generation_scores_<init>.csv`;
 - an MLflow stage run `evaluate-<task>` with every number, the plots, results and examples,
   tagged with the same hashes (`vlp.input.model`, `vlp.input.model_scratch`, `vlp.input.data`).
 
 A task the pretrained model does not do (captioning and VQA for a dual encoder, whose
 finetune stage wrote a "not applicable" directory) is not scored: the metrics file says
 `{"applicable": false, "reason": ...}`, the results folder holds the same record, the plots
-are empty, and the MLflow run is tagged `vlp.applicable: false`.
+are empty, and the MLflow run is tagged `vlp.applicable: false`. A scratch init the task
+rules out (generation from a user's pipeline) is left out, as with the ablation off.
 
 Each model is scored through `vlp.tasks.predictor.load_predictor`, the predictor that serving uses,
 with the inference settings of its own `task.json`: what is evaluated is what ships.

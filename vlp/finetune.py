@@ -17,12 +17,13 @@ Both inits preprocess images as the pretrained model does: with the image proces
 
 What each task trains, and the inference settings it records in `task.json`, is the
 task's own (`setup` in `vlp.tasks.<task>`): retrieval ITC + ITM (hard negatives),
-captioning LM, VQA soft-score BCE on an answer decoder. With `finetune.ablation: false` the scratch run only writes
+captioning LM, VQA soft-score BCE on an answer decoder, generation the denoising loss of a
+diffusion generator. With `finetune.ablation: false` the scratch run only writes
 a marker directory, so the DVC stage's output still exists.
 
 The pretrained model's family (`vlp.models.family`) decides what it can be finetuned for: a
-dual encoder (`model.family: clip`) does retrieval alone, trained with CLIP's contrastive loss.
-For captioning and VQA it writes a "not applicable" model directory (the reason in
+dual encoder (`model.family: clip`) does retrieval, trained with CLIP's contrastive loss, and
+generation. For captioning and VQA it writes a "not applicable" model directory (the reason in
 `NOT_APPLICABLE`, `task.json` with `applicable: false`) and an empty loss curve, records an
 MLflow run tagged `vlp.applicable: false`, and succeeds; `vlp evaluate` and `vlp register`
 carry the verdict on. A task may also rule out one init (`init_not_applicable`: generation

@@ -8,6 +8,7 @@ and the `vlp` package as code, and answers one row per request item:
 | captioning | image (binary)                  | caption (string)  |
 | vqa        | image (binary), question (str)  | answer (string)   |
 | retrieval  | image (binary), text (str)      | score (double)    |
+| generation | prompt (str)                    | image (PNG, base64 string) |
 
 (each task declares its columns: `inputs` and `output` of `vlp.tasks.<task>.TASK`)
 
@@ -16,6 +17,9 @@ each row holds an `image` or a `text` (the other left out or null) and the answe
 L2-normalised ITC embedding (`embedding`, a list of floats), the vectors `vlp embed` writes.
 
 Over REST, binary columns travel base64-encoded; MLflow decodes them using the signature.
+
+A task's request params (generation: `sample_steps`, `guidance_scale`) default to the
+model's task.json settings and are checked by the task's `serve` against its own limits.
 
 Requests are bounded by the `serving` limits recorded in the model at registration: at
 most `max_rows` rows, images of at most `max_image_pixels` pixels, checked from the
