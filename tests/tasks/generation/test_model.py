@@ -282,3 +282,28 @@ def test_a_bad_vae_from_is_a_config_error_naming_it(tiny_vlp, tmp_path: Path):
 def test_bad_settings_name_their_key(tiny_vlp, over: dict[str, Any], key: str):
     with pytest.raises(ConfigError, match=rf"finetune\.generation\.{key}"):
         _build(tiny_vlp, **over)
+
+
+def test_a_clip_family_text_encoder_conditions_it_too(smoke_cfg, tiny_tokenizer, tmp_path: Path):
+    import dataclasses
+
+    from vlp.models.clip import build_clip
+
+    torch.manual_seed(0)
+    clip = build_clip(dataclasses.replace(smoke_cfg.model, family="clip"), tiny_tokenizer, 0.07)
+    gen = _build(clip, train_text_encoder=True)
+    assert gen.unet.config.cross_attention_dim == clip.clip.config.text_config.hidden_size
+    trainable = {id(p) for p in gen.trainable_parameters()}
+    assert {id(p) for p in clip.clip.text_model.parameters()} <= trainable
+    assert not {id(p) for p in clip.clip.vision_model.parameters()} & trainable
+    _train(gen, 1, _images(2), PROMPTS[:2])
+    gen.save(tmp_path / "m")
+    loaded = UNetGenerator.load(tmp_path / "m")
+    assert type(loaded.text_model) is type(clip)
+
+    def run(m: UNetGenerator) -> np.ndarray:
+        return _arrays(
+            m.sample(PROMPTS[:2], num_images_per_prompt=1, steps=2, guidance_scale=2.0, seed=0)
+        )
+
+    assert np.array_equal(run(gen), run(loaded))
