@@ -216,6 +216,12 @@ def test_load_names_what_a_directory_lacks(tiny_vlp, tmp_path: Path):
     tiny_vlp.save_pretrained(tmp_path / "m")
     with pytest.raises(ConfigError, match=SETTINGS_FILE):
         UNetGenerator.load(tmp_path / "m")
+    (tmp_path / "m" / GENERATOR_DIR).mkdir()
+    (tmp_path / "m" / GENERATOR_DIR / SETTINGS_FILE).write_text(
+        '{"kind": "unet", "sampler": "ddim"}'
+    )
+    with pytest.raises(ConfigError, match=f"{SETTINGS_FILE}: lacks image_size"):
+        UNetGenerator.load(tmp_path / "m")
 
 
 @pytest.fixture

@@ -58,6 +58,12 @@ GENERATOR_DIR = "generator"  # inside a finetuned model directory
 SETTINGS_FILE = "vlp_generator.json"
 KIND = "unet"  # what `vlp_generator.json` says built the directory
 KEY = "finetune.generation"  # the params section the build arguments come from, in messages
+# what `vlp_generator.json` records: the build arguments (`vae_from` as `latent`)
+SETTINGS = (
+    "image_size", "block_out_channels", "layers_per_block", "attention_head_dim",
+    "train_timesteps", "beta_schedule", "prediction_type", "cond_dropout", "sampler",
+    "train_text_encoder", "latent",
+)  # fmt: skip
 SAMPLE_BATCH = 64  # images per denoising pass while sampling (twice that with guidance)
 
 
@@ -158,6 +164,9 @@ class UNetGenerator(nn.Module):
         settings = load_json(gen_dir / SETTINGS_FILE, ConfigError)
         if not isinstance(settings, dict) or settings.get("kind") != KIND:
             raise ConfigError(f"{gen_dir / SETTINGS_FILE}: not the settings of a vlp generator")
+        missing = [k for k in SETTINGS if k not in settings]
+        if missing:
+            raise ConfigError(f"{gen_dir / SETTINGS_FILE}: lacks {', '.join(missing)}")
         check_settings(settings, f"{gen_dir / SETTINGS_FILE}: settings")
         if text_model is None:
             from vlp.models.family import load_model
