@@ -4,7 +4,9 @@ For each UNet size (`block_out_channels`), prints training steps/s (forward, bac
 AdamW step on a batch of random images with shapes-world prompts) and sampling images/s
 (`--sample-steps` steps of `--sampler` with classifier-free guidance, two UNet passes per step), in
 fp32 and under bf16 autocast. Wall seconds and process CPU seconds per thread are both
-printed: on a shared machine the second is the better estimate of an idle one.
+printed: on a shared machine the second is the better estimate of an idle one. There, run
+it with OMP_NUM_THREADS=1: torch's two threads waiting for each other while other processes
+hold the cores made steps over ten times slower than one thread.
 
     .venv/bin/python benchmarks/bench_generation.py [--image-size 48] [--batch-size 64]
         [--sizes 32,64,64 32,64,128] [--layers-per-block 1] [--head-dim 16]
