@@ -13,7 +13,7 @@
   `prediction_type` epsilon | v_prediction) and the MSE of the prediction, as diffusers'
   examples/text_to_image/train_text_to_image.py; a `cond_dropout` fraction of rows gets the
   empty prompt's states instead of its own (classifier-free guidance);
-- sampling: DDIM or DPM-Solver++ (`sampler`) over `steps` trailing timesteps with guidance
+- sampling: DDIM or DPM-Solver++ (`sampler`: ddim | dpm_solver) over `steps` trailing timesteps with guidance
   `uncond + g * (cond - uncond)` (a single conditional pass when g = 1); the initial noise of
   all images is drawn from one generator seeded with `seed`, so the images do not depend on
   how they are batched. In pixel space predictions of the clean image are clipped to [-1, 1].
@@ -21,43 +21,49 @@
 A finetuned model directory is the vlp model (the text encoder, and the image tower that
 re-ranks samples) plus `generator/` in diffusers' layout: `unet/` and `scheduler/`
 (`save_pretrained`), `vae/` in latent space, and `vlp_generator.json`, the generator's own
-settings.
+settings. The UNet's layout, the schedulers and the loaders of diffusers directories are in
+`vlp.tasks.generation.denoiser`.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import math
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, load_json
-from vlp.models.weights import check_safetensors
+from vlp.tasks.generation.denoiser import (
+    build_noise_scheduler,
+    build_unet,
+    check_settings,
+    load_diffusers,
+    load_noise_scheduler,
+    load_vae,
+    sampling_scheduler,
+)
 
 GENERATOR_DIR = "generator"  # inside a finetuned model directory
 SETTINGS_FILE = "vlp_generator.json"
 KIND = "unet"  # what `vlp_generator.json` says built the directory
 KEY = "finetune.generation"  # the params section the build arguments come from, in messages
-SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# what `vlp_generator.json` records: the build arguments (`vae_from` as `latent`)
+SETTINGS = (
+    "image_size", "block_out_channels", "layers_per_block", "attention_head_dim",
+    "train_timesteps", "beta_schedule", "prediction_type", "cond_dropout", "sampler",
+    "train_text_encoder", "latent",
+)  # fmt: skip
 SAMPLE_BATCH = 64  # images per denoising pass while sampling (twice that with guidance)
 
 
@@ -133,15 +139,10 @@ class UNetGenerator(nn.Module):
             "train_text_encoder": bool(train_text_encoder),
             "latent": vae_from is not None,
         }
-        _check_settings(settings)
+        check_settings(settings, KEY)
         vae = None if vae_from is None else load_vae(vae_from, f"{KEY}.vae_from")
-        unet = _build_unet(settings, _text_width(text_model), vae)
-        noise_scheduler = DDPMScheduler(
-            num_train_timesteps=settings["train_timesteps"],
-            beta_schedule=beta_schedule,
-            prediction_type=prediction_type,
-            clip_sample=vae is None,  # sampling clips predicted clean pixels, never latents
-        )
+        unet = build_unet(settings, _text_width(text_model), vae, KEY)
+        noise_scheduler = build_noise_scheduler(settings, latent=vae is not None)
         device = next(text_model.parameters()).device
         return cls(text_model, unet.to(device), noise_scheduler, _to(vae, device), settings)
 
@@ -163,13 +164,16 @@ class UNetGenerator(nn.Module):
         settings = load_json(gen_dir / SETTINGS_FILE, ConfigError)
         if not isinstance(settings, dict) or settings.get("kind") != KIND:
             raise ConfigError(f"{gen_dir / SETTINGS_FILE}: not the settings of a vlp generator")
-        _check_settings(settings, where=str(gen_dir / SETTINGS_FILE))
+        missing = [k for k in SETTINGS if k not in settings]
+        if missing:
+            raise ConfigError(f"{gen_dir / SETTINGS_FILE}: lacks {', '.join(missing)}")
+        check_settings(settings, f"{gen_dir / SETTINGS_FILE}: settings")
         if text_model is None:
             from vlp.models.family import load_model
 
             text_model = load_model(root, device=device).model
-        unet = _load_diffusers(UNet2DConditionModel, gen_dir / "unet")
-        scheduler = _load_scheduler(gen_dir / "scheduler")
+        unet = load_diffusers(UNet2DConditionModel, gen_dir / "unet", str(gen_dir / "unet"))
+        scheduler = load_noise_scheduler(gen_dir / "scheduler")
         vae = load_vae(gen_dir / "vae", str(gen_dir / "vae")) if settings["latent"] else None
         gen = cls(text_model, unet.to(device), scheduler, _to(vae, device), settings)
         return gen.eval()
@@ -247,8 +251,17 @@ class UNetGenerator(nn.Module):
             target = self.noise_scheduler.get_velocity(clean, noise, t)
         else:
             target = noise
-        pred = self.unet(noisy, t, states, encoder_attention_mask=mask).sample
+        with self._attention():
+            pred = self.unet(noisy, t, states, encoder_attention_mask=mask).sample
         return F.mse_loss(pred.float(), target.float())
+
+    def _attention(self) -> AbstractContextManager[Any]:
+        """The attention kernel: on CPU plain softmax attention, whose backward takes a
+        fraction of the time of the flash kernel's for these short text keys (2 s of a 6 s
+        training step at 48 px, measured)."""
+        if self.device.type == "cpu":
+            return sdpa_kernel([SDPBackend.MATH])
+        return nullcontext()
 
     def _to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -271,6 +284,8 @@ class UNetGenerator(nn.Module):
     ) -> list[list[Image.Image]]:
         """`num_images_per_prompt` images for each prompt (`steps` sampler steps, guidance
         `guidance_scale`), the same for the same `seed` whatever the batching."""
+        if not prompts:
+            return []
         was_training = self.training
         self.eval()
         try:
@@ -297,11 +312,16 @@ class UNetGenerator(nn.Module):
         out = []
         for start in range(0, noise.shape[0], SAMPLE_BATCH):
             rows = slice(start, start + SAMPLE_BATCH)
-            scheduler = self._sampling_scheduler(steps)
+            scheduler = sampling_scheduler(
+                self.noise_scheduler, self.sampler, steps, self.vae is None, self.device
+            )
             x = noise[rows].to(self.device) * scheduler.init_noise_sigma
             for t in scheduler.timesteps:
                 x_in = scheduler.scale_model_input(x, t)
-                pred = self._guided(x_in, t, cond[rows], cond_mask[rows], uncond, guidance_scale)
+                with self._attention():
+                    pred = self._guided(
+                        x_in, t, cond[rows], cond_mask[rows], uncond, guidance_scale
+                    )
                 x = scheduler.step(pred, t, x).prev_sample
             out.append(self._decode(x))
         return torch.cat(out)
@@ -328,21 +348,6 @@ class UNetGenerator(nn.Module):
         u, c = pred.float().chunk(2)
         return u + guidance_scale * (c - u)
 
-    def _sampling_scheduler(self, steps: int) -> Any:
-        """A fresh sampler (DPM-Solver keeps state across steps) set to `steps` timesteps."""
-        config = dict(self.noise_scheduler.config)
-        options: dict[str, Any] = {"timestep_spacing": "trailing"}
-        if self.sampler == "dpm_solver":
-            # clip predicted clean pixels as DDIM's clip_sample does (thresholding at 1.0)
-            options |= {"thresholding": self.vae is None, "sample_max_value": 1.0}
-        sampler_cls = SAMPLERS[self.sampler]
-        known = inspect.signature(sampler_cls.__init__).parameters
-        scheduler = sampler_cls.from_config(
-            {k: v for k, v in config.items() if k in known} | options
-        )
-        scheduler.set_timesteps(int(steps), device=self.device)
-        return scheduler
-
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if self.vae is None:
@@ -352,63 +357,6 @@ class UNetGenerator(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers of the class
-def _check_settings(s: dict[str, Any], where: str = KEY) -> None:
-    """ConfigError naming `where.<key>` of the first bad setting."""
-    choices = {
-        "sampler": tuple(SAMPLERS),
-        "prediction_type": PREDICTION_TYPES,
-        "beta_schedule": BETA_SCHEDULES,
-    }
-    for key, allowed in choices.items():
-        if s.get(key) not in allowed:
-            raise ConfigError(f"{where}.{key}: {s.get(key)!r} is not one of {', '.join(allowed)}")
-    if not 0 <= s["cond_dropout"] < 1:
-        raise ConfigError(f"{where}.cond_dropout: must be in [0, 1), got {s['cond_dropout']}")
-    channels, head = s["block_out_channels"], s["attention_head_dim"]
-    if not channels or head <= 0 or any(c <= 0 or c % head for c in channels):
-        raise ConfigError(
-            f"{where}.block_out_channels: {channels} must be positive multiples of "
-            f"attention_head_dim ({head})"
-        )
-    for key in ("image_size", "layers_per_block", "train_timesteps"):
-        if s[key] <= 0:
-            raise ConfigError(f"{where}.{key}: must be > 0, got {s[key]}")
-
-
-def _build_unet(
-    s: dict[str, Any], cross_attention_dim: int, vae: AutoencoderKL | None
-) -> UNet2DConditionModel:
-    """A fresh UNet: no attention at full resolution (self-attention there costs the most),
-    cross- and self-attention in every lower block and the middle block."""
-    channels = s["block_out_channels"]
-    size, in_channels = s["image_size"], 3
-    if vae is not None:
-        size //= 2 ** (len(vae.config.block_out_channels) - 1)
-        in_channels = vae.config.latent_channels
-    factor = 2 ** (len(channels) - 1)
-    if size % factor:
-        space = "latent" if vae is not None else "image"
-        raise ConfigError(
-            f"{KEY}.block_out_channels: {len(channels)} blocks halve the {space} side "
-            f"{len(channels) - 1} times, which {size} does not allow (image_size "
-            f"{s['image_size']}); use fewer blocks or another image_size"
-        )
-    n = len(channels)
-    return UNet2DConditionModel(
-        sample_size=size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        block_out_channels=tuple(channels),
-        layers_per_block=s["layers_per_block"],
-        # diffusers' `attention_head_dim` is the number of heads (its legacy naming)
-        attention_head_dim=tuple(c // s["attention_head_dim"] for c in channels),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=math.gcd(32, *channels),
-    )
-
-
 def _text_width(text_model: nn.Module) -> int:
     """The width H of the text model's token states (the UNet's cross_attention_dim)."""
     enc = text_model.tokenize([""])
@@ -455,49 +403,3 @@ def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
 
 def _to(module: nn.Module | None, device: str | torch.device) -> Any:
     return None if module is None else module.to(device)
-
-
-def _load_diffusers(model_class: Any, p: Path, key: str | None = None) -> Any:
-    """`from_pretrained` of a local diffusers model directory (safetensors only), in fp32."""
-    key = key or str(p)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"{key}: {p} is not a diffusers model directory (no config.json)")
-    try:
-        name = json.loads((p / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{key}: cannot read {p / 'config.json'}: {e}") from None
-    if name != model_class.__name__:
-        raise ConfigError(f"{key}: {p} holds a {name!r}, not a diffusers {model_class.__name__}")
-    for f in sorted(p.glob("*.safetensors")):
-        check_safetensors(f)
-    try:
-        return model_class.from_pretrained(
-            str(p), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        message = " ".join(str(e).split())
-        raise ConfigError(
-            f"{key}: cannot load a {model_class.__name__} from {p}: {message}"
-        ) from None
-
-
-def load_vae(path: str | os.PathLike, key: str) -> AutoencoderKL:
-    """The frozen `AutoencoderKL` of the local diffusers directory `path`; ConfigError naming
-    `key` and the path if it is not one."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ConfigError(
-            f"{key}: {str(path)!r} is not a local directory (a diffusers AutoencoderKL saved with "
-            "save_pretrained; hub names are never downloaded)"
-        )
-    return _load_diffusers(AutoencoderKL, p, key).eval()
-
-
-def _load_scheduler(p: Path) -> DDPMScheduler:
-    config = p / DDPMScheduler.config_name
-    if not config.is_file():
-        raise ConfigError(f"{config}: not found; not a vlp generator directory")
-    try:
-        return DDPMScheduler.from_pretrained(str(p))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{p}: cannot load the noise scheduler: {e}") from None
