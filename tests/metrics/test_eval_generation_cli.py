@@ -90,8 +90,13 @@ def test_bad_files_exit_2_naming_them(generated, change, message: str, capsys) -
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_reference_needs_features(generated, capsys) -> None:
+def test_reference_needs_features_and_images(generated, smoke_cfg, tmp_path: Path, capsys) -> None:
     captions, images = generated
     rc = _eval("--annotations", str(captions), "--images", str(images), "--reference", str(images))
     assert rc == 2
     assert "FID needs --model" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    model = tiny_vlp_dir(smoke_cfg, tmp_path / "vlp")
+    args = ["--annotations", str(captions), "--images", str(images), "--model", str(model)]
+    assert _eval(*args, "--reference", str(tmp_path / "empty")) == 2
+    assert f"--reference {tmp_path / 'empty'}: 0 images" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Text-to-image metrics: compositional accuracy, text-image agreement, Fréchet distance.
 
-- `compositional_scores`: GenEval's idea with the shapes world's own parser in place of a
+- `compositional_scores` (`vlp.metrics.compositional`): GenEval's idea with the shapes world's own parser in place of a
   detector. `vlp.data.shapes_parse` reads each image back into objects and each prompt into
   its claims; a prompt's objects are matched to the image's (the one-to-one assignment that
   satisfies the most claims) and each claim is checked: `color`, `shape`, `size`, `position`
@@ -26,25 +26,21 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vlp.data.shapes import relation
-from vlp.data.shapes_parse import CaptionClaims, parse_caption, parse_scene, scene_text
 from vlp.errors import ConfigError, ResultsError
 from vlp.io import load_json
+from vlp.metrics.compositional import ATTRIBUTES, compositional_scores, scene_scores
 from vlp.metrics.gallery import write_gallery
 
-if TYPE_CHECKING:
-    from vlp.data.shapes import ShapeObject
-
 __all__ = [
+    "ATTRIBUTES",
     "ImageTowerFeatures",
     "clip_score",
     "compositional_scores",
@@ -57,123 +53,7 @@ __all__ = [
     "write_gallery",
 ]
 
-ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
 INCEPTION = "inception-v3-2048"  # `fid_features` of the standard FID
-
-
-# ---------------------------------------------------------------- compositional accuracy
-
-
-def _attribute(obj: ShapeObject, attr: str) -> object:
-    """An image object's value of a claimed attribute (`position`: its (row, col) cell)."""
-    return (obj.row, obj.col) if attr == "position" else getattr(obj, attr)
-
-
-def _object_claims_held(claims: CaptionClaims, objects: Sequence[ShapeObject]) -> np.ndarray:
-    """[named objects, image objects] how many attribute claims each image object satisfies."""
-    held = np.zeros((len(claims.objects), len(objects)), dtype=int)
-    for i, claim in enumerate(claims.objects):
-        for j, obj in enumerate(objects):
-            held[i, j] = sum(_attribute(obj, k) == v for k, v in claim.claims().items())
-    return held
-
-
-def _assignments(n: int, m: int) -> Iterator[tuple[int | None, ...]]:
-    """Every one-to-one map of n named objects into m image objects (None: left unmatched)."""
-    for a in itertools.product([*range(m), None], repeat=n):
-        matched = [j for j in a if j is not None]
-        if len(matched) == len(set(matched)):
-            yield a
-
-
-def _claims_held(
-    claims: CaptionClaims, objects: Sequence[ShapeObject]
-) -> dict[str, tuple[int, int]]:
-    """Attribute -> (claims held, claims made), under the assignment holding the most."""
-    per_object = _object_claims_held(claims, objects)
-
-    def related(a: tuple[int | None, ...]) -> list[bool]:
-        pairs = [(a[x], r, a[y]) for x, r, y in claims.relations]
-        return [
-            i is not None and j is not None and relation(objects[i], objects[j]) == r
-            for i, r, j in pairs
-        ]
-
-    def total(a: tuple[int | None, ...]) -> int:
-        named = sum(int(per_object[i, j]) for i, j in enumerate(a) if j is not None)
-        return named + sum(related(a))
-
-    best = max(_assignments(len(claims.objects), len(objects)), key=total)
-    held = {k: [0, 0] for k in ATTRIBUTES}
-    held["count"] = [int(len(objects) == claims.count), 1]
-    for i, j in enumerate(best):
-        for attr, value in claims.objects[i].claims().items():
-            held[attr][0] += int(j is not None and _attribute(objects[j], attr) == value)
-            held[attr][1] += 1
-    rel = related(best)
-    held["relation"] = [sum(rel), len(rel)]
-    return {k: (h, n) for k, (h, n) in held.items()}
-
-
-def compositional_scores(
-    prompts: Sequence[str], images: Sequence[Image.Image]
-) -> tuple[dict[str, float], list[dict]]:
-    """(metrics in percent, one row per prompt) of each image against the prompt it was drawn
-    from, as the module docstring says; `scene_scores` of the parsed images (an image given
-    more than once, as the same object, is parsed once).
-    """
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    parsed: dict[int, tuple[ShapeObject, ...]] = {}
-    for image in images:
-        if id(image) not in parsed:
-            parsed[id(image)] = parse_scene(image)
-    return scene_scores(prompts, [parsed[id(image)] for image in images])
-
-
-def scene_scores(
-    prompts: Sequence[str], scenes: Sequence[Sequence[ShapeObject]]
-) -> tuple[dict[str, float], list[dict]]:
-    """(metrics in percent, one row per prompt) of each scene's objects against its prompt.
-
-    A row: `prompt`, `template` (the caption template that read it; None: unparsable),
-    `objects` (the scene, as text), `exact` (bool; None when unparsable) and per attribute
-    the percent of that prompt's claims that hold (None: no such claim).
-    """
-    totals = {k: [0, 0] for k in ATTRIBUTES}
-    exact: list[bool] = []
-    exact_one: list[bool] = []
-    rows = []
-    for prompt, objects in zip(prompts, scenes, strict=True):
-        claims = parse_caption(prompt)
-        row: dict[str, Any] = {
-            "prompt": prompt,
-            "template": None if claims is None else claims.template,
-            "objects": scene_text(tuple(objects)),
-            "exact": None,
-        }
-        if claims is not None:
-            held = _claims_held(claims, objects)
-            row["exact"] = all(h == n for h, n in held.values())
-            exact.append(row["exact"])
-            if len(claims.objects) == 1:
-                exact_one.append(row["exact"])
-            for k, (h, n) in held.items():
-                totals[k][0] += h
-                totals[k][1] += n
-                row[k] = 100.0 * h / n if n else None
-        rows.append(row)
-    metrics: dict[str, float] = {}
-    if exact:
-        metrics["exact_match"] = 100.0 * float(np.mean(exact))
-    if exact_one:
-        metrics["exact_match_one_object"] = 100.0 * float(np.mean(exact_one))
-    for k, (h, n) in totals.items():
-        if n:
-            metrics[k] = 100.0 * h / n
-    metrics["prompts"] = len(exact)
-    metrics["unparsable_prompts"] = len(prompts) - len(exact)
-    return metrics, rows
 
 
 # ---------------------------------------------------------------- text-image agreement
@@ -365,9 +245,9 @@ def frechet_distance(
             raise ResultsError(
                 f"FID ({feature_name}): {len(images)} {name} images; needs 2 or more"
             )
-    metric = FrechetInceptionDistance(feature=features, reset_real_features=False)
+    device = next(iter(features.parameters()), torch.zeros(0)).device  # the extractor's
+    metric = FrechetInceptionDistance(feature=features).to(device)
     side = max(real_images[0].size)
-    device = next(iter(features.parameters()), torch.zeros(0)).device
     for images, real in ((real_images, True), (generated_images, False)):
         for sl in _batches(len(images), batch_size):
             metric.update(torch.stack([_uint8(img, side) for img in images[sl]]).to(device), real)
@@ -414,6 +294,8 @@ def _reference_images(reference_dir: Path) -> list[Image.Image]:
     if not root.is_dir():
         raise ResultsError(f"--reference {reference_dir}: not a folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(paths) < 2:
+        raise ResultsError(f"--reference {reference_dir}: {len(paths)} images; FID needs 2 or more")
     return list(_open_all(paths).values())
 
 
