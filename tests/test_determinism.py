@@ -1,5 +1,5 @@
 """Two identical smoke pipelines, each stage its own `vlp` process, give byte-identical model
-directories, predictions and plots, and the same scores."""
+directories, predictions (generated images and galleries too) and plots, and the same scores."""
 
 from __future__ import annotations
 
@@ -18,7 +18,13 @@ pytestmark = pytest.mark.slow  # two pipelines of `vlp` subprocesses
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRACKING_ENV = ("MLFLOW_TRACKING_URI", "VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE")
-STAGES = (["pretrain"], ["finetune", "vqa"], ["evaluate", "vqa"])
+STAGES = (
+    ["pretrain"],
+    ["finetune", "vqa"],
+    ["evaluate", "vqa"],
+    ["finetune", "generation"],
+    ["evaluate", "generation"],
+)
 
 
 def _pipeline(root: Path, data: Path, store: Path) -> None:
@@ -67,14 +73,19 @@ def test_identical_pipelines_give_identical_models_and_predictions(
             done.result()
 
     outputs = [root / "profiles" / "smoke" for root in runs]  # a profile's output folder
-    for folder in ("models/pretrained", "models/finetuned/vqa-pretrained", "results/vqa", "plots"):
+    folders = ("models/pretrained", "models/finetuned/vqa-pretrained", "results/vqa", "plots")
+    folders += ("models/finetuned/generation-pretrained", "results/generation")
+    for folder in folders:
         a, b = (_files(out / folder) for out in outputs)
         assert a, f"{folder} is empty"
         assert sorted(a) == sorted(b), folder
         differ = [name for name in a if a[name] != b[name]]
         assert not differ, f"{folder}: {differ} differ"
     assert "tokenizer/tokenizer.json" in _files(outputs[0] / "models/pretrained")
-    for name in ("pretrain.json", "vqa.json"):
+    assert "generator/unet/diffusion_pytorch_model.safetensors" in _files(
+        outputs[0] / "models/finetuned/generation-pretrained"
+    )
+    for name in ("pretrain.json", "vqa.json", "generation.json"):
         a, b = (_scores(out / "metrics" / name) for out in outputs)
         assert a == b, name
     assert "model_sha256" in a["pretrained"]  # vqa.json ties its scores to the weights
