@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ import pytest
 from vlp.config import Config, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# One intra-op thread per test process (and the `vlp` subprocesses it starts), set before
+# torch is imported. The tests' models are tiny: a second thread buys nothing, and on busy
+# cores (other jobs, or one pytest-xdist worker per core) torch's OpenMP threads spin-wait
+# for each other, which made the fast tier use twice the CPU time. An explicit
+# OMP_NUM_THREADS is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ and sibling scripts named as files (`pyfunc_entry.py`). A task's implementation 
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from pathlib import Path
 
@@ -22,6 +23,18 @@ from vlp.tasks import TASK_NAMES as TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_ROOTS = ("vlp", "flows")
+
+
+@functools.cache
+def _parse(source: str) -> ast.Module:
+    """The syntax tree of a module's source; parsed once, as every stage walks the same modules."""
+    return ast.parse(source)
+
+
+@functools.cache
+def _nodes(source: str) -> tuple[ast.AST, ...]:
+    """Every node of `_parse(source)`."""
+    return tuple(ast.walk(_parse(source)))
 
 
 def _module_file(name: str, root: Path = REPO) -> Path | None:
@@ -88,7 +101,7 @@ def _referenced_modules(name: str, nodes: list[ast.AST], root: Path = REPO) -> s
 
 def imported_modules(command: str, root: Path = REPO) -> set[str]:
     """Every vlp/flows module `vlp <command>` may import, parent packages included."""
-    cli = ast.parse((root / "vlp" / "cli.py").read_text())
+    cli = _parse((root / "vlp" / "cli.py").read_text())
     name = f"_cmd_{command.replace('-', '_')}"  # `vlp pretrain-vision`: _cmd_pretrain_vision
     handler = next((n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == name), None)
     assert handler is not None, f"vlp/cli.py has no {name} for `vlp {command}`"
@@ -109,7 +122,7 @@ def imported_modules(command: str, root: Path = REPO) -> set[str]:
                 continue
             seen.add(name)
             if name != "vlp.cli":
-                nodes = list(ast.walk(ast.parse(_module_file(name, root).read_text())))
+                nodes = list(_nodes(_module_file(name, root).read_text()))
                 todo.extend(_referenced_modules(name, nodes, root))
                 implementations |= _implementations(nodes)
                 loads = loads or _loads_implementations(nodes)
@@ -119,7 +132,7 @@ def imported_modules(command: str, root: Path = REPO) -> set[str]:
 
 
 def _has_code(path: Path) -> bool:
-    body = ast.parse(path.read_text()).body
+    body = _parse(path.read_text()).body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
     return bool(body)

@@ -307,9 +307,12 @@ def validate_dataset(
         )
         stem = name.removesuffix(".parquet")
         batch_def = source.add_dataframe_asset(stem).add_batch_definition_whole_dataframe("all")
-        suite = context.suites.add(gx.ExpectationSuite(name=f"{stem}_manifest"))
-        for exp in _suite_expectations(schema, df, vcfg, id_col):
-            suite.add_expectation(exp)
+        # the whole suite at once: each add_expectation on a stored suite re-serialises it
+        suite = context.suites.add(
+            gx.ExpectationSuite(
+                name=f"{stem}_manifest", expectations=_suite_expectations(schema, df, vcfg, id_col)
+            )
+        )
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=stem, data=batch_def, suite=suite)
         )
