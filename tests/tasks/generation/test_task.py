@@ -88,7 +88,7 @@ def test_setup_trains_the_denoiser_alone_on_images_in_unit_range(
     assert -1.0 <= float(item["pixel_values"].min()) < float(item["pixel_values"].max()) <= 1.0
     batch = s.collate([s.dataset[0], s.dataset[1]])
     assert batch["prompts"] == [s.dataset[0]["caption"], s.dataset[1]["caption"]]
-    assert s.info["generator"] == "vlp" and s.info["generated_size"] == size
+    assert s.info["generator"] == "unet" and s.info["generated_size"] == size
     assert s.info["sample_steps"] == gen_cfg.finetune.generation.sample_steps
 
     before = {k: v.clone() for k, v in s.module.state_dict().items()}

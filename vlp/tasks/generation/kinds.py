@@ -1,6 +1,6 @@
 """The kinds of generator a generation model directory holds (task.json `generator`).
 
-- `vlp`: vlp's own `UNetGenerator` (`vlp.tasks.generation.model`), conditioned on the text
+- `unet`: vlp's own `UNetGenerator` (`vlp.tasks.generation.model`), conditioned on the text
   encoder of the directory's vlp model, which it saves with `generator/`;
 - `diffusers`: a user's diffusers text-to-image pipeline (`init_from`;
   `vlp.tasks.generation.diffusers_pipeline`), finetuned in full or with LoRA and saved as a
@@ -24,12 +24,12 @@ if TYPE_CHECKING:
     from vlp.tasks.generation.generator import Generator
 
 GENERATOR_DIR = "generator"  # inside a generation model directory
-KINDS = ("vlp", "diffusers")
+KINDS = ("unet", "diffusers")
 
 
 def kind_of(cfg: Config) -> str:
     """The kind `finetune.generation` asks for: a pipeline with `init_from`, else vlp's own."""
-    return "vlp" if cfg.finetune.generation.init_from is None else "diffusers"
+    return "unet" if cfg.finetune.generation.init_from is None else "diffusers"
 
 
 def generated_size(cfg: Config) -> int:
@@ -49,7 +49,7 @@ def _pipeline_device(cfg: Config) -> torch.device:
 def build(cfg: Config, vlp: Any) -> Generator:
     """The generator `finetune.generation` describes, before training; seed torch first."""
     t = cfg.finetune.generation
-    if kind_of(cfg) == "vlp":
+    if cfg.finetune.generation.init_from is None:
         from vlp.tasks.generation.model import UNetGenerator
 
         return UNetGenerator.build(
@@ -82,13 +82,36 @@ def build(cfg: Config, vlp: Any) -> Generator:
     )
 
 
-def save(kind: str, generator: Generator, vlp: Any, model_dir: Path) -> None:
-    """Write the vlp model and the generator (`generator/`) into `model_dir`."""
-    if kind == "vlp":
-        generator.save(model_dir)  # the vlp model it is conditioned on, then generator/
-        return
+def _save_unet(generator: Generator, vlp: Any, model_dir: Path) -> None:
+    generator.save(model_dir)  # the vlp model it is conditioned on, then generator/
+
+
+def _save_pipeline(generator: Generator, vlp: Any, model_dir: Path) -> None:
     vlp.cpu().save_pretrained(model_dir)
     generator.save(Path(model_dir) / GENERATOR_DIR)
+
+
+def _load_unet(model_dir: Path, vlp: Any, device: torch.device) -> Generator:
+    from vlp.tasks.generation.model import UNetGenerator
+
+    return UNetGenerator.load(model_dir, device, text_model=vlp)
+
+
+def _load_pipeline(model_dir: Path, vlp: Any, device: torch.device) -> Generator:
+    from vlp.tasks.generation.diffusers_pipeline import DiffusersPipelineGenerator
+
+    return DiffusersPipelineGenerator.load(
+        Path(model_dir) / GENERATOR_DIR, device=device, dtype=torch.float32
+    )
+
+
+_SAVE = {"unet": _save_unet, "diffusers": _save_pipeline}
+_LOAD = {"unet": _load_unet, "diffusers": _load_pipeline}
+
+
+def save(kind: str, generator: Generator, vlp: Any, model_dir: Path) -> None:
+    """Write the vlp model and the generator (`generator/`) into `model_dir`."""
+    _SAVE[kind](generator, vlp, model_dir)
 
 
 def load(kind: str, model_dir: Path, vlp: Any, device: torch.device) -> Generator:
@@ -97,12 +120,4 @@ def load(kind: str, model_dir: Path, vlp: Any, device: torch.device) -> Generato
         raise ConfigError(
             f"{Path(model_dir) / 'task.json'}: generator {kind!r} is not one of {', '.join(KINDS)}"
         )
-    if kind == "vlp":
-        from vlp.tasks.generation.model import UNetGenerator
-
-        return UNetGenerator.load(model_dir, device, text_model=vlp)
-    from vlp.tasks.generation.diffusers_pipeline import DiffusersPipelineGenerator
-
-    return DiffusersPipelineGenerator.load(
-        Path(model_dir) / GENERATOR_DIR, device=device, dtype=torch.float32
-    )
+    return _LOAD[kind](model_dir, vlp, device)

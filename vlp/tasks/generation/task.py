@@ -3,7 +3,7 @@
 A generation model directory is a vlp model directory (the text encoder the generator is
 conditioned on, and the image tower and heads that re-rank its samples) plus `generator/`,
 and `task.json` with the inference settings (`SAMPLING`) and which kind of generator it
-holds (`generator`: `vlp` for vlp's own, `diffusers` for a user's pipeline; `kinds`).
+holds (`generator`: `unet` for vlp's own, `diffusers` for a user's pipeline; `kinds`).
 
 Finetuning goes through the shared loop: `GenerationObjective` holds the generator (and the
 vlp model it saves) and returns the generator's denoising loss; only
