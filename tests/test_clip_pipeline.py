@@ -1,8 +1,9 @@
 """The clip family through the CLI on the smoke profile: pretrain -> finetune -> evaluate -> register.
 
 From scratch (params-sized CLIP, vlp's tokenizer) and from a tiny random transformers
-CLIPModel checkpoint (`model.init_from`, its own CLIP tokenizer); captioning and VQA are
-recorded as not applicable, and nothing exits non-zero.
+CLIPModel checkpoint (`model.init_from`, its own CLIP tokenizer); generation conditions on
+its text tower and re-ranks by ITC; captioning and VQA are recorded as not applicable, and
+nothing exits non-zero.
 """
 
 from __future__ import annotations
@@ -114,8 +115,19 @@ def test_clip_pipeline(
             )
             assert na["applicable"] is False and "dual encoder" in na["reason"]
 
-    for task in ("retrieval", "captioning", "vqa"):
+    # generation conditions on the dual encoder's text tower; it has no ITM head to re-rank by
+    for init in ("pretrained", "scratch"):
+        out = vlp("finetune", "generation", "--init", init)
+        assert "rerank: itm ignored" in out
+    gen_info = json.loads(
+        (outputs / "models" / "finetuned" / "generation-pretrained" / "task.json").read_text()
+    )
+    assert gen_info["rerank"] == "itc"
+
+    for task in ("retrieval", "captioning", "vqa", "generation"):
         vlp("evaluate", task)
+    gen = json.loads((outputs / "metrics" / "generation.json").read_text())
+    assert {"pretrained", "scratch"} <= set(gen) and gen.get("applicable", True) is not False
     doc = json.loads((outputs / "metrics" / "retrieval.json").read_text())
     pre = doc["pretrained"]
     assert doc["rsum"] == pre["rsum"] and "scratch" in doc
@@ -135,6 +147,7 @@ def test_clip_pipeline(
         vlp("register", "all", "--out", str(tmp_path / "registered.json"))
         registered = {r["task"]: r for r in json.loads((tmp_path / "registered.json").read_text())}
         assert registered["retrieval"]["version"] == "1"
+        assert registered["generation"]["version"] == "1"
         for task in ("captioning", "vqa"):
             assert registered[task]["registered"] is False
             assert "not applicable" in registered[task]["why"]
