@@ -1,4 +1,5 @@
 # `make repro`: set up .venv if needed, then run the default pipeline (dvc repro).
+# `make lock`: record the installed versions in constraints.txt (setup installs exactly those).
 # `make test`:  set up .venv if needed, then lint and run the whole test suite (CI runs it).
 # `make test-fast`: lint and the fast tier (`pytest -m "not slow"`), for the edit-test loop.
 # `make services` / `make services-down`: the team stack on loopback (vlp/services.py; .env).
@@ -10,16 +11,21 @@ STAMP := $(VENV)/.installed
 # dvc runs stage commands (`vlp ...`) through a shell: the venv must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint format services services-down
+.PHONY: setup lock repro test test-fast lint format services services-down
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev,services]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,services]' -c constraints.txt
 	touch $(STAMP)
+
+# constraints.txt: the versions of everything `setup` installs, from the current .venv
+lock: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+	  | grep -v -i -E '^(torch|nvidia-|triton)=='; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
