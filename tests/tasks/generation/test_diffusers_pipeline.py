@@ -129,14 +129,14 @@ def test_lora_trains_only_adapters_and_saves_them_small(tiny_sd_pipeline: Path, 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_save_then_load_gives_identical_samples(tiny_sd_pipeline: Path, tmp_path, lora_rank):
-    gen = _generator(tiny_sd_pipeline, lora_rank=lora_rank, sampler="dpm")
+    gen = _generator(tiny_sd_pipeline, lora_rank=lora_rank, sampler="dpm_solver")
     _train(gen, steps=2, lr=1e-2)
     before = gen.sample(PROMPTS[:2], seed=3, **SAMPLING)
     gen.save(tmp_path / "model")
     loaded = DiffusersPipelineGenerator.load(tmp_path / "model", device="cpu", dtype=torch.float32)
     assert loaded.settings == gen.settings
     assert _same(loaded.sample(PROMPTS[:2], seed=3, **SAMPLING), before)
-    untrained = _generator(tiny_sd_pipeline, lora_rank=lora_rank, sampler="dpm")
+    untrained = _generator(tiny_sd_pipeline, lora_rank=lora_rank, sampler="dpm_solver")
     assert not _same(untrained.sample(PROMPTS[:2], seed=3, **SAMPLING), before)
 
 
@@ -181,7 +181,7 @@ def test_sampling_is_deterministic_per_seed_and_switches_sampler(tiny_sd_pipelin
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     ddim = _generator(tiny_sd_pipeline, sampler="ddim")
-    dpm = _generator(tiny_sd_pipeline, sampler="dpm")
+    dpm = _generator(tiny_sd_pipeline, sampler="dpm_solver")
     assert isinstance(ddim.pipeline.scheduler, DDIMScheduler)
     assert isinstance(dpm.pipeline.scheduler, DPMSolverMultistepScheduler)
     assert ddim.pipeline.scheduler.config.clip_sample is False  # latents are never clipped

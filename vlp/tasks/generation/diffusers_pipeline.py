@@ -43,7 +43,7 @@ KIND = "diffusers-pipeline"
 SECTION = "finetune.generation"
 # What a text-to-image pipeline directory must name in its model_index.json.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SAMPLERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+SAMPLERS = {"ddim": "DDIMScheduler", "dpm_solver": "DPMSolverMultistepScheduler"}
 # The UNet's attention projections, as diffusers' LoRA training examples adapt them.
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 ADAPTER = "default"
