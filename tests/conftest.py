@@ -18,6 +18,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # for each other, which made the fast tier use twice the CPU time. An explicit
 # OMP_NUM_THREADS is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No usage reports from the DVC commands the tests run (each would start a `dvc daemon`).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+# Session servers that one process starts for all its tests: the tests using one run on a
+# single pytest-xdist worker (`--dist loadgroup`), so the server starts once, and never
+# beside a second copy of itself (the team stack's PostgreSQL; Prefect's home folder).
+SERIAL_FIXTURES = {"stack": "team-stack", "prefect_server": "prefect-server"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in SERIAL_FIXTURES.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
