@@ -2,6 +2,7 @@
 # `make lock`: record the installed versions in constraints.txt (setup installs exactly those).
 # `make test`:  set up .venv if needed, then lint and run the whole test suite (CI runs it).
 # `make test-fast`: lint and the fast tier (`pytest -m "not slow"`), for the edit-test loop.
+# Both run pytest on PYTEST_WORKERS processes (pytest-xdist; `make test PYTEST_WORKERS=0`: one).
 # `make services` / `make services-down`: the team stack on loopback (vlp/services.py; .env).
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
@@ -10,6 +11,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # dvc runs stage commands (`vlp ...`) through a shell: the venv must be on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 .PHONY: setup lock repro test test-fast lint format services services-down
 
@@ -39,10 +42,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/pytest
+	$(PYTEST)
 
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # installs PostgreSQL (apt) if missing, starts what is not running, prints the URLs
 services: $(STAMP)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,42 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # for each other, which made the fast tier use twice the CPU time. An explicit
 # OMP_NUM_THREADS is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No usage reports from the DVC commands the tests run (each would start a `dvc daemon`).
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+IN_MEMORY_TMP = Path("/dev/shm")
+IN_MEMORY_TMP_MIN_FREE = 8 * 2**30
+
+
+def _tmp_in_memory() -> None:
+    """Temporary folders (pytest's tmp_path, and those of the processes tests start) in
+    memory, where the machine has a large enough /dev/shm and TMPDIR is not set.
+
+    The tests commit to SQLite stores, git and DVC repos thousands of times; each commit
+    waits for the disk (fsync), which on a busy disk took ~0.1 s, more than its CPU time.
+    """
+    if "TMPDIR" in os.environ or not os.access(IN_MEMORY_TMP, os.W_OK | os.X_OK):
+        return
+    if shutil.disk_usage(IN_MEMORY_TMP).free < IN_MEMORY_TMP_MIN_FREE:
+        return
+    os.environ["TMPDIR"] = str(IN_MEMORY_TMP)
+    tempfile.tempdir = None  # computed again, from TMPDIR, at its next use
+
+
+_tmp_in_memory()
+
+# Session servers that one process starts for all its tests: the tests using one run on a
+# single pytest-xdist worker (`--dist loadgroup`), so the server starts once, and never
+# beside a second copy of itself (the team stack's PostgreSQL; Prefect's home folder).
+SERIAL_FIXTURES = {"stack": "team-stack", "prefect_server": "prefect-server"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in SERIAL_FIXTURES.items():
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
