@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vlp.errors import ResultsError
-from vlp.metrics.caption import CAPTION_KEYS, CaptionMetrics, score_captions, score_tokenized
+from vlp.metrics.caption import CAPTION_KEYS, score_captions, score_tokenized
 from vlp.metrics.ptb import tokenize_caption
+from vlp.metrics.synced import CaptionMetrics
 
 
 def test_corpus_scores_equal_official(coco_captions) -> None:

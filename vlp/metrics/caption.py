@@ -14,12 +14,9 @@ import math
 from collections import Counter
 
 import numpy as np
-import torch
-from torchmetrics import Metric
 
 from vlp.errors import ResultsError
 from vlp.metrics.ptb import tokenize_caption
-from vlp.metrics.string_state import decode_strings, encode_strings
 
 N = 4
 SIGMA = 6.0
@@ -251,40 +248,3 @@ def score_captions(results: dict[int, str], references: dict[int, list[str]]) ->
     hyps = [tokenize_caption(results[i]) for i in ids]
     refs = [[tokenize_caption(r) for r in references[i]] for i in ids]
     return score_tokenized(hyps, refs)
-
-
-class CaptionMetrics(Metric):
-    """BLEU-1..4, ROUGE-L, CIDEr-D over batches, DDP-safe (captions held as utf-8 byte tensors)."""
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hyp_bytes", default=[], dist_reduce_fx="cat")
-        self.add_state("ref_bytes", default=[], dist_reduce_fx="cat")
-        self.add_state("refs_per_caption", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: list[str], refs: list[list[str]]) -> None:
-        """Add generated captions and their reference captions (raw text, tokenised here)."""
-        if len(preds) != len(refs):
-            raise ValueError(f"{len(preds)} captions but {len(refs)} reference lists")
-        self.hyp_bytes.append(encode_strings([tokenize_caption(p) for p in preds], self.device))
-        flat = [tokenize_caption(r) for rs in refs for r in rs]
-        self.ref_bytes.append(encode_strings(flat, self.device))
-        counts = torch.tensor([len(rs) for rs in refs], dtype=torch.long, device=self.device)
-        self.refs_per_caption.append(counts)
-
-    def compute(self) -> dict[str, float]:
-        """Corpus scores of everything seen (on every process after sync)."""
-        hyps = decode_strings(self.hyp_bytes)
-        flat = decode_strings(self.ref_bytes)
-        counts = (
-            torch.cat(self.refs_per_caption).tolist()
-            if isinstance(self.refs_per_caption, list)
-            else self.refs_per_caption.tolist()
-        )
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-        refs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(hyps))]
-        return score_tokenized(hyps, refs)
