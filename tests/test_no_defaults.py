@@ -48,6 +48,7 @@ ALLOWED = {
     # generation metrics' forward batch when the caller names none (None: a set in one pass);
     # `vlp eval generation` passes zeroshot.batch_size
     ("vlp/metrics/generation.py", "batch_size"),
+    ("vlp/metrics/feature_scores.py", "batch_size"),
 }
 
 

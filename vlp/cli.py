@@ -1,7 +1,9 @@
 """The `vlp` command: parse arguments, load the config, call one stage.
 
 Stage modules are imported inside each command so that `vlp --help` stays fast and a
-command only pays for the libraries it uses. The module is one file past 450 lines on
+command only pays for the libraries it uses; `vlp eval` reads no params at all, so it runs
+outside a project (tests/test_light_commands.py keeps it and `vlp validate` free of torch,
+MLflow and transformers). The module is one file past 450 lines on
 purpose: every command's options and the handler that runs it sit side by side, and
 `tests/test_dvc_deps.py` derives each stage's code deps from this file's handlers.
 """
@@ -109,11 +111,11 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     evaluate(cfg, args.task)
 
 
-def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
+def _cmd_eval(cfg: None, args: argparse.Namespace) -> None:
     from vlp.metrics import files
 
     if args.kind == "generation":
-        scores = _score_generation(cfg, args)
+        scores = _score_generation(args)
     elif args.kind == "captions":
         scores = files.score_caption_files(Path(args.results), Path(args.annotations))
     elif args.kind == "vqa":
@@ -127,16 +129,23 @@ def _cmd_eval(cfg: Config, args: argparse.Namespace) -> None:
     _print_json(scores, args.out)
 
 
-def _score_generation(cfg: Config, args: argparse.Namespace) -> dict:
+def _score_generation(args: argparse.Namespace) -> dict:
+    """`vlp eval generation`: params (and torch) only when a model scores the images."""
     from vlp.metrics.generation import score_generation_files
-    from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device
 
     _check_out(args.out)  # before the models run
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
 
+    device, batch_size = "cpu", None
+    if args.model or args.clip or (args.reference and args.inception_weights):
+        from vlp.train.distributed import DistInfo
+        from vlp.train.settings import resolve_device
+
+        cfg = _load_config(args)
+        device = resolve_device(cfg.runtime.device, DistInfo())
+        batch_size = cfg.zeroshot.batch_size
     return score_generation_files(
         Path(args.annotations),
         Path(args.images),
@@ -144,8 +153,8 @@ def _score_generation(cfg: Config, args: argparse.Namespace) -> dict:
         clip_dir=path(args.clip),
         reference_dir=path(args.reference),
         inception_weights=path(args.inception_weights),
-        device=resolve_device(cfg.runtime.device, DistInfo()),
-        batch_size=cfg.zeroshot.batch_size,
+        device=device,
+        batch_size=batch_size,
     )
 
 
@@ -347,6 +356,9 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "eval", help="score standard results files (captions, VQA, retrieval, generated images)"
     )
+    # scoring files reads no params: `vlp eval` runs anywhere (generation's models read
+    # runtime.device and zeroshot.batch_size when given)
+    s.set_defaults(reads_params=False)
     kind = s.add_subparsers(dest="kind", required=True)
     k = kind.add_parser("captions", help="COCO caption results vs COCO annotations")
     k.add_argument("--results", required=True)
@@ -517,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one param, applied after --profile (repeatable)",
     )
+    p.set_defaults(reads_params=True)
     sub = p.add_subparsers(dest="command", required=True)
     _add_data_commands(sub)
     _add_train_commands(sub)
@@ -537,10 +550,16 @@ def _reader_gone(stream: TextIO) -> bool:
         return False
 
 
+def _load_config(args: argparse.Namespace) -> Config:
+    """The config of `--params`, `--profile` and `--set`."""
+    return load_config(args.params_path, args.profile, args.overrides)
+
+
 def _run(args: argparse.Namespace) -> int:
-    """Load the config and run the command; a user error is one line on stderr and exit 2."""
+    """Load the config (for a command that reads params) and run the command; a user error
+    is one line on stderr and exit 2."""
     try:
-        cfg = load_config(args.params_path, args.profile, args.overrides)
+        cfg = _load_config(args) if args.reads_params else None
         status = args.func(cfg, args)
         sys.stdout.flush()  # a reader that has gone shows here, not in the flush at exit
     except VlpError as e:

@@ -15,16 +15,15 @@ from tests.checkpoints.clip import write_tiny_clip
 from tests.checkpoints.vlp import tiny_vlp_dir
 from vlp.data.shapes import ShapeObject, ShapesScene, render_scene, sample_scene
 from vlp.errors import ConfigError, ResultsError
-from vlp.metrics.generation import (
+from vlp.metrics.feature_scores import (
     ImageTowerFeatures,
     clip_score,
-    compositional_scores,
     frechet_distance,
     inception_features,
     itc_score,
     model_score_fn,
-    write_gallery,
 )
+from vlp.metrics.generation import compositional_scores, write_gallery
 
 RED = ShapeObject(0, 0, "large", "red", "circle")
 GREEN = ShapeObject(1, 1, "small", "green", "square")

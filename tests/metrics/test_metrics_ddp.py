@@ -10,14 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlp.metrics import (
-    CaptionMetrics,
-    RetrievalRecall,
-    VQAAccuracy,
-    recall_at_k,
-    score_captions,
-    vqa_accuracy,
-)
+from vlp.metrics import recall_at_k, score_captions, vqa_accuracy
+from vlp.metrics.synced import CaptionMetrics, RetrievalRecall, VQAAccuracy
 
 pytestmark = pytest.mark.slow  # two processes
 

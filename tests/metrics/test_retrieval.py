@@ -8,7 +8,8 @@ import torch
 
 from vlp.errors import ResultsError
 from vlp.metrics import retrieval
-from vlp.metrics.retrieval import RetrievalRecall, recall_at_k
+from vlp.metrics.retrieval import recall_at_k
+from vlp.metrics.synced import RetrievalRecall
 
 
 def _vse_reference(sim: np.ndarray) -> dict[str, float]:

@@ -11,9 +11,9 @@ import torch
 
 from vlp.config import VQA_PROTOCOLS
 from vlp.errors import ResultsError
+from vlp.metrics.synced import VQAAccuracy
 from vlp.metrics.vqa import (
     PROTOCOLS,
-    VQAAccuracy,
     compared_answers,
     normalize_answer,
     question_accuracy,

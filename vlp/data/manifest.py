@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from vlp.errors import ConfigError, DataError
 from vlp.io import atomic_path, index_outputs
@@ -250,6 +251,20 @@ def locate_image(
         f"image_path {str(rel)!r} leads through a symlink to {real}, outside the data root "
         f"{data_dir}"
     )
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image at `path`, decoded; DataError naming the file if missing or corrupt."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image not found") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large to open: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
 def dataset_hash(data_dir: str | os.PathLike) -> str:

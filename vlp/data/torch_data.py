@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vlp.data.images import Augmentation, ImageTransform, swap_left_right
@@ -29,26 +29,13 @@ from vlp.data.manifest import (
     image_roots,
     locate_image,
     no_rows_in_splits,
+    open_image,
     read_pairs,
     read_vqa,
 )
-from vlp.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-def open_image(path: Path) -> Image.Image:
-    """The image at `path`, decoded; DataError naming the file if missing or corrupt."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: image not found") from e
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large to open: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image: {e}") from e
 
 
 def read_images(

@@ -1,14 +1,11 @@
-"""Evaluation metrics equal to the reference tools: COCO captions, VQA v2, VSE++ recall@K."""
+"""Evaluation metrics equal to the reference tools: COCO captions, VQA v2, VSE++ recall@K.
 
-from vlp.metrics.caption import CaptionMetrics, score_captions
-from vlp.metrics.retrieval import RetrievalRecall, recall_at_k
-from vlp.metrics.vqa import VQAAccuracy, vqa_accuracy
+The functions score plain Python and numpy inputs without loading torch; their
+torchmetrics forms, synchronised across processes, are in `vlp.metrics.synced`.
+"""
 
-__all__ = [
-    "CaptionMetrics",
-    "RetrievalRecall",
-    "VQAAccuracy",
-    "recall_at_k",
-    "score_captions",
-    "vqa_accuracy",
-]
+from vlp.metrics.caption import score_captions
+from vlp.metrics.retrieval import recall_at_k
+from vlp.metrics.vqa import vqa_accuracy
+
+__all__ = ["recall_at_k", "score_captions", "vqa_accuracy"]

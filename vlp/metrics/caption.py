@@ -14,12 +14,9 @@ import math
 from collections import Counter
 
 import numpy as np
-import torch
-from torchmetrics import Metric
 
 from vlp.errors import ResultsError
 from vlp.metrics.ptb import tokenize_caption
-from vlp.metrics.string_state import decode_strings, encode_strings
 
 N = 4
 SIGMA = 6.0
@@ -35,19 +32,41 @@ def _ngrams(tokens: list[str]) -> Counter:
     )
 
 
-def _bleu(hyps: list[list[str]], refs: list[list[list[str]]], hyp_ng, ref_ng) -> tuple[list, list]:
-    """Corpus BLEU-1..4 and per-image BLEU-1..4 (toolkit's compute_score, option 'closest')."""
-    stats = np.zeros((len(hyps), 2 + 2 * N))  # testlen, reflen, guess[N], correct[N]
-    for i, (hyp, rs) in enumerate(zip(hyps, refs, strict=True)):
-        maxref: Counter = Counter()
-        for ng in ref_ng[i]:
-            maxref |= ng
-        testlen = len(hyp)
-        correct = [0] * N
-        for gram, count in hyp_ng[i].items():
-            correct[len(gram) - 1] += min(maxref.get(gram, 0), count)
-        reflen = min((abs(len(r) - testlen), len(r)) for r in rs)[1]
-        stats[i] = [testlen, reflen, *(max(0, testlen - k) for k in range(N)), *correct]
+def _bleu(hyps: list[list[str]], refs: list[list[list[str]]], entries: tuple) -> tuple[list, list]:
+    """Corpus BLEU-1..4 and per-image BLEU-1..4 (toolkit's compute_score, option 'closest').
+
+    A hypothesis n-gram's count is clipped by its largest count in one of the image's
+    references; counted over `_ngram_entries`, as CIDEr-D is.
+    """
+    n_images = len(hyps)
+    sent_image, owner, gram, order, counts, df = entries
+    n_grams = len(df)
+    is_ref = owner >= n_images
+    # largest count of each (image, n-gram) over the image's references: the last of its
+    # run once sorted by (key, count); a sentinel key -1 keeps the lookup valid when empty
+    ref_key = sent_image[owner[is_ref]] * n_grams + gram[is_ref]
+    ref_count = counts[is_ref]
+    sort = np.lexsort((ref_count, ref_key))
+    ref_key, ref_count = ref_key[sort], ref_count[sort]
+    last = np.concatenate([ref_key[1:] != ref_key[:-1], [True]])[: len(ref_key)]
+    max_key = np.concatenate([[-1], ref_key[last]])
+    max_count = np.concatenate([[0.0], ref_count[last]])
+    hyp_key = owner[~is_ref] * n_grams + gram[~is_ref]
+    pos = np.minimum(np.searchsorted(max_key, hyp_key), len(max_key) - 1)
+    clipped = np.where(max_key[pos] == hyp_key, np.minimum(counts[~is_ref], max_count[pos]), 0)
+    correct = np.bincount(
+        owner[~is_ref] * N + order[~is_ref], clipped, minlength=n_images * N
+    ).reshape(n_images, N)
+    testlen = np.array([len(h) for h in hyps], dtype=np.float64)
+    guess = np.maximum(0.0, testlen[:, None] - np.arange(N))
+    # 'closest': the reference length nearest the hypothesis', the shorter one on a tie
+    ref_len = np.array([len(r) for rs in refs for r in rs], dtype=np.int64)
+    ref_image = np.repeat(np.arange(n_images), [len(rs) for rs in refs])
+    gap = np.abs(ref_len - testlen[ref_image].astype(np.int64))
+    rank = gap * (int(ref_len.max(initial=0)) + 1) + ref_len
+    offsets = np.concatenate([[0], np.cumsum([len(rs) for rs in refs])[:-1]])
+    best = np.minimum.reduceat(rank, offsets)
+    reflen = (best % (int(ref_len.max(initial=0)) + 1)).astype(np.float64)
 
     def score(testlen, reflen, guess, correct) -> np.ndarray:
         precisions = (correct + _TINY) / (guess + _SMALL)
@@ -56,33 +75,43 @@ def _bleu(hyps: list[list[str]], refs: list[list[list[str]]], hyp_ng, ref_ng) ->
         penalty = np.where(ratio < 1, np.exp(1 - 1 / np.minimum(ratio, 1)), 1.0)
         return bleu * np.asarray(penalty)[..., None]
 
-    total = stats.sum(axis=0)
-    corpus = score(total[0], total[1], total[2 : 2 + N], total[2 + N :])
-    per_image = score(stats[:, 0], stats[:, 1], stats[:, 2 : 2 + N], stats[:, 2 + N :])
+    corpus = score(testlen.sum(), reflen.sum(), guess.sum(axis=0), correct.sum(axis=0))
+    per_image = score(testlen, reflen, guess, correct)
     return corpus.tolist(), per_image.T.tolist()
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists."""
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
+def _bit_masks(tokens: list[str]) -> dict[str, int]:
+    """Per distinct token, the bit set of its positions in `tokens`."""
+    masks: dict[str, int] = {}
+    for j, token in enumerate(tokens):
+        masks[token] = masks.get(token, 0) | (1 << j)
+    return masks
+
+
+def _lcs(a: list[str], masks: dict[str, int], length: int) -> int:
+    """Length of the longest common subsequence of `a` and the `length` tokens of `masks`.
+
+    Bit-parallel (Crochemore et al. 2001): one big-integer step per token of `a` instead of
+    a row of the dynamic programme; the zero bits of `v` count the common subsequence.
+    """
+    full = (1 << length) - 1
+    v = full
     for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            cur = row[j]
-            row[j] = prev + 1 if x == y else max(row[j], row[j - 1])
-            prev = cur
-    return row[-1]
+        m = masks.get(x)
+        if m:
+            u = v & m
+            v = ((v + u) | (v - u)) & full
+    return length - v.bit_count()
 
 
 def _rouge_l(hyp: str, refs: list[str]) -> float:
     """ROUGE-L of one caption; the toolkit splits on single spaces, so '' is one empty token."""
     cand = hyp.split(" ")
+    masks = _bit_masks(cand)
     prec, rec = 0.0, 0.0
     for ref in refs:
         tokens = ref.split(" ")
-        lcs = _lcs(tokens, cand)
+        lcs = _lcs(tokens, masks, len(cand))
         prec, rec = max(prec, lcs / len(cand)), max(rec, lcs / len(tokens))
     if prec == 0 or rec == 0:
         return 0.0
@@ -157,12 +186,14 @@ def _ngram_entries(hyps: list[list[str]], refs: list[list[list[str]]]):
     return sent_image, owner_a, ids_a, order_a, counts.astype(np.float64), df
 
 
-def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
-    """Per-image CIDEr-D of token lists, vectorised over all (sentence, n-gram) entries."""
-    n_images = len(hyps)
+def _entries(hyps: list[list[str]], refs: list[list[list[str]]]) -> tuple:
+    """`_ngram_entries`, or `_ngram_entries_dict` for a vocabulary too large for it."""
     entries = _ngram_entries(hyps, refs)
-    if entries is None:
-        entries = _ngram_entries_dict(hyps, refs)
+    return entries if entries is not None else _ngram_entries_dict(hyps, refs)
+
+
+def _cider_d(n_images: int, entries: tuple) -> np.ndarray:
+    """Per-image CIDEr-D of `_entries`, vectorised over all (sentence, n-gram) entries."""
     sent_image, owner_a, ids_a, order_a, counts_a, df = entries
     n_sent = len(sent_image)
     ref_len = math.log(float(n_images))
@@ -201,7 +232,9 @@ def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]]) -> np.ndarray:
 
 def cider_d(hyps: list[str], refs: list[list[str]]) -> np.ndarray:
     """Per-image CIDEr-D of tokenised captions (document frequency from these references)."""
-    return _cider_d([h.split() for h in hyps], [[r.split() for r in rs] for rs in refs])
+    return _cider_d(
+        len(hyps), _entries([h.split() for h in hyps], [[r.split() for r in rs] for rs in refs])
+    )
 
 
 def score_tokenized(
@@ -215,11 +248,10 @@ def score_tokenized(
             raise ResultsError(f"caption #{i} has no reference captions")
     hyp_tokens = [h.split() for h in hyps]
     ref_tokens = [[r.split() for r in rs] for rs in refs]
-    hyp_ng = [_ngrams(t) for t in hyp_tokens]
-    ref_ng = [[_ngrams(t) for t in rs] for rs in ref_tokens]
-    bleu, bleu_per_image = _bleu(hyp_tokens, ref_tokens, hyp_ng, ref_ng)
+    entries = _entries(hyp_tokens, ref_tokens)
+    bleu, bleu_per_image = _bleu(hyp_tokens, ref_tokens, entries)
     rouge = [_rouge_l(h, rs) for h, rs in zip(hyps, refs, strict=True)]
-    cider = _cider_d(hyp_tokens, ref_tokens)
+    cider = _cider_d(len(hyps), entries)
     corpus = {f"Bleu_{k + 1}": float(bleu[k]) for k in range(N)}
     corpus["ROUGE_L"] = float(np.mean(rouge))
     corpus["CIDEr"] = float(np.mean(cider))
@@ -251,40 +283,3 @@ def score_captions(results: dict[int, str], references: dict[int, list[str]]) ->
     hyps = [tokenize_caption(results[i]) for i in ids]
     refs = [[tokenize_caption(r) for r in references[i]] for i in ids]
     return score_tokenized(hyps, refs)
-
-
-class CaptionMetrics(Metric):
-    """BLEU-1..4, ROUGE-L, CIDEr-D over batches, DDP-safe (captions held as utf-8 byte tensors)."""
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("hyp_bytes", default=[], dist_reduce_fx="cat")
-        self.add_state("ref_bytes", default=[], dist_reduce_fx="cat")
-        self.add_state("refs_per_caption", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: list[str], refs: list[list[str]]) -> None:
-        """Add generated captions and their reference captions (raw text, tokenised here)."""
-        if len(preds) != len(refs):
-            raise ValueError(f"{len(preds)} captions but {len(refs)} reference lists")
-        self.hyp_bytes.append(encode_strings([tokenize_caption(p) for p in preds], self.device))
-        flat = [tokenize_caption(r) for rs in refs for r in rs]
-        self.ref_bytes.append(encode_strings(flat, self.device))
-        counts = torch.tensor([len(rs) for rs in refs], dtype=torch.long, device=self.device)
-        self.refs_per_caption.append(counts)
-
-    def compute(self) -> dict[str, float]:
-        """Corpus scores of everything seen (on every process after sync)."""
-        hyps = decode_strings(self.hyp_bytes)
-        flat = decode_strings(self.ref_bytes)
-        counts = (
-            torch.cat(self.refs_per_caption).tolist()
-            if isinstance(self.refs_per_caption, list)
-            else self.refs_per_caption.tolist()
-        )
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-        refs = [flat[offsets[i] : offsets[i + 1]] for i in range(len(hyps))]
-        return score_tokenized(hyps, refs)

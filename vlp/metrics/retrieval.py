@@ -11,11 +11,15 @@ distractors for t2i only. NaN and infinite scores are errors.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torchmetrics import Metric
 
 from vlp.errors import ResultsError
+
+if TYPE_CHECKING:
+    import torch
 
 KS = (1, 5, 10)
 # Rows/columns compared per step: bounds temporaries to ~chunk x n (bool + float).
@@ -50,8 +54,14 @@ def constant_rows(similarity: np.ndarray | torch.Tensor) -> int:
     )
 
 
+def _is_tensor(x: object) -> bool:
+    # a tensor exists only once torch is loaded: scoring arrays never loads it
+    loaded = sys.modules.get("torch")
+    return loaded is not None and isinstance(x, loaded.Tensor)
+
+
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.detach().float().cpu().numpy() if _is_tensor(x) else np.asarray(x)
 
 
 def recall_at_k(
@@ -77,11 +87,7 @@ def recall_at_k(
             )
         gt = np.arange(n_texts) // 5
     else:
-        gt = (
-            text_to_image.cpu().numpy()
-            if isinstance(text_to_image, torch.Tensor)
-            else np.asarray(text_to_image)
-        )
+        gt = text_to_image.cpu().numpy() if _is_tensor(text_to_image) else np.asarray(text_to_image)
         if gt.shape != (n_texts,):
             raise ResultsError(
                 f"text->image mapping has shape {gt.shape}, expected ({n_texts},) for {n_texts} texts"
@@ -146,60 +152,3 @@ def retrieval_recall(
     itc_only = recall_at_k(itc, text_to_image)
     metrics.update({f"itc_{key}": v for key, v in itc_only.items() if "R@" in key or key == "rsum"})
     return metrics
-
-
-class RetrievalRecall(Metric):
-    """Recall@K over batches of (image, text) embeddings; images are de-duplicated by id."""
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("image_embeds", default=[], dist_reduce_fx="cat")
-        self.add_state("image_ids", default=[], dist_reduce_fx="cat")
-        self.add_state("text_embeds", default=[], dist_reduce_fx="cat")
-        self.add_state("text_image_ids", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        image_embeds: torch.Tensor,
-        image_ids: torch.Tensor,
-        text_embeds: torch.Tensor,
-        text_image_ids: torch.Tensor,
-    ) -> None:
-        """Add image embeddings [B, D] with ids [B] and text embeddings [T, D] with their image ids [T].
-
-        An image may appear in several batches (e.g. once per caption); the first copy is used.
-        Similarity is the dot product, so pass normalised embeddings for cosine similarity.
-        """
-        if (
-            image_embeds.shape[0] != image_ids.shape[0]
-            or text_embeds.shape[0] != text_image_ids.shape[0]
-        ):
-            raise ValueError("embeddings and ids must have the same length")
-        self.image_embeds.append(image_embeds.detach().float())
-        self.image_ids.append(image_ids.detach().long())
-        self.text_embeds.append(text_embeds.detach().float())
-        self.text_image_ids.append(text_image_ids.detach().long())
-
-    def compute(self) -> dict[str, float]:
-        """Recall dict of `recall_at_k` over everything seen (on every process after sync)."""
-
-        def cat(x):
-            return torch.cat(x) if isinstance(x, list) else x
-
-        img, ids, txt, tids = (
-            cat(self.image_embeds),
-            cat(self.image_ids),
-            cat(self.text_embeds),
-            cat(self.text_image_ids),
-        )
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        first = torch.full((len(uniq),), len(ids), dtype=torch.long, device=ids.device)
-        first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), reduce="amin")
-        row = torch.searchsorted(uniq, tids)
-        if (row >= len(uniq)).any() or (uniq[row.clamp(max=len(uniq) - 1)] != tids).any():
-            raise ResultsError("a text's image id has no image embedding")
-        return recall_at_k(img[first] @ txt.T, row)

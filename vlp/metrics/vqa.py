@@ -23,11 +23,7 @@ import re
 from collections import defaultdict
 from typing import Literal, get_args
 
-import torch
-from torchmetrics import Metric
-
 from vlp.errors import ResultsError
-from vlp.metrics.string_state import decode_strings, encode_strings
 
 _NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -140,7 +136,9 @@ def question_accuracy(
     return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
 
 
-def _aggregate(accs: list[float], answer_types: list[str], question_types: list[str]) -> dict:
+def aggregate_accuracies(
+    accs: list[float], answer_types: list[str], question_types: list[str]
+) -> dict:
     """Overall, per answer type and per question type percentages, rounded to 2 decimals."""
 
     def pct(values: list[float]) -> float:
@@ -183,54 +181,4 @@ def vqa_accuracy(
     accs = [question_accuracy(results[q], answers[q], protocol) for q in ids]
     ats = [(answer_types or {}).get(q, "all") for q in ids]
     qts = [(question_types or {}).get(q, "all") for q in ids]
-    return _aggregate(accs, ats, qts)
-
-
-class VQAAccuracy(Metric):
-    """VQA v2 accuracy over batches; per-question accuracies plus type names as byte tensors.
-
-    `protocol` picks the answer normalisation (module docstring): `official` or `lavis`.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = True
-
-    def __init__(self, protocol: VQAProtocol = "official", **kwargs) -> None:
-        super().__init__(**kwargs)
-        check_protocol(protocol)
-        self.protocol = protocol
-        self.add_state("accuracy", default=[], dist_reduce_fx="cat")
-        self.add_state("answer_type_bytes", default=[], dist_reduce_fx="cat")
-        self.add_state("question_type_bytes", default=[], dist_reduce_fx="cat")
-
-    def update(
-        self,
-        preds: list[str],
-        answers: list[list[str]],
-        answer_types: list[str] | None = None,
-        question_types: list[str] | None = None,
-    ) -> None:
-        """Add predicted answers with their ground-truth answers (and optional types)."""
-        if len(preds) != len(answers):
-            raise ValueError(f"{len(preds)} predictions but {len(answers)} answer lists")
-        accs = [question_accuracy(p, a, self.protocol) for p, a in zip(preds, answers, strict=True)]
-        self.accuracy.append(torch.tensor(accs, dtype=torch.float64, device=self.device))
-        self.answer_type_bytes.append(
-            encode_strings(answer_types or ["all"] * len(preds), self.device)
-        )
-        self.question_type_bytes.append(
-            encode_strings(question_types or ["all"] * len(preds), self.device)
-        )
-
-    def compute(self) -> dict:
-        """{"overall", "perAnswerType", "perQuestionType"} in percent, as the official script."""
-        acc = self.accuracy
-        acc = torch.cat(acc) if isinstance(acc, list) else acc
-        if acc.numel() == 0:
-            raise ResultsError("VQAAccuracy.compute() called before any update()")
-        return _aggregate(
-            acc.tolist(),
-            decode_strings(self.answer_type_bytes),
-            decode_strings(self.question_type_bytes),
-        )
+    return aggregate_accuracies(accs, ats, qts)

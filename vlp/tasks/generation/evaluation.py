@@ -110,7 +110,7 @@ def _agreement_and_distance(
     from vlp.data.images import ImageTransform
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import read_images
-    from vlp.metrics.generation import (
+    from vlp.metrics.feature_scores import (
         ImageTowerFeatures,
         clip_score,
         frechet_distance,
