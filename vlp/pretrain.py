@@ -107,7 +107,7 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
             save_tokenizer(tok, saved)
         else:
             tok = build_tokenizer(
-                cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits)
+                cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits), load
             )
             save_tokenizer(tok, saved)
     barrier()

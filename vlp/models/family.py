@@ -91,6 +91,16 @@ FAMILIES: dict[str, Family] = {
             loads_image_tower=False,
             implementation="vlp.models.clip",
         ),
+        Family(
+            name="encoder-decoder",
+            description="a vision transformer read by a GPT-2 decoder (VisionEncoderDecoderModel)",
+            objectives=("lm",),
+            tasks=("captioning",),
+            has_itm=False,
+            checkpoint_format="vision-encoder-decoder",
+            loads_image_tower=True,
+            implementation="vlp.models.encoder_decoder",
+        ),
     )
 }
 DEFAULT_FAMILY = "fusion"  # of model directories written before families existed
