@@ -21,10 +21,18 @@ from vlp.models.family import (
 
 VLP = Path(__file__).resolve().parents[2] / "vlp"
 # The registry and the family modules: the only code that may know a family by its name
-FAMILY_CODE = {"family.py", "fusion.py", "clip.py", "blip.py", "vlp_model.py", "encoder_decoder.py"}
+FAMILY_CODE = {
+    "family.py",
+    "fusion.py",
+    "clip.py",
+    "blip.py",
+    "vlp_model.py",
+    "encoder_decoder.py",
+    "t5.py",
+}
 FAMILY_WORDS = {"family", "kind", "format"}
 # family names and checkpoint formats, as they were and are spelled
-FAMILY_NAMES = {"fusion", "clip", "blip", "vlp", "encoder-decoder", "vision-encoder-decoder"}
+FAMILY_NAMES = {"fusion", "clip", "blip", "vlp", "encoder-decoder", "vision-encoder-decoder", "t5"}
 
 
 def test_a_new_family_is_one_registry_line(monkeypatch, tiny_cfg, tokenizer, tmp_path):

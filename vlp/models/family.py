@@ -101,6 +101,16 @@ FAMILIES: dict[str, Family] = {
             loads_image_tower=True,
             implementation="vlp.models.encoder_decoder",
         ),
+        Family(
+            name="t5",
+            description="image tokens read with the text by a T5 encoder-decoder (VL-T5)",
+            objectives=("lm",),
+            tasks=("captioning",),
+            has_itm=False,
+            checkpoint_format="t5",
+            loads_image_tower=True,
+            implementation="vlp.models.t5",
+        ),
     )
 }
 DEFAULT_FAMILY = "fusion"  # of model directories written before families existed
