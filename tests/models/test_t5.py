@@ -134,3 +134,31 @@ def test_a_tokenizer_without_an_end_token_is_a_config_error():
 
     with pytest.raises(ConfigError, match="nor has an end token"):
         DecoderTokens.choose(NoEnd())
+
+
+def test_it_learns_to_write_answers_to_questions(tiny_cfg, tiny_t5, tokenizer):
+    from vlp.tasks.vqa.generative import AnswerObjective
+
+    questions = ["what colour is the circle?", "how many shapes?"]
+    answers = ["red", "two"]
+    torch.manual_seed(0)
+    for model in (
+        build_from_params(tiny_cfg(family="t5", init_from=str(tiny_t5)), None, 0.07),
+        build_from_params(tiny_cfg(family="t5"), tokenizer, 0.07),
+    ):
+        q, a = model.tokenize(questions), model.tokenize(answers)
+        batch = {
+            "pixel_values": _pixels(),
+            **q,
+            "answer_ids": a["input_ids"],
+            "answer_mask": a["attention_mask"],
+        }
+        objective = AnswerObjective(model)
+        opt = torch.optim.AdamW(objective.parameters(), lr=3e-3)
+        for _ in range(80):
+            loss = objective(**batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        assert model.generate_answers(_pixels(), q["input_ids"], q["attention_mask"], 4) == answers

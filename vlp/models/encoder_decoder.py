@@ -103,6 +103,59 @@ class ImageCaptioner(SavedModel):
             encoder_outputs=self.encode_image(pixel_values), labels=labels, use_cache=False
         ).loss
 
+    def answer_loss(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the answers' tokens, the decoder reading the question first
+        (`DecoderTokens.prompted`: start, question, end, answer, end)."""
+        inputs, labels = self.tokens.prompted(input_ids, attention_mask, answer_ids, answer_mask)
+        return self.ved(
+            encoder_outputs=self.encode_image(pixel_values),
+            decoder_input_ids=inputs,
+            labels=labels,
+            use_cache=False,
+        ).loss
+
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_length: int,
+    ) -> list[str]:
+        """One greedy answer per (image, question): the decoder continues the question's
+        prompt. Questions of one prompt length decode together (GPT-2 reads no padding)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        states = self.encode_image(pixel_values).last_hidden_state
+        prompts = self.tokens.prompts(input_ids, attention_mask)
+        limit = self.ved.decoder.config.max_position_embeddings
+        answers = [""] * len(prompts)
+        for length in sorted({len(p) for p in prompts}):
+            if length + max_length > limit:
+                raise ConfigError(
+                    f"a question of {length} tokens and max_length={max_length} exceed the "
+                    f"decoder's {limit} positions"
+                )
+            rows = [i for i, p in enumerate(prompts) if len(p) == length]
+            out = self.ved.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states[rows]),
+                decoder_input_ids=torch.tensor([prompts[i] for i in rows], device=states.device),
+                num_beams=1,
+                max_new_tokens=max_length,
+                do_sample=False,
+            )
+            texts = self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+            for i, text in zip(rows, texts, strict=True):
+                answers[i] = text.strip()
+        return answers
+
     @torch.no_grad()
     def generate_captions(
         self, pixel_values: torch.Tensor, num_beams: int, max_length: int

@@ -101,3 +101,40 @@ class DecoderTokens:
             lengths = lengths + 1
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]
         return ids.masked_fill(positions >= lengths[:, None], -100)
+
+    def bodies(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+        """Each text's tokens without the start and end tokens the tokenizer wraps it in."""
+        out = []
+        for ids, n in zip(input_ids.tolist(), attention_mask.sum(dim=1).tolist(), strict=True):
+            row = ids[:n]
+            if self.adds_start:
+                row = row[1:]
+            if self.adds_end and row and row[-1] == self.end:  # a truncated text has none
+                row = row[:-1]
+            out.append(row)
+        return out
+
+    def prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+        """What a decoder-only model reads before it answers: start, the prompt, end."""
+        return [[self.start, *row, self.end] for row in self.bodies(input_ids, attention_mask)]
+
+    def prompted(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoder inputs, targets) [B, T] of `prompts` followed by the answers: the targets
+        are each answer's tokens and the end token, -100 on the prompt and the padding."""
+        inputs, targets = [], []
+        answers = self.bodies(answer_ids, answer_mask)
+        for prompt, answer in zip(self.prompts(prompt_ids, prompt_mask), answers, strict=True):
+            full = [*prompt, *answer, self.end]
+            inputs.append(full[:-1])
+            targets.append([-100] * (len(prompt) - 1) + [*answer, self.end])
+        width = max(len(row) for row in inputs)
+        pad = [row + [self.pad] * (width - len(row)) for row in inputs]
+        ignore = [row + [-100] * (width - len(row)) for row in targets]
+        device = prompt_ids.device
+        return torch.tensor(pad, device=device), torch.tensor(ignore, device=device)

@@ -126,6 +126,34 @@ class ImageT5(SavedModel):
             inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False
         ).loss
 
+    def answer_loss(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of the answers given the image and the question (the encoder
+        reads both, the decoder writes the answer)."""
+        embeds, mask = self.joint_inputs(pixel_values, input_ids, attention_mask)
+        labels = self.tokens.targets(answer_ids, answer_mask)
+        return self.t5(
+            inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False
+        ).loss
+
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_length: int,
+    ) -> list[str]:
+        """One greedy answer per (image, question)."""
+        embeds, mask = self.joint_inputs(pixel_values, input_ids, attention_mask)
+        return self.generate_text(embeds, mask, 1, max_length)
+
     @torch.no_grad()
     def generate_text(
         self, embeds: torch.Tensor, mask: torch.Tensor, num_beams: int, max_length: int
