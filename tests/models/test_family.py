@@ -63,6 +63,7 @@ def test_each_family_does_what_its_record_says(tiny_cfg, tokenizer, tmp_path):
         model = build_from_params(cfg, tokenizer, temperature=0.07)
         assert hasattr(model, "itm_logits") == family.has_itm
         assert hasattr(model, "generate_captions") == ("captioning" in family.tasks)
+        assert hasattr(model, "generate_answers") == family.generates_answers
         model.save_pretrained(tmp_path / family.name)
         assert load_model(tmp_path / family.name).family is family
 
