@@ -295,3 +295,17 @@ def test_bad_requests_are_one_line_errors(
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_model_without_contrastive_embeddings_is_a_one_line_error(
+    smoke_data: Path, tmp_path: Path, workdir: Path, capsys
+) -> None:
+    from tests.checkpoints.encoder_decoder import write_tiny_vit_gpt2
+
+    model_dir = write_tiny_vit_gpt2(tmp_path / "vit-gpt2")
+    capsys.readouterr()  # what writing the checkpoint printed
+    args = ["--params", PARAMS, "--profile", "smoke", "zeroshot", "--model", str(model_dir)]
+    assert main([*args, "--data", str(smoke_data)]) == 2
+    err = capsys.readouterr().err
+    assert "of the encoder-decoder family" in err and "no contrastive embeddings" in err
+    assert err.count("\n") == 1

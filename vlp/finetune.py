@@ -23,8 +23,10 @@ a marker directory, so the DVC stage's output still exists.
 
 The pretrained model's family (`vlp.models.family`) decides what it can be finetuned for: a
 dual encoder (`model.family: clip`) does retrieval, trained with CLIP's contrastive loss, and
-generation. For captioning and VQA it writes a "not applicable" model directory (the reason in
-`NOT_APPLICABLE`, `task.json` with `applicable: false`) and an empty loss curve, records an
+generation; the generative families (`encoder-decoder`, `t5`) caption and write VQA
+answers (`vlp.tasks.vqa.generative`). For a task its family does not do it writes a "not
+applicable" model directory (the reason in `NOT_APPLICABLE`, `task.json` with
+`applicable: false`) and an empty loss curve, records an
 MLflow run tagged `vlp.applicable: false`, and succeeds; `vlp evaluate` and `vlp register`
 carry the verdict on. A task may also rule out one init (`init_not_applicable`: generation
 from a user's diffusers pipeline has no scratch ablation); `vlp evaluate` then scores the

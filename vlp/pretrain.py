@@ -26,6 +26,11 @@ With `model.family: clip` the model is a dual encoder (`vlp.models.clip`): from 
 `pretrain.itc_weight`. `itm_weight` and `lm_weight` do not apply to it (a note says so when
 they are non-zero) and neither does the caption warm-up, which it skips.
 
+With `model.family: encoder-decoder` (transformers' `VisionEncoderDecoderModel`, a ViT read by
+GPT-2) or `t5` (image tokens in a T5 encoder-decoder) the model trains the captioning LM
+alone, weighted `pretrain.lm_weight`, caption warm-up included; it has no contrastive
+embeddings, so the zero-shot check is skipped (docs/generative-families.md).
+
 The work folder (`work_dir`: both phases' checkpoints, the tokenizer) belongs to one run:
 a fresh run empties it before anything trains, and `resume` continues it only if it was
 written with the same `fingerprint` (training params and data hash); the resumed MLflow
@@ -107,7 +112,7 @@ def _tokenizer(cfg: Config, info: DistInfo, resume: bool) -> Any:
             save_tokenizer(tok, saved)
         else:
             tok = build_tokenizer(
-                cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits)
+                cfg.model, corpus(Path(cfg.data.root), cfg.pretrain.tokenizer_splits), load
             )
             save_tokenizer(tok, saved)
     barrier()

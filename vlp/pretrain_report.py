@@ -64,9 +64,14 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]
 
 
 def zero_shot_skipped(cfg: Config) -> str | None:
-    """Why the zero-shot check after training cannot run (no eval split, or no data), or None."""
+    """Why the zero-shot check after training cannot run (a family without contrastive
+    embeddings, no eval split, or no data), or None."""
     from vlp.data.manifest import split_sizes
+    from vlp.models.family import get_family
 
+    family = get_family(cfg.model.family)
+    if "itc" not in family.objectives:
+        return f"skipped: the {family.name} family has no contrastive embeddings to retrieve with"
     split = cfg.pretrain.eval_split
     if split is None:
         return "skipped: pretrain.eval_split is null"

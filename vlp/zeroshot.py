@@ -72,7 +72,7 @@ def load_inference(
 ) -> Inference:
     """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
     from vlp.config import PRECISIONS
-    from vlp.models.family import load_model
+    from vlp.models.family import get_family, load_model, model_family
     from vlp.train.distributed import DistInfo
     from vlp.train.settings import resolve_device, resolve_precision
 
@@ -83,6 +83,12 @@ def load_inference(
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     device = resolve_device(cfg.runtime.device, DistInfo())
+    family = get_family(model_family(model_dir, "--model"))
+    if "itc" not in family.objectives:
+        raise ConfigError(
+            f"--model: {model_dir} holds a model of the {family.name} family "
+            f"({family.description}): it has no contrastive embeddings to score or export with"
+        )
     # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
     encoder = load_model(
         model_dir, device, key="--model", temperature=cfg.model.temperature, as_is=True

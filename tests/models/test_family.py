@@ -21,10 +21,18 @@ from vlp.models.family import (
 
 VLP = Path(__file__).resolve().parents[2] / "vlp"
 # The registry and the family modules: the only code that may know a family by its name
-FAMILY_CODE = {"family.py", "fusion.py", "clip.py", "blip.py", "vlp_model.py"}
+FAMILY_CODE = {
+    "family.py",
+    "fusion.py",
+    "clip.py",
+    "blip.py",
+    "vlp_model.py",
+    "encoder_decoder.py",
+    "t5.py",
+}
 FAMILY_WORDS = {"family", "kind", "format"}
 # family names and checkpoint formats, as they were and are spelled
-FAMILY_NAMES = {"fusion", "clip", "blip", "vlp"}
+FAMILY_NAMES = {"fusion", "clip", "blip", "vlp", "encoder-decoder", "vision-encoder-decoder", "t5"}
 
 
 def test_a_new_family_is_one_registry_line(monkeypatch, tiny_cfg, tokenizer, tmp_path):
@@ -51,9 +59,11 @@ def test_an_unknown_family_is_a_config_error(tiny_cfg, tokenizer):
 def test_each_family_does_what_its_record_says(tiny_cfg, tokenizer, tmp_path):
     for family in FAMILIES.values():
         torch.manual_seed(0)
-        model = build_from_params(tiny_cfg(family=family.name), tokenizer, temperature=0.07)
+        cfg = tiny_cfg(family=family.name, image_tower="vit")  # a tower every family builds
+        model = build_from_params(cfg, tokenizer, temperature=0.07)
         assert hasattr(model, "itm_logits") == family.has_itm
         assert hasattr(model, "generate_captions") == ("captioning" in family.tasks)
+        assert hasattr(model, "generate_answers") == family.generates_answers
         model.save_pretrained(tmp_path / family.name)
         assert load_model(tmp_path / family.name).family is family
 

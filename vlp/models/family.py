@@ -59,6 +59,9 @@ class Family:
     objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
+    # answers VQA by writing the answer after the question (`answer_loss`, `generate_answers`)
+    # rather than with an answer classifier over its encoders
+    generates_answers: bool
     checkpoint_format: str  # the foreign checkpoint directories it reads
     loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
@@ -77,6 +80,7 @@ FAMILIES: dict[str, Family] = {
             objectives=("itc", "itm", "lm"),
             tasks=("retrieval", "captioning", "vqa", "generation"),
             has_itm=True,
+            generates_answers=False,
             checkpoint_format="blip",
             loads_image_tower=True,
             implementation="vlp.models.fusion",
@@ -87,9 +91,32 @@ FAMILIES: dict[str, Family] = {
             objectives=("itc",),
             tasks=("retrieval", "generation"),
             has_itm=False,
+            generates_answers=False,
             checkpoint_format="clip",
             loads_image_tower=False,
             implementation="vlp.models.clip",
+        ),
+        Family(
+            name="encoder-decoder",
+            description="a vision transformer read by a GPT-2 decoder (VisionEncoderDecoderModel)",
+            objectives=("lm",),
+            tasks=("captioning", "vqa"),
+            has_itm=False,
+            generates_answers=True,
+            checkpoint_format="vision-encoder-decoder",
+            loads_image_tower=True,
+            implementation="vlp.models.encoder_decoder",
+        ),
+        Family(
+            name="t5",
+            description="image tokens read with the text by a T5 encoder-decoder (VL-T5)",
+            objectives=("lm",),
+            tasks=("captioning", "vqa"),
+            has_itm=False,
+            generates_answers=True,
+            checkpoint_format="t5",
+            loads_image_tower=True,
+            implementation="vlp.models.t5",
         ),
     )
 }

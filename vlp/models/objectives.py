@@ -344,3 +344,31 @@ def clamp_logit_scale(model: nn.Module) -> None:
     """Keep the learnable logit scale in [0, ln 100] (in place, as CLIP)."""
     with torch.no_grad():
         model.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+
+class CaptionObjective(nn.Module):
+    """A generative model trained with its captioning LM loss alone, weighted `weight`.
+
+    The model's `caption_loss(pixel_values, input_ids, attention_mask)` is the mean
+    next-token cross-entropy of the captions given the images. `forward(**batch)` takes a
+    `make_pretrain_collate` batch and returns {"loss", "loss_lm"}.
+    """
+
+    def __init__(self, model: nn.Module, weight: float, family: str) -> None:
+        super().__init__()
+        if float(weight) == 0.0:
+            raise ConfigError(
+                f"the {family} family trains the captioning LM alone: its weight is 0"
+            )
+        self.model = model
+        self.weight = float(weight)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        loss = self.model.caption_loss(pixel_values, input_ids, attention_mask)
+        return {"loss": self.weight * loss, "loss_lm": loss}

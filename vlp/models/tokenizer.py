@@ -13,7 +13,7 @@ generation stops on it. A foreign tokenizer keeps its own wrapping (CLIP's <|sta
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,16 +188,22 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, path: str | os.PathLike) -> Non
 
 
 def build_tokenizer(
-    cfg: ModelConfig, texts: Iterable[str] | None = None
+    cfg: ModelConfig,
+    texts: Iterable[str] | None = None,
+    load: Callable[[Any, str], PreTrainedTokenizerBase] = load_tokenizer,
 ) -> PreTrainedTokenizerBase:
     """The tokenizer for `cfg`: `tokenizer_pretrained`, else the one beside `text_pretrained`,
-    else a WordPiece tokenizer of `cfg.vocab_size` trained on `texts`."""
+    else a WordPiece tokenizer of `cfg.vocab_size` trained on `texts`.
+
+    `load(path, key)` reads a tokenizer directory as the model family uses it (default: with
+    vlp's [DEC] and [ENC] tokens, `load_tokenizer`).
+    """
     if cfg.tokenizer_pretrained:
-        return load_tokenizer(cfg.tokenizer_pretrained)
+        return load(cfg.tokenizer_pretrained, "model.tokenizer_pretrained")
     if cfg.text_pretrained:
         p = local_dir(cfg.text_pretrained, "model.text_pretrained")
         if any((p / f).exists() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            return load_tokenizer(p, "model.text_pretrained")
+            return load(p, "model.text_pretrained")
     if texts is None:
         raise ConfigError(
             "model.tokenizer_pretrained is not set and no texts were given to train a tokenizer"

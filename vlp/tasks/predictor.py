@@ -44,7 +44,7 @@ class Predictor:
 
     @property
     def device(self) -> torch.device:
-        return self.model.temp.device
+        return next(self.model.parameters()).device
 
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.transform.pixels(images).to(self.device)

@@ -1,8 +1,8 @@
 """Image captioning: finetune the caption decoder with the LM loss, decode with beam search.
 
-Finetuning reuses the pretraining objective with only the LM term switched on
-(`VLPObjective(model, CAPTION_LOSS_WEIGHTS)`), so the loop, collate and loss are the
-pretraining ones. Decoding goes through transformers' `generate` (`VLPModel.generate_captions`) with
+Finetuning reuses the family's pretraining objective with only the LM term switched on
+(`Family.impl().objective(model, CAPTION_LOSS_WEIGHTS)`), so the loop, collate and loss are the
+pretraining ones. Decoding goes through transformers' `generate` (`generate_captions`) with
 the beam size and length recorded in the model's `task.json`. Results are written in the
 COCO caption results format, `[{"image_id", "caption"}]`, so the same file can be scored
 by `vlp eval captions` or the official toolkit.
@@ -30,15 +30,17 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """The VLPModel trained with the LM loss alone on the captions of `finetune.splits`."""
+    """The model trained with the LM loss alone, as its family trains it, on the captions of
+    `finetune.splits`."""
     from vlp.data.images import image_transforms
     from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
-    from vlp.models.objectives import VLPObjective
+    from vlp.models.family import get_family
 
     tcfg = cfg.finetune.captioning
+    objective = get_family(vlp.cfg.family).impl().objective
     return TrainingSetup(
-        VLPObjective(vlp, CAPTION_LOSS_WEIGHTS, cfg.runtime.local_loss),
+        objective(vlp, CAPTION_LOSS_WEIGHTS, cfg.runtime.local_loss),
         pairs_for_training(
             cfg.data.root,
             cfg.data.shards,

@@ -1,4 +1,5 @@
-"""VQA: an answer decoder and classifier over the pretrained encoders (`model`)."""
+"""VQA: an answer decoder and classifier over the pretrained encoders (`model`), or answers
+written by a generative family (`generative`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class VQAConfig(FinetuneBudget):
     freeze_encoders: bool  # keep the image tower and text encoder as given
     answer_layers: int  # layers of the answer decoder
     answer_heads: int  # attention heads of the answer decoder
+    answer_max_length: int  # tokens of a written answer at most (families that write answers)
 
 
 TASK = Task(

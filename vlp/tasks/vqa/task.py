@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
-    """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of `finetune.splits`."""
+    """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of
+    `finetune.splits`; a family that writes its answers is trained to write them instead
+    (`vlp.tasks.vqa.generative`)."""
     from vlp.data.images import image_transforms
     from vlp.data.torch_data import VQADataset
+    from vlp.models.family import get_family
     from vlp.models.objectives import VQAObjective
     from vlp.tasks.vqa.model import VQAModel, build_answer_vocab, make_vqa_collate
 
@@ -30,6 +33,10 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     dataset = VQADataset(
         cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
     )
+    if get_family(vlp.cfg.family).generates_answers:
+        from vlp.tasks.vqa import generative
+
+        return generative.setup(cfg, vlp, dataset)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
     vqa = VQAModel(
@@ -47,13 +54,19 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
 
 def save(module: Any, model_dir: Path) -> None:
-    """Write the VLPModel and the answer decoder into a model directory being assembled."""
-    module.model.vlp.cpu().save_pretrained(model_dir)
-    module.model.save_head(model_dir)
+    """Write the VLPModel and the answer decoder into a model directory being assembled (a
+    model that writes its answers: the model alone)."""
+    vqa = module.model
+    if not hasattr(vqa, "save_head"):
+        vqa.cpu().save_pretrained(model_dir)
+        return
+    vqa.vlp.cpu().save_pretrained(model_dir)
+    vqa.save_head(model_dir)
 
 
 class Predictor(BasePredictor):
-    """VQA: the answer head's best vocabulary answer per (image, question)."""
+    """VQA: the answer head's best vocabulary answer per (image, question), or the answer
+    the model writes (task.json `generative`)."""
 
     def __init__(
         self, model: VLPModel, info: dict[str, Any], model_dir: Path, batch_size: int = 64
@@ -61,7 +74,8 @@ class Predictor(BasePredictor):
         from vlp.tasks.vqa.model import load_vqa_model
 
         super().__init__(model, info, model_dir, batch_size)
-        self.vqa = load_vqa_model(model, info, Path(model_dir)).eval()
+        generative = bool(info.get("generative", False))
+        self.vqa = None if generative else load_vqa_model(model, info, Path(model_dir)).eval()
 
     @torch.no_grad()
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
@@ -71,9 +85,16 @@ class Predictor(BasePredictor):
         out: list[str] = []
         for sl in self._chunks(len(images)):
             enc = self.model.tokenize(list(questions[sl]))
-            out += self.vqa.predict(
-                self._pixels(images[sl]), enc["input_ids"], enc["attention_mask"]
-            )
+            pixels = self._pixels(images[sl])
+            if self.vqa is None:
+                out += self.model.generate_answers(
+                    pixels,
+                    enc["input_ids"],
+                    enc["attention_mask"],
+                    int(self.info["answer_max_length"]),
+                )
+            else:
+                out += self.vqa.predict(pixels, enc["input_ids"], enc["attention_mask"])
         return out
 
 
