@@ -25,7 +25,6 @@ This module is the clip family's implementation (`vlp.models.family.FAMILIES`): 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -44,6 +43,7 @@ from vlp.models.weights import (
     TOKENIZER_DIR,
     WEIGHTS_NAME,
     SavedModel,
+    checkpoint_model_type,
     load_transformers,
     load_weights,
     require_weights,
@@ -151,7 +151,7 @@ class CLIPDualEncoder(SavedModel):
         from transformers import CLIPModel
 
         p = local_dir(path, key)
-        if _checkpoint_type(p) != "clip":
+        if checkpoint_model_type(p) != "clip":
             raise ConfigError(f"{key}: {p} is not a transformers CLIPModel directory")
         clip = load_transformers(CLIPModel, p, key)
         tokenizer = load_clip_tokenizer(p, key)
@@ -159,20 +159,9 @@ class CLIPDualEncoder(SavedModel):
         return cls(cfg, tokenizer, clip).to(device)
 
 
-def _checkpoint_type(p: Path) -> str | None:
-    """The `model_type` of a transformers checkpoint directory's config.json, if any."""
-    path = p / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError):
-        return None
-
-
 def is_clip_checkpoint(path: str | os.PathLike) -> bool:
     """Whether `path` is a transformers CLIPModel directory (config.json model_type clip)."""
-    return _checkpoint_type(Path(path)) == "clip"
+    return checkpoint_model_type(Path(path)) == "clip"
 
 
 def load_clip_tokenizer(path: str | os.PathLike, key: str) -> PreTrainedTokenizerBase:

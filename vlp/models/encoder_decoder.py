@@ -25,7 +25,6 @@ A model directory holds vlp_config.json (`model` with `family: encoder-decoder`,
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +39,7 @@ from vlp.models.weights import (
     WEIGHTS_NAME,
     SavedModel,
     check_config,
+    checkpoint_model_type,
     load_transformers,
     load_weights,
     require_weights,
@@ -329,14 +329,6 @@ def build_captioner(
 
 
 # ---------------------------------------------------------------- foreign checkpoints
-def _model_type(p: Path) -> str | None:
-    path = p / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError, OSError):
-        return None
 
 
 def model_config_from_checkpoint(
@@ -382,7 +374,7 @@ def load_checkpoint(
     """The VisionEncoderDecoderModel directory `p` with the tokenizer saved beside it."""
     from transformers import VisionEncoderDecoderModel
 
-    if _model_type(p) != MODEL_TYPE:
+    if checkpoint_model_type(p) != MODEL_TYPE:
         raise ConfigError(f"{key}: {p} is not a transformers VisionEncoderDecoderModel directory")
     ved = load_transformers(VisionEncoderDecoderModel, p, key)
     if ved.config.decoder_start_token_id is None or ved.config.pad_token_id is None:
@@ -411,7 +403,7 @@ def fresh(p: Path, meta: dict[str, Any], temperature: float) -> ImageCaptioner:
 
 def reads_checkpoint(p: Path, key: str) -> bool:
     """Whether `p` is a transformers VisionEncoderDecoderModel directory."""
-    return _model_type(p) == MODEL_TYPE
+    return checkpoint_model_type(p) == MODEL_TYPE
 
 
 def objective(model: ImageCaptioner, weights: ObjectiveWeights, local_loss: bool) -> Any:

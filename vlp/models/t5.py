@@ -20,7 +20,6 @@ A model directory holds vlp_config.json (`model` with `family: t5`, `t5_config`,
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from vlp.models.weights import (
     WEIGHTS_NAME,
     SavedModel,
     check_config,
+    checkpoint_model_type,
     load_transformers,
     load_weights,
     require_weights,
@@ -268,14 +268,6 @@ def build_image_t5(
 
 
 # ---------------------------------------------------------------- foreign checkpoints
-def _model_type(p: Path) -> str | None:
-    path = p / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("model_type")
-    except (ValueError, AttributeError, OSError):
-        return None
 
 
 def load_checkpoint(
@@ -285,7 +277,7 @@ def load_checkpoint(
     the model params `base` (a T5 checkpoint has none); seed torch first."""
     from transformers import AutoConfig
 
-    if _model_type(p) != MODEL_TYPE:
+    if checkpoint_model_type(p) != MODEL_TYPE:
         raise ConfigError(f"{key}: {p} is not a transformers T5 directory")
     if base is None or as_is:
         raise ConfigError(
@@ -325,7 +317,7 @@ def fresh(p: Path, meta: dict[str, Any], temperature: float) -> ImageT5:
 
 def reads_checkpoint(p: Path, key: str) -> bool:
     """Whether `p` is a transformers T5 directory."""
-    return _model_type(p) == MODEL_TYPE
+    return checkpoint_model_type(p) == MODEL_TYPE
 
 
 def objective(model: ImageT5, weights: ObjectiveWeights, local_loss: bool) -> Any:

@@ -305,3 +305,15 @@ def load_transformers(model_class: Any, p: Path, key: str) -> Any:
 def _one_line(e: BaseException) -> str:
     """An exception's message on one line (the CLI prints one line per error)."""
     return " ".join(str(e).split())
+
+
+def checkpoint_model_type(p: Path) -> str | None:
+    """The `model_type` of a transformers checkpoint directory's config.json; None when it has
+    none or it cannot be read (not a checkpoint of that kind)."""
+    path = p / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (ValueError, AttributeError, OSError):
+        return None
