@@ -65,6 +65,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "on", "both"),
+        help="runtime.compile arms: torch.compile'd steps (the first, compiling, step excluded)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +109,8 @@ def main() -> None:
     batch = collate([dataset[i] for i in range(bs)])
     p = cfg.pretrain
     weights = ObjectiveWeights(itc=p.itc_weight, itm=p.itm_weight, lm=p.lm_weight)
-    for precision in args.precisions.split(","):
+    arms = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    for precision, compiled in ((p, c) for p in args.precisions.split(",") for c in arms):
         torch.manual_seed(0)
         model = build_model(cfg.model, tokenizer, temperature=cfg.model.temperature).to(device)
         objective = VLPObjective(model, weights, cfg.runtime.local_loss)
@@ -119,16 +126,19 @@ def main() -> None:
             precision=precision,
             device=device.type,
             checkpoint_every=0,
+            compile=compiled,
         )
         cpu0 = time.process_time()
-        res = train(objective, dataset, collate, settings, tmp / f"run-{precision}")
+        res = train(objective, dataset, collate, settings, tmp / f"run-{precision}-{compiled}")
         # CPU seconds per step: far less sensitive than wall time to other load on the box
         cpu_per_step = (time.process_time() - cpu0) / res.steps
         # skip the first steps (allocator / kernel warm-up)
         sps = statistics.median(h["samples_per_s"] for h in res.history[2:] or res.history)
         achieved = flops / bs * sps
+        first = res.history[0]["samples_per_s"]
         print(
-            f"{precision}: {model.num_parameters() / 1e6:.2f}M params  "
+            f"{precision}{' compiled' if compiled else ''}: first step {bs / first:.1f} s  "
+            f"{model.num_parameters() / 1e6:.2f}M params  "
             f"{flops / 1e9:7.2f} GFLOP/step  {sps:7.1f} samples/s  "
             f"{achieved / 1e9:7.1f} GFLOP/s  MFU {100 * achieved / peaks[precision]:5.1f}% "
             f"of {precision} peak  ({100 * achieved / peaks['fp32']:5.1f}% of fp32 peak)  "

@@ -141,7 +141,8 @@ class RuntimeConfig:
     """How every stage that trains or infers runs, and the shared report folders.
 
     None of these change what a model learns except `max_grad_norm` and `precision`
-    (`local_loss` and `gradient_checkpointing` change memory and time, not gradients).
+    (`local_loss`, `gradient_checkpointing` and `compile` change memory and time, not gradients
+    beyond floating-point reassociation).
     """
 
     device: str  # auto | cpu | cuda
@@ -151,6 +152,7 @@ class RuntimeConfig:
     max_grad_norm: float  # gradient clipping; <= 0 disables it
     local_loss: bool  # ITC logits [B, B_world] per process, not [B_world, B_world]
     gradient_checkpointing: bool  # recompute the towers' layers in the backward pass
+    compile: bool  # torch.compile (inductor) the training step: same losses, other speed
     metrics_dir: str  # DVC metrics files (`<stage>.json`)
     plots_dir: str  # DVC plot files (CSV)
 

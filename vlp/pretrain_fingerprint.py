@@ -27,6 +27,7 @@ UNFINGERPRINTED = (
     "runtime.plots_dir",
     "runtime.local_loss",
     "runtime.gradient_checkpointing",
+    "runtime.compile",
 )
 
 

@@ -20,6 +20,7 @@ BASE = dict(
     seed=0,
     num_workers=0,
     gradient_checkpointing=False,
+    compile=False,
 )
 
 

@@ -383,6 +383,9 @@ def _start(
     )  # fmt: skip
     _restore(run, resume)
     run.net = _wrap_ddp(model, device, info.world_size)
+    if s.compile:
+        # the loop calls `net`; parameters, optimizer and checkpoints stay on `model`
+        run.net = torch.compile(run.net)
     return run
 
 

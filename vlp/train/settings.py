@@ -40,6 +40,7 @@ class TrainSettings:
     seed: int
     num_workers: int
     gradient_checkpointing: bool  # recompute the towers' layers in the backward pass
+    compile: bool  # torch.compile the module the loop calls (forward and backward)
     keep_checkpoints: int = 2  # not a param: how many step checkpoints a run keeps
 
     def __post_init__(self) -> None:
