@@ -127,7 +127,9 @@ class ModelConfig:
     num_heads: int
     intermediate_size: int
     embed_dim: int
-    max_text_length: int
+    # Text tokens a model reads; null: model.init_from's checkpoint's own length (a number
+    # smaller than a checkpoint's cuts its texts, with a warning)
+    max_text_length: int | None
     patch_size: int
     num_image_layers: int
     cnn_channels: list[int]
