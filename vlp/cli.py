@@ -256,7 +256,7 @@ def _checkpoint_args(s: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default=None,
-        help="bf16 autocast or fp32 (default runtime.precision)",
+        help="bf16 autocast or fp32 (default zeroshot.precision; auto: fp32 on CPU)",
     )
     s.add_argument(
         "--batch-size",

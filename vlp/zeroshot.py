@@ -3,8 +3,9 @@
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
 checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
-bf16 autocast when the precision resolves to bf16 (on CPU too; `runtime.precision` rules,
-as in training), with features returned as float32.
+bf16 autocast when `zeroshot.precision` (`--precision`) resolves to bf16: `auto` is fp32 on
+CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
+(`resolve_inference_precision`). Features are returned as float32.
 
 - retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
   retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
@@ -70,13 +71,13 @@ class Inference:
 def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
+    """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`)."""
     from vlp.config import PRECISIONS
     from vlp.models.family import get_family, load_model, model_family
     from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device, resolve_precision
+    from vlp.train.settings import resolve_device, resolve_inference_precision
 
-    precision = precision or cfg.runtime.precision
+    precision = precision or cfg.zeroshot.precision
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     batch_size = batch_size or cfg.zeroshot.batch_size
@@ -95,7 +96,7 @@ def load_inference(
     )
     encoder.model.eval()
     encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
-    return Inference(encoder, batch_size, resolve_precision(precision, device))
+    return Inference(encoder, batch_size, resolve_inference_precision(precision, device))
 
 
 # ---------------------------------------------------------------- features
