@@ -285,7 +285,7 @@ class ZeroShotConfig:
     split: str  # split measured by `vlp zeroshot`
     batch_size: int  # images, texts or ITM pairs per forward pass
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
-    templates: list[str]  # classification prompts; "{}" is the class name
+    templates: list[str] | str  # classification prompts ("{}": the class) or a set's name
     precision: str  # auto (fp32 on CPU, bf16 on GPUs that have it) | bf16 | fp32
 
 

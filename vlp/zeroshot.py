@@ -15,7 +15,10 @@ CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
   class is the most similar one; top-1 and top-5 accuracy in percent. Labels come from an
   image-folder tree (`DATA/<class>/<image>`, as ImageNet), a CSV/Parquet of
   `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
-  scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
+  scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`). Class names may
+  come from a file (`--classes`); prompts from a file or a named set (`vlp.prompts`:
+  `openai_imagenet`, CLIP's 80 ImageNet templates). Top-1/top-5 accuracy and mean per-class
+  recall, also in CLIP_benchmark's layout (`vlp.metrics.clip_benchmark`).
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
 `image_features`, `text_features`).
@@ -242,6 +245,21 @@ def check_templates(templates: Sequence[str], source: str) -> list[str]:
     return list(templates)
 
 
+def resolve_templates(cfg: Config, templates: str | None) -> list[str]:
+    """`--templates` (a file, else a named set of `vlp.prompts`), else `zeroshot.templates`
+    (a list, or a set's name)."""
+    from vlp.prompts import template_set
+
+    if templates is not None:
+        if Path(templates).is_file():
+            return check_templates(read_lines(templates, "--templates"), f"--templates {templates}")
+        return check_templates(template_set(templates, "--templates"), templates)
+    own = cfg.zeroshot.templates
+    if isinstance(own, str):
+        return check_templates(template_set(own, "zeroshot.templates"), own)
+    return check_templates(own, "zeroshot.templates")
+
+
 def image_folder_labels(root: Path) -> pd.DataFrame:
     """(image_path, label) of an image-folder tree `root/<class>/<image>`, as ImageNet's.
 
@@ -338,9 +356,12 @@ def classification_metrics(
     logits = image_feat @ class_embeddings(run, classes, templates).T
     top = logits.topk(min(5, len(classes)), dim=1).indices
     hits = top == target[:, None]
+    per_class = [hits[target == c, 0].float().mean() for c in target.unique()]
     return {
         "top1_accuracy": 100.0 * hits[:, 0].float().mean().item(),
         "top5_accuracy": 100.0 * hits.any(dim=1).float().mean().item(),
+        # balanced accuracy: the mean over the classes present of their top-1 recall
+        "mean_per_class_recall": 100.0 * torch.stack(per_class).mean().item(),
         "chance_top1": 100.0 / len(classes),
         "n_images": float(len(images)),
         "n_classes": float(len(classes)),
@@ -374,11 +395,7 @@ def zeroshot(
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
-    templates = (
-        check_templates(read_lines(templates_file, "--templates"), f"--templates {templates_file}")
-        if templates_file
-        else check_templates(cfg.zeroshot.templates, "zeroshot.templates")
-    )
+    templates = resolve_templates(cfg, templates_file)
     classes = read_lines(classes_file, "--classes") if classes_file else None
     if not classify and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")
