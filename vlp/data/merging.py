@@ -233,8 +233,9 @@ def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.Da
     unique = ~content.duplicated()
     if name == PAIRS_FILE:
         # one image's caption imported twice under two ids (Karpathy's sentid, COCO's id) is
-        # one pair: the first row is kept
-        unique &= ~_same_pair(both).duplicated()
+        # one pair: the first row is kept (rows already in the dataset stay as they are)
+        is_new = pd.Series(both.index >= (0 if old is None else len(old)), index=both.index)
+        unique &= ~(_same_pair(both).duplicated() & is_new)
     both = both[unique].reset_index(drop=True)
     clash = both[key].duplicated(keep=False)
     if clash.any():
