@@ -162,6 +162,12 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.zeroshot import zeroshot
 
     _check_out(args.out)  # before the models run
+    if args.clip_benchmark:
+        from vlp.io import check_writable
+
+        check_writable(
+            {f"--clip-benchmark {args.clip_benchmark}": Path(args.clip_benchmark).parent}
+        )
     scores = zeroshot(
         cfg,
         Path(args.model),
@@ -176,6 +182,14 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         templates_file=args.templates,
     )
     _print_json(scores, args.out)
+    if args.clip_benchmark:
+        from vlp.io import atomic_write_json
+        from vlp.metrics.clip_benchmark import CLASSIFICATION, RETRIEVAL, clip_benchmark_record
+
+        task = CLASSIFICATION if args.classify else RETRIEVAL
+        model, data = Path(args.model), Path(args.data)
+        record = clip_benchmark_record(scores, task, data.name, model.name, str(model))
+        atomic_write_json(Path(args.clip_benchmark), record)
 
 
 def _cmd_embed(cfg: Config, args: argparse.Namespace) -> None:
@@ -256,7 +270,7 @@ def _checkpoint_args(s: argparse.ArgumentParser) -> None:
         "--precision",
         choices=("auto", "fp32", "bf16"),
         default=None,
-        help="bf16 autocast or fp32 (default runtime.precision)",
+        help="bf16 autocast or fp32 (default zeroshot.precision; auto: fp32 on CPU)",
     )
     s.add_argument(
         "--batch-size",
@@ -446,10 +460,16 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--templates",
         default=None,
-        help="text file of prompt templates, one a line, {} for the class (default "
-        "zeroshot.templates)",
+        help="text file of prompt templates, one a line, {} for the class, or a named set: "
+        "openai_imagenet (CLIP's 80 ImageNet prompts) (default zeroshot.templates)",
     )
     s.add_argument("--out", default=None, help="also write the scores JSON here")
+    s.add_argument(
+        "--clip-benchmark",
+        default=None,
+        metavar="PATH",
+        help="also write the scores in CLIP_benchmark's result JSON layout here",
+    )
     s.set_defaults(func=_cmd_zeroshot)
 
     s = sub.add_parser(

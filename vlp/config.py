@@ -127,7 +127,9 @@ class ModelConfig:
     num_heads: int
     intermediate_size: int
     embed_dim: int
-    max_text_length: int
+    # Text tokens a model reads; null: model.init_from's checkpoint's own length (a number
+    # smaller than a checkpoint's cuts its texts, with a warning)
+    max_text_length: int | None
     patch_size: int
     num_image_layers: int
     cnn_channels: list[int]
@@ -285,7 +287,8 @@ class ZeroShotConfig:
     split: str  # split measured by `vlp zeroshot`
     batch_size: int  # images, texts or ITM pairs per forward pass
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
-    templates: list[str]  # classification prompts; "{}" is the class name
+    templates: list[str] | str  # classification prompts ("{}": the class) or a set's name
+    precision: str  # auto (fp32 on CPU, bf16 on GPUs that have it) | bf16 | fp32
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from vlp.config import Config
+from vlp.errors import ConfigError
 
 FLOW_RUN_ENV = "VLP_PREFECT_FLOW_RUN_ID"
 # Prefect's runner exports this to processes it starts for a deployment run.
@@ -29,6 +30,8 @@ PROFILE_ENV = "VLP_PROFILE"
 TAG_INPUT = "vlp.input."  # + role: content hash of an input the run opened (+ ".path": where)
 TAG_DVC_LOCK = "vlp.dvc_lock."  # + path: the hash dvc.lock records for it, not one computed here
 TAG_HOST, TAG_PID, TAG_PROCESS_START = "vlp.host", "vlp.pid", "vlp.process_start"
+# DVC exports the name of the stage it is running, and its project's root, to the command.
+DVC_STAGE_ENV, DVC_ROOT_ENV = "DVC_STAGE", "DVC_ROOT"
 
 
 def _git(*args: str) -> str | None:
@@ -122,6 +125,30 @@ def stage_deps(dvc_stage: str, root: Path = Path(".")) -> list[str]:
         for dep in stage.deps
         if not isinstance(dep, ParamsDependency)
     ]
+
+
+def check_checkpoint_deps(paths: dict[str, str | None]) -> None:
+    """Refuse, inside `dvc repro`, a checkpoint directory the running stage reads (`paths`:
+    params key -> directory, None when unset) that is not one of the stage's deps.
+
+    DVC reruns a stage when a dep's files change; a checkpoint named only in params would
+    leave the stage's outputs cached against weights that have since changed. Outside DVC
+    (no `DVC_STAGE` in the environment) nothing is checked.
+    """
+    stage = os.environ.get(DVC_STAGE_ENV)
+    named = {key: path for key, path in paths.items() if path}
+    if not stage or not named:
+        return
+    root = Path(os.environ.get(DVC_ROOT_ENV) or ".")
+    deps = [(root / d).resolve() for d in stage_deps(stage, root)]
+    for key, path in named.items():
+        target = (root / path).resolve()
+        if not any(target == d or d in target.parents for d in deps):
+            raise ConfigError(
+                f"{key}: {path} is read by DVC stage {stage} but is not one of its deps: add "
+                f"it to the stage's deps in dvc.yaml, so that `dvc repro` reruns the stage "
+                "when the checkpoint's files change"
+            )
 
 
 def data_hash(cfg: Config, root: Path = Path(".")) -> str:

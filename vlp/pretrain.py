@@ -67,7 +67,7 @@ from vlp.config import Config
 from vlp.errors import ConfigError
 from vlp.io import check_replaceable
 from vlp.models.objectives import ObjectiveWeights
-from vlp.pretrain_fingerprint import fingerprint, read_inputs, work_dir
+from vlp.pretrain_fingerprint import check_checkpoint_deps, fingerprint, read_inputs, work_dir
 from vlp.pretrain_report import save_and_check, summary, write_results, zero_shot_metrics
 from vlp.train.checkpoint import claim_work_dir, update_run_record
 from vlp.train.distributed import DistInfo, barrier, distributed
@@ -392,6 +392,7 @@ def pretrain(cfg: Config, resume: bool = False) -> Path:
 
     t0 = time.perf_counter()
     p = cfg.pretrain
+    check_checkpoint_deps(cfg)  # DVC reruns the stage when the checkpoints it reads change
     # the model as built: its ViT starts from pretrain_vision.out_dir when MAE ran
     built = with_mae_tower(cfg)
     if not p.enabled:

@@ -79,6 +79,14 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 CHECKPOINT_KEYS = ("init_from", "image_pretrained", "text_pretrained", "tokenizer_pretrained")
 
 
+def check_checkpoint_deps(cfg: Config) -> None:
+    """Refuse, inside `dvc repro`, a checkpoint directory of the model section that is not
+    one of the stage's deps (`vlp.lineage.check_checkpoint_deps`)."""
+    from vlp.lineage import check_checkpoint_deps as check
+
+    check({f"model.{key}": getattr(cfg.model, key) for key in CHECKPOINT_KEYS})
+
+
 def read_inputs(
     cfg: Config, data_hash: str, shards_hash: str | None = None
 ) -> dict[str, tuple[str, str]]:

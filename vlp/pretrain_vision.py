@@ -325,12 +325,14 @@ def _summary(result: TrainResult, n_images: int, wall_s: float) -> dict[str, Any
 def pretrain_vision(cfg: Config, resume: bool = False) -> Path:
     """Run the pretrain-vision stage; return `pretrain_vision.out_dir` (written by rank 0)."""
     from vlp.data.manifest import require_splits
+    from vlp.lineage import check_checkpoint_deps
 
     t0 = time.perf_counter()
     pv = cfg.pretrain_vision
     if not pv.enabled:
         return write_disabled(cfg)
     check_params(cfg)
+    check_checkpoint_deps({"pretrain_vision.init_from": pv.init_from})
     require_splits(cfg.data.root, pv.splits, "pretrain_vision.splits", "images")
     transform = stage_transform(cfg)
     out_dir = _check_outputs(cfg, tracked=True)

@@ -28,6 +28,7 @@ from vlp.config import Config, tracking_uri
 from vlp.errors import ConfigError, OutputError, TrackingError
 from vlp.io import check_writable
 from vlp.lineage import (
+    DVC_STAGE_ENV,
     close_abandoned_runs,
     input_tags,
     lineage_tags,
@@ -37,8 +38,6 @@ from vlp.lineage import (
 )
 
 PARENT_RUN_ENV = "VLP_PARENT_RUN_ID"
-# DVC exports the name of the stage it is running to the stage's command.
-DVC_STAGE_ENV = "DVC_STAGE"
 
 TAG_KIND = "vlp.kind"
 TAG_PIPELINE_KEY = "vlp.pipeline_key"

@@ -3,8 +3,9 @@
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
 checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
-bf16 autocast when the precision resolves to bf16 (on CPU too; `runtime.precision` rules,
-as in training), with features returned as float32.
+bf16 autocast when `zeroshot.precision` (`--precision`) resolves to bf16: `auto` is fp32 on
+CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
+(`resolve_inference_precision`). Features are returned as float32.
 
 - retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
   retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
@@ -14,7 +15,10 @@ as in training), with features returned as float32.
   class is the most similar one; top-1 and top-5 accuracy in percent. Labels come from an
   image-folder tree (`DATA/<class>/<image>`, as ImageNet), a CSV/Parquet of
   `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
-  scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
+  scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`). Class names may
+  come from a file (`--classes`); prompts from a file or a named set (`vlp.prompts`:
+  `openai_imagenet`, CLIP's 80 ImageNet templates). Top-1/top-5 accuracy and mean per-class
+  recall, also in CLIP_benchmark's layout (`vlp.metrics.clip_benchmark`).
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
 `image_features`, `text_features`).
@@ -70,13 +74,13 @@ class Inference:
 def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
+    """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`)."""
     from vlp.config import PRECISIONS
     from vlp.models.family import get_family, load_model, model_family
     from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device, resolve_precision
+    from vlp.train.settings import resolve_device, resolve_inference_precision
 
-    precision = precision or cfg.runtime.precision
+    precision = precision or cfg.zeroshot.precision
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     batch_size = batch_size or cfg.zeroshot.batch_size
@@ -95,7 +99,7 @@ def load_inference(
     )
     encoder.model.eval()
     encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
-    return Inference(encoder, batch_size, resolve_precision(precision, device))
+    return Inference(encoder, batch_size, resolve_inference_precision(precision, device))
 
 
 # ---------------------------------------------------------------- features
@@ -241,6 +245,21 @@ def check_templates(templates: Sequence[str], source: str) -> list[str]:
     return list(templates)
 
 
+def resolve_templates(cfg: Config, templates: str | None) -> list[str]:
+    """`--templates` (a file, else a named set of `vlp.prompts`), else `zeroshot.templates`
+    (a list, or a set's name)."""
+    from vlp.prompts import template_set
+
+    if templates is not None:
+        if Path(templates).is_file():
+            return check_templates(read_lines(templates, "--templates"), f"--templates {templates}")
+        return check_templates(template_set(templates, "--templates"), templates)
+    own = cfg.zeroshot.templates
+    if isinstance(own, str):
+        return check_templates(template_set(own, "zeroshot.templates"), own)
+    return check_templates(own, "zeroshot.templates")
+
+
 def image_folder_labels(root: Path) -> pd.DataFrame:
     """(image_path, label) of an image-folder tree `root/<class>/<image>`, as ImageNet's.
 
@@ -337,9 +356,12 @@ def classification_metrics(
     logits = image_feat @ class_embeddings(run, classes, templates).T
     top = logits.topk(min(5, len(classes)), dim=1).indices
     hits = top == target[:, None]
+    per_class = [hits[target == c, 0].float().mean() for c in target.unique()]
     return {
         "top1_accuracy": 100.0 * hits[:, 0].float().mean().item(),
         "top5_accuracy": 100.0 * hits.any(dim=1).float().mean().item(),
+        # balanced accuracy: the mean over the classes present of their top-1 recall
+        "mean_per_class_recall": 100.0 * torch.stack(per_class).mean().item(),
         "chance_top1": 100.0 / len(classes),
         "n_images": float(len(images)),
         "n_classes": float(len(classes)),
@@ -373,11 +395,7 @@ def zeroshot(
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
-    templates = (
-        check_templates(read_lines(templates_file, "--templates"), f"--templates {templates_file}")
-        if templates_file
-        else check_templates(cfg.zeroshot.templates, "zeroshot.templates")
-    )
+    templates = resolve_templates(cfg, templates_file)
     classes = read_lines(classes_file, "--classes") if classes_file else None
     if not classify and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")

@@ -766,3 +766,74 @@ def test_one_image_file_under_a_new_id_in_another_split_is_refused(tmp_path, coc
     ):
         import_table(table, val, out)
     assert (out / "pairs.parquet").read_bytes() == before
+
+
+def _karpathy_coco(path: Path, captions: dict[int, list[str]], first_sentid: int = 0) -> Path:
+    """A Karpathy dataset_coco.json of val2014 images (filepath val2014), test split."""
+    images, sentid = [], first_sentid
+    for cocoid, texts in captions.items():
+        sentences = [{"raw": t, "sentid": sentid + k} for k, t in enumerate(texts)]
+        sentid += len(texts)
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": _coco_name(cocoid),
+                "cocoid": cocoid,
+                "split": "test",
+                "sentences": sentences,
+            }
+        )
+    return _dump(path, {"images": images})
+
+
+def test_karpathy_then_coco_captions_of_the_same_images_do_not_double(
+    smoke_cfg, tmp_path, coco_images
+):
+    captions = {42: ["A red square.", "Red."], 73: ["Blue thing"]}
+    out = tmp_path / "out"
+    import_karpathy(_karpathy_coco(tmp_path / "k.json", captions), coco_images.parent, out)
+    coco = {
+        "images": [{"id": i, "file_name": _coco_name(i)} for i in captions],
+        "annotations": [  # COCO's ids, not Karpathy's sentids; one more caption; raw spacing
+            {"id": 500, "image_id": 42, "caption": "A red  square. "},
+            {"id": 501, "image_id": 42, "caption": "Red."},
+            {"id": 502, "image_id": 73, "caption": "Blue thing"},
+            {"id": 503, "image_id": 73, "caption": "A blue square."},
+        ],
+    }
+    summary = import_coco(_dump(tmp_path / "c.json", coco), coco_images, out, split="val")
+    assert (summary["added"], summary["merged"]) == (1, 3)
+    pairs = read_pairs(out)
+    assert list(pairs["caption_id"]) == [0, 1, 2, 503]  # Karpathy's rows, then the new one
+    assert not pairs.duplicated(["image_id", "caption"]).any()
+    assert set(pairs["split"]) == {"test"}  # splits belong to images
+    assert validate_dataset(out, smoke_cfg.validate)["success"]
+
+
+def test_karpathy_filepath_under_the_wrong_folder_says_what_to_pass(tmp_path, coco_images):
+    split_json = _karpathy_coco(tmp_path / "k.json", {42: ["A red square."]})
+    # the images folder itself, not the one holding Karpathy's filepath (val2014/)
+    with pytest.raises(DataError, match=rf"pass --images {re.escape(str(coco_images.parent))}$"):
+        import_karpathy(split_json, coco_images, tmp_path / "out")
+    assert not (tmp_path / "out" / "pairs.parquet").exists()
+
+
+def test_karpathy_after_coco_from_another_folder_says_what_to_pass(tmp_path, coco_images, capsys):
+    out = tmp_path / "out"
+    coco = {
+        "images": [{"id": 42, "file_name": _coco_name(42)}],
+        "annotations": [{"id": 500, "image_id": 42, "caption": "A red square."}],
+    }
+    import_coco(_dump(tmp_path / "c.json", coco), coco_images, out, split="test")
+    before = (out / "pairs.parquet").read_bytes()
+    # a copy of the tree elsewhere: Karpathy's path would name the image a second time
+    other = shutil.copytree(coco_images.parent, tmp_path / "elsewhere" / "coco")
+    split_json = _karpathy_coco(tmp_path / "k.json", {42: ["Red."]})
+    with pytest.raises(DataError) as e:
+        import_karpathy(split_json, other, out)
+    assert "image_id 42 is already in" in str(e.value)
+    # the folder of OUT whose val2014/ is the image: OUT/images, where COCO's folder is linked
+    assert str(e.value).endswith(f"pass --images {out / 'images'}")
+    assert (out / "pairs.parquet").read_bytes() == before
+    import_karpathy(split_json, out / "images", out)  # as the message says
+    assert len(read_pairs(out)) == 2

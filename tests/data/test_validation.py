@@ -83,6 +83,19 @@ def test_duplicate_ids_are_named(smoke_cfg, data):
     assert f"caption_id={int(df.loc[4, 'caption_id'])}" in report
 
 
+def test_one_pair_in_two_rows_is_named(smoke_cfg, data):
+    def twice(df):  # caption 5 repeats caption 4 of the same image under its own id
+        df.loc[5, ["image_id", "image_path", "split", "caption"]] = df.loc[
+            4, ["image_id", "image_path", "split", "caption"]
+        ]
+
+    df = _edit_pairs(data, twice)
+    report = _failures(data, smoke_cfg)
+    assert "expect_compound_columns_to_be_unique" in report
+    assert f"caption_id={int(df.loc[5, 'caption_id'])}" in report
+    assert "expect_column_values_to_be_unique(caption_id)" not in report
+
+
 @pytest.mark.parametrize("bad", ["../x.png", "images/../../x.png", "/etc/hostname"])
 def test_path_escaping_the_root_is_named(smoke_cfg, data, bad):
     _edit_pairs(

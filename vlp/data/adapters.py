@@ -4,7 +4,8 @@ Readers for COCO captions annotations, Karpathy split JSON (COCO, Flickr30k), VQ
 questions + annotations, and CSV/Parquet tables of (image_path, caption[, split]).
 
 Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
-`OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
+`OUT/vqa.parquet`. Re-importing the same file changes nothing, a caption an image already
+has under another id is merged into it; an id that is already there
 with other content, an image given a second path, an image put in a second split, or one
 image file under two ids in two splits is an error naming it, and the dataset stays as it
 was. Splits belong to images: `--split` applies to images not yet in the dataset, an image
@@ -148,16 +149,41 @@ def import_karpathy(split_json: Path, images: Path, out: Path) -> dict:
         rel = f"{subdir}/{name}" if subdir else name
         split = _check_split(_text(img, "split", where), where)
         for swhere, sent in _objects(img, "sentences", where, sep="."):
+            path = join_image_path(out, folder, rel, swhere)
+            _check_karpathy_path(dataset, folder, image_id, path, rel, where)
             rows.append(
                 dict(
                     caption_id=_id_field(sent, "sentid", swhere) if "sentid" in sent else None,
                     image_id=image_id,
-                    image_path=join_image_path(out, folder, rel, swhere),
+                    image_path=path,
                     caption=_text(sent, "raw", swhere).strip(),
                     split=split,
                 )
             )
     return add_rows(dataset, PAIRS_FILE, rows, folder, str(split_json))
+
+
+def _check_karpathy_path(
+    dataset: Any, folder: Any, image_id: int, path: str, rel: str, where: str
+) -> None:
+    """DataError saying which --images to pass when Karpathy's `filepath/filename` (`rel`),
+    joined under --images, misses the image: it is elsewhere in the dataset already, or the
+    file is in --images itself rather than in its `filepath` subfolder."""
+    known = dataset.path_of(image_id)
+    parts = Path(rel).parts
+    if known is not None and known != path:
+        at = f"{where}: image_id {image_id} is already in {dataset.out} as {known!r}, but "
+        at += f"{rel!r} (Karpathy's filepath/filename) under --images {folder.real} is {path!r}"
+        if known == rel or known.endswith(f"/{rel}"):  # the folder in OUT that holds it
+            raise DataError(f"{at}: pass --images {dataset.out / known[: -len(rel)]}")
+        raise DataError(f"{at}: pass as --images a folder in which {rel!r} is that image")
+    if len(parts) > 1 and not (folder.real / rel).exists() and (folder.real / parts[-1]).exists():
+        inside = folder.real.parts[-(len(parts) - 1) :] == parts[:-1]
+        above = folder.real.parents[len(parts) - 2] if inside else f"the folder that holds {rel!r}"
+        raise DataError(
+            f"{where}: {rel!r} is not under --images {folder.real}, but {parts[-1]!r} is: "
+            f"Karpathy's filepath names a subfolder of --images; pass --images {above}"
+        )
 
 
 def _coco_image_names(images: Path) -> dict[int, str]:

@@ -1,7 +1,8 @@
 """Adding imported rows to a dataset directory: its manifests, image folders and splits.
 
 Imports add to a dataset: each one merges its rows into `OUT/pairs.parquet` or
-`OUT/vqa.parquet`. Re-importing the same file changes nothing; an id that is already there
+`OUT/vqa.parquet`. Re-importing the same file changes nothing, a caption an image already
+has under another id is merged into it; an id that is already there
 with other content, an image given a second path, an image put in a second split, or one
 image file under two ids in two splits is an error naming it, and the dataset stays as it
 was. Splits belong to images: an image already in the dataset keeps its split. OUT may not
@@ -216,8 +217,9 @@ def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.Da
     """The manifest `name` with `rows` added; DataError naming the first conflict.
 
     A row whose id is already there with the same content is dropped (re-imports change
-    nothing); the same id with other content, and an image with a second path or split
-    (in either manifest), are conflicts.
+    nothing), and so is a caption an image already has under another id (the same pair from
+    another source, whitespace aside); the same id with other content, and an image with a
+    second path or split (in either manifest), are conflicts.
     """
     key = "caption_id" if name == PAIRS_FILE else "question_id"
     schema = SCHEMAS[name]
@@ -229,7 +231,12 @@ def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.Da
         lambda r: repr(tuple(tuple(v) if isinstance(v, list) else v for v in r)), axis=1
     )
     unique = ~content.duplicated()
-    both, content = both[unique].reset_index(drop=True), content[unique].reset_index(drop=True)
+    if name == PAIRS_FILE:
+        # one image's caption imported twice under two ids (Karpathy's sentid, COCO's id) is
+        # one pair: the first row is kept (rows already in the dataset stay as they are)
+        is_new = pd.Series(both.index >= (0 if old is None else len(old)), index=both.index)
+        unique &= ~(_same_pair(both).duplicated() & is_new)
+    both = both[unique].reset_index(drop=True)
     clash = both[key].duplicated(keep=False)
     if clash.any():
         ident = int(both.loc[clash, key].iloc[0])
@@ -244,6 +251,12 @@ def _merged(dataset: Dataset, name: str, rows: list[dict], source: str) -> pd.Da
     others = [df for n, df in dataset.manifests.items() if n != name]
     _check_images(pd.concat([*others, both], ignore_index=True), source)
     return both.sort_values(key, kind="stable").reset_index(drop=True)
+
+
+def _same_pair(pairs: pd.DataFrame) -> pd.Series:
+    """(image_id, caption with its whitespace collapsed) of each row: equal for one pair."""
+    captions = pairs["caption"].map(lambda c: " ".join(str(c).split()))
+    return pd.Series(list(zip(pairs["image_id"], captions, strict=True)), index=pairs.index)
 
 
 def _plain(value: Any) -> Any:
@@ -311,6 +324,8 @@ def add_rows(
         "manifest": str(dataset.out / name),
         "rows": len(merged),
         "added": len(merged) - (0 if before is None else len(before)),
+        # rows not added: already there, or the same pair under another id
+        "merged": len(rows) - (len(merged) - (0 if before is None else len(before))),
         "images": int(merged["image_id"].nunique()),
     }
     if folder.note():

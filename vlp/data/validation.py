@@ -145,6 +145,10 @@ def _suite_expectations(
             exps.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=dtype))
     if id_col in present:
         exps.append(gxe.ExpectColumnValuesToBeUnique(column=id_col))
+    if {"image_id", "caption"} <= present:
+        # one pair in two rows (imported twice under two ids) would count twice in training
+        # and in recall's captions per image
+        exps.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=["image_id", "caption"]))
     if "split" in present:
         exps.append(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
     for text in ("caption", "question"):

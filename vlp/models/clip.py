@@ -145,7 +145,8 @@ class CLIPDualEncoder(SavedModel):
         """Load a transformers `CLIPModel` directory (config.json, weights, tokenizer files).
 
         The model's `cfg` describes the checkpoint's architecture; with `base` (the params'
-        model section) its `max_text_length` also caps the text length. The tokenizer is the
+        model section) its `max_text_length`, when set, caps the text length (with a warning
+        when it cuts below the checkpoint's own). The tokenizer is the
         one saved beside the weights, unchanged.
         """
         from transformers import CLIPModel
@@ -261,7 +262,7 @@ def model_config_from_clip(
     """The `ModelConfig` that describes a CLIP checkpoint (towers' sizes, text length).
 
     Sizes shared by both towers in vlp's params are the text tower's. `max_text_length` is
-    the text positions, capped by `base.max_text_length` when given.
+    the text positions unless `base.max_text_length` sets it.
     """
     return checkpoint_model_config(
         config, source, base, family="clip", image_tower="clip", embed_dim=config.projection_dim

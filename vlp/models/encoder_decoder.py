@@ -32,7 +32,12 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.models.seq2seq_text import DecoderTokens, load_text_tokenizer, with_padding
-from vlp.models.towers import TOWER_OF_MODEL_TYPE, vit_from_mae, vit_sizes
+from vlp.models.towers import (
+    TOWER_OF_MODEL_TYPE,
+    checkpoint_text_length,
+    vit_from_mae,
+    vit_sizes,
+)
 from vlp.models.weights import (
     CONFIG_NAME,
     TOKENIZER_DIR,
@@ -337,15 +342,13 @@ def model_config_from_checkpoint(
     """The `ModelConfig` that describes a VisionEncoderDecoderModel checkpoint.
 
     Text sizes are the decoder's, image sizes the encoder's; `max_text_length` is the
-    decoder's positions less the start token, capped by `base.max_text_length` when given.
+    decoder's positions less the start token unless `base.max_text_length` sets it.
     """
     from vlp.config import ModelConfig
 
     enc, dec = ved.config.encoder, ved.config.decoder
     hidden = dec.hidden_size
-    length = dec.max_position_embeddings - 1
-    if base is not None:
-        length = min(length, base.max_text_length)
+    length = checkpoint_text_length(dec.max_position_embeddings - 1, base, source)
     patch = getattr(enc, "patch_size", 0)
     return ModelConfig(
         family=FAMILY,

@@ -253,8 +253,8 @@ def load_model(
     """Load the model directory `path`: a vlp model directory of any family, or a foreign
     checkpoint a family reads (`Family.checkpoint_format`).
 
-    A foreign checkpoint's text length is capped by `base.max_text_length` (None: its own
-    positions); `temperature` is the contrastive temperature of one that stores none; `as_is`
+    A foreign checkpoint reads texts up to its own text positions unless `base.max_text_length`
+    sets a length (`towers.checkpoint_text_length`); `temperature` is the contrastive temperature of one that stores none; `as_is`
     (a checkpoint used untrained) refuses one whose heads would start untrained. ConfigError
     naming `key` for anything else.
     """
@@ -306,4 +306,9 @@ def build_from_params(
         return loaded.model
     if tokenizer is None:
         raise ConfigError(f"a from-scratch {cfg.family} model needs a tokenizer")
+    if cfg.max_text_length is None:
+        raise ConfigError(
+            "model.max_text_length: null means the text length of model.init_from's checkpoint; "
+            "a model built from params needs a number"
+        )
     return family.impl().build(cfg, tokenizer, temperature)

@@ -45,9 +45,10 @@ def fresh(p: Path, meta: dict[str, Any], temperature: float) -> VLPModel:
     from vlp.config import ModelConfig
 
     saved = meta["model"]
-    if saved.get("init_from"):
-        # The architecture came from a checkpoint (e.g. BLIP's), not from the model params:
-        # rebuilt from the configs saved with it.
+    if any(saved.get(key) for key in ("init_from", "image_pretrained", "text_pretrained")):
+        # The architecture (or a tower of it) came from a checkpoint (e.g. BLIP's, a BERT),
+        # not from the model params: rebuilt from the configs saved with it, so that no
+        # checkpoint's weights are read again.
         model = VLPModel.from_saved(p, meta, fresh=True)
         with torch.no_grad():
             model.temp.fill_(temperature)

@@ -27,7 +27,7 @@ import torch
 
 from vlp.errors import ConfigError
 from vlp.models.seq2seq_text import DecoderTokens, load_text_tokenizer, with_padding
-from vlp.models.towers import build_image_tower, image_tower_from_config
+from vlp.models.towers import build_image_tower, checkpoint_text_length, image_tower_from_config
 from vlp.models.weights import (
     CONFIG_NAME,
     TOKENIZER_DIR,
@@ -285,8 +285,11 @@ def load_checkpoint(
             "and must be trained (pretrain with model.init_from) before it reads images"
         )
     config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    tokenizer = load_text_tokenizer(p, key)
     cfg = dataclasses.replace(
         base,
+        # T5's positions are relative: its own length is the one its tokenizer declares
+        max_text_length=checkpoint_text_length(tokenizer.model_max_length, base, p),
         family=FAMILY,
         init_from=str(p),
         text_pretrained=str(p),
@@ -297,7 +300,7 @@ def load_checkpoint(
         intermediate_size=config.d_ff,
         temperature=None,
     )
-    return build_image_t5(cfg, load_text_tokenizer(p, key), 0.0)
+    return build_image_t5(cfg, tokenizer, 0.0)
 
 
 # ---------------------------------------------------------------- the family (vlp.models.family)

@@ -23,6 +23,7 @@ Patch dropout (FLIP): `vlp.models.patch_dropout`.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -386,6 +387,21 @@ def image_tower_from_config(config: PretrainedConfig, text_width: int, fresh: bo
     return ImageTower(backbone_from_config(config), text_width)
 
 
+def checkpoint_text_length(own: int, base: ModelConfig | None, source: str | os.PathLike) -> int:
+    """The text length of a checkpoint whose text positions are `own`: its own unless the
+    params' `base.max_text_length` is set, which wins; a warning says when it cuts the
+    checkpoint's texts short (the same weights then score differently)."""
+    if base is None or base.max_text_length is None:
+        return own
+    if base.max_text_length < own:
+        warnings.warn(
+            f"model.max_text_length: {base.max_text_length} cuts the texts of {source} below "
+            f"its own {own} tokens; set it to null to read texts as the checkpoint does",
+            stacklevel=2,
+        )
+    return min(own, base.max_text_length)
+
+
 def checkpoint_model_config(
     config: Any,
     source: str | os.PathLike,
@@ -398,14 +414,12 @@ def checkpoint_model_config(
     """The `ModelConfig` of a transformers checkpoint with text and vision towers (CLIP, BLIP).
 
     Sizes vlp's params share between the towers are the text tower's; `max_text_length` is
-    the text positions, capped by `base.max_text_length` when `base` is given.
+    the text positions unless `base.max_text_length` sets it (`checkpoint_text_length`).
     """
     from vlp.config import ModelConfig
 
     text, vision = config.text_config, config.vision_config
-    length = text.max_position_embeddings
-    if base is not None:
-        length = min(length, base.max_text_length)
+    length = checkpoint_text_length(text.max_position_embeddings, base, source)
     patch = vision.patch_size
     return ModelConfig(
         family=family,

@@ -149,3 +149,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16" and not supported:
         raise ConfigError("precision: 'bf16' requested but this GPU does not support it")
     return torch.bfloat16 if supported else None
+
+
+def resolve_inference_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a checkpoint measured or embedded untrained, or None for fp32.
+
+    `auto` is fp32 on CPUs, where a checkpoint's own outputs (and the numbers published for
+    it) are computed in fp32, and bf16 on CUDA devices that have it; `bf16` is a choice.
+    """
+    if precision == "auto" and device.type != "cuda":
+        return None
+    return resolve_precision(precision, device)

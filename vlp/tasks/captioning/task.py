@@ -49,7 +49,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
             seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
         ),
-        make_pretrain_collate(vlp.tokenizer, cfg.model.max_text_length),
+        make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
     )
 

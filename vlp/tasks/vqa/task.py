@@ -49,7 +49,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         answer_heads=tcfg.answer_heads,
     )
     info = {"answers": answers, "freeze_encoders": tcfg.freeze_encoders, **vqa.architecture()}
-    collate = make_vqa_collate(vlp.tokenizer, cfg.model.max_text_length, answers)
+    collate = make_vqa_collate(vlp.tokenizer, vlp.cfg.max_text_length, answers)
     return TrainingSetup(VQAObjective(vqa), dataset, collate, info)
 
 
