@@ -16,6 +16,8 @@ the torch side and reads no other family's code:
   model; `base` caps its text length, `temperature` is the contrastive temperature of a
   checkpoint that stores none, `as_is` refuses one whose heads would start untrained;
 - `load_tokenizer(path, key)`: a tokenizer directory as the family uses it;
+- `untrained_for(path, key, use)` (optional): why a foreign checkpoint cannot be used
+  untrained for `use` (`untrained_for` below), or None;
 - `objective(model, weights, local_loss)`: the module training `model` with the
   `ObjectiveWeights` of the objectives the family trains (`objectives`).
 
@@ -265,6 +267,26 @@ def load_model(
         return LoadedModel(family, p, impl.load(p, meta, device), VLP_FORMAT, key)
     model = impl.load_checkpoint(p, base, temperature, key, as_is).to(device)
     return LoadedModel(family, p, model, family.checkpoint_format, key)
+
+
+USES = ("retrieval", "vqa")  # what a checkpoint can be used for untrained (`untrained_for`)
+
+
+def untrained_for(path: str | os.PathLike, use: str, key: str = "model directory") -> str | None:
+    """Why the directory at `path` cannot be used untrained for `use`, or None when it can.
+
+    `use`: "retrieval" (its ITC embeddings and ITM head score pairs) or "vqa" (it writes
+    answers). A foreign checkpoint answers through its family's `untrained_for(path, key,
+    use)` (a family without one: None); a vlp model directory holds what training made of
+    it: None. `vlp zeroshot` refuses with this reason and pretraining's zero-shot check of an
+    untrained checkpoint is skipped with it.
+    """
+    if use not in USES:
+        raise ValueError(f"use {use!r} is not one of {', '.join(USES)}")
+    p = local_dir(path, key)
+    family, meta = recognise(p, key)
+    check = None if meta is not None else getattr(family.impl(), "untrained_for", None)
+    return None if check is None else check(p, key, use)
 
 
 def _check_temperature(temperature: float | None) -> float:
