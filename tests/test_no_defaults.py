@@ -29,6 +29,7 @@ ALLOWED = {
     ("vlp/zeroshot.py", "precision"),
     ("vlp/zeroshot.py", "batch_size"),
     ("vlp/zeroshot.py", "rerank_k"),
+    ("vlp/zeroshot.py", "rerank_score"),
     ("vlp/embeddings.py", "split"),
     ("vlp/embeddings.py", "precision"),
     ("vlp/embeddings.py", "batch_size"),

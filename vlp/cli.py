@@ -170,6 +170,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         precision=args.precision,
         batch_size=args.batch_size,
         rerank_k=args.rerank_k,
+        rerank_score=args.rerank_score,
         classify=args.classify,
         labels=args.labels,
         classes_file=args.classes,
@@ -432,6 +433,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="ITC candidates per query re-ranked by the ITM head; 0: ITC only (default: a "
         "task model's own, else zeroshot.rerank_k)",
+    )
+    s.add_argument(
+        "--rerank-score",
+        default=None,
+        help="vlp: ITM log-odds + ITC logit; blip: ITM match logit + cosine, as BLIP's own "
+        "evaluation (default: a task model's own, else zeroshot.rerank_score)",
     )
     s.add_argument("--classify", action="store_true", help="zero-shot image classification")
     s.add_argument(

@@ -33,7 +33,7 @@ from vlp.errors import ConfigError
 from vlp.tasks import get_task
 from vlp.tasks.captioning import CaptioningConfig
 from vlp.tasks.generation import GenerationConfig
-from vlp.tasks.retrieval import RetrievalConfig
+from vlp.tasks.retrieval import RerankScore, RetrievalConfig
 from vlp.tasks.spec import FinetuneBudget
 from vlp.tasks.vqa import VQAConfig
 
@@ -285,6 +285,7 @@ class ZeroShotConfig:
     split: str  # split measured by `vlp zeroshot`
     batch_size: int  # images, texts or ITM pairs per forward pass
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
+    rerank_score: RerankScore  # how re-ranked candidates are scored (a task model: its own)
     templates: list[str]  # classification prompts; "{}" is the class name
 
 

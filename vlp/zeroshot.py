@@ -8,7 +8,8 @@ as in training), with features returned as float32.
 
 - retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
   retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
-  retrieval task does (`vlp.tasks.retrieval.ranking`); the ITC-only scores come as `itc_*`.
+  retrieval task does (`vlp.tasks.retrieval.ranking`), each candidate scored as
+  `rerank_score` says (`blip`: BLIP's own evaluation); the ITC-only scores come as `itc_*`.
 - classification, as CLIP evaluates it: each class is embedded as the mean of its
   normalised prompt embeddings (class name in every template), renormalised; an image's
   class is the most similar one; top-1 and top-5 accuracy in percent. Labels come from an
@@ -180,11 +181,30 @@ def resolve_rerank_k(run: Inference, cfg: Config, rerank_k: int | None) -> int:
     return int(info.get("rerank_k", cfg.zeroshot.rerank_k))
 
 
+def resolve_rerank_score(run: Inference, cfg: Config, rerank_score: str | None) -> str:
+    """How re-ranked candidates are scored: `--rerank-score`, else a task model's own, else
+    `zeroshot.rerank_score`."""
+    from vlp.tasks.retrieval import RERANK_SCORES
+    from vlp.tasks.retrieval.task import recorded_rerank_score
+
+    if rerank_score is not None:
+        if rerank_score not in RERANK_SCORES:
+            raise ConfigError(
+                f"--rerank-score: {rerank_score!r} is not one of {', '.join(RERANK_SCORES)}"
+            )
+        return rerank_score
+    info = run.encoder.task_info
+    if info is not None and info.get("task") == "retrieval":
+        return recorded_rerank_score(info, run.encoder.path)
+    return cfg.zeroshot.rerank_score
+
+
 @torch.no_grad()
 def retrieval_metrics(
-    run: Inference, data_dir: Path, split: str, rerank_k: int
+    run: Inference, data_dir: Path, split: str, rerank_k: int, rerank_score: str
 ) -> dict[str, float]:
-    """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
+    """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0,
+    each candidate scored as `rerank_score` says)."""
     from vlp.metrics.retrieval import retrieval_recall
 
     pairs, images = split_pairs(data_dir, split)
@@ -202,8 +222,9 @@ def retrieval_metrics(
             ids, mask, text_feat = encode_texts(model, captions, run.batch_size)
             text_feat = _normalised(text_feat)
             scores = retrieval_scores(
-                model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size
-            )
+                model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size,
+                score=rerank_score,
+            )  # fmt: skip
         metrics = retrieval_recall(text_to_image, scores.itc, scores.i2t, scores.t2i)
     else:
         text_feat = text_features(run, captions)
@@ -359,6 +380,7 @@ def zeroshot(
     precision: str | None = None,
     batch_size: int | None = None,
     rerank_k: int | None = None,
+    rerank_score: str | None = None,
     classify: bool = False,
     labels: str | None = None,
     classes_file: str | None = None,
@@ -404,8 +426,9 @@ def zeroshot(
         metrics = classification_metrics(run, data_dir, images, classes, templates)
     else:
         k = resolve_rerank_k(run, cfg, rerank_k)
-        params["rerank_k"] = k
-        metrics = retrieval_metrics(run, data_dir, split, k)
+        score = resolve_rerank_score(run, cfg, rerank_score)
+        params.update(rerank_k=k, rerank_score=score if k else "none")
+        metrics = retrieval_metrics(run, data_dir, split, k, score)
     inputs = read_inputs(model_dir, sha, data_dir, labels)
     tags = {"vlp.model_sha256": sha}
     with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:
