@@ -162,6 +162,9 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.zeroshot import zeroshot
 
     _check_out(args.out)  # before the models run
+    if args.vqa:
+        _print_json(_zeroshot_vqa(cfg, args), args.out)
+        return
     scores = zeroshot(
         cfg,
         Path(args.model),
@@ -415,6 +418,26 @@ def _add_eval_generation(kind: argparse._SubParsersAction) -> None:
     k.add_argument("--out", default=None)
 
 
+def _zeroshot_vqa(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
+    from vlp.errors import ConfigError
+    from vlp.zeroshot_vqa import vqa_zeroshot
+
+    retrieval_only = ("rerank_k", "rerank_score", "classify", "labels", "classes", "templates")
+    given = [
+        f"--{a.replace('_', '-')}" for a in retrieval_only if getattr(args, a) not in (None, False)
+    ]
+    if given:
+        raise ConfigError(f"--vqa answers questions: {', '.join(given)} do not apply")
+    return vqa_zeroshot(
+        cfg,
+        Path(args.model),
+        Path(args.data),
+        split=args.split,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     """zeroshot and embed: any checkpoint, untrained."""
     s = sub.add_parser(
@@ -441,6 +464,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         "evaluation (default: a task model's own, else zeroshot.rerank_score)",
     )
     s.add_argument("--classify", action="store_true", help="zero-shot image classification")
+    s.add_argument(
+        "--vqa",
+        action="store_true",
+        help="answer DATA's VQA questions of the split (a VQA task model, or a checkpoint that "
+        "writes answers: BLIP's BlipForQuestionAnswering); VQA accuracy (evaluate.vqa_protocol)",
+    )
     s.add_argument(
         "--labels",
         default=None,

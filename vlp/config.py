@@ -286,6 +286,7 @@ class ZeroShotConfig:
     batch_size: int  # images, texts or ITM pairs per forward pass
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
     rerank_score: RerankScore  # how re-ranked candidates are scored (a task model: its own)
+    answer_max_length: int  # `--vqa`: tokens a checkpoint writes per answer at most
     templates: list[str]  # classification prompts; "{}" is the class name
 
 

@@ -72,18 +72,9 @@ def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
     """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
-    from vlp.config import PRECISIONS
     from vlp.models.family import get_family, load_model, model_family
-    from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device, resolve_precision
 
-    precision = precision or cfg.runtime.precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    batch_size = batch_size or cfg.zeroshot.batch_size
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    device = resolve_device(cfg.runtime.device, DistInfo())
+    batch_size, device, amp_dtype = inference_settings(cfg, precision, batch_size)
     family = get_family(model_family(model_dir, "--model"))
     if "itc" not in family.objectives:
         raise ConfigError(
@@ -96,7 +87,26 @@ def load_inference(
     )
     encoder.model.eval()
     encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
-    return Inference(encoder, batch_size, resolve_precision(precision, device))
+    return Inference(encoder, batch_size, amp_dtype)
+
+
+def inference_settings(
+    cfg: Config, precision: str | None, batch_size: int | None
+) -> tuple[int, torch.device, torch.dtype | None]:
+    """(batch size, device, autocast dtype or None) of `--batch-size` (default
+    `zeroshot.batch_size`), `runtime.device` and `--precision` (default `runtime.precision`)."""
+    from vlp.config import PRECISIONS
+    from vlp.train.distributed import DistInfo
+    from vlp.train.settings import resolve_device, resolve_precision
+
+    precision = precision or cfg.runtime.precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    batch_size = batch_size or cfg.zeroshot.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    device = resolve_device(cfg.runtime.device, DistInfo())
+    return batch_size, device, resolve_precision(precision, device)
 
 
 # ---------------------------------------------------------------- features

@@ -61,9 +61,12 @@ class Family:
     objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
-    # answers VQA by writing the answer after the question (`answer_loss`, `generate_answers`)
-    # rather than with an answer classifier over its encoders
+    # can answer VQA by writing the answer after the question (`answer_loss`,
+    # `generate_answers`): BLIP's answer decoder, GPT-2 or T5
     generates_answers: bool
+    # can answer VQA with vlp's answer classifier over its encoders (`finetune.vqa.head:
+    # classifier`); a family without one writes its answers whatever the head says
+    answer_classifier: bool
     checkpoint_format: str  # the foreign checkpoint directories it reads
     loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
@@ -82,7 +85,8 @@ FAMILIES: dict[str, Family] = {
             objectives=("itc", "itm", "lm"),
             tasks=("retrieval", "captioning", "vqa", "generation"),
             has_itm=True,
-            generates_answers=False,
+            generates_answers=True,
+            answer_classifier=True,
             checkpoint_format="blip",
             loads_image_tower=True,
             implementation="vlp.models.fusion",
@@ -94,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("retrieval", "generation"),
             has_itm=False,
             generates_answers=False,
+            answer_classifier=False,
             checkpoint_format="clip",
             loads_image_tower=False,
             implementation="vlp.models.clip",
@@ -105,6 +110,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
+            answer_classifier=False,
             checkpoint_format="vision-encoder-decoder",
             loads_image_tower=True,
             implementation="vlp.models.encoder_decoder",
@@ -116,6 +122,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
+            answer_classifier=False,
             checkpoint_format="t5",
             loads_image_tower=True,
             implementation="vlp.models.t5",
