@@ -113,3 +113,36 @@ def test_vlp_rerank_score_differs_from_blips(blip) -> None:
     s = _vlp_scores(path, pixels, "vlp")
     inside = want_i2t > -100
     assert not torch.allclose(s.i2t[inside], want_i2t[inside], atol=1e-2)
+
+
+def test_zeroshot_scores_candidates_as_the_option_the_task_model_or_params_say(
+    blip, smoke_cfg, tmp_path: Path
+) -> None:
+    import json
+
+    from tests.checkpoints.vlp import tiny_vlp_dir
+    from vlp.errors import ConfigError
+    from vlp.zeroshot import load_inference, resolve_rerank_score
+
+    path, _ = blip
+    run = load_inference(smoke_cfg, path, "fp32", None)
+    assert resolve_rerank_score(run, smoke_cfg, None) == smoke_cfg.zeroshot.rerank_score
+    assert resolve_rerank_score(run, smoke_cfg, "blip") == "blip"
+    with pytest.raises(ConfigError, match="--rerank-score: 'itm' is not one of vlp, blip"):
+        resolve_rerank_score(run, smoke_cfg, "itm")
+
+    task_dir = tiny_vlp_dir(smoke_cfg, tmp_path / "retrieval", rerank_k=2)
+    info = json.loads((task_dir / "task.json").read_text())
+    # a task model written before rerank_score existed was scored with vlp's sum
+    assert (
+        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
+        == "vlp"
+    )
+    (task_dir / "task.json").write_text(json.dumps({**info, "rerank_score": "blip"}))
+    assert (
+        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
+        == "blip"
+    )
+    (task_dir / "task.json").write_text(json.dumps({**info, "rerank_score": "sum"}))
+    with pytest.raises(ConfigError, match="task.json: rerank_score 'sum' is not one of vlp, blip"):
+        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
