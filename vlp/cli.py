@@ -446,7 +446,8 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         description="MODEL is a vlp model directory, a transformers CLIPModel directory or a "
         "BLIP retrieval directory. Retrieval on DATA's captions (ITM re-ranking when the model "
         "has an ITM head), or with --classify zero-shot classification (top-1/top-5): DATA is "
-        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels.",
+        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels. With --vqa "
+        "(a VQA task model or a BLIP VQA directory): VQA accuracy on DATA's questions.",
     )
     _checkpoint_args(s)
     s.add_argument("--split", default=None, help="split measured (default zeroshot.split)")

@@ -18,7 +18,8 @@ as in training), with features returned as float32.
   scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
-`image_features`, `text_features`).
+`image_features`, `text_features`); `vlp zeroshot --vqa` (`vlp.zeroshot_vqa`) answers VQA
+questions with the same settings (`inference_settings`).
 
 `vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, the data,
 split and precision, every number, and the content hashes of what it read: the model
