@@ -94,8 +94,7 @@ def load_inference(
 def inference_settings(
     cfg: Config, precision: str | None, batch_size: int | None
 ) -> tuple[int, torch.device, torch.dtype | None]:
-    """(batch size, device, autocast dtype or None) of `--batch-size` (default
-    `zeroshot.batch_size`), `runtime.device` and `--precision` (default `runtime.precision`)."""
+    """(batch size, device, autocast dtype or None) as `--batch-size` and `--precision` say."""
     from vlp.config import PRECISIONS
     from vlp.train.distributed import DistInfo
     from vlp.train.settings import resolve_device, resolve_precision
@@ -192,30 +191,11 @@ def resolve_rerank_k(run: Inference, cfg: Config, rerank_k: int | None) -> int:
     return int(info.get("rerank_k", cfg.zeroshot.rerank_k))
 
 
-def resolve_rerank_score(run: Inference, cfg: Config, rerank_score: str | None) -> str:
-    """How re-ranked candidates are scored: `--rerank-score`, else a task model's own, else
-    `zeroshot.rerank_score`."""
-    from vlp.tasks.retrieval import RERANK_SCORES
-    from vlp.tasks.retrieval.task import recorded_rerank_score
-
-    if rerank_score is not None:
-        if rerank_score not in RERANK_SCORES:
-            raise ConfigError(
-                f"--rerank-score: {rerank_score!r} is not one of {', '.join(RERANK_SCORES)}"
-            )
-        return rerank_score
-    info = run.encoder.task_info
-    if info is not None and info.get("task") == "retrieval":
-        return recorded_rerank_score(info, run.encoder.path)
-    return cfg.zeroshot.rerank_score
-
-
 @torch.no_grad()
 def retrieval_metrics(
     run: Inference, data_dir: Path, split: str, rerank_k: int, rerank_score: str
 ) -> dict[str, float]:
-    """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0,
-    each candidate scored as `rerank_score` says)."""
+    """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
     from vlp.metrics.retrieval import retrieval_recall
 
     pairs, images = split_pairs(data_dir, split)
@@ -400,6 +380,7 @@ def zeroshot(
     """Measure the checkpoint at `model_dir` on `data_dir`; record an MLflow run; return the scores."""
     from vlp.data.manifest import check_split_names
     from vlp.tasks import model_sha256
+    from vlp.tasks.retrieval.task import rerank_score_for
     from vlp.tracking import check_stage_outputs, stage_run
 
     split = split or cfg.zeroshot.split
@@ -437,7 +418,8 @@ def zeroshot(
         metrics = classification_metrics(run, data_dir, images, classes, templates)
     else:
         k = resolve_rerank_k(run, cfg, rerank_k)
-        score = resolve_rerank_score(run, cfg, rerank_score)
+        info, default = run.encoder.task_info, cfg.zeroshot.rerank_score
+        score = rerank_score_for(rerank_score, info, run.encoder.path, default)
         params.update(rerank_k=k, rerank_score=score if k else "none")
         metrics = retrieval_metrics(run, data_dir, split, k, score)
     inputs = read_inputs(model_dir, sha, data_dir, labels)

@@ -122,27 +122,25 @@ def test_zeroshot_scores_candidates_as_the_option_the_task_model_or_params_say(
 
     from tests.checkpoints.vlp import tiny_vlp_dir
     from vlp.errors import ConfigError
-    from vlp.zeroshot import load_inference, resolve_rerank_score
+    from vlp.tasks.retrieval.task import rerank_score_for
+    from vlp.zeroshot import load_inference
+
+    def score(model: Path, given: str | None) -> str:
+        encoder = load_inference(smoke_cfg, model, "fp32", None).encoder
+        return rerank_score_for(given, encoder.task_info, encoder.path, "vlp")
 
     path, _ = blip
-    run = load_inference(smoke_cfg, path, "fp32", None)
-    assert resolve_rerank_score(run, smoke_cfg, None) == smoke_cfg.zeroshot.rerank_score
-    assert resolve_rerank_score(run, smoke_cfg, "blip") == "blip"
+    assert score(path, None) == "vlp" == smoke_cfg.zeroshot.rerank_score
+    assert score(path, "blip") == "blip"
     with pytest.raises(ConfigError, match="--rerank-score: 'itm' is not one of vlp, blip"):
-        resolve_rerank_score(run, smoke_cfg, "itm")
+        score(path, "itm")
 
     task_dir = tiny_vlp_dir(smoke_cfg, tmp_path / "retrieval", rerank_k=2)
     info = json.loads((task_dir / "task.json").read_text())
     # a task model written before rerank_score existed was scored with vlp's sum
-    assert (
-        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
-        == "vlp"
-    )
+    assert score(task_dir, None) == "vlp"
     (task_dir / "task.json").write_text(json.dumps({**info, "rerank_score": "blip"}))
-    assert (
-        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
-        == "blip"
-    )
+    assert score(task_dir, None) == "blip"
     (task_dir / "task.json").write_text(json.dumps({**info, "rerank_score": "sum"}))
     with pytest.raises(ConfigError, match="task.json: rerank_score 'sum' is not one of vlp, blip"):
-        resolve_rerank_score(load_inference(smoke_cfg, task_dir, "fp32", None), smoke_cfg, None)
+        score(task_dir, None)

@@ -79,6 +79,22 @@ def recorded_rerank_score(info: dict[str, Any], where: Path) -> RerankScore:
     return score
 
 
+def rerank_score_for(
+    given: str | None, task_info: dict[str, Any] | None, where: Path, default: RerankScore
+) -> RerankScore:
+    """How a checkpoint's re-ranked candidates are scored: `given` (`--rerank-score`), else a
+    retrieval task model's own (`task_info`: the task.json in `where`), else `default`."""
+    from vlp.errors import ConfigError
+
+    if given is not None:
+        if given not in RERANK_SCORES:
+            raise ConfigError(f"--rerank-score: {given!r} is not one of {', '.join(RERANK_SCORES)}")
+        return given
+    if task_info is not None and task_info.get("task") == "retrieval":
+        return recorded_rerank_score(task_info, where)
+    return default
+
+
 def save(module: Any, model_dir: Path) -> None:
     """Write the trained VLPModel into a model directory being assembled."""
     module.model.cpu().save_pretrained(model_dir)
