@@ -120,6 +120,16 @@ def test_a_blip_vqa_checkpoint_answers_zero_shot_and_finetunes_with_its_decoder(
     )
     assert scores["overall"] == pytest.approx(float(want["overall"]))
 
+    # ranking candidate answers instead (BLIP's VQA v2 leaderboard answers)
+    candidates = sorted({a for answers in frame["answers"] for a in answers})
+    (workdir / "answers.json").write_text(json.dumps(candidates))
+    rank = ["--vqa", "--answers", str(workdir / "answers.json"), "--precision", "fp32"]
+    assert _zeroshot(ckpt, data, workdir / "k.json", *rank) == 0
+    ranked = json.loads((workdir / "k.json").read_text())
+    assert ranked["overall"] > 0.0  # every answer is a real one of the split's
+    assert _zeroshot(ckpt, data, workdir / "x.json", *rank[1:3]) == 2
+    assert "--answers ranks VQA answers: it needs --vqa" in capsys.readouterr().err
+
     # retrieval refuses it, and pretraining's check of it untrained is skipped, for one reason
     assert _zeroshot(ckpt, data, workdir / "r.json") == 2
     reason = "holds a BlipForQuestionAnswering; only BlipForImageTextRetrieval has the trained"

@@ -162,6 +162,10 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
     from vlp.zeroshot import zeroshot
 
     _check_out(args.out)  # before the models run
+    if args.answers and not args.vqa:
+        from vlp.errors import ConfigError
+
+        raise ConfigError("--answers ranks VQA answers: it needs --vqa")
     if args.vqa:
         _print_json(_zeroshot_vqa(cfg, args), args.out)
         return
@@ -435,6 +439,7 @@ def _zeroshot_vqa(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
         split=args.split,
         precision=args.precision,
         batch_size=args.batch_size,
+        answers=args.answers,
     )
 
 
@@ -470,6 +475,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="answer DATA's VQA questions of the split (a VQA task model, or a checkpoint that "
         "writes answers: BLIP's BlipForQuestionAnswering); VQA accuracy (evaluate.vqa_protocol)",
+    )
+    s.add_argument(
+        "--answers",
+        default=None,
+        help="with --vqa: a JSON list of candidate answers (BLIP's answer_list.json) ranked by "
+        "the answer decoder instead of writing (top zeroshot.answer_rank_k by first token)",
     )
     s.add_argument(
         "--labels",

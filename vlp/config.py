@@ -287,6 +287,7 @@ class ZeroShotConfig:
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
     rerank_score: RerankScore  # how re-ranked candidates are scored (a task model: its own)
     answer_max_length: int  # `--vqa`: tokens a checkpoint writes per answer at most
+    answer_rank_k: int  # `--vqa --answers`: candidates ranked in full per question (BLIP's k_test)
     templates: list[str]  # classification prompts; "{}" is the class name
 
 

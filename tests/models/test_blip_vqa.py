@@ -115,3 +115,66 @@ def test_the_head_chooses_how_each_family_answers() -> None:
     assert not writes_answers(clip, "classifier")
     with pytest.raises(ConfigError, match="finetune.vqa.head: generate, but model.family clip"):
         writes_answers(clip, "generate")
+
+
+CANDIDATES = ["red", "two", "a small triangle", "blue", "three", "circle", "left of the square"]
+
+
+@torch.no_grad()
+def _blip_rank_answer(hf, model, pixels, q, k: int) -> list[str]:
+    """salesforce/BLIP's `rank_answer`, on transformers' BlipForQuestionAnswering parts."""
+    from torch.nn import functional as F
+
+    image_embeds = hf.vision_model(pixel_values=pixels).last_hidden_state
+    states = hf.text_encoder(
+        input_ids=_enc_first(model, q["input_ids"]),
+        attention_mask=q["attention_mask"],
+        encoder_hidden_states=image_embeds,
+    ).last_hidden_state
+    atts = q["attention_mask"]
+    answers = model.tokenizer(CANDIDATES, padding="longest", return_tensors="pt")
+    answer_ids, answer_atts = answers["input_ids"], answers["attention_mask"]
+    answer_ids[:, 0] = hf.decoder_start_token_id
+    n = states.shape[0]
+    start_ids = answer_ids[0, 0].repeat(n, 1)
+    logits = hf.text_decoder(
+        start_ids, encoder_hidden_states=states, encoder_attention_mask=atts
+    ).logits[:, 0, :]
+    prob_first = F.softmax(logits, dim=1).index_select(dim=1, index=answer_ids[:, 1])
+    _, topk_ids = prob_first.topk(k, dim=1)
+    input_ids = torch.cat([answer_ids.index_select(0, t) for t in topk_ids])
+    input_atts = torch.cat([answer_atts.index_select(0, t) for t in topk_ids])
+    targets = input_ids.masked_fill(input_ids == model.tokenizer.pad_token_id, -100)
+    out = hf.text_decoder(
+        input_ids,
+        attention_mask=input_atts,
+        encoder_hidden_states=states.repeat_interleave(k, dim=0),
+        encoder_attention_mask=atts.repeat_interleave(k, dim=0),
+        labels=targets,
+        reduction="none",
+    )
+    best = (-out.loss).view(n, k).argmax(dim=1)
+    return [CANDIDATES[i] for i in topk_ids[torch.arange(n), best].tolist()]
+
+
+@pytest.mark.parametrize("k", [2, len(CANDIDATES)])
+def test_ranked_answers_equal_blips_rank_answer(vqa, k: int) -> None:
+    from vlp.tasks.vqa.answer_ranking import rank_answers
+
+    model, hf = vqa
+    pixels, q = _pixels(), model.tokenize(QUESTIONS)
+    ours = rank_answers(model, pixels, q["input_ids"], q["attention_mask"], CANDIDATES, k)
+    assert ours == _blip_rank_answer(hf, model, pixels, q, k)
+    assert set(ours) <= set(CANDIDATES)
+
+
+def test_candidate_files_must_be_lists_of_answers(tmp_path: Path) -> None:
+    from vlp.tasks.vqa.answer_ranking import read_candidates
+
+    good = tmp_path / "answers.json"
+    good.write_text('["yes", "no", "2"]')
+    assert read_candidates(good) == ["yes", "no", "2"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"yes": 1}')
+    with pytest.raises(ConfigError, match="--answers .*bad.json: must be a non-empty JSON list"):
+        read_candidates(bad)
