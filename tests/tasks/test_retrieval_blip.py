@@ -44,15 +44,16 @@ def _pixels() -> torch.Tensor:
 
 
 @torch.no_grad()
-def _blip_evaluation(path: Path, hf, pixels: torch.Tensor, k: int):
+def _blip_evaluation(path: Path, hf, pixels: torch.Tensor, k: int, texts: list[str] = TEXTS):
     """BLIP's score matrices (i2t [N, M], t2i [M, N]): -100 outside each query's top k."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     # as BLIP: padded to 35 tokens, [CLS] for the text encoder, [ENC] for matching
-    text = tok(TEXTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    text = tok(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    n = len(pixels)
     sims = torch.cat(
-        [hf(pixel_values=pixels[i : i + 1], use_itm_head=False, **text).itm_score for i in range(4)]
+        [hf(pixel_values=pixels[i : i + 1], use_itm_head=False, **text).itm_score for i in range(n)]
     )
     ids = text["input_ids"].clone()
     ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
@@ -66,11 +67,11 @@ def _blip_evaluation(path: Path, hf, pixels: torch.Tensor, k: int):
         )
         return out.itm_score[:, 1]
 
-    i2t = torch.full((4, len(TEXTS)), -100.0)
+    i2t = torch.full((n, len(texts)), -100.0)
     for i, row in enumerate(sims):
         top_sim, top = row.topk(k)
         i2t[i, top] = itm(torch.full((k,), i), top) + top_sim
-    t2i = torch.full((len(TEXTS), 4), -100.0)
+    t2i = torch.full((len(texts), n), -100.0)
     for t, row in enumerate(sims.t()):
         top_sim, top = row.topk(k)
         t2i[t, top] = itm(top, torch.full((k,), t)) + top_sim
@@ -144,3 +145,44 @@ def test_zeroshot_scores_candidates_as_the_option_the_task_model_or_params_say(
     (task_dir / "task.json").write_text(json.dumps({**info, "rerank_score": "sum"}))
     with pytest.raises(ConfigError, match="task.json: rerank_score 'sum' is not one of vlp, blip"):
         score(task_dir, None)
+
+
+@pytest.mark.slow  # two zero-shot runs through the CLI
+def test_vlp_zeroshot_with_blips_protocol_scores_as_blips_evaluation(
+    smoke_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from PIL import Image
+    from transformers import AutoImageProcessor, BlipForImageTextRetrieval
+
+    from tests.checkpoints.blip import words_of
+    from vlp.cli import main
+    from vlp.data.manifest import read_pairs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    pairs = read_pairs(smoke_data, "test")
+    path = make_blip_checkpoint(tmp_path / "blip", words=words_of(pairs["caption"]))
+    hf = BlipForImageTextRetrieval.from_pretrained(str(path)).eval()
+    images = pairs.drop_duplicates("image_id")
+    row = {i: n for n, i in enumerate(images["image_id"])}
+    proc = AutoImageProcessor.from_pretrained(str(path))
+    opened = [Image.open(smoke_data / p).convert("RGB") for p in images["image_path"]]
+    pixels = proc(images=opened, return_tensors="pt")["pixel_values"]
+    sims, i2t, t2i = _blip_evaluation(path, hf, pixels, 5, list(pairs["caption"]))
+    text_to_image = torch.tensor([row[i] for i in pairs["image_id"]])
+    want = retrieval_recall(text_to_image, sims, i2t, t2i.t())
+
+    params = ["--params", str(Path(__file__).resolve().parents[2] / "params.yaml")]
+    args = [*params, "--profile", "smoke", "--set", "runtime.device=cpu", "zeroshot"]
+    args += ["--model", str(path), "--data", str(smoke_data), "--precision", "fp32"]
+    args += ["--rerank-k", "5", "--out", str(tmp_path / "s.json")]
+    assert main([*args, "--rerank-score", "blip"]) == 0
+    ours = json.loads((tmp_path / "s.json").read_text())
+    for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):  # K <= k
+        assert ours[key] == pytest.approx(want[key]), key
+    assert main([*args, "--rerank-score", "vlp"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["itc_rsum"] == ours["itc_rsum"]
