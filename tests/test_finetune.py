@@ -232,7 +232,7 @@ def test_retrieval_predictor_score_matches_the_evaluated_reranking(cfg: Config) 
         _, text_feat = model.encode_text(enc["input_ids"], enc["attention_mask"])
     s = retrieval_scores(
         model, embeds, feat, enc["input_ids"], enc["attention_mask"], text_feat,
-        k=cfg.finetune.retrieval.rerank_k, batch_size=7,
+        k=cfg.finetune.retrieval.rerank_k, batch_size=7, score="vlp",
     )  # fmt: skip
     # each image's ranking of texts is the i2t re-ranking the evaluation measures
     assert (score.argmax(axis=1) == s.i2t.argmax(dim=1).numpy()).all()

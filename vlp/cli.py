@@ -168,6 +168,13 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         check_writable(
             {f"--clip-benchmark {args.clip_benchmark}": Path(args.clip_benchmark).parent}
         )
+    if args.answers and not args.vqa:
+        from vlp.errors import ConfigError
+
+        raise ConfigError("--answers ranks VQA answers: it needs --vqa")
+    if args.vqa:
+        _print_json(_zeroshot_vqa(cfg, args), args.out)
+        return
     scores = zeroshot(
         cfg,
         Path(args.model),
@@ -176,6 +183,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         precision=args.precision,
         batch_size=args.batch_size,
         rerank_k=args.rerank_k,
+        rerank_score=args.rerank_score,
         classify=args.classify,
         labels=args.labels,
         classes_file=args.classes,
@@ -428,6 +436,27 @@ def _add_eval_generation(kind: argparse._SubParsersAction) -> None:
     k.add_argument("--out", default=None)
 
 
+def _zeroshot_vqa(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
+    from vlp.errors import ConfigError
+    from vlp.zeroshot_vqa import vqa_zeroshot
+
+    retrieval_only = ("rerank_k", "rerank_score", "classify", "labels", "classes", "templates")
+    given = [
+        f"--{a.replace('_', '-')}" for a in retrieval_only if getattr(args, a) not in (None, False)
+    ]
+    if given:
+        raise ConfigError(f"--vqa answers questions: {', '.join(given)} do not apply")
+    return vqa_zeroshot(
+        cfg,
+        Path(args.model),
+        Path(args.data),
+        split=args.split,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        answers=args.answers,
+    )
+
+
 def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     """zeroshot and embed: any checkpoint, untrained."""
     s = sub.add_parser(
@@ -436,7 +465,8 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         description="MODEL is a vlp model directory, a transformers CLIPModel directory or a "
         "BLIP retrieval directory. Retrieval on DATA's captions (ITM re-ranking when the model "
         "has an ITM head), or with --classify zero-shot classification (top-1/top-5): DATA is "
-        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels.",
+        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels. With --vqa "
+        "(a VQA task model or a BLIP VQA directory): VQA accuracy on DATA's questions.",
     )
     _checkpoint_args(s)
     s.add_argument("--split", default=None, help="split measured (default zeroshot.split)")
@@ -447,7 +477,25 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         help="ITC candidates per query re-ranked by the ITM head; 0: ITC only (default: a "
         "task model's own, else zeroshot.rerank_k)",
     )
+    s.add_argument(
+        "--rerank-score",
+        default=None,
+        help="vlp: ITM log-odds + ITC logit; blip: ITM match logit + cosine, as BLIP's own "
+        "evaluation (default: a task model's own, else zeroshot.rerank_score)",
+    )
     s.add_argument("--classify", action="store_true", help="zero-shot image classification")
+    s.add_argument(
+        "--vqa",
+        action="store_true",
+        help="answer DATA's VQA questions of the split (a VQA task model, or a checkpoint that "
+        "writes answers: BLIP's BlipForQuestionAnswering); VQA accuracy (evaluate.vqa_protocol)",
+    )
+    s.add_argument(
+        "--answers",
+        default=None,
+        help="with --vqa: a JSON list of candidate answers (BLIP's answer_list.json) ranked by "
+        "the answer decoder instead of writing (top zeroshot.answer_rank_k by first token)",
+    )
     s.add_argument(
         "--labels",
         default=None,

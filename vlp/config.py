@@ -33,7 +33,7 @@ from vlp.errors import ConfigError
 from vlp.tasks import get_task
 from vlp.tasks.captioning import CaptioningConfig
 from vlp.tasks.generation import GenerationConfig
-from vlp.tasks.retrieval import RetrievalConfig
+from vlp.tasks.retrieval import RerankScore, RetrievalConfig
 from vlp.tasks.spec import FinetuneBudget
 from vlp.tasks.vqa import VQAConfig
 
@@ -287,6 +287,9 @@ class ZeroShotConfig:
     split: str  # split measured by `vlp zeroshot`
     batch_size: int  # images, texts or ITM pairs per forward pass
     rerank_k: int  # ITC candidates per query re-ranked by an ITM head (a task model: its own)
+    rerank_score: RerankScore  # how re-ranked candidates are scored (a task model: its own)
+    answer_max_length: int  # `--vqa`: tokens a checkpoint writes per answer at most
+    answer_rank_k: int  # `--vqa --answers`: candidates ranked in full per question (BLIP's k_test)
     templates: list[str] | str  # classification prompts ("{}": the class) or a set's name
     precision: str  # auto (fp32 on CPU, bf16 on GPUs that have it) | bf16 | fp32
 

@@ -219,7 +219,7 @@ def save_init_from(cfg: Config) -> Path:
             tags = {"vlp.init_from": str(cfg.model.init_from)}
             inputs = read_inputs(cfg, dataset_hash(cfg.data.root))
             with stage_run(cfg, "pretrain", params=params, tags=tags, inputs=inputs) as run:
-                zero_shot = save_and_check(model, cfg, transform, info)
+                zero_shot = save_and_check(model, cfg, transform, info, untrained=True)
                 metrics: dict[str, Any] = {"init_from": str(cfg.model.init_from), "steps": 0}
                 metrics.update(zero_shot_metrics(zero_shot))
                 metrics["wall_s"] = time.perf_counter() - t0

@@ -63,15 +63,24 @@ def zero_shot_retrieval(model: Any, cfg: Config, split: str) -> dict[str, float]
     return scores
 
 
-def zero_shot_skipped(cfg: Config) -> str | None:
+def zero_shot_skipped(cfg: Config, untrained: bool = False) -> str | None:
     """Why the zero-shot check after training cannot run (a family without contrastive
-    embeddings, no eval split, or no data), or None."""
+    embeddings, no eval split, or no data), or None.
+
+    `untrained`: the model is `model.init_from` as is; a checkpoint whose retrieval heads would
+    start random is skipped with the reason `vlp zeroshot` refuses it with
+    (`vlp.models.family.untrained_for`).
+    """
     from vlp.data.manifest import split_sizes
-    from vlp.models.family import get_family
+    from vlp.models.family import get_family, untrained_for
 
     family = get_family(cfg.model.family)
     if "itc" not in family.objectives:
         return f"skipped: the {family.name} family has no contrastive embeddings to retrieve with"
+    if untrained and cfg.model.init_from:
+        reason = untrained_for(cfg.model.init_from, "retrieval", "model.init_from")
+        if reason is not None:
+            return f"skipped: {reason}"
     split = cfg.pretrain.eval_split
     if split is None:
         return "skipped: pretrain.eval_split is null"
@@ -119,18 +128,23 @@ def summary(
 
 
 def save_and_check(
-    model: Any, cfg: Config, transform: Any, info: DistInfo | None = None
+    model: Any,
+    cfg: Config,
+    transform: Any,
+    info: DistInfo | None = None,
+    untrained: bool = False,
 ) -> dict[str, float] | str:
     """Save the pretrained model to `pretrain.out_dir`, then run the zero-shot check on it.
 
     Saved first: the check is optional and never costs the model. Returns the check's scores,
     or why it was skipped. With `info`, the model moves to the run's device for the check first.
+    `untrained`: the model is `model.init_from` as is (`zero_shot_skipped`).
     """
     model.save_pretrained(
         Path(cfg.pretrain.out_dir),
         {IMAGE_TRANSFORM_FILE: transform.to_dict(), **transform.model_files()},
     )
-    skipped = zero_shot_skipped(cfg)
+    skipped = zero_shot_skipped(cfg, untrained)
     if skipped is not None:
         print(f"pretrain: zero-shot retrieval {skipped}")
         return skipped

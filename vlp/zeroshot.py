@@ -9,7 +9,8 @@ CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
 
 - retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
   retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
-  retrieval task does (`vlp.tasks.retrieval.ranking`); the ITC-only scores come as `itc_*`.
+  retrieval task does (`vlp.tasks.retrieval.ranking`), each candidate scored as
+  `rerank_score` says (`blip`: BLIP's own evaluation); the ITC-only scores come as `itc_*`.
 - classification, as CLIP evaluates it: each class is embedded as the mean of its
   normalised prompt embeddings (class name in every template), renormalised; an image's
   class is the most similar one; top-1 and top-5 accuracy in percent. Labels come from an
@@ -21,7 +22,8 @@ CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
   recall, also in CLIP_benchmark's layout (`vlp.metrics.clip_benchmark`).
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
-`image_features`, `text_features`).
+`image_features`, `text_features`); `vlp zeroshot --vqa` (`vlp.zeroshot_vqa`) answers VQA
+questions with the same settings (`inference_settings`).
 
 `vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, the data,
 split and precision, every number, and the content hashes of what it read: the model
@@ -75,18 +77,9 @@ def load_inference(
     cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
 ) -> Inference:
     """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`)."""
-    from vlp.config import PRECISIONS
     from vlp.models.family import get_family, load_model, model_family
-    from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device, resolve_inference_precision
 
-    precision = precision or cfg.zeroshot.precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    batch_size = batch_size or cfg.zeroshot.batch_size
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    device = resolve_device(cfg.runtime.device, DistInfo())
+    batch_size, device, amp_dtype = inference_settings(cfg, precision, batch_size)
     family = get_family(model_family(model_dir, "--model"))
     if "itc" not in family.objectives:
         raise ConfigError(
@@ -99,7 +92,25 @@ def load_inference(
     )
     encoder.model.eval()
     encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
-    return Inference(encoder, batch_size, resolve_inference_precision(precision, device))
+    return Inference(encoder, batch_size, amp_dtype)
+
+
+def inference_settings(
+    cfg: Config, precision: str | None, batch_size: int | None
+) -> tuple[int, torch.device, torch.dtype | None]:
+    """(batch size, device, autocast dtype or None) as `--batch-size` and `--precision` say."""
+    from vlp.config import PRECISIONS
+    from vlp.train.distributed import DistInfo
+    from vlp.train.settings import resolve_device, resolve_inference_precision
+
+    precision = precision or cfg.zeroshot.precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    batch_size = batch_size or cfg.zeroshot.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
+    device = resolve_device(cfg.runtime.device, DistInfo())
+    return batch_size, device, resolve_inference_precision(precision, device)
 
 
 # ---------------------------------------------------------------- features
@@ -186,7 +197,7 @@ def resolve_rerank_k(run: Inference, cfg: Config, rerank_k: int | None) -> int:
 
 @torch.no_grad()
 def retrieval_metrics(
-    run: Inference, data_dir: Path, split: str, rerank_k: int
+    run: Inference, data_dir: Path, split: str, rerank_k: int, rerank_score: str
 ) -> dict[str, float]:
     """Recall@K both ways of a split's images and captions (ITM re-ranked when rerank_k > 0)."""
     from vlp.metrics.retrieval import retrieval_recall
@@ -206,8 +217,9 @@ def retrieval_metrics(
             ids, mask, text_feat = encode_texts(model, captions, run.batch_size)
             text_feat = _normalised(text_feat)
             scores = retrieval_scores(
-                model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size
-            )
+                model, states, image_feat, ids, mask, text_feat, rerank_k, run.batch_size,
+                score=rerank_score,
+            )  # fmt: skip
         metrics = retrieval_recall(text_to_image, scores.itc, scores.i2t, scores.t2i)
     else:
         text_feat = text_features(run, captions)
@@ -381,6 +393,7 @@ def zeroshot(
     precision: str | None = None,
     batch_size: int | None = None,
     rerank_k: int | None = None,
+    rerank_score: str | None = None,
     classify: bool = False,
     labels: str | None = None,
     classes_file: str | None = None,
@@ -389,6 +402,7 @@ def zeroshot(
     """Measure the checkpoint at `model_dir` on `data_dir`; record an MLflow run; return the scores."""
     from vlp.data.manifest import check_split_names
     from vlp.tasks import model_sha256
+    from vlp.tasks.retrieval.task import rerank_score_for
     from vlp.tracking import check_stage_outputs, stage_run
 
     split = split or cfg.zeroshot.split
@@ -422,8 +436,10 @@ def zeroshot(
         metrics = classification_metrics(run, data_dir, images, classes, templates)
     else:
         k = resolve_rerank_k(run, cfg, rerank_k)
-        params["rerank_k"] = k
-        metrics = retrieval_metrics(run, data_dir, split, k)
+        info, default = run.encoder.task_info, cfg.zeroshot.rerank_score
+        score = rerank_score_for(rerank_score, info, run.encoder.path, default)
+        params.update(rerank_k=k, rerank_score=score if k else "none")
+        metrics = retrieval_metrics(run, data_dir, split, k, score)
     inputs = read_inputs(model_dir, sha, data_dir, labels)
     tags = {"vlp.model_sha256": sha}
     with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:

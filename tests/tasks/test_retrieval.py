@@ -39,7 +39,9 @@ def test_batched_rerank_equals_one_pair_at_a_time(tiny_vlp) -> None:
         image_embeds, image_feat = model.encode_image(torch.randn(3, 3, 32, 32))
     texts = ["a red circle", "a blue square to the left of a green triangle", "is there?", "a"]
     ids, mask, text_feat = encode_texts(model, texts, batch_size=2)
-    s = retrieval_scores(model, image_embeds, image_feat, ids, mask, text_feat, k=2, batch_size=5)
+    s = retrieval_scores(
+        model, image_embeds, image_feat, ids, mask, text_feat, k=2, batch_size=5, score="vlp"
+    )
     # reference: every top-k pair of each direction scored alone, unpadded
     for direction, sim, scores in (("i2t", s.itc, s.i2t), ("t2i", s.itc.t(), s.t2i.t())):
         for q in range(sim.shape[0]):

@@ -18,7 +18,9 @@ The checkpoint's tokenizer becomes the model's. BLIP's is BERT's with [DEC] (the
 `bos_token_id`) and [ENC] appended; a tokenizer saved without them gets them appended in that
 order (`ensure_special_tokens`), which gives BLIP's ids, and the ids are checked against the
 text config. transformers' BLIP forwards take the ids as given: BLIP's callers put [ENC] first
-for image-text matching and [DEC] first for captions, as vlp's `fuse` and `decoder_logits` do.
+for image-text matching and VQA questions and [DEC] first for captions and answers, as vlp's
+`fuse`, `decoder_logits` and `generate_answers` do; fed such ids, transformers' ITM scores,
+captions and VQA answers equal vlp's.
 """
 
 from __future__ import annotations

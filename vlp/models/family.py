@@ -16,6 +16,8 @@ the torch side and reads no other family's code:
   model; `base` caps its text length, `temperature` is the contrastive temperature of a
   checkpoint that stores none, `as_is` refuses one whose heads would start untrained;
 - `load_tokenizer(path, key)`: a tokenizer directory as the family uses it;
+- `untrained_for(path, key, use)` (optional): why a foreign checkpoint cannot be used
+  untrained for `use` (`untrained_for` below), or None;
 - `objective(model, weights, local_loss)`: the module training `model` with the
   `ObjectiveWeights` of the objectives the family trains (`objectives`).
 
@@ -59,9 +61,12 @@ class Family:
     objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
-    # answers VQA by writing the answer after the question (`answer_loss`, `generate_answers`)
-    # rather than with an answer classifier over its encoders
+    # can answer VQA by writing the answer after the question (`answer_loss`,
+    # `generate_answers`): BLIP's answer decoder, GPT-2 or T5
     generates_answers: bool
+    # can answer VQA with vlp's answer classifier over its encoders (`finetune.vqa.head:
+    # classifier`); a family without one writes its answers whatever the head says
+    answer_classifier: bool
     checkpoint_format: str  # the foreign checkpoint directories it reads
     loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
@@ -80,7 +85,8 @@ FAMILIES: dict[str, Family] = {
             objectives=("itc", "itm", "lm"),
             tasks=("retrieval", "captioning", "vqa", "generation"),
             has_itm=True,
-            generates_answers=False,
+            generates_answers=True,
+            answer_classifier=True,
             checkpoint_format="blip",
             loads_image_tower=True,
             implementation="vlp.models.fusion",
@@ -92,6 +98,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("retrieval", "generation"),
             has_itm=False,
             generates_answers=False,
+            answer_classifier=False,
             checkpoint_format="clip",
             loads_image_tower=False,
             implementation="vlp.models.clip",
@@ -103,6 +110,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
+            answer_classifier=False,
             checkpoint_format="vision-encoder-decoder",
             loads_image_tower=True,
             implementation="vlp.models.encoder_decoder",
@@ -114,6 +122,7 @@ FAMILIES: dict[str, Family] = {
             tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
+            answer_classifier=False,
             checkpoint_format="t5",
             loads_image_tower=True,
             implementation="vlp.models.t5",
@@ -265,6 +274,26 @@ def load_model(
         return LoadedModel(family, p, impl.load(p, meta, device), VLP_FORMAT, key)
     model = impl.load_checkpoint(p, base, temperature, key, as_is).to(device)
     return LoadedModel(family, p, model, family.checkpoint_format, key)
+
+
+USES = ("retrieval", "vqa")  # what a checkpoint can be used for untrained (`untrained_for`)
+
+
+def untrained_for(path: str | os.PathLike, use: str, key: str = "model directory") -> str | None:
+    """Why the directory at `path` cannot be used untrained for `use`, or None when it can.
+
+    `use`: "retrieval" (its ITC embeddings and ITM head score pairs) or "vqa" (it writes
+    answers). A foreign checkpoint answers through its family's `untrained_for(path, key,
+    use)` (a family without one: None); a vlp model directory holds what training made of
+    it: None. `vlp zeroshot` refuses with this reason and pretraining's zero-shot check of an
+    untrained checkpoint is skipped with it.
+    """
+    if use not in USES:
+        raise ValueError(f"use {use!r} is not one of {', '.join(USES)}")
+    p = local_dir(path, key)
+    family, meta = recognise(p, key)
+    check = None if meta is not None else getattr(family.impl(), "untrained_for", None)
+    return None if check is None else check(p, key, use)
 
 
 def _check_temperature(temperature: float | None) -> float:

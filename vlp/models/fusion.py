@@ -25,9 +25,19 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
     from vlp.models.objectives import ObjectiveWeights
 
-# The one BLIP class whose ITC projections and ITM head are trained: the others would
-# encode and re-rank with freshly initialised heads.
-TRAINED_HEADS_CLASS = "BlipForImageTextRetrieval"
+# What a BLIP checkpoint used untrained is used for -> the one class that trained the parts
+# it needs: retrieval encodes with the ITC projections and re-ranks with the ITM head (the
+# other classes lack them: they would start random); VQA writes answers with the answer
+# decoder reading the fused question (a retrieval class's decoder would start random, a
+# captioning class's reads image tokens, not questions).
+TRAINED_FOR = {
+    "retrieval": "BlipForImageTextRetrieval",
+    "vqa": "BlipForQuestionAnswering",
+}
+_TRAINED_PARTS = {
+    "retrieval": "the trained ITC and ITM heads that encode and re-rank",
+    "vqa": "the answer decoder trained to answer the fused question",
+}
 
 
 def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, temperature: float) -> VLPModel:
@@ -63,20 +73,29 @@ def reads_checkpoint(p: Path, key: str) -> bool:
     return blip_architecture(p, key) is not None
 
 
+def untrained_for(p: Path, key: str, use: str) -> str | None:
+    """Why the BLIP checkpoint `p` cannot be used untrained for `use` (`TRAINED_FOR`), or None.
+
+    None too for a directory that holds no BLIP checkpoint.
+    """
+    arch = blip_architecture(p, key)
+    want = TRAINED_FOR[use]
+    if arch is None or arch == want:
+        return None
+    return f"{key}: {p} holds a {arch}; only {want} has {_TRAINED_PARTS[use]}"
+
+
 def load_checkpoint(
     p: Path, base: ModelConfig | None, temperature: float | None, key: str, as_is: bool
 ) -> VLPModel:
     """The BLIP checkpoint `p` as a VLPModel (`vlp.models.blip.load_blip`); seed torch first.
 
-    `as_is`: it is used untrained, so only a class with trained ITC and ITM heads will do.
+    `as_is`: it is used untrained for retrieval, so only a class with trained ITC and ITM
+    heads will do (`untrained_for`).
     """
-    if as_is:
-        arch = blip_architecture(p, key)
-        if arch != TRAINED_HEADS_CLASS:
-            raise ConfigError(
-                f"{key}: {p} holds a {arch}; only {TRAINED_HEADS_CLASS} has the trained ITC "
-                "and ITM heads that encode and re-rank"
-            )
+    reason = untrained_for(p, key, "retrieval") if as_is else None
+    if reason is not None:
+        raise ConfigError(reason)
     if temperature is None:
         raise ConfigError(f"{key}: a BLIP checkpoint loads with a contrastive temperature")
     return load_blip(p, base, temperature, key)

@@ -194,6 +194,60 @@ class VLPModel(SavedModel):
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
+    # ------------------------------------------------------------------ VQA by writing (BLIP)
+    def question_states(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """What the answer decoder reads [B,T,H]: the question fused with the image ([ENC]
+        first), every position of it, as BLIP's VQA and transformers' `BlipForQuestionAnswering`."""
+        width = self.text_decoder.config.encoder_hidden_size
+        hidden = self.text_encoder.config.hidden_size
+        if width != hidden:
+            raise ConfigError(
+                f"writing answers needs a decoder that reads the fused question (width "
+                f"{hidden}); this model's decoder cross-attends to width {width} (its image "
+                "tokens'): use a BLIP VQA checkpoint (BlipForQuestionAnswering) or a model "
+                "whose image tokens are in the text width"
+            )
+        image_embeds, _ = self.encode_image(pixel_values)
+        return self.fuse(image_embeds, input_ids, attention_mask)
+
+    def answer_loss(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The answer decoder's cross-entropy of the answers ([DEC] first) given the fused
+        question, as BLIP trains VQA and `BlipForQuestionAnswering`'s loss: the decoder reads
+        the question's unpadded positions, label smoothing 0.1."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        ids = answer_ids.clone()
+        ids[:, 0] = self.dec_token_id
+        return self.text_decoder(
+            input_ids=ids,
+            attention_mask=answer_mask,
+            encoder_hidden_states=states,
+            encoder_attention_mask=attention_mask,
+            labels=ids.masked_fill(answer_mask == 0, -100),
+            use_cache=False,
+        ).loss
+
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_length: int,
+    ) -> list[str]:
+        """One greedy answer per (image, question), written by the answer decoder from the
+        fused question (`BlipForQuestionAnswering.generate`); at most `max_length` tokens."""
+        states = self.question_states(pixel_values, input_ids, attention_mask)
+        return self.generate_text(states, num_beams=1, max_length=max_length)
+
     @torch.no_grad()
     def generate_captions(
         self, pixel_values: torch.Tensor, num_beams: int, max_length: int

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 from vlp.tasks.spec import FinetuneBudget, Task
+
+# How a re-ranked candidate is scored (`vlp.tasks.retrieval.ranking`): vlp's sum of logits,
+# or BLIP's evaluation (ITM match logit + cosine similarity)
+RerankScore = Literal["vlp", "blip"]
+RERANK_SCORES: tuple[str, ...] = typing.get_args(RerankScore)
+# what a task.json written before `rerank_score` existed was scored with
+RECORDED_BEFORE_RERANK_SCORE = "vlp"
 
 
 @dataclass
@@ -12,6 +21,7 @@ class RetrievalConfig(FinetuneBudget):
     """`finetune.retrieval`: training budget and re-ranking depth."""
 
     rerank_k: int  # ITC candidates per query re-ranked by ITM (a dual encoder has none: ignored)
+    rerank_score: RerankScore  # vlp: ITM log-odds + ITC logit; blip: BLIP's ITM logit + cosine
 
 
 TASK = Task(

@@ -2,12 +2,18 @@
 
 As ALBEF/BLIP: the ITC cosine similarity of every image with every text picks each query's
 k best candidates; the fusion encoder then scores only those k pairs per query, in batches
-of pairs (one fusion forward per batch, never per pair). The re-ranked score of a candidate
-is the sum of the two heads' logits: ITM log-odds of "match" plus the ITC logit (cosine
-similarity / learned temperature). BLIP adds the raw match logit to the cosine instead; on
-the shapes data that let a weak ITM head override a good ITC ranking (docs/design.md,
-"Retrieval"). Candidates outside the top k keep their
-ITC order below all of them.
+of pairs (one fusion forward per batch, never per pair). How a candidate is scored is the
+`rerank_score` (`finetune.retrieval.rerank_score`, `zeroshot.rerank_score`):
+
+- `vlp`: the sum of the two heads' logits, ITM log-odds of "match" (logit 1 - logit 0) plus
+  the ITC logit (cosine similarity / learned temperature). On the shapes data BLIP's sum let
+  a weak ITM head override a good ITC ranking (docs/design.md, "Retrieval").
+- `blip`: BLIP's own evaluation (salesforce/BLIP `train_retrieval.py` `evaluation()`, LAVIS
+  `compute_sim_matrix`): the ITM head's raw "match" logit (logit 1) plus the cosine
+  similarity. BLIP evaluates with k = 256 on COCO and k = 128 on Flickr30k (`k_test`).
+
+Either way candidates outside the top k keep their ITC order below all of them (BLIP fills
+them with -100, all tied): recall@K for K <= k is BLIP's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from vlp.tasks.retrieval import RerankScore
 
 if TYPE_CHECKING:
     from vlp.models.vlp_model import VLPModel
@@ -70,24 +78,28 @@ def retrieval_scores(
     text_feat: torch.Tensor,
     k: int,
     batch_size: int,
+    *,
+    score: RerankScore,
 ) -> RetrievalScores:
     """ITC similarity and its ITM re-ranking for image->text and text->image retrieval.
 
     `k` 0: no re-ranking (a dual encoder has no ITM head); both directions rank by the ITC
-    logit.
+    logit. `score`: how a top-k candidate is scored (`vlp` or `blip`, see the module).
     """
     sim = image_feat @ text_feat.t()
     itc_logits = sim / model.temp.detach()
     if k == 0:
         return RetrievalScores(itc=sim, i2t=itc_logits, t2i=itc_logits)
+    blip = score == "blip"
+    base = sim if blip else itc_logits  # what the ITM score is added to
 
     def image_text(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
         # Trim the pair batch to its longest text: padding columns cost fusion time.
         mask = attention_mask[txt_idx]
         t = int(mask.sum(dim=1).max())
         logits = model.itm_logits(image_embeds[img_idx], input_ids[txt_idx, :t], mask[:, :t])
-        return (logits[:, 1] - logits[:, 0]).float()
+        return (logits[:, 1] if blip else logits[:, 1] - logits[:, 0]).float()
 
-    i2t = rerank(itc_logits, k, image_text, batch_size)
-    t2i = rerank(itc_logits.t().contiguous(), k, lambda t, i: image_text(i, t), batch_size).t()
+    i2t = rerank(base, k, image_text, batch_size)
+    t2i = rerank(base.t().contiguous(), k, lambda t, i: image_text(i, t), batch_size).t()
     return RetrievalScores(itc=sim, i2t=i2t, t2i=t2i.contiguous())

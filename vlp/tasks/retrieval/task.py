@@ -3,6 +3,7 @@
 A model whose family has no ITM head (`Family.has_itm`; the dual encoder, `model.family:
 clip`) is finetuned with its family's objective alone (CLIP's contrastive loss) and ranks by
 ITC; its `task.json` records `rerank_k: 0` (`finetune.retrieval.rerank_k` is ignored for it).
+A model with an ITM head records `rerank_score` too (`vlp.tasks.retrieval.ranking`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from vlp.models.objectives import ObjectiveWeights
 from vlp.tasks.predictor import Predictor as BasePredictor
+from vlp.tasks.retrieval import RECORDED_BEFORE_RERANK_SCORE, RERANK_SCORES, RerankScore
 from vlp.tasks.retrieval.ranking import RetrievalScores, retrieval_scores
 from vlp.tasks.spec import Example, TaskEval, TrainingSetup
 
@@ -51,7 +53,10 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         objective,
         dataset,
         make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
-        {"rerank_k": cfg.finetune.retrieval.rerank_k if family.has_itm else 0},
+        {
+            "rerank_k": cfg.finetune.retrieval.rerank_k if family.has_itm else 0,
+            "rerank_score": cfg.finetune.retrieval.rerank_score,
+        },
     )
 
 
@@ -60,6 +65,34 @@ def has_itm(model: Any) -> bool:
     from vlp.models.family import get_family
 
     return get_family(model.cfg.family).has_itm
+
+
+def recorded_rerank_score(info: dict[str, Any], where: Path) -> RerankScore:
+    """The `rerank_score` a retrieval task.json records (one written before it existed: vlp's)."""
+    from vlp.errors import ConfigError
+
+    score = info.get("rerank_score", RECORDED_BEFORE_RERANK_SCORE)
+    if score not in RERANK_SCORES:
+        raise ConfigError(
+            f"{where}/task.json: rerank_score {score!r} is not one of {', '.join(RERANK_SCORES)}"
+        )
+    return score
+
+
+def rerank_score_for(
+    given: str | None, task_info: dict[str, Any] | None, where: Path, default: RerankScore
+) -> RerankScore:
+    """How a checkpoint's re-ranked candidates are scored: `given` (`--rerank-score`), else a
+    retrieval task model's own (`task_info`: the task.json in `where`), else `default`."""
+    from vlp.errors import ConfigError
+
+    if given is not None:
+        if given not in RERANK_SCORES:
+            raise ConfigError(f"--rerank-score: {given!r} is not one of {', '.join(RERANK_SCORES)}")
+        return given
+    if task_info is not None and task_info.get("task") == "retrieval":
+        return recorded_rerank_score(task_info, where)
+    return default
 
 
 def save(module: Any, model_dir: Path) -> None:
@@ -80,8 +113,9 @@ class Predictor(BasePredictor):
         ids, mask, text_feat = encode_texts(self.model, list(texts), self.batch_size)
         k = int(self.info["rerank_k"]) if has_itm(self.model) else 0
         return retrieval_scores(
-            self.model, image_embeds, image_feat, ids, mask, text_feat, k, self.batch_size
-        )
+            self.model, image_embeds, image_feat, ids, mask, text_feat, k, self.batch_size,
+            score=recorded_rerank_score(self.info, self.model_dir),
+        )  # fmt: skip
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:

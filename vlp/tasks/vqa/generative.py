@@ -1,8 +1,9 @@
 """VQA as text generation, for the families that write their answers (`Family.generates_answers`).
 
-The model reads the image and the question and writes the answer: T5's encoder reads the
-image tokens and the question together; GPT-2 reads the question as a prompt and continues
-it. It is finetuned with the cross-entropy of each question's most common answer
+The model reads the image and the question and writes the answer: BLIP's answer decoder
+reads the question fused with the image (`finetune.vqa.head: generate`, the fusion family);
+T5's encoder reads the image tokens and the question together; GPT-2 reads the question as a
+prompt and continues it. It is finetuned with the cross-entropy of each question's most common answer
 (`multiple_choice_answer`, VQA v2's own), and answers greedily with at most
 `finetune.vqa.answer_max_length` tokens. Its task.json records `generative: true`, that
 length, and no answer vocabulary: any text is an answer.
@@ -16,12 +17,25 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vlp.errors import ConfigError
 from vlp.tasks.spec import TrainingSetup
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from vlp.config import Config
+    from vlp.models.family import Family
+
+
+def writes_answers(family: Family, head: str) -> bool:
+    """Whether a model of `family` answers by writing with `finetune.vqa.head` = `head` (a
+    family without an answer classifier always writes); ConfigError if it cannot write."""
+    if head == "generate" and not family.generates_answers:
+        raise ConfigError(
+            f"finetune.vqa.head: generate, but model.family {family.name} ({family.description})"
+            " has no decoder that writes answers: use head: classifier"
+        )
+    return family.generates_answers and (head == "generate" or not family.answer_classifier)
 
 
 class AnswerObjective(nn.Module):

@@ -16,9 +16,10 @@ this decoder over the frozen encoders learns those look-ups better, in less time
 MLP on the [ENC] state with the whole model finetuning (docs/2026-12-01-vqa.md;
 `benchmarks/bench_vqa_heads.py`).
 
-A generative answer decoder (BLIP) was not chosen: the answer space here is closed and
-small, a classifier needs one forward per question instead of a decoding loop (cheaper on
-CPU, which matters for the 15-minute pipeline budget), and the soft-score BCE directly
+BLIP's generative answer decoder is the other head (`finetune.vqa.head: generate`,
+`vlp.tasks.vqa.generative`); the classifier is the default: the answer space here is closed
+and small, a classifier needs one forward per question instead of a decoding loop (cheaper
+on CPU, which matters for the 15-minute pipeline budget), and the soft-score BCE directly
 optimises the official accuracy. Its limit (docs/design.md): an answer never seen
 in training (or cut by `max_answers`) can never be predicted.
 

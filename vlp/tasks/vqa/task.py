@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of
-    `finetune.splits`; a family that writes its answers is trained to write them instead
-    (`vlp.tasks.vqa.generative`)."""
+    `finetune.splits`; a model that writes its answers (`finetune.vqa.head: generate`, or a
+    family without a classifier) is trained to write them instead (`vlp.tasks.vqa.generative`)."""
     from vlp.data.images import image_transforms
     from vlp.data.torch_data import VQADataset
     from vlp.models.family import get_family
@@ -33,9 +33,9 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     dataset = VQADataset(
         cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
     )
-    if get_family(vlp.cfg.family).generates_answers:
-        from vlp.tasks.vqa import generative
+    from vlp.tasks.vqa import generative
 
+    if generative.writes_answers(get_family(vlp.cfg.family), tcfg.head):
         return generative.setup(cfg, vlp, dataset)
     answers = build_answer_vocab(dataset.frame["answers"], tcfg.max_answers)
     torch.manual_seed(cfg.seed + 1)  # the head's init: same for both inits, reproducible
