@@ -171,6 +171,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         rerank_k=args.rerank_k,
         classify=args.classify,
+        task=args.task,
         labels=args.labels,
         classes_file=args.classes,
         templates_file=args.templates,
@@ -418,11 +419,14 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     """zeroshot and embed: any checkpoint, untrained."""
     s = sub.add_parser(
         "zeroshot",
-        help="measure any checkpoint without training it: retrieval R@K, or --classify",
-        description="MODEL is a vlp model directory, a transformers CLIPModel directory or a "
-        "BLIP retrieval directory. Retrieval on DATA's captions (ITM re-ranking when the model "
-        "has an ITM head), or with --classify zero-shot classification (top-1/top-5): DATA is "
-        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels.",
+        help="measure any checkpoint without training it: retrieval R@K, --classify, or "
+        "captioning and VQA of models that write text (--task)",
+        description="MODEL is a vlp model directory, a transformers CLIPModel directory, a "
+        "BLIP retrieval directory or a VisionEncoderDecoderModel directory. Retrieval on "
+        "DATA's captions (ITM re-ranking when the model has an ITM head), or with --classify "
+        "zero-shot classification (top-1/top-5): DATA is an image-folder tree "
+        "DATA/<class>/<image>, or a vlp dataset with --labels. --task captioning / vqa: "
+        "generated captions (BLEU, ROUGE-L, CIDEr-D) or answers (VQA accuracy) on DATA's split.",
     )
     _checkpoint_args(s)
     s.add_argument("--split", default=None, help="split measured (default zeroshot.split)")
@@ -434,6 +438,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         "task model's own, else zeroshot.rerank_k)",
     )
     s.add_argument("--classify", action="store_true", help="zero-shot image classification")
+    s.add_argument(
+        "--task",
+        default="retrieval",
+        help="retrieval (default), classification (as --classify), captioning or vqa; each "
+        "model family is measured on some (the generative ones: captioning and vqa)",
+    )
     s.add_argument(
         "--labels",
         default=None,

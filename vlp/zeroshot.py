@@ -1,8 +1,8 @@
 """Any checkpoint measured without training (`vlp zeroshot`); the inference `vlp embed` shares.
 
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
-pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
-checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
+pretrained one or a finetuned task model), a transformers `CLIPModel`, a BLIP retrieval
+checkpoint or a `VisionEncoderDecoderModel`. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
 bf16 autocast when the precision resolves to bf16 (on CPU too; `runtime.precision` rules,
 as in training), with features returned as float32.
 
@@ -15,6 +15,13 @@ as in training), with features returned as float32.
   image-folder tree (`DATA/<class>/<image>`, as ImageNet), a CSV/Parquet of
   `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
   scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
+
+- captioning and vqa (`--task`), for models that write text (`vlp.zeroshot_generative`):
+  generated captions scored with BLEU, ROUGE-L and CIDEr-D, generated answers with the VQA
+  accuracy.
+
+A model is measured on the tasks its family lists (`Family.zeroshot_tasks`); any other is a
+ConfigError that names them.
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
 `image_features`, `text_features`).
@@ -44,9 +51,12 @@ from vlp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from vlp.config import Config
-    from vlp.models.family import LoadedModel
+    from vlp.models.family import Family, LoadedModel
 
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
+# what `vlp zeroshot --task` measures; a family lists its own (`Family.zeroshot_tasks`);
+# captioning and vqa: `vlp.zeroshot_generative`
+ZEROSHOT_TASKS = ("retrieval", "classification", "captioning", "vqa")
 
 
 @dataclass
@@ -67,10 +77,28 @@ class Inference:
         return torch.autocast(self.encoder.device.type, dtype=self.amp_dtype)
 
 
+def _not_measured(family: Family, task: str | None) -> str | None:
+    """Why `vlp zeroshot` cannot measure a model of `family` on `task` (None: embeddings, as
+    `vlp embed` exports them), or None when it can."""
+    contrastive = "itc" in family.objectives
+    if (task is None and contrastive) or task in family.zeroshot_tasks:
+        return None
+    if not contrastive:
+        why = f"it has no contrastive embeddings {'to export' if task is None else 'for ' + task}"
+    else:
+        why = f"vlp zeroshot does not measure it on {task}"
+    return f"{why}; vlp zeroshot measures it on {', '.join(family.zeroshot_tasks)} (--task)"
+
+
 def load_inference(
-    cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
+    cfg: Config,
+    model_dir: str | os.PathLike,
+    precision: str | None,
+    batch_size: int | None,
+    task: str | None = None,
 ) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`)."""
+    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`),
+    for the `vlp zeroshot` task `task` (`ZEROSHOT_TASKS`; None: `vlp embed`'s embeddings)."""
     from vlp.config import PRECISIONS
     from vlp.models.family import get_family, load_model, model_family
     from vlp.train.distributed import DistInfo
@@ -84,10 +112,11 @@ def load_inference(
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     device = resolve_device(cfg.runtime.device, DistInfo())
     family = get_family(model_family(model_dir, "--model"))
-    if "itc" not in family.objectives:
+    why = _not_measured(family, task)
+    if why:
         raise ConfigError(
             f"--model: {model_dir} holds a model of the {family.name} family "
-            f"({family.description}): it has no contrastive embeddings to score or export with"
+            f"({family.description}): {why}"
         )
     # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
     encoder = load_model(
@@ -360,11 +389,13 @@ def zeroshot(
     batch_size: int | None = None,
     rerank_k: int | None = None,
     classify: bool = False,
+    task: str = "retrieval",
     labels: str | None = None,
     classes_file: str | None = None,
     templates_file: str | None = None,
 ) -> dict[str, float]:
-    """Measure the checkpoint at `model_dir` on `data_dir`; record an MLflow run; return the scores."""
+    """Measure the checkpoint at `model_dir` on `data_dir` on `task` (`ZEROSHOT_TASKS`;
+    `classify`: classification); record an MLflow run; return the scores."""
     from vlp.data.manifest import check_split_names
     from vlp.tasks import model_sha256
     from vlp.tracking import check_stage_outputs, stage_run
@@ -373,18 +404,24 @@ def zeroshot(
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
+    if task not in ZEROSHOT_TASKS:
+        raise ConfigError(f"--task: {task!r} is not one of {', '.join(ZEROSHOT_TASKS)}")
+    if classify:
+        if task not in ("retrieval", "classification"):
+            raise ConfigError(f"--classify is --task classification, not --task {task}")
+        task = "classification"
     templates = (
         check_templates(read_lines(templates_file, "--templates"), f"--templates {templates_file}")
         if templates_file
         else check_templates(cfg.zeroshot.templates, "zeroshot.templates")
     )
     classes = read_lines(classes_file, "--classes") if classes_file else None
-    if not classify and (labels or classes_file or templates_file):
+    if task != "classification" and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")
     check_stage_outputs(cfg, {})
     # hashed before loading: the scores belong to exactly these bytes
     sha = model_sha256(model_dir)
-    run = load_inference(cfg, model_dir, precision, batch_size)
+    run = load_inference(cfg, model_dir, precision, batch_size, task)
     params: dict[str, Any] = {
         "model": str(model_dir),
         "model_sha256": sha,
@@ -393,19 +430,24 @@ def zeroshot(
         "split": split,
         "precision": run.precision,
         "batch_size": run.batch_size,
-        "mode": "classify" if classify else "retrieval",
+        "mode": "classify" if task == "classification" else task,
     }
-    if classify:
+    if task == "classification":
         images = labelled_images(data_dir, split, labels)
         # an image-folder tree has no splits: it is the split
         params.update(labels=labels or "folders", templates=json.dumps(templates))
         if labels is None:
             params["split"] = "none"
         metrics = classification_metrics(run, data_dir, images, classes, templates)
-    else:
+    elif task == "retrieval":
         k = resolve_rerank_k(run, cfg, rerank_k)
         params["rerank_k"] = k
         metrics = retrieval_metrics(run, data_dir, split, k)
+    else:
+        from vlp.zeroshot_generative import measure
+
+        settings, metrics = measure(cfg, run, data_dir, split, task)
+        params.update(settings)
     inputs = read_inputs(model_dir, sha, data_dir, labels)
     tags = {"vlp.model_sha256": sha}
     with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:

@@ -58,6 +58,8 @@ class Family:
     description: str  # what its models are, in messages
     objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
+    # what `vlp zeroshot` measures its checkpoints on untrained (`vlp.zeroshot.ZEROSHOT_TASKS`)
+    zeroshot_tasks: tuple[str, ...]
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
     # answers VQA by writing the answer after the question (`answer_loss`, `generate_answers`)
     # rather than with an answer classifier over its encoders
@@ -79,6 +81,7 @@ FAMILIES: dict[str, Family] = {
             description="an image-grounded text encoder and decoder (BLIP)",
             objectives=("itc", "itm", "lm"),
             tasks=("retrieval", "captioning", "vqa", "generation"),
+            zeroshot_tasks=("retrieval", "classification"),
             has_itm=True,
             generates_answers=False,
             checkpoint_format="blip",
@@ -90,6 +93,7 @@ FAMILIES: dict[str, Family] = {
             description="a dual encoder: image and text embeddings, no fusion encoder or decoder",
             objectives=("itc",),
             tasks=("retrieval", "generation"),
+            zeroshot_tasks=("retrieval", "classification"),
             has_itm=False,
             generates_answers=False,
             checkpoint_format="clip",
@@ -101,6 +105,7 @@ FAMILIES: dict[str, Family] = {
             description="a vision transformer read by a GPT-2 decoder (VisionEncoderDecoderModel)",
             objectives=("lm",),
             tasks=("captioning", "vqa"),
+            zeroshot_tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
             checkpoint_format="vision-encoder-decoder",
@@ -112,6 +117,7 @@ FAMILIES: dict[str, Family] = {
             description="image tokens read with the text by a T5 encoder-decoder (VL-T5)",
             objectives=("lm",),
             tasks=("captioning", "vqa"),
+            zeroshot_tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
             checkpoint_format="t5",
