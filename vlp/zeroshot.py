@@ -16,12 +16,8 @@ as in training), with features returned as float32.
   `image_id,label` over a dataset's images, or `shapes`: the shapes world's single-object
   scenes labelled by their shape (`vlp.data.shapes.single_shape_labels`).
 
-- captioning and vqa (`--task`), for models that write text (`vlp.zeroshot_generative`):
-  generated captions scored with BLEU, ROUGE-L and CIDEr-D, generated answers with the VQA
-  accuracy.
-
-A model is measured on the tasks its family lists (`Family.zeroshot_tasks`); any other is a
-ConfigError that names them.
+- captioning and vqa (`--task`) of models that write text, on the tasks their family lists
+  (`Family.zeroshot_tasks`): `vlp.zeroshot_generative`.
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
 `image_features`, `text_features`).
@@ -51,12 +47,9 @@ from vlp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from vlp.config import Config
-    from vlp.models.family import Family, LoadedModel
+    from vlp.models.family import LoadedModel
 
 SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
-# what `vlp zeroshot --task` measures; a family lists its own (`Family.zeroshot_tasks`);
-# captioning and vqa: `vlp.zeroshot_generative`
-ZEROSHOT_TASKS = ("retrieval", "classification", "captioning", "vqa")
 
 
 @dataclass
@@ -77,19 +70,6 @@ class Inference:
         return torch.autocast(self.encoder.device.type, dtype=self.amp_dtype)
 
 
-def _not_measured(family: Family, task: str | None) -> str | None:
-    """Why `vlp zeroshot` cannot measure a model of `family` on `task` (None: embeddings, as
-    `vlp embed` exports them), or None when it can."""
-    contrastive = "itc" in family.objectives
-    if (task is None and contrastive) or task in family.zeroshot_tasks:
-        return None
-    if not contrastive:
-        why = f"it has no contrastive embeddings {'to export' if task is None else 'for ' + task}"
-    else:
-        why = f"vlp zeroshot does not measure it on {task}"
-    return f"{why}; vlp zeroshot measures it on {', '.join(family.zeroshot_tasks)} (--task)"
-
-
 def load_inference(
     cfg: Config,
     model_dir: str | os.PathLike,
@@ -97,10 +77,10 @@ def load_inference(
     batch_size: int | None,
     task: str | None = None,
 ) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`),
-    for the `vlp zeroshot` task `task` (`ZEROSHOT_TASKS`; None: `vlp embed`'s embeddings)."""
+    """Load `model_dir` on `runtime.device` with `precision` (default `runtime.precision`) for
+    the `vlp zeroshot` task `task` (None: `vlp embed`'s embeddings)."""
     from vlp.config import PRECISIONS
-    from vlp.models.family import get_family, load_model, model_family
+    from vlp.models.family import get_family, load_model, model_family, zeroshot_not_applicable
     from vlp.train.distributed import DistInfo
     from vlp.train.settings import resolve_device, resolve_precision
 
@@ -111,13 +91,9 @@ def load_inference(
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
     device = resolve_device(cfg.runtime.device, DistInfo())
-    family = get_family(model_family(model_dir, "--model"))
-    why = _not_measured(family, task)
+    why = zeroshot_not_applicable(get_family(model_family(model_dir, "--model")), task)
     if why:
-        raise ConfigError(
-            f"--model: {model_dir} holds a model of the {family.name} family "
-            f"({family.description}): {why}"
-        )
+        raise ConfigError(f"--model: {model_dir} holds {why}")
     # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
     encoder = load_model(
         model_dir, device, key="--model", temperature=cfg.model.temperature, as_is=True
@@ -394,9 +370,10 @@ def zeroshot(
     classes_file: str | None = None,
     templates_file: str | None = None,
 ) -> dict[str, float]:
-    """Measure the checkpoint at `model_dir` on `data_dir` on `task` (`ZEROSHOT_TASKS`;
-    `classify`: classification); record an MLflow run; return the scores."""
+    """Measure the checkpoint at `model_dir` on `data_dir` on `task` (`classify`: classification,
+    whatever `task`); record an MLflow run; return the scores."""
     from vlp.data.manifest import check_split_names
+    from vlp.models.family import ZEROSHOT_TASKS
     from vlp.tasks import model_sha256
     from vlp.tracking import check_stage_outputs, stage_run
 
@@ -404,12 +381,9 @@ def zeroshot(
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
+    task = "classification" if classify else task
     if task not in ZEROSHOT_TASKS:
         raise ConfigError(f"--task: {task!r} is not one of {', '.join(ZEROSHOT_TASKS)}")
-    if classify:
-        if task not in ("retrieval", "classification"):
-            raise ConfigError(f"--classify is --task classification, not --task {task}")
-        task = "classification"
     templates = (
         check_templates(read_lines(templates_file, "--templates"), f"--templates {templates_file}")
         if templates_file
