@@ -18,6 +18,9 @@ the checkpoint's own size). The decoder starts every text from the config's
 GPT-2's <|endoftext|>, which also pads, or vlp's [SEP]. It has no contrastive embeddings nor
 ITM head: it captions, and retrieval does not apply to it.
 
+Its base class and the registry's functions are shared with the other generative family
+(`vlp.models.generative`).
+
 A model directory holds vlp_config.json (`model` with `family: encoder-decoder`,
 `encoder_decoder_config` and `generation_config`), model.safetensors and tokenizer/.
 """

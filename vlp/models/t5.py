@@ -13,6 +13,9 @@ the local checkpoint `model.text_pretrained` with its own tokenizer), or from a 
 the image tower and its projection come from the model params, since the checkpoint has
 none). Without image tokens the model is T5 itself: `text_logits` equals transformers' T5.
 
+Its base class and the registry's functions are shared with the other generative family
+(`vlp.models.generative`).
+
 A model directory holds vlp_config.json (`model` with `family: t5`, `t5_config`,
 `image_config` and `generation_config`), model.safetensors and tokenizer/.
 """
