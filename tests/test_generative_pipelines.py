@@ -77,6 +77,22 @@ def test_generative_pipeline(
     assert metrics["steps"] == 4 and metrics["caption_warmup_steps"] == 2
     assert {"loss_lm_first", "loss_lm_last"} <= set(metrics)
     assert "no contrastive embeddings" in metrics["zero_shot"]
+    # the pretrained model, measured untrained on what it writes
+    for task, key in (("captioning", "CIDEr"), ("vqa", "overall")):
+        out_file = tmp_path / f"zeroshot-{task}.json"
+        model = str(outputs / "models" / "pretrained")
+        vlp(
+            "zeroshot",
+            "--model",
+            model,
+            "--data",
+            str(smoke_data),
+            "--task",
+            task,
+            "--out",
+            str(out_file),
+        )
+        assert key in json.loads(out_file.read_text())
     if start == "checkpoint":
         from transformers import AutoTokenizer
 

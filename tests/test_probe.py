@@ -106,3 +106,34 @@ def test_data_without_shape_labels_is_skipped(cfg: Config, tmp_path: Path) -> No
     user = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(photos)))
     result = json.loads(probe(user).read_text())
     assert set(result) == {"skipped"} and "no one-object scene" in result["skipped"]
+
+
+@pytest.mark.parametrize("family", ["encoder-decoder", "t5"])
+def test_a_generative_family_is_probed_through_its_image_encoder(
+    cfg: Config, tmp_path: Path, family: str
+) -> None:
+    from tests.checkpoints.vlp import IMAGE_SIZE, TEXTS, TRANSFORM
+    from vlp.models.checkpoints import IMAGE_TRANSFORM_FILE
+    from vlp.models.family import build_from_params
+    from vlp.models.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    model_cfg = dataclasses.replace(cfg.model, family=family, image_tower="vit")
+    model = build_from_params(model_cfg, train_tokenizer(TEXTS, 120), 0.07)
+    saved = tmp_path / family
+    model.save_pretrained(saved, {IMAGE_TRANSFORM_FILE: {**TRANSFORM, "size": IMAGE_SIZE}})
+    pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        states = model.eval().image_states(pixels)
+    assert states.shape[0] == 2 and states.shape[1] > 1  # a global token, then the patches
+    on = dataclasses.replace(
+        cfg,
+        model=model_cfg,
+        pretrain=dataclasses.replace(cfg.pretrain, out_dir=str(saved)),
+    )
+    result = json.loads(probe(on).read_text())
+    grid = 100.0 / result["n_eval"]
+    scores = result["accuracy"]["pretrained"]
+    assert set(scores) == set(CLASSES)
+    for acc in scores.values():
+        assert 0.0 <= acc <= 100.0 and acc / grid == pytest.approx(round(acc / grid))

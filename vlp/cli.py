@@ -168,11 +168,13 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         check_writable(
             {f"--clip-benchmark {args.clip_benchmark}": Path(args.clip_benchmark).parent}
         )
-    if args.answers and not args.vqa:
+    if args.vqa:
+        args.task = "vqa"
+    if args.answers and args.task != "vqa":
         from vlp.errors import ConfigError
 
-        raise ConfigError("--answers ranks VQA answers: it needs --vqa")
-    if args.vqa:
+        raise ConfigError("--answers ranks VQA answers: it needs --task vqa (--vqa)")
+    if args.task == "vqa":
         _print_json(_zeroshot_vqa(cfg, args), args.out)
         return
     scores = zeroshot(
@@ -185,6 +187,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         rerank_k=args.rerank_k,
         rerank_score=args.rerank_score,
         classify=args.classify,
+        task=args.task,
         labels=args.labels,
         classes_file=args.classes,
         templates_file=args.templates,
@@ -461,12 +464,15 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
     """zeroshot and embed: any checkpoint, untrained."""
     s = sub.add_parser(
         "zeroshot",
-        help="measure any checkpoint without training it: retrieval R@K, or --classify",
-        description="MODEL is a vlp model directory, a transformers CLIPModel directory or a "
-        "BLIP retrieval directory. Retrieval on DATA's captions (ITM re-ranking when the model "
-        "has an ITM head), or with --classify zero-shot classification (top-1/top-5): DATA is "
-        "an image-folder tree DATA/<class>/<image>, or a vlp dataset with --labels. With --vqa "
-        "(a VQA task model or a BLIP VQA directory): VQA accuracy on DATA's questions.",
+        help="measure any checkpoint without training it: retrieval R@K, --classify, or "
+        "captioning and VQA of models that write text (--task)",
+        description="MODEL is a vlp model directory, a transformers CLIPModel directory, a "
+        "BLIP retrieval or VQA directory or a VisionEncoderDecoderModel directory. Retrieval on "
+        "DATA's captions (ITM re-ranking when the model has an ITM head), or with --classify "
+        "zero-shot classification (top-1/top-5): DATA is an image-folder tree "
+        "DATA/<class>/<image>, or a vlp dataset with --labels. --task captioning: generated "
+        "captions (BLEU, ROUGE-L, CIDEr-D); --task vqa (or --vqa): VQA accuracy of the answers "
+        "a VQA task model or a model that writes answers gives to DATA's questions.",
     )
     _checkpoint_args(s)
     s.add_argument("--split", default=None, help="split measured (default zeroshot.split)")
@@ -484,6 +490,12 @@ def _add_checkpoint_commands(sub: argparse._SubParsersAction) -> None:
         "evaluation (default: a task model's own, else zeroshot.rerank_score)",
     )
     s.add_argument("--classify", action="store_true", help="zero-shot image classification")
+    s.add_argument(
+        "--task",
+        default="retrieval",
+        help="retrieval (default), classification (as --classify), captioning or vqa (as "
+        "--vqa); each model family is measured on some (the generative ones: captioning, vqa)",
+    )
     s.add_argument(
         "--vqa",
         action="store_true",

@@ -14,7 +14,8 @@ Three encoders, each with its own image transform:
 - `mae`: the ViTMAE encoder `pretrain-vision` trained (`pretrain_vision.out_dir`) under a
   fresh (seeded) projection, as VLP pretraining starts from it; null when the directory holds
   no trained MAE (the stage was disabled);
-- `pretrained`: the image tower of the VLP-pretrained model (`pretrain.out_dir`).
+- `pretrained`: the image tower of the VLP-pretrained model (`pretrain.out_dir`), of any
+  family (`image_states`: a generative family's image encoder, as its decoder reads it).
 
 The classifier: features standardised with the training images' mean and std, then
 full-batch L-BFGS on cross-entropy plus `probe.l2` times the squared weights, from zero
@@ -190,7 +191,7 @@ def encoders(cfg: Config, device: torch.device) -> dict[str, Callable[[], Any]]:
     def pretrained() -> tuple[Encoder, Any]:
         loaded = load_model(cfg.pretrain.out_dir, device, key="pretrain.out_dir")
         loaded.model.eval()
-        return (lambda pixels: loaded.model.encode_image(pixels)[0][:, 0]), loaded.transform
+        return (lambda pixels: loaded.model.image_states(pixels)[:, 0]), loaded.transform
 
     return {"random": random, "mae": mae, "pretrained": pretrained}
 

@@ -2,7 +2,7 @@
 
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
-checkpoint. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
+checkpoint or a `VisionEncoderDecoderModel`. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
 bf16 autocast when `zeroshot.precision` (`--precision`) resolves to bf16: `auto` is fp32 on
 CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
 (`resolve_inference_precision`). Features are returned as float32.
@@ -20,6 +20,9 @@ CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
   come from a file (`--classes`); prompts from a file or a named set (`vlp.prompts`:
   `openai_imagenet`, CLIP's 80 ImageNet templates). Top-1/top-5 accuracy and mean per-class
   recall, also in CLIP_benchmark's layout (`vlp.metrics.clip_benchmark`).
+
+- captioning and vqa (`--task`) of models that write text, on the tasks their family lists
+  (`Family.zeroshot_tasks`): `vlp.zeroshot_generative`.
 
 `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
 `image_features`, `text_features`); `vlp zeroshot --vqa` (`vlp.zeroshot_vqa`) answers VQA
@@ -74,18 +77,20 @@ class Inference:
 
 
 def load_inference(
-    cfg: Config, model_dir: str | os.PathLike, precision: str | None, batch_size: int | None
+    cfg: Config,
+    model_dir: str | os.PathLike,
+    precision: str | None,
+    batch_size: int | None,
+    task: str | None = None,
 ) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`)."""
-    from vlp.models.family import get_family, load_model, model_family
+    """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`) for
+    the `vlp zeroshot` task `task` (None: `vlp embed`'s embeddings)."""
+    from vlp.models.family import get_family, load_model, model_family, zeroshot_not_applicable
 
     batch_size, device, amp_dtype = inference_settings(cfg, precision, batch_size)
-    family = get_family(model_family(model_dir, "--model"))
-    if "itc" not in family.objectives:
-        raise ConfigError(
-            f"--model: {model_dir} holds a model of the {family.name} family "
-            f"({family.description}): it has no contrastive embeddings to score or export with"
-        )
+    why = zeroshot_not_applicable(get_family(model_family(model_dir, "--model")), task)
+    if why:
+        raise ConfigError(f"--model: {model_dir} holds {why}")
     # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
     encoder = load_model(
         model_dir, device, key="--model", temperature=cfg.model.temperature, as_is=True
@@ -395,12 +400,15 @@ def zeroshot(
     rerank_k: int | None = None,
     rerank_score: str | None = None,
     classify: bool = False,
+    task: str = "retrieval",
     labels: str | None = None,
     classes_file: str | None = None,
     templates_file: str | None = None,
 ) -> dict[str, float]:
-    """Measure the checkpoint at `model_dir` on `data_dir`; record an MLflow run; return the scores."""
+    """Measure the checkpoint at `model_dir` on `data_dir` on `task` (`classify`: classification,
+    whatever `task`); record an MLflow run; return the scores."""
     from vlp.data.manifest import check_split_names
+    from vlp.models.family import ZEROSHOT_TASKS
     from vlp.tasks import model_sha256
     from vlp.tasks.retrieval.task import rerank_score_for
     from vlp.tracking import check_stage_outputs, stage_run
@@ -409,14 +417,21 @@ def zeroshot(
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
+    task = "classification" if classify else task
+    if task not in ZEROSHOT_TASKS:
+        raise ConfigError(f"--task: {task!r} is not one of {', '.join(ZEROSHOT_TASKS)}")
+    if task == "vqa":
+        raise ConfigError(
+            "--task vqa: answered by vlp.zeroshot_vqa.vqa_zeroshot (vlp zeroshot --task vqa)"
+        )
     templates = resolve_templates(cfg, templates_file)
     classes = read_lines(classes_file, "--classes") if classes_file else None
-    if not classify and (labels or classes_file or templates_file):
+    if task != "classification" and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")
     check_stage_outputs(cfg, {})
     # hashed before loading: the scores belong to exactly these bytes
     sha = model_sha256(model_dir)
-    run = load_inference(cfg, model_dir, precision, batch_size)
+    run = load_inference(cfg, model_dir, precision, batch_size, task)
     params: dict[str, Any] = {
         "model": str(model_dir),
         "model_sha256": sha,
@@ -425,21 +440,26 @@ def zeroshot(
         "split": split,
         "precision": run.precision,
         "batch_size": run.batch_size,
-        "mode": "classify" if classify else "retrieval",
+        "mode": "classify" if task == "classification" else task,
     }
-    if classify:
+    if task == "classification":
         images = labelled_images(data_dir, split, labels)
         # an image-folder tree has no splits: it is the split
         params.update(labels=labels or "folders", templates=json.dumps(templates))
         if labels is None:
             params["split"] = "none"
         metrics = classification_metrics(run, data_dir, images, classes, templates)
-    else:
+    elif task == "retrieval":
         k = resolve_rerank_k(run, cfg, rerank_k)
         info, default = run.encoder.task_info, cfg.zeroshot.rerank_score
         score = rerank_score_for(rerank_score, info, run.encoder.path, default)
         params.update(rerank_k=k, rerank_score=score if k else "none")
         metrics = retrieval_metrics(run, data_dir, split, k, score)
+    else:
+        from vlp.zeroshot_generative import measure
+
+        settings, metrics = measure(cfg, run, data_dir, split, task)
+        params.update(settings)
     inputs = read_inputs(model_dir, sha, data_dir, labels)
     tags = {"vlp.model_sha256": sha}
     with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:

@@ -83,7 +83,7 @@ def load_answerer(
     p = local_dir(model_dir, "--model")
     family, meta = recognise(p, "--model")
     if meta is None:
-        if not family.generates_answers:
+        if not family.generates_answers or "vqa" not in family.zeroshot_tasks:
             raise ConfigError(
                 f"--model: {p} holds a model of the {family.name} family "
                 f"({family.description}): it writes no answers"
@@ -95,21 +95,23 @@ def load_answerer(
     loaded.model.eval()
     run = Inference(loaded, batch_size, amp_dtype)
     info = loaded.task_info
-    if meta is None:
+    if meta is None or info is None or info.get("task") != "vqa":
+        writes = callable(getattr(loaded.model, "generate_answers", None))
+        if not writes or "vqa" not in family.zeroshot_tasks:
+            raise ConfigError(
+                f"--model: {p} is a vlp model directory but not a VQA task model (task.json "
+                "task: vqa) and its model writes no answers: finetune it for VQA first"
+            )
         if candidates is not None and not hasattr(loaded.model, "question_states"):
             raise ConfigError(
                 f"--answers: ranking candidates needs BLIP's answer decoder; {p} is a "
                 f"{family.name} model"
             )
+        # a checkpoint, or a pretrained (or other task's) model of a family that writes answers
         z = cfg.zeroshot
         return run, CheckpointAnswerer(run, z.answer_max_length, candidates, z.answer_rank_k)
     if candidates is not None:
         raise ConfigError(f"--answers: {p} is a VQA task model; it answers as it was finetuned")
-    if info is None or info.get("task") != "vqa":
-        raise ConfigError(
-            f"--model: {p} is a vlp model directory but not a VQA task model (task.json "
-            "task: vqa): finetune it for VQA first"
-        )
     predictor = TASKS["vqa"].module().Predictor(loaded.model, info, p, batch_size)
     return run, predictor
 

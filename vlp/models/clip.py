@@ -100,6 +100,10 @@ class CLIPDualEncoder(SavedModel):
         out = self.clip.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=True)
         return out.last_hidden_state, F.normalize(out.pooler_output, dim=-1)
 
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tokens [B,1+N,Hv] of `encode_image` (the class token first)."""
+        return self.encode_image(pixel_values)[0]
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,9 @@ the checkpoint's own size). The decoder starts every text from the config's
 GPT-2's <|endoftext|>, which also pads, or vlp's [SEP]. It has no contrastive embeddings nor
 ITM head: it captions, and retrieval does not apply to it.
 
+Its base class and the registry's functions are shared with the other generative family
+(`vlp.models.generative`).
+
 A model directory holds vlp_config.json (`model` with `family: encoder-decoder`,
 `encoder_decoder_config` and `generation_config`), model.safetensors and tokenizer/.
 """
@@ -31,6 +34,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.generative import (
+    GenerativeFamily,
+    GenerativeModel,
+    check_heads,
+    set_decoder_tokens,
+)
 from vlp.models.seq2seq_text import DecoderTokens, load_text_tokenizer, with_padding
 from vlp.models.towers import (
     TOWER_OF_MODEL_TYPE,
@@ -38,39 +47,27 @@ from vlp.models.towers import (
     vit_from_mae,
     vit_sizes,
 )
-from vlp.models.weights import (
-    CONFIG_NAME,
-    TOKENIZER_DIR,
-    WEIGHTS_NAME,
-    SavedModel,
-    check_config,
-    checkpoint_model_type,
-    load_transformers,
-    load_weights,
-    require_weights,
-    saved_model_config,
-)
+from vlp.models.weights import load_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, VisionEncoderDecoderModel
 
     from vlp.config import ModelConfig
-    from vlp.models.objectives import ObjectiveWeights
 
 FAMILY = "encoder-decoder"
 MODEL_TYPE = "vision-encoder-decoder"  # config.json model_type of the checkpoints it reads
 ENCODER_TOWERS = ("vit", "clip")  # model.image_tower values it builds an encoder for
 
 
-class ImageCaptioner(SavedModel):
+class ImageCaptioner(GenerativeModel):
     """A `VisionEncoderDecoderModel` and its tokenizer: captions images, trained with the LM loss."""
+
+    CONFIG_KEYS = ("encoder_decoder_config", "generation_config")
 
     def __init__(
         self, cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, ved: VisionEncoderDecoderModel
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         if getattr(ved.encoder, "pooler", None) is not None:
             # the decoder reads the last hidden state alone: a ViT pooler would never train,
             # and whether one exists depends on how the encoder was built
@@ -88,6 +85,10 @@ class ImageCaptioner(SavedModel):
         """The image encoder's output (`last_hidden_state` [B, N, H]) for a pixel batch."""
         extra = {"interpolate_pos_encoding": True} if self._interpolates else {}
         return self.ved.encoder(pixel_values=pixel_values, **extra)
+
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's tokens [B, N, H] (a ViT's CLS token first)."""
+        return self.encode_image(pixel_values).last_hidden_state
 
     def decoder_logits(
         self, pixel_values: torch.Tensor, decoder_input_ids: torch.Tensor
@@ -156,9 +157,8 @@ class ImageCaptioner(SavedModel):
                 max_new_tokens=max_length,
                 do_sample=False,
             )
-            texts = self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-            for i, text in zip(rows, texts, strict=True):
-                answers[i] = text.strip()
+            for i, text in zip(rows, self.decode(out[:, length:]), strict=True):
+                answers[i] = text
         return answers
 
     @torch.no_grad()
@@ -176,7 +176,7 @@ class ImageCaptioner(SavedModel):
             max_new_tokens=max_length,
             do_sample=False,
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.decode(out)
 
     # ------------------------------------------------------------------ persistence
     def architecture_configs(self) -> dict[str, Any]:
@@ -187,27 +187,24 @@ class ImageCaptioner(SavedModel):
         }
 
     @classmethod
-    def from_saved(
-        cls, p: Path, meta: dict[str, Any], device: str | torch.device = "cpu", fresh: bool = False
+    def from_configs(
+        cls,
+        cfg: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        meta: dict[str, Any],
+        fresh: bool,
     ) -> ImageCaptioner:
-        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
+        """The `VisionEncoderDecoderModel` of the saved config and generation config."""
         from transformers import (
             GenerationConfig,
             VisionEncoderDecoderConfig,
             VisionEncoderDecoderModel,
         )
 
-        check_config(meta, p / CONFIG_NAME, ("encoder_decoder_config", "generation_config"))
-        if not fresh:
-            require_weights(p)
-        tokenizer = load_text_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         config = VisionEncoderDecoderConfig.from_dict(meta["encoder_decoder_config"])
         ved = VisionEncoderDecoderModel(config=config)
         ved.generation_config = GenerationConfig.from_dict(meta["generation_config"])
-        model = cls(saved_model_config(meta), tokenizer, ved)
-        if not fresh:
-            load_weights(model, p / WEIGHTS_NAME, device)
-        return model.to(device)
+        return cls(cfg, tokenizer, ved)
 
 
 def _end_token(ved: VisionEncoderDecoderModel) -> int:
@@ -281,11 +278,7 @@ def _decoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
             raise ConfigError(
                 f"model.text_pretrained: cannot load a GPT-2 decoder from {p}: {e}"
             ) from None
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(
-            f"model.hidden_size ({cfg.hidden_size}) must be a multiple of model.num_heads "
-            f"({cfg.num_heads})"
-        )
+    check_heads(cfg)
     tokens = DecoderTokens.choose(tokenizer)
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -325,10 +318,7 @@ def build_captioner(
         )
     ved = VisionEncoderDecoderModel(encoder=_encoder(cfg), decoder=decoder)
     tokens = DecoderTokens.choose(tokenizer)
-    for config in (ved.config, ved.generation_config):
-        config.decoder_start_token_id = tokens.start
-        config.eos_token_id = tokens.end
-        config.pad_token_id = tokens.pad
+    set_decoder_tokens(tokens, ved.config, ved.generation_config)
     ved.generation_config.bos_token_id = tokens.start
     return ImageCaptioner(cfg, tokenizer, ved)
 
@@ -377,7 +367,7 @@ def load_checkpoint(
     """The VisionEncoderDecoderModel directory `p` with the tokenizer saved beside it."""
     from transformers import VisionEncoderDecoderModel
 
-    if checkpoint_model_type(p) != MODEL_TYPE:
+    if not _FAMILY.reads_checkpoint(p, key):
         raise ConfigError(f"{key}: {p} is not a transformers VisionEncoderDecoderModel directory")
     ved = load_transformers(VisionEncoderDecoderModel, p, key)
     if ved.config.decoder_start_token_id is None or ved.config.pad_token_id is None:
@@ -390,27 +380,8 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------- the family (vlp.models.family)
+_FAMILY = GenerativeFamily(ImageCaptioner, FAMILY, MODEL_TYPE)
 build = build_captioner
 load_tokenizer = load_text_tokenizer
-
-
-def load(p: Path, meta: dict[str, Any], device: str | torch.device) -> ImageCaptioner:
-    """The captioner saved in the vlp model directory `p` (`meta`: its vlp_config.json)."""
-    return ImageCaptioner.from_saved(p, meta, device=device)
-
-
-def fresh(p: Path, meta: dict[str, Any], temperature: float) -> ImageCaptioner:
-    """The saved architecture, generation config and tokenizer with fresh weights."""
-    return ImageCaptioner.from_saved(p, meta, fresh=True)
-
-
-def reads_checkpoint(p: Path, key: str) -> bool:
-    """Whether `p` is a transformers VisionEncoderDecoderModel directory."""
-    return checkpoint_model_type(p) == MODEL_TYPE
-
-
-def objective(model: ImageCaptioner, weights: ObjectiveWeights, local_loss: bool) -> Any:
-    """The captioning LM loss, weighted `weights.lm` (the only objective it trains)."""
-    from vlp.models.objectives import CaptionObjective
-
-    return CaptionObjective(model, weights.lm, FAMILY)
+load, fresh, objective = _FAMILY.load, _FAMILY.fresh, _FAMILY.objective
+reads_checkpoint = _FAMILY.reads_checkpoint

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
 
 VLP_FORMAT = "vlp"  # the checkpoint format of a vlp model directory, whatever its family
+# what `vlp zeroshot --task` measures (`vlp.zeroshot`; captioning and vqa:
+# `vlp.zeroshot_generative`); each family lists those its checkpoints do
+ZEROSHOT_TASKS = ("retrieval", "classification", "captioning", "vqa")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Family:
     description: str  # what its models are, in messages
     objectives: tuple[str, ...]  # the `ObjectiveWeights` it trains; the others are ignored
     tasks: tuple[str, ...]  # the downstream tasks it can be finetuned for
+    # what `vlp zeroshot` measures its checkpoints on untrained (of `ZEROSHOT_TASKS`)
+    zeroshot_tasks: tuple[str, ...]
     has_itm: bool  # scores (image, text) pairs with an ITM head (re-ranking)
     # can answer VQA by writing the answer after the question (`answer_loss`,
     # `generate_answers`): BLIP's answer decoder, GPT-2 or T5
@@ -84,6 +89,7 @@ FAMILIES: dict[str, Family] = {
             description="an image-grounded text encoder and decoder (BLIP)",
             objectives=("itc", "itm", "lm"),
             tasks=("retrieval", "captioning", "vqa", "generation"),
+            zeroshot_tasks=("retrieval", "classification", "vqa"),
             has_itm=True,
             generates_answers=True,
             answer_classifier=True,
@@ -96,6 +102,7 @@ FAMILIES: dict[str, Family] = {
             description="a dual encoder: image and text embeddings, no fusion encoder or decoder",
             objectives=("itc",),
             tasks=("retrieval", "generation"),
+            zeroshot_tasks=("retrieval", "classification"),
             has_itm=False,
             generates_answers=False,
             answer_classifier=False,
@@ -108,6 +115,7 @@ FAMILIES: dict[str, Family] = {
             description="a vision transformer read by a GPT-2 decoder (VisionEncoderDecoderModel)",
             objectives=("lm",),
             tasks=("captioning", "vqa"),
+            zeroshot_tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
             answer_classifier=False,
@@ -120,6 +128,7 @@ FAMILIES: dict[str, Family] = {
             description="image tokens read with the text by a T5 encoder-decoder (VL-T5)",
             objectives=("lm",),
             tasks=("captioning", "vqa"),
+            zeroshot_tasks=("captioning", "vqa"),
             has_itm=False,
             generates_answers=True,
             answer_classifier=False,
@@ -186,6 +195,23 @@ def task_not_applicable(family: str, task: str) -> str | None:
         return None
     return (
         f"model.family {f.name} ({f.description}) does not do {task}; it does {', '.join(f.tasks)}"
+    )
+
+
+def zeroshot_not_applicable(family: Family, task: str | None) -> str | None:
+    """Why `vlp zeroshot` cannot measure a model of `family` on `task` (None: the contrastive
+    embeddings `vlp embed` exports), as "a model of the <family> family (...): why"; None
+    when it can."""
+    contrastive = "itc" in family.objectives
+    if (task is None and contrastive) or task in family.zeroshot_tasks:
+        return None
+    if not contrastive:
+        why = f"it has no contrastive embeddings {'to export' if task is None else 'for ' + task}"
+    else:
+        why = f"vlp zeroshot does not measure it on {task}"
+    return (
+        f"a model of the {family.name} family ({family.description}): {why}; vlp zeroshot "
+        f"measures it on {', '.join(family.zeroshot_tasks)} (--task)"
     )
 
 

@@ -13,6 +13,9 @@ the local checkpoint `model.text_pretrained` with its own tokenizer), or from a 
 the image tower and its projection come from the model params, since the checkpoint has
 none). Without image tokens the model is T5 itself: `text_logits` equals transformers' T5.
 
+Its base class and the registry's functions are shared with the other generative family
+(`vlp.models.generative`).
+
 A model directory holds vlp_config.json (`model` with `family: t5`, `t5_config`,
 `image_config` and `generation_config`), model.safetensors and tokenizer/.
 """
@@ -26,34 +29,30 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.generative import (
+    GenerativeFamily,
+    GenerativeModel,
+    check_heads,
+    set_decoder_tokens,
+)
 from vlp.models.seq2seq_text import DecoderTokens, load_text_tokenizer, with_padding
 from vlp.models.towers import build_image_tower, checkpoint_text_length, image_tower_from_config
-from vlp.models.weights import (
-    CONFIG_NAME,
-    TOKENIZER_DIR,
-    WEIGHTS_NAME,
-    SavedModel,
-    check_config,
-    checkpoint_model_type,
-    load_transformers,
-    load_weights,
-    require_weights,
-    saved_model_config,
-)
+from vlp.models.weights import load_transformers
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase, T5ForConditionalGeneration
 
     from vlp.config import ModelConfig
-    from vlp.models.objectives import ObjectiveWeights
 
 FAMILY = "t5"
 MODEL_TYPE = "t5"  # config.json model_type of the checkpoints it reads
 
 
-class ImageT5(SavedModel):
+class ImageT5(GenerativeModel):
     """An image tower and a T5 encoder-decoder reading its tokens before the text's."""
+
+    CONFIG_KEYS = ("t5_config", "generation_config", "image_config.model_type")
 
     def __init__(
         self,
@@ -62,15 +61,17 @@ class ImageT5(SavedModel):
         image_tower: nn.Module,
         t5: T5ForConditionalGeneration,
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tokenizer = tokenizer
+        super().__init__(cfg, tokenizer)
         self.image_tower = image_tower
         self.t5 = t5
         c = t5.config
         self.tokens = DecoderTokens.of(
             tokenizer, c.decoder_start_token_id, c.eos_token_id, c.pad_token_id
         )
+
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's tokens [B, N, D] as T5's encoder reads them (global token first)."""
+        return self.image_tower(pixel_values)
 
     def joint_inputs(
         self,
@@ -82,7 +83,7 @@ class ImageT5(SavedModel):
         N tokens (none without pixels), then the T text tokens' embeddings."""
         parts, masks = [], []
         if pixel_values is not None:
-            image = self.image_tower(pixel_values)
+            image = self.image_states(pixel_values)
             parts.append(image)
             masks.append(torch.ones(image.shape[:2], dtype=torch.long, device=image.device))
         if input_ids is not None:
@@ -168,7 +169,7 @@ class ImageT5(SavedModel):
             max_new_tokens=max_length,
             do_sample=False,
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.decode(out)
 
     @torch.no_grad()
     def generate_captions(
@@ -187,10 +188,14 @@ class ImageT5(SavedModel):
         }
 
     @classmethod
-    def from_saved(
-        cls, p: Path, meta: dict[str, Any], device: str | torch.device = "cpu", fresh: bool = False
+    def from_configs(
+        cls,
+        cfg: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        meta: dict[str, Any],
+        fresh: bool,
     ) -> ImageT5:
-        """`from_pretrained` of the local model directory `p` whose vlp_config.json is `meta`."""
+        """T5 of the saved config and generation config, the image tower of `image_config`."""
         from transformers import (
             CONFIG_MAPPING,
             GenerationConfig,
@@ -198,20 +203,12 @@ class ImageT5(SavedModel):
             T5ForConditionalGeneration,
         )
 
-        keys = ("t5_config", "generation_config", "image_config.model_type")
-        check_config(meta, p / CONFIG_NAME, keys)
-        if not fresh:
-            require_weights(p)
-        tokenizer = load_text_tokenizer(p / TOKENIZER_DIR, f"{p}/{TOKENIZER_DIR}")
         t5 = T5ForConditionalGeneration(T5Config.from_dict(meta["t5_config"]))
         t5.generation_config = GenerationConfig.from_dict(meta["generation_config"])
         image_cfg = dict(meta["image_config"])
         image_cfg = CONFIG_MAPPING[image_cfg.pop("model_type")].from_dict(image_cfg)
         tower = image_tower_from_config(image_cfg, t5.config.d_model, fresh=fresh)
-        model = cls(saved_model_config(meta), tokenizer, tower, t5)
-        if not fresh:
-            load_weights(model, p / WEIGHTS_NAME, device)
-        return model.to(device)
+        return cls(cfg, tokenizer, tower, t5)
 
 
 def _t5(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> T5ForConditionalGeneration:
@@ -228,11 +225,7 @@ def _t5(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> T5ForConditiona
                 f"the T5's {t5.config.vocab_size}"
             )
         return t5
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(
-            f"model.hidden_size ({cfg.hidden_size}) must be a multiple of model.num_heads "
-            f"({cfg.num_heads})"
-        )
+    check_heads(cfg)
     tokens = DecoderTokens.choose(tokenizer)
     config = T5Config(
         vocab_size=len(tokenizer),
@@ -248,9 +241,7 @@ def _t5(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> T5ForConditiona
         pad_token_id=tokens.pad,
     )
     t5 = T5ForConditionalGeneration(config)
-    t5.generation_config.decoder_start_token_id = tokens.start
-    t5.generation_config.eos_token_id = tokens.end
-    t5.generation_config.pad_token_id = tokens.pad
+    set_decoder_tokens(tokens, t5.generation_config)
     return t5
 
 
@@ -277,7 +268,7 @@ def load_checkpoint(
     the model params `base` (a T5 checkpoint has none); seed torch first."""
     from transformers import AutoConfig
 
-    if checkpoint_model_type(p) != MODEL_TYPE:
+    if not _FAMILY.reads_checkpoint(p, key):
         raise ConfigError(f"{key}: {p} is not a transformers T5 directory")
     if base is None or as_is:
         raise ConfigError(
@@ -304,27 +295,8 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------- the family (vlp.models.family)
+_FAMILY = GenerativeFamily(ImageT5, FAMILY, MODEL_TYPE)
 build = build_image_t5
 load_tokenizer = load_text_tokenizer
-
-
-def load(p: Path, meta: dict[str, Any], device: str | torch.device) -> ImageT5:
-    """The model saved in the vlp model directory `p` (`meta`: its vlp_config.json)."""
-    return ImageT5.from_saved(p, meta, device=device)
-
-
-def fresh(p: Path, meta: dict[str, Any], temperature: float) -> ImageT5:
-    """The saved architecture, generation config and tokenizer with fresh weights."""
-    return ImageT5.from_saved(p, meta, fresh=True)
-
-
-def reads_checkpoint(p: Path, key: str) -> bool:
-    """Whether `p` is a transformers T5 directory."""
-    return checkpoint_model_type(p) == MODEL_TYPE
-
-
-def objective(model: ImageT5, weights: ObjectiveWeights, local_loss: bool) -> Any:
-    """The captioning LM loss, weighted `weights.lm` (the only objective it trains)."""
-    from vlp.models.objectives import CaptionObjective
-
-    return CaptionObjective(model, weights.lm, FAMILY)
+load, fresh, objective = _FAMILY.load, _FAMILY.fresh, _FAMILY.objective
+reads_checkpoint = _FAMILY.reads_checkpoint

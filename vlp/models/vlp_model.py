@@ -94,6 +94,10 @@ class VLPModel(SavedModel):
         image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
         return image_embeds, image_feat
 
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's tokens [B,N,H] (`encode_image`'s first; token 0 is global)."""
+        return self.image_tower(pixel_values)
+
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
