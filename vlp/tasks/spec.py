@@ -38,6 +38,12 @@ class FinetuneBudget:
     lr: float
     weight_decay: float
     warmup_steps: int
+    # model selection on the `val` split (vlp.tasks.validation): score every val_every
+    # optimizer steps (0: off) by val_metric (None: the task's primary metric), keep the best
+    # weights, stop after early_stopping_patience scorings without improvement (0: never)
+    val_every: int
+    val_metric: str | None
+    early_stopping_patience: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,8 @@ class Task:
     # the promotion gate where the evaluation data gives no primary_metric (generation on
     # captions its scene parser cannot read); None: there is always a primary_metric
     fallback_metric: str | None = None
+    # the manifest (vlp.data.manifest) whose rows of `evaluate.split` its `evaluate` scores
+    eval_manifest: str = "pairs.parquet"
 
     def gate_metric(self, metrics: dict[str, Any]) -> str:
         """The metric that gates promotion for an evaluation's `metrics` (top level or under

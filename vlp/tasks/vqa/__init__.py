@@ -31,4 +31,5 @@ TASK = Task(
     output=("answer", "string"),
     implementation="vlp.tasks.vqa.task",
     evaluate_options=("vqa_protocol",),
+    eval_manifest="vqa.parquet",
 )
