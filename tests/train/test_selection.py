@@ -119,3 +119,42 @@ def test_an_unknown_metric_and_bad_settings_are_named(tmp_path: Path) -> None:
         SelectionSettings(every=0, metric="rsum", patience=0)
     with pytest.raises(ConfigError, match="early_stopping_patience"):
         SelectionSettings(every=1, metric="rsum", patience=-1)
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from tests.train.test_ddp import DEADLOCK
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", timeout=DEADLOCK, rank=rank, world_size=2
+    )
+    try:
+        model, scores = fresh_model(), iter([1.0, 3.0, 2.0, 2.5, 5.0])
+
+        def score(step: int) -> dict[str, float]:
+            assert rank == 0, "only rank 0 scores"
+            return {"m": next(scores)}
+
+        select = ModelSelection(
+            SelectionSettings(every=1, metric="m", patience=2), model, score, rank == 0, 2
+        )
+        s = settings(max_steps=8, batch_size=8)
+        result = train(
+            model, make_data(), collate, s, Path(out) / str(rank), on_step=select.on_step
+        )
+        best = select.finish(result.steps)
+        torch.save({"steps": result.steps, "best": best and best.step}, Path(out) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two training processes
+def test_every_rank_stops_at_the_step_rank_0_decides(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    done = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # best 3.0 at step 2, then 2.0 and 2.5: two scorings without improvement
+    assert done == [{"steps": 4, "best": 2}, {"steps": 4, "best": None}]
