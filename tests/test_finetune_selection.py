@@ -7,10 +7,12 @@ import csv
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from tests.mlflow_helpers import empty_store  # noqa: F401
@@ -53,7 +55,24 @@ def _run(tmp_path: Path, name: str) -> mlflow.entities.Run:
 def test_selection_saves_the_best_val_model_and_leaves_training_unchanged(
     cfg: Config,  # noqa: F811
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import vlp.finetune
+    from vlp.models import VLPModel
+
+    scored: dict[int, dict[str, torch.Tensor]] = {}  # the weights each scoring saw
+    real_scorer = vlp.finetune.val_scorer
+
+    def watched_scorer(*args: object) -> Callable[[int], dict[str, float]]:
+        score, module = real_scorer(*args), args[2]
+
+        def watched(step: int) -> dict[str, float]:
+            scored[step] = {k: v.clone() for k, v in module.model.state_dict().items()}
+            return score(step)
+
+        return watched
+
+    monkeypatch.setattr(vlp.finetune, "val_scorer", watched_scorer)
     plain_dir = finetune(cfg, "retrieval")
     plain_loss = loss_curve_path(cfg, "retrieval", "pretrained")
     plain_curve = plain_loss.read_text()
@@ -84,6 +103,10 @@ def test_selection_saves_the_best_val_model_and_leaves_training_unchanged(
     assert _val_score(on, out)["rsum"] == info["val_best_value"]
     # ... which is the last step's (the run without selection) only if the last step was best
     assert ((out / "model.safetensors").read_bytes() == off_weights) == (best_step == 4)
+    saved = VLPModel.from_pretrained(out).state_dict()
+    assert sorted(scored) == [1, 2, 3, 4] and saved.keys() == scored[best_step].keys()
+    for name, weights in scored[best_step].items():
+        assert torch.equal(saved[name], weights), name
 
     run = _run(tmp_path, "finetune-retrieval-pretrained")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val.rsum")
