@@ -185,6 +185,15 @@ def test_the_val_curve_is_a_plot_of_every_finetune_stage() -> None:
         "y": "score",
         "cache": False,
     }
+    views = {
+        next(iter(v)): next(iter(v.values()))
+        for v in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+        if isinstance(v, dict)
+    }
+    for task in ("retrieval", "captioning", "vqa", "generation"):  # pretrained vs scratch
+        assert views[f"finetune_val_{task}"]["y"] == {
+            f"plots/finetune_{task}_{init}_val.csv": "score" for init in ("pretrained", "scratch")
+        }
     params = yaml.safe_load((REPO / "params.yaml").read_text())["finetune"]
     for task in ("retrieval", "captioning", "vqa", "generation"):  # off by default
         assert params[task]["val_every"] == 0 and params[task]["early_stopping_patience"] == 0
