@@ -148,6 +148,21 @@ def test_a_chosen_val_metric_and_early_stopping(cfg: Config) -> None:  # noqa: F
     assert info["stopped_early"] is bool(worse)
 
 
+def test_ranks_and_distances_are_minimised_and_scores_maximised(cfg: Config) -> None:  # noqa: F811
+    from vlp.tasks.validation import selection_settings
+
+    def chosen(task: str, metric: str | None) -> tuple[str, bool]:
+        s = selection_settings(_with(cfg, task, val_every=1, val_metric=metric), task)
+        assert s is not None
+        return s.metric, s.maximise
+
+    assert chosen("retrieval", None) == ("rsum", True)
+    assert chosen("retrieval", "t2i_medr") == ("t2i_medr", False)
+    assert chosen("vqa", None) == ("overall", True)
+    assert chosen("generation", "frechet_distance_image_tower")[1] is False
+    assert selection_settings(cfg, "captioning") is None  # val_every 0: off
+
+
 def test_selection_refuses_a_dataset_without_val_and_training_on_val(
     cfg: Config,  # noqa: F811
     tmp_path: Path,

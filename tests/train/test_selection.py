@@ -49,9 +49,8 @@ def _selection(model: torch.nn.Module, targets: torch.Tensor, **kw: int) -> Mode
         pred = model.net(_held_out()).squeeze(-1) * model.temp
         return {"neg_mse": -torch.nn.functional.mse_loss(pred, targets).item()}
 
-    s = SelectionSettings(
-        every=kw.get("every", 1), metric="neg_mse", patience=kw.get("patience", 0)
-    )
+    every, patience = kw.get("every", 1), kw.get("patience", 0)
+    s = SelectionSettings(every=every, metric="neg_mse", patience=patience, maximise=True)
     return ModelSelection(s, model, score)
 
 
@@ -87,6 +86,27 @@ def test_selection_keeps_the_best_steps_weights_and_scores_the_last_step(tmp_pat
     assert [r["best"] for r in select.curve()] == [1, 0, 0]
 
 
+def test_a_rank_or_distance_is_minimised(tmp_path: Path) -> None:
+    """The same held-out data scored by its MSE (lower is better) picks the same step."""
+    seen, targets = _trajectory(tmp_path, 6)
+    model = fresh_model()
+
+    @torch.no_grad()
+    def score(step: int) -> dict[str, float]:
+        pred = model.net(_held_out()).squeeze(-1) * model.temp
+        return {"mse": torch.nn.functional.mse_loss(pred, targets).item()}
+
+    s = SelectionSettings(every=1, metric="mse", patience=0, maximise=False)
+    select = ModelSelection(s, model, score)
+    result = train(
+        model, make_data(), collate, settings(max_steps=6), tmp_path / "sel", on_step=select.on_step
+    )
+    best = select.finish(result.steps)
+    assert best is not None and best.step == PEAK and best.value == 0.0
+    for k, v in _weights(model).items():
+        torch.testing.assert_close(v, seen[PEAK][k], rtol=0, atol=0)
+
+
 def test_early_stopping_ends_the_run_after_patience_scorings_without_improvement(
     tmp_path: Path,
 ) -> None:
@@ -111,14 +131,14 @@ def test_early_stopping_ends_the_run_after_patience_scorings_without_improvement
 
 def test_an_unknown_metric_and_bad_settings_are_named(tmp_path: Path) -> None:
     model = fresh_model()
-    s = SelectionSettings(every=1, metric="rsum", patience=0)
+    s = SelectionSettings(every=1, metric="rsum", patience=0, maximise=True)
     select = ModelSelection(s, model, lambda step: {"CIDEr": 1.0})
     with pytest.raises(ConfigError, match="val_metric: 'rsum' is not a metric.*CIDEr"):
         select.on_step(1)
     with pytest.raises(ConfigError, match="val_every"):
-        SelectionSettings(every=0, metric="rsum", patience=0)
+        SelectionSettings(every=0, metric="rsum", patience=0, maximise=True)
     with pytest.raises(ConfigError, match="early_stopping_patience"):
-        SelectionSettings(every=1, metric="rsum", patience=-1)
+        SelectionSettings(every=1, metric="rsum", patience=-1, maximise=True)
 
 
 def _ddp_worker(rank: int, store: str, out: str) -> None:
@@ -138,7 +158,11 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
             return {"m": next(scores)}
 
         select = ModelSelection(
-            SelectionSettings(every=1, metric="m", patience=2), model, score, rank == 0, 2
+            SelectionSettings(every=1, metric="m", patience=2, maximise=True),
+            model,
+            score,
+            rank == 0,
+            2,
         )
         s = settings(max_steps=8, batch_size=8)
         result = train(

@@ -69,6 +69,8 @@ class Task:
     # the promotion gate where the evaluation data gives no primary_metric (generation on
     # captions its scene parser cannot read); None: there is always a primary_metric
     fallback_metric: str | None = None
+    # its metrics where lower is better (ranks, distances): model selection minimises them
+    lower_is_better: tuple[str, ...] = ()
     # the manifest (vlp.data.manifest) whose rows of `evaluate.split` its `evaluate` scores
     eval_manifest: str = "pairs.parquet"
 

@@ -57,7 +57,8 @@ def selection_settings(cfg: Config, task: str) -> SelectionSettings | None:
         )
     require_splits(cfg.data.root, VAL_SPLIT, f"{key}.val_every", f"{task} rows", spec.eval_manifest)
     metric = tcfg.val_metric or spec.primary_metric
-    return SelectionSettings(tcfg.val_every, metric, tcfg.early_stopping_patience)
+    maximise = metric not in spec.lower_is_better
+    return SelectionSettings(tcfg.val_every, metric, tcfg.early_stopping_patience, maximise)
 
 
 def val_scorer(

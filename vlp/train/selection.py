@@ -9,9 +9,10 @@ stops after that many scorings in a row without improvement; under `torchrun` ra
 broadcasts the decision so that every rank stops at the same step. `finish` scores the last
 step if it was not scored yet and loads the best weights back into the module.
 
-The metric is maximised: every task's primary metric (R@K sum, CIDEr, VQA accuracy,
-compositional exact match) is a higher-is-better score. The best weights are held in
-memory (one CPU copy of the state dict), never written as a checkpoint of their own.
+The metric is maximised (every task's primary metric: R@K sum, CIDEr, VQA accuracy,
+compositional exact match) or, with `maximise` false, minimised (a median rank, a Fréchet
+distance). The best weights are held in memory (one CPU copy of the state dict), never
+written as a checkpoint of their own.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from vlp.errors import ConfigError
 
 @dataclass(frozen=True)
 class SelectionSettings:
-    """When to score (`every` optimizer steps), by which metric, and the early-stopping
-    `patience` (scorings without improvement; 0: never stop early)."""
+    """When to score (`every` optimizer steps), by which metric (`maximise` it, or minimise
+    it: a rank or a distance), and the early-stopping `patience` (scorings without
+    improvement; 0: never stop early)."""
 
     every: int
     metric: str
     patience: int
+    maximise: bool
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -85,7 +88,10 @@ class ModelSelection:
             raise ConfigError(f"val_metric: {name!r} is not a metric of this task; it has {known}")
         value = float(metrics[name])
         best = self.best
-        improved = not math.isnan(value) and (best is None or value > best.value)
+        better = best is None or (
+            value > best.value if self.settings.maximise else value < best.value
+        )
+        improved = not math.isnan(value) and better
         if improved:
             state = self.module.state_dict()
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
