@@ -87,7 +87,7 @@ def _answers(model: Path, data: Path) -> dict[int, str]:
     """The answers `vlp zeroshot --vqa` scores, by question id (test split, fp32)."""
     from vlp.config import load_config
     from vlp.tasks.vqa.task import evaluate
-    from vlp.zeroshot_vqa import load_answerer
+    from vlp.tasks.vqa.zeroshot import load_answerer
 
     cfg = load_config(REPO_ROOT / "params.yaml", profile="smoke")
     _, answerer = load_answerer(cfg, model, "fp32", None)
@@ -128,7 +128,7 @@ def test_a_blip_vqa_checkpoint_answers_zero_shot_and_finetunes_with_its_decoder(
     ranked = json.loads((workdir / "k.json").read_text())
     assert ranked["overall"] > 0.0  # every answer is a real one of the split's
     assert _zeroshot(ckpt, data, workdir / "x.json", *rank[1:3]) == 2
-    assert "--answers ranks VQA answers: it needs --vqa" in capsys.readouterr().err
+    assert "--answers ranks VQA answers: it needs --task vqa (--vqa)" in capsys.readouterr().err
 
     # retrieval refuses it, and pretraining's check of it untrained is skipped, for one reason
     assert _zeroshot(ckpt, data, workdir / "r.json") == 2

@@ -51,21 +51,27 @@ def _package_of(name: str, root: Path) -> str:
     return name if path is not None and path.name == "__init__.py" else name.rpartition(".")[0]
 
 
-def _implementations(nodes: list[ast.AST]) -> set[str]:
-    """Task implementation modules named in `nodes` (`Task(implementation="vlp....")`)."""
+# Task(<keyword>="vlp....") names a module that `<task>.<loader>()` imports
+TASK_MODULES = {"implementation": "module", "zeroshot": "zeroshot_module"}
+
+
+def _implementations(nodes: list[ast.AST], keyword: str | None = None) -> set[str]:
+    """Task modules named in `nodes` (`Task(implementation="vlp....")`; `keyword`: only
+    those named by it, else those of every `TASK_MODULES` keyword)."""
     return {
         kw.value.value
         for node in nodes
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Task"
         for kw in node.keywords
-        if kw.arg == "implementation" and isinstance(kw.value, ast.Constant)
+        if (kw.arg == keyword if keyword else kw.arg in TASK_MODULES)
+        and isinstance(kw.value, ast.Constant)
     }
 
 
-def _loads_implementations(nodes: list[ast.AST]) -> bool:
-    """Whether `nodes` call `<task>.module()`, which imports a task's implementation."""
+def _loads_implementations(nodes: list[ast.AST], loader: str = "module") -> bool:
+    """Whether `nodes` call `<task>.<loader>()`, which imports a task's module."""
     return any(
-        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "module"
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == loader
         for n in nodes
     )
 
@@ -112,8 +118,9 @@ def imported_modules(command: str, root: Path = REPO) -> set[str]:
         *_referenced_modules("vlp.cli", list(ast.walk(handler)), root),
     ]
     seen: set[str] = set()
-    implementations: set[str] = set()
-    loads = _loads_implementations(list(ast.walk(handler)))
+    named = {k: set() for k in TASK_MODULES}  # keyword -> the modules it names
+    handler_nodes = list(ast.walk(handler))
+    loads = {k: _loads_implementations(handler_nodes, v) for k, v in TASK_MODULES.items()}
     while todo:
         parts = todo.pop().split(".")
         for i in range(1, len(parts) + 1):
@@ -124,10 +131,11 @@ def imported_modules(command: str, root: Path = REPO) -> set[str]:
             if name != "vlp.cli":
                 nodes = list(_nodes(_module_file(name, root).read_text()))
                 todo.extend(_referenced_modules(name, nodes, root))
-                implementations |= _implementations(nodes)
-                loads = loads or _loads_implementations(nodes)
-        if not todo and loads and not implementations <= seen:
-            todo.extend(implementations - seen)
+                for k, loader in TASK_MODULES.items():
+                    named[k] |= _implementations(nodes, k)
+                    loads[k] = loads[k] or _loads_implementations(nodes, loader)
+        if not todo:
+            todo.extend(m for k in TASK_MODULES if loads[k] for m in named[k] - seen)
     return seen
 
 

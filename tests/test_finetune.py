@@ -523,7 +523,8 @@ def test_torchrun_finetune_and_evaluate_write_once_from_rank_0(
     assert sorted(p.name for p in out.parent.iterdir()) == ["retrieval-pretrained"]  # no work dirs
     assert json.loads((out / "task.json").read_text())["steps"] == 3
     assert sorted(p.name for p in (tmp_path / OUT / "plots").iterdir()) == [
-        "finetune_retrieval_pretrained.csv"
+        "finetune_retrieval_pretrained.csv",
+        "finetune_retrieval_pretrained_val.csv",  # header only: no model selection
     ]
     trained = VLPModel.from_pretrained(out).state_dict()
     start = VLPModel.from_pretrained(smoke_pretrained).state_dict()

@@ -12,9 +12,9 @@ import pytest
 from tests.checkpoints.blip import TEXT_WIDTH, make_blip_checkpoint
 from vlp.config import Config
 from vlp.errors import ConfigError
+from vlp.inference import load_inference
 from vlp.models.family import untrained_for
 from vlp.pretrain_report import zero_shot_skipped
-from vlp.zeroshot import load_inference
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from torch.nn import functional as F
 from tests.checkpoints.clip import write_tiny_clip
 from vlp.cli import main
 from vlp.data.manifest import read_pairs
+from vlp.inference import load_inference
 from vlp.prompts import template_set, template_set_names
-from vlp.zeroshot import class_embeddings, load_inference
+from vlp.zeroshot import class_embeddings
 
 PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 CLASSES = ["red", "green", "blue"]

@@ -18,7 +18,7 @@ import select
 import signal
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from vlp.config import VQA_PROTOCOLS, Config, load_config, shapes_dir
 from vlp.errors import VlpError
@@ -168,15 +168,20 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         check_writable(
             {f"--clip-benchmark {args.clip_benchmark}": Path(args.clip_benchmark).parent}
         )
+    from vlp.errors import ConfigError
+    from vlp.models.family import ZEROSHOT_TASKS
+    from vlp.tasks import TASKS as TASK_SPECS
+
     if args.vqa:
         args.task = "vqa"
-    if args.answers and args.task != "vqa":
-        from vlp.errors import ConfigError
-
-        raise ConfigError("--answers ranks VQA answers: it needs --task vqa (--vqa)")
-    if args.task == "vqa":
-        _print_json(_zeroshot_vqa(cfg, args), args.out)
+    if args.task not in ZEROSHOT_TASKS:
+        raise ConfigError(f"--task: {args.task!r} is not one of {', '.join(ZEROSHOT_TASKS)}")
+    task = None if args.classify else TASK_SPECS.get(args.task)
+    if task is not None and task.zeroshot is not None:  # its package measures it
+        _print_json(_zeroshot_by_task(cfg, args, task), args.out)
         return
+    if args.answers:
+        raise ConfigError("--answers ranks VQA answers: it needs --task vqa (--vqa)")
     scores = zeroshot(
         cfg,
         Path(args.model),
@@ -186,8 +191,7 @@ def _cmd_zeroshot(cfg: Config, args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         rerank_k=args.rerank_k,
         rerank_score=args.rerank_score,
-        classify=args.classify,
-        task=args.task,
+        classify=args.classify or args.task == "classification",
         labels=args.labels,
         classes_file=args.classes,
         templates_file=args.templates,
@@ -439,17 +443,18 @@ def _add_eval_generation(kind: argparse._SubParsersAction) -> None:
     k.add_argument("--out", default=None)
 
 
-def _zeroshot_vqa(cfg: Config, args: argparse.Namespace) -> dict[str, float]:
+def _zeroshot_by_task(cfg: Config, args: argparse.Namespace, task: Any) -> dict[str, float]:
+    """`vlp zeroshot --task T` where T's package measures it (captioning, VQA)."""
     from vlp.errors import ConfigError
-    from vlp.zeroshot_vqa import vqa_zeroshot
 
-    retrieval_only = ("rerank_k", "rerank_score", "classify", "labels", "classes", "templates")
+    embedding_only = ("rerank_k", "rerank_score", "classify", "labels", "classes", "templates")
+    embedding_only += ("clip_benchmark",)
     given = [
-        f"--{a.replace('_', '-')}" for a in retrieval_only if getattr(args, a) not in (None, False)
+        f"--{a.replace('_', '-')}" for a in embedding_only if getattr(args, a) not in (None, False)
     ]
     if given:
-        raise ConfigError(f"--vqa answers questions: {', '.join(given)} do not apply")
-    return vqa_zeroshot(
+        raise ConfigError(f"--task {task.name}: {', '.join(given)} do not apply")
+    return task.zeroshot_module().zeroshot(
         cfg,
         Path(args.model),
         Path(args.data),

@@ -1,6 +1,6 @@
 """Embeddings of a dataset's images and captions from any checkpoint (`vlp embed`).
 
-The checkpoint runs as `vlp zeroshot` runs it (`vlp.zeroshot.load_inference`: any family,
+The checkpoint runs as `vlp zeroshot` runs it (`vlp.inference.load_inference`: any family,
 `zeroshot.batch_size`, the resolved precision). The output is one Parquet file with a row
 per image, then one per caption, each with its L2-normalised ITC embedding; its metadata
 names the model (and its content hash), the data, split and precision, and marks it as
@@ -16,14 +16,9 @@ import numpy as np
 import torch
 
 from vlp.errors import OutputError
+from vlp.inference import Inference, load_inference
 from vlp.io import check_writable
-from vlp.zeroshot import (
-    Inference,
-    image_features,
-    load_inference,
-    split_pairs,
-    text_features,
-)
+from vlp.zeroshot import image_features, split_pairs, text_features
 
 if TYPE_CHECKING:
     from vlp.config import Config

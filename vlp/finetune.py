@@ -8,6 +8,10 @@ finetuned task model directory (see `vlp.tasks`):
   init -> `finetune.out_dir/<task>-scratch` (the ablation: same architecture, tokenizer and budget,
   weights freshly initialised);
 - `<runtime.plots_dir>/finetune_<task>_<init>.csv`: the per-step loss curve;
+- `<runtime.plots_dir>/finetune_<task>_<init>_val.csv`: the val curve of model selection
+  (`finetune.<task>.val_every` > 0, `vlp.tasks.validation`): the selection metric on the
+  `val` split at every scoring; the model saved is then the best-scoring one, and
+  `task.json` and the run record its step and value (header only while selection is off);
 - an MLflow stage run `finetune-<task>-<init>` with every step's losses, tagged with the
   content hashes of what it read: the starting model (`vlp.input.init`) and the dataset
   (`vlp.input.data`).
@@ -52,7 +56,9 @@ from vlp.data.processors import ProcessorTransform
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, finetuned_name, get_task
+from vlp.tasks.validation import selection_settings, val_scorer
 from vlp.train.distributed import barrier, distributed
+from vlp.train.selection import CURVE_COLUMNS, ModelSelection, SelectionSettings
 
 INITS = ("pretrained", "scratch")
 SKIPPED_FILE = "ABLATION_OFF"
@@ -67,6 +73,11 @@ def model_dir(cfg: Config, task: str, init: str = "pretrained") -> Path:
 def loss_curve_path(cfg: Config, task: str, init: str) -> Path:
     """The per-step loss CSV of one finetuning run (a DVC plot)."""
     return Path(cfg.runtime.plots_dir) / f"finetune_{task}_{init}.csv"
+
+
+def val_curve_path(cfg: Config, task: str, init: str) -> Path:
+    """The val curve CSV of one finetuning run (a DVC plot; header only without selection)."""
+    return Path(cfg.runtime.plots_dir) / f"finetune_{task}_{init}_val.csv"
 
 
 def is_skipped(path: Path) -> bool:
@@ -139,6 +150,7 @@ def loss_columns(history: list[dict[str, float]]) -> list[str]:
 def _write_skipped(cfg: Config, out: Path, task: str) -> Path:
     # The DVC stage declares these outputs whatever the params say: write placeholders.
     atomic_write_csv(loss_curve_path(cfg, task, "scratch"), ["step", "loss"], [])
+    atomic_write_csv(val_curve_path(cfg, task, "scratch"), CURVE_COLUMNS, [])
     with atomic_dir(out, "finetuned-model") as tmp:
         (tmp / SKIPPED_FILE).write_text("finetune.ablation is false: no scratch model trained\n")
         (tmp / TASK_FILE).write_text(json.dumps({"task": task, "init": "scratch"}) + "\n")
@@ -151,6 +163,7 @@ def _write_not_applicable(cfg: Config, out: Path, task: str, init: str, reason: 
 
     print(f"finetune {task} ({init}): not applicable: {reason}")
     atomic_write_csv(loss_curve_path(cfg, task, init), ["step", "loss"], [])
+    atomic_write_csv(val_curve_path(cfg, task, init), CURVE_COLUMNS, [])
     with atomic_dir(out, "finetuned-model") as tmp:
         (tmp / NOT_APPLICABLE_FILE).write_text(reason + "\n")
         info = {"task": task, "init": init, "applicable": False, "reason": reason}
@@ -181,46 +194,102 @@ def _check_outputs(cfg: Config, task: str, init: str) -> Path:
     return out
 
 
-def _save_model(
-    cfg: Config, out: Path, task: str, init: str, setup: Any, transform: Any, result: Any
+def _write_model(
+    module: Any, tmp: Path, task: str, init: str, setup: Any, transform: Any, **info: Any
 ) -> None:
-    """Write the finetuned task model directory (weights, image processor, `TASK_FILE`)."""
+    """Write a task model directory (weights, image processor, `TASK_FILE` with `info`)."""
     task_info = {
         "task": task,
         "init": init,
         "image_size": transform.size,
         # the evaluation transform (its size is image_size): predictors and serving
         "image_transform": {k: v for k, v in transform.to_dict().items() if k != "size"},
+        **info,
+        **setup.info,
+    }
+    get_task(task).module().save(module, tmp)
+    if isinstance(transform, ProcessorTransform):
+        transform.save(tmp)  # preprocessor_config.json, beside the weights
+    (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
+
+
+def _save_model(
+    cfg: Config, out: Path, task: str, init: str, setup: Any, transform: Any, result: Any
+) -> None:
+    """Write the finetuned task model directory; `result.extra` adds model selection's record."""
+    info = {
         "data": str(cfg.data.root),
         "steps": result.steps,
         "final_loss": result.final.get("loss"),
-        **setup.info,
     }
     with atomic_dir(out, "finetuned-model") as tmp:
-        get_task(task).module().save(setup.module, tmp)
-        if isinstance(transform, ProcessorTransform):
-            transform.save(tmp)  # preprocessor_config.json, beside the weights
-        (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
+        _write_model(setup.module, tmp, task, init, setup, transform, **info, **result.extra)
 
 
 def _log_results(
-    cfg: Config, run: Any, out: Path, task: str, init: str, result: Any, wall_s: float
+    cfg: Config,
+    run: Any,
+    out: Path,
+    task: str,
+    init: str,
+    result: Any,
+    wall_s: float,
+    val_rows: list[dict[str, Any]],
 ) -> None:
-    """Write the loss curve, log it and the run's summary to `run`, and print the summary."""
+    """Write the loss and val curves, log them and the run's summary to `run`, and print it."""
     curve = loss_curve_path(cfg, task, init)
     atomic_write_csv(curve, loss_columns(result.history), result.history)
+    val_curve = val_curve_path(cfg, task, init)
+    atomic_write_csv(val_curve, CURVE_COLUMNS, val_rows)
+    selected = {k: v for k, v in result.extra.items() if isinstance(v, int | float)}
     summary = {
         "steps": result.steps,
         "train_s": result.wall_s,
         "wall_s": wall_s,
         "samples_per_s": result.samples_per_s,
         "final_loss": result.final["loss"],
+        **selected,  # model selection's best step and value
     }
     run.log_metrics(summary)
     run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
     run.log_artifact(curve)
+    run.log_artifact(val_curve)
     report = {"task": task, "init": init, "model_dir": str(out), **summary}
     print(json.dumps(report, indent=2))
+
+
+def _model_selection(
+    cfg: Config,
+    task: str,
+    init: str,
+    setup: Any,
+    transform: Any,
+    work: Path,
+    run: Any,
+    settings: SelectionSettings | None,
+    dist_info: Any,
+) -> ModelSelection | None:
+    """Model selection on the `val` split (`vlp.tasks.validation`), or None when it is off."""
+    if settings is None:
+        return None
+
+    def write(module: Any, tmp: Path) -> None:
+        _write_model(module, tmp, task, init, setup, transform, data=str(cfg.data.root))
+
+    def log(scoring: Any) -> None:
+        val = {f"val.{k}": v for k, v in scoring.metrics.items() if isinstance(v, int | float)}
+        run.log_metrics(val, step=scoring.step)
+        mark = " (best)" if scoring.best else ""
+        print(f"val step {scoring.step}: {settings.metric} {scoring.value:.4f}{mark}")
+
+    return ModelSelection(
+        settings,
+        setup.module,
+        val_scorer(cfg, task, setup.module, write, work),
+        is_main=dist_info.is_main,
+        world_size=dist_info.world_size,
+        on_score=log if run is not None else None,
+    )
 
 
 def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
@@ -244,6 +313,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 _write_skipped(cfg, out, task)
             barrier()
             return out
+        selection = selection_settings(cfg, task)  # refuses a missing val split before training
         t0 = time.perf_counter()
         tcfg = cfg.finetune.task(task)
         inputs = read_inputs(cfg) if info.is_main else {}  # hashed before anything is loaded
@@ -281,11 +351,16 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 if step % log_every == 0 or step == 1:
                     run.log_metrics(metrics, step=step)
 
+            select = _model_selection(cfg, task, init, setup, transform, work, run, selection, info)
             result = train(
-                module, dataset, setup.collate, settings, work, on_log=on_log if run else None
-            )
+                module, dataset, setup.collate, settings, work, on_log=on_log if run else None,
+                on_step=select.on_step if select else None,
+            )  # fmt: skip
+            if select is not None and select.finish(result.steps) is not None:
+                result.extra.update(select.summary())  # the best weights are now the module's
             if info.is_main:
                 _save_model(cfg, out, task, init, setup, transform, result)
-                _log_results(cfg, run, out, task, init, result, time.perf_counter() - t0)
+                val_rows = select.curve() if select else []
+                _log_results(cfg, run, out, task, init, result, time.perf_counter() - t0, val_rows)
         barrier()
     return out

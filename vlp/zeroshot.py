@@ -2,10 +2,8 @@
 
 The checkpoint is a directory `vlp.models.family.load_model` reads: a vlp model (the
 pretrained one or a finetuned task model), a transformers `CLIPModel` or a BLIP retrieval
-checkpoint or a `VisionEncoderDecoderModel`. Everything runs in batches of `zeroshot.batch_size` (`--batch-size`), under
-bf16 autocast when `zeroshot.precision` (`--precision`) resolves to bf16: `auto` is fp32 on
-CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
-(`resolve_inference_precision`). Features are returned as float32.
+checkpoint, run as `vlp.inference.load_inference` has it (batches of `zeroshot.batch_size`,
+`zeroshot.precision`). Features are returned as float32.
 
 - retrieval: R@1/5/10 both ways on a split's captions, VSE++ protocol, the keys `vlp eval
   retrieval` prints. Models with an ITM head re-rank each query's ITC top `rerank_k` as the
@@ -21,12 +19,10 @@ CPUs, as a checkpoint's own outputs, and bf16 on GPUs that have it
   `openai_imagenet`, CLIP's 80 ImageNet templates). Top-1/top-5 accuracy and mean per-class
   recall, also in CLIP_benchmark's layout (`vlp.metrics.clip_benchmark`).
 
-- captioning and vqa (`--task`) of models that write text, on the tasks their family lists
-  (`Family.zeroshot_tasks`): `vlp.zeroshot_generative`.
-
-`vlp embed` (`vlp.embeddings`) runs a checkpoint the same way (`load_inference`,
-`image_features`, `text_features`); `vlp zeroshot --vqa` (`vlp.zeroshot_vqa`) answers VQA
-questions with the same settings (`inference_settings`).
+Captioning and VQA of models that write text (`vlp zeroshot --task captioning|vqa`) are
+measured by their task packages (`vlp.tasks.captioning.zeroshot`, `vlp.tasks.vqa.zeroshot`),
+on the same settings. `vlp embed` (`vlp.embeddings`) runs a checkpoint the same way
+(`load_inference`, `image_features`, `text_features`).
 
 `vlp zeroshot` records an MLflow run (stage `zeroshot`) with the model directory, the data,
 split and precision, every number, and the content hashes of what it read: the model
@@ -36,11 +32,9 @@ label file (`vlp.input.labels`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,73 +44,10 @@ from torch.nn import functional as F
 
 from vlp.data.images import IMAGE_SUFFIXES
 from vlp.errors import ConfigError, DataError
+from vlp.inference import SHAPES_LABELS, Inference, load_inference, read_inputs, record_zeroshot
 
 if TYPE_CHECKING:
     from vlp.config import Config
-    from vlp.models.family import LoadedModel
-
-SHAPES_LABELS = "shapes"  # `--labels shapes`: the shapes world's labelling, not a file
-
-
-@dataclass
-class Inference:
-    """How a checkpoint runs: the encoder, batch size and autocast dtype (None: fp32)."""
-
-    encoder: LoadedModel
-    batch_size: int
-    amp_dtype: torch.dtype | None
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if self.amp_dtype is not None else "fp32"
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.encoder.device.type, dtype=self.amp_dtype)
-
-
-def load_inference(
-    cfg: Config,
-    model_dir: str | os.PathLike,
-    precision: str | None,
-    batch_size: int | None,
-    task: str | None = None,
-) -> Inference:
-    """Load `model_dir` on `runtime.device` with `precision` (default `zeroshot.precision`) for
-    the `vlp zeroshot` task `task` (None: `vlp embed`'s embeddings)."""
-    from vlp.models.family import get_family, load_model, model_family, zeroshot_not_applicable
-
-    batch_size, device, amp_dtype = inference_settings(cfg, precision, batch_size)
-    why = zeroshot_not_applicable(get_family(model_family(model_dir, "--model")), task)
-    if why:
-        raise ConfigError(f"--model: {model_dir} holds {why}")
-    # a foreign checkpoint reads texts up to its own text positions (no `base` cap)
-    encoder = load_model(
-        model_dir, device, key="--model", temperature=cfg.model.temperature, as_is=True
-    )
-    encoder.model.eval()
-    encoder.transform  # noqa: B018 (a directory without a known transform is refused here)
-    return Inference(encoder, batch_size, amp_dtype)
-
-
-def inference_settings(
-    cfg: Config, precision: str | None, batch_size: int | None
-) -> tuple[int, torch.device, torch.dtype | None]:
-    """(batch size, device, autocast dtype or None) as `--batch-size` and `--precision` say."""
-    from vlp.config import PRECISIONS
-    from vlp.train.distributed import DistInfo
-    from vlp.train.settings import resolve_device, resolve_inference_precision
-
-    precision = precision or cfg.zeroshot.precision
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
-    batch_size = batch_size or cfg.zeroshot.batch_size
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: must be >= 1, got {batch_size}")
-    device = resolve_device(cfg.runtime.device, DistInfo())
-    return batch_size, device, resolve_inference_precision(precision, device)
-
 
 # ---------------------------------------------------------------- features
 
@@ -400,38 +331,31 @@ def zeroshot(
     rerank_k: int | None = None,
     rerank_score: str | None = None,
     classify: bool = False,
-    task: str = "retrieval",
     labels: str | None = None,
     classes_file: str | None = None,
     templates_file: str | None = None,
 ) -> dict[str, float]:
-    """Measure the checkpoint at `model_dir` on `data_dir` on `task` (`classify`: classification,
-    whatever `task`); record an MLflow run; return the scores."""
+    """Measure the checkpoint at `model_dir` on `data_dir`: retrieval, or classification with
+    `classify`; record an MLflow run; return the scores. (Captioning and VQA are measured by
+    their task packages: `vlp.tasks.<task>.zeroshot`.)"""
     from vlp.data.manifest import check_split_names
-    from vlp.models.family import ZEROSHOT_TASKS
     from vlp.tasks import model_sha256
     from vlp.tasks.retrieval.task import rerank_score_for
-    from vlp.tracking import check_stage_outputs, stage_run
+    from vlp.tracking import check_stage_outputs
 
     split = split or cfg.zeroshot.split
     check_split_names(split, "--split")
     if not data_dir.is_dir():
         raise DataError(f"--data {data_dir}: not a directory")
-    task = "classification" if classify else task
-    if task not in ZEROSHOT_TASKS:
-        raise ConfigError(f"--task: {task!r} is not one of {', '.join(ZEROSHOT_TASKS)}")
-    if task == "vqa":
-        raise ConfigError(
-            "--task vqa: answered by vlp.zeroshot_vqa.vqa_zeroshot (vlp zeroshot --task vqa)"
-        )
     templates = resolve_templates(cfg, templates_file)
     classes = read_lines(classes_file, "--classes") if classes_file else None
-    if task != "classification" and (labels or classes_file or templates_file):
+    if not classify and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")
     check_stage_outputs(cfg, {})
     # hashed before loading: the scores belong to exactly these bytes
     sha = model_sha256(model_dir)
-    run = load_inference(cfg, model_dir, precision, batch_size, task)
+    mode = "classification" if classify else "retrieval"
+    run = load_inference(cfg, model_dir, precision, batch_size, mode)
     params: dict[str, Any] = {
         "model": str(model_dir),
         "model_sha256": sha,
@@ -440,47 +364,20 @@ def zeroshot(
         "split": split,
         "precision": run.precision,
         "batch_size": run.batch_size,
-        "mode": "classify" if task == "classification" else task,
+        "mode": "classify" if classify else mode,
     }
-    if task == "classification":
+    if classify:
         images = labelled_images(data_dir, split, labels)
         # an image-folder tree has no splits: it is the split
         params.update(labels=labels or "folders", templates=json.dumps(templates))
         if labels is None:
             params["split"] = "none"
         metrics = classification_metrics(run, data_dir, images, classes, templates)
-    elif task == "retrieval":
+    else:
         k = resolve_rerank_k(run, cfg, rerank_k)
         info, default = run.encoder.task_info, cfg.zeroshot.rerank_score
         score = rerank_score_for(rerank_score, info, run.encoder.path, default)
         params.update(rerank_k=k, rerank_score=score if k else "none")
         metrics = retrieval_metrics(run, data_dir, split, k, score)
-    else:
-        from vlp.zeroshot_generative import measure
-
-        settings, metrics = measure(cfg, run, data_dir, split, task)
-        params.update(settings)
-    inputs = read_inputs(model_dir, sha, data_dir, labels)
-    tags = {"vlp.model_sha256": sha}
-    with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:
-        mlrun.log_metrics(metrics)
+    record_zeroshot(cfg, params, metrics, read_inputs(model_dir, sha, data_dir, labels), sha)
     return metrics
-
-
-def read_inputs(
-    model_dir: Path, model_hash: str, data_dir: Path, labels: str | None
-) -> dict[str, tuple[str, str]]:
-    """What `vlp zeroshot` reads, by content hash (`stage_run` inputs): the model, the
-    dataset or image folder, and a label file (not `--labels shapes`, which is no file)."""
-    import hashlib
-
-    from vlp.data.manifest import dataset_hash
-
-    inputs = {
-        "model": (str(model_dir), model_hash),
-        "data": (str(data_dir), dataset_hash(data_dir)),
-    }
-    if labels is not None and labels != SHAPES_LABELS:
-        with open(labels, "rb") as f:
-            inputs["labels"] = (labels, hashlib.file_digest(f, "sha256").hexdigest())
-    return inputs

@@ -123,8 +123,8 @@ def test_zeroshot_scores_candidates_as_the_option_the_task_model_or_params_say(
 
     from tests.checkpoints.vlp import tiny_vlp_dir
     from vlp.errors import ConfigError
+    from vlp.inference import load_inference
     from vlp.tasks.retrieval.task import rerank_score_for
-    from vlp.zeroshot import load_inference
 
     def score(model: Path, given: str | None) -> str:
         encoder = load_inference(smoke_cfg, model, "fp32", None).encoder

@@ -29,7 +29,7 @@ def test_zeroshot_precision_param_sets_the_default(smoke_cfg, tmp_path) -> None:
     import dataclasses
 
     from tests.checkpoints.clip import write_tiny_clip
-    from vlp.zeroshot import load_inference
+    from vlp.inference import load_inference
 
     clip_dir = write_tiny_clip(tmp_path / "clip")
     cpu = dataclasses.replace(

@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from vlp.config import ModelConfig
 
 VLP_FORMAT = "vlp"  # the checkpoint format of a vlp model directory, whatever its family
-# what `vlp zeroshot --task` measures (`vlp.zeroshot`; captioning and vqa:
-# `vlp.zeroshot_generative`); each family lists those its checkpoints do
+# what `vlp zeroshot --task` measures (`vlp.zeroshot`; captioning and vqa: their task
+# packages, `vlp.tasks.<task>.zeroshot`); each family lists those its checkpoints do
 ZEROSHOT_TASKS = ("retrieval", "classification", "captioning", "vqa")
 
 

@@ -38,6 +38,12 @@ class FinetuneBudget:
     lr: float
     weight_decay: float
     warmup_steps: int
+    # model selection on the `val` split (vlp.tasks.validation): score every val_every
+    # optimizer steps (0: off) by val_metric (None: the task's primary metric), keep the best
+    # weights, stop after early_stopping_patience scorings without improvement (0: never)
+    val_every: int
+    val_metric: str | None
+    early_stopping_patience: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,19 @@ class Task:
     # the promotion gate where the evaluation data gives no primary_metric (generation on
     # captions its scene parser cannot read); None: there is always a primary_metric
     fallback_metric: str | None = None
+    # its metrics where lower is better (ranks, distances): model selection minimises them
+    lower_is_better: tuple[str, ...] = ()
+    # the manifest (vlp.data.manifest) whose rows of `evaluate.split` its `evaluate` scores
+    eval_manifest: str = "pairs.parquet"
+    # module whose `zeroshot(cfg, model_dir, data_dir, *, split, precision, batch_size,
+    # answers)` measures a checkpoint untrained on the task (`vlp zeroshot --task`); None:
+    # `vlp.zeroshot` measures it (retrieval) or nothing does
+    zeroshot: str | None = None
+
+    def zeroshot_module(self) -> ModuleType:
+        """The module measuring the task zero-shot (`zeroshot` must be set; imports torch)."""
+        assert self.zeroshot is not None, f"{self.name} has no zero-shot module"
+        return importlib.import_module(self.zeroshot)
 
     def gate_metric(self, metrics: dict[str, Any]) -> str:
         """The metric that gates promotion for an evaluation's `metrics` (top level or under

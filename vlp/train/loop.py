@@ -399,6 +399,7 @@ def train(
     resume: bool = False,
     on_log: Callable[[dict[str, float], int], None] | None = None,
     masking: PatchDropout | None = None,
+    on_step: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train `model` in place on `dataset`; checkpoints go to `out_dir/checkpoints/`.
 
@@ -407,7 +408,9 @@ def train(
     `samples_per_s`. With `resume`, the newest checkpoint is loaded and the run continues
     exactly where it stopped (same sampler order, RNG states, optimizer and schedule).
     `masking` sets the image towers' patch dropout before each step (FLIP); the towers are
-    left at 0 when the run ends.
+    left at 0 when the run ends. `on_step(step)` is called on every rank after each optimizer
+    step (after `on_log`, e.g. to score held-out data: `vlp.train.selection`); when it returns
+    True (the same on every rank) the run ends after that step.
     """
     s = settings
     was_deterministic = (
@@ -426,11 +429,12 @@ def train(
     last_ckpt: Path | None = None  # set on rank 0 only
     last_ckpt_step = -1  # the same on every rank: decides the collective final checkpoint
     t_run, start_step = time.perf_counter(), pos.step
+    stop = False
     try:
-        while pos.step < run.total_steps:
+        while pos.step < run.total_steps and not stop:
             epoch = pos.epoch
             batches = _epoch_batches(run, dataset, sampler, keys, loader)
-            while pos.epoch == epoch and pos.step < run.total_steps:
+            while pos.epoch == epoch and pos.step < run.total_steps and not stop:
                 t0 = time.perf_counter()
                 if masking is not None:
                     set_patch_dropout(model, masking.rate_at(pos.step, run.total_steps))
@@ -440,6 +444,7 @@ def train(
                     last_ckpt, last_ckpt_step = _checkpoint(run), pos.step
                 if info.is_main and on_log is not None:
                     on_log(metrics, pos.step)
+                stop = on_step is not None and on_step(pos.step)
         if last_ckpt_step != pos.step:
             last_ckpt = _checkpoint(run)
     finally:

@@ -25,4 +25,5 @@ TASK = Task(
     inputs=(("image", "binary"),),
     output=("caption", "string"),
     implementation="vlp.tasks.captioning.task",
+    zeroshot="vlp.tasks.captioning.zeroshot",
 )

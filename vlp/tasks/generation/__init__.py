@@ -66,4 +66,5 @@ TASK = Task(
     # captions that are no shapes scenes (photos) have no exact match: the pretrained model's
     # agreement of image and prompt gates promotion instead
     fallback_metric="itc_score",
+    lower_is_better=("frechet_distance_image_tower", "frechet_distance_inception"),
 )

@@ -35,4 +35,5 @@ TASK = Task(
     output=("score", "double"),
     implementation="vlp.tasks.retrieval.task",
     embeddings=True,
+    lower_is_better=("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"),
 )

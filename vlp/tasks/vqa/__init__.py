@@ -39,5 +39,7 @@ TASK = Task(
     inputs=(("image", "binary"), ("question", "string")),
     output=("answer", "string"),
     implementation="vlp.tasks.vqa.task",
+    zeroshot="vlp.tasks.vqa.zeroshot",
     evaluate_options=("vqa_protocol",),
+    eval_manifest="vqa.parquet",
 )

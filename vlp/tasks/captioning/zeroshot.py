@@ -1,6 +1,6 @@
 """Zero-shot captioning of a checkpoint that writes text (`vlp zeroshot --task captioning`):
-the model generates, vlp's metrics score, nothing is trained. (Zero-shot VQA, `--task vqa`,
-is `vlp.zeroshot_vqa`.)
+the model generates, vlp's metrics score, nothing is trained; the run is recorded as
+`vlp zeroshot` records its runs (`vlp.inference.record_zeroshot`).
 
 The checkpoint is any model directory whose family lists captioning in
 `Family.zeroshot_tasks` and whose model writes text: a vlp model directory of a generative
@@ -59,7 +59,7 @@ def captioning_metrics(
 ) -> dict[str, float]:
     """BLEU-1..4, ROUGE-L and CIDEr-D of one generated caption per image of `split`.
 
-    `run`: a `vlp.zeroshot.Inference` (the loaded model, batch size and autocast).
+    `run`: a `vlp.inference.Inference` (the loaded model, batch size and autocast).
     """
     from vlp.data.manifest import PAIRS_FILE, no_rows_in_splits, read_pairs
     from vlp.metrics.caption import score_captions
@@ -99,3 +99,45 @@ def measure(
         )
     settings = decoding(cfg, run.encoder.task_info)
     return settings, captioning_metrics(run, data_dir, split, **settings)
+
+
+def zeroshot(
+    cfg: Config,
+    model_dir: Path,
+    data_dir: Path,
+    *,
+    split: str | None = None,
+    precision: str | None = None,
+    batch_size: int | None = None,
+    answers: str | None = None,
+) -> dict[str, float]:
+    """Caption `data_dir`'s images of `split` with `model_dir`; record an MLflow run; return
+    the scores. (`answers` belongs to VQA: refused.)"""
+    from vlp.data.manifest import check_split_names
+    from vlp.inference import load_inference, read_inputs, record_zeroshot
+    from vlp.tasks import model_sha256
+    from vlp.tracking import check_stage_outputs
+
+    if answers:
+        raise ConfigError("--answers ranks VQA answers: it needs --task vqa (--vqa)")
+    split = split or cfg.zeroshot.split
+    check_split_names(split, "--split")
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: not a directory")
+    check_stage_outputs(cfg, {})
+    sha = model_sha256(model_dir)  # hashed before loading: the scores belong to these bytes
+    run = load_inference(cfg, model_dir, precision, batch_size, "captioning")
+    settings, metrics = measure(cfg, run, data_dir, split, "captioning")
+    params: dict[str, Any] = {
+        "model": str(model_dir),
+        "model_sha256": sha,
+        "checkpoint": run.encoder.format,
+        "data": str(data_dir),
+        "split": split,
+        "precision": run.precision,
+        "batch_size": run.batch_size,
+        "mode": "captioning",
+        **settings,
+    }
+    record_zeroshot(cfg, params, metrics, read_inputs(model_dir, sha, data_dir, None), sha)
+    return metrics

@@ -1,4 +1,4 @@
-"""`vlp zeroshot --vqa`: a checkpoint answers a split's VQA questions untrained, scored by
+"""`vlp zeroshot --task vqa` (`--vqa`): a checkpoint answers a split's VQA questions untrained, scored by
 vlp's VQA accuracy (`evaluate.vqa_protocol`; the keys `vlp evaluate` writes for VQA).
 
 The checkpoint is either
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlp.errors import ConfigError, DataError
+from vlp.inference import Inference, inference_settings, read_inputs, record_zeroshot
 from vlp.tasks.vqa.answer_ranking import rank_answers, read_candidates
-from vlp.zeroshot import Inference, inference_settings, read_inputs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -116,7 +116,7 @@ def load_answerer(
     return run, predictor
 
 
-def vqa_zeroshot(
+def zeroshot(
     cfg: Config,
     model_dir: Path,
     data_dir: Path,
@@ -131,7 +131,7 @@ def vqa_zeroshot(
     from vlp.data.manifest import check_split_names
     from vlp.tasks import model_sha256
     from vlp.tasks.vqa.task import evaluate
-    from vlp.tracking import check_stage_outputs, stage_run
+    from vlp.tracking import check_stage_outputs
 
     split = split or cfg.zeroshot.split
     check_split_names(split, "--split")
@@ -163,7 +163,5 @@ def vqa_zeroshot(
     if answers:
         with open(answers, "rb") as f:
             inputs["answers"] = (answers, hashlib.file_digest(f, "sha256").hexdigest())
-    tags = {"vlp.model_sha256": sha}
-    with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:
-        mlrun.log_metrics(metrics)
+    record_zeroshot(cfg, params, metrics, inputs, sha)
     return metrics
