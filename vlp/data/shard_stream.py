@@ -4,7 +4,10 @@
 reads its training data: shards resampled with replacement by each node and DataLoader
 worker from its own seeded stream (or, not resampled, split by node then by worker), a
 shuffle buffer, one random caption per image, and an explicit number of samples per epoch.
-Nothing but the shuffle buffer is held in memory. The shard format is `vlp.data.shards`'.
+Images are read as `PairsDataset` reads them (`vlp.data.torch_data.ImageReader`): without
+augmentation each process keeps up to `CACHE_BYTES` of fitted images, so an image is not
+decoded again for each of its captions and epochs. Nothing else but the shuffle buffer is
+held in memory. The shard format is `vlp.data.shards`'.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from torch.utils.data import IterableDataset
 
 from vlp.data.images import Augmentation, ImageTransform, swap_left_right
 from vlp.data.shards import check_shard_counts, open_image, parse_record, read_index
+from vlp.data.torch_data import ImageReader, PairsDataset
 from vlp.errors import DataError
 
 
@@ -68,6 +73,7 @@ class ShardPairs(IterableDataset):
         shuffle_buffer: int,
         resampled: bool = True,
         first_caption_only: bool = False,
+        fast_jpeg: bool = False,
     ) -> None:
         self.shard_dir = Path(shard_dir)
         self.splits = sorted(set(splits))
@@ -97,6 +103,8 @@ class ShardPairs(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.first_caption_only = first_caption_only
+        self.fast_jpeg = fast_jpeg
+        self._reader: ImageReader | None = None  # made in the process that reads
         # Shared with DataLoader workers, which persist across epochs.
         self._epoch = multiprocessing.Value("q", 0, lock=False)
         self._micro_batch = multiprocessing.Value("q", 1, lock=False)
@@ -143,6 +151,9 @@ class ShardPairs(IterableDataset):
         stream_id: int,
         n_streams: int,
     ) -> Iterator[dict[str, Any]]:
+        if self._reader is None:
+            self._reader = ImageReader(self.transform, self.augment, self.fast_jpeg)
+        reader = self._reader
         for position, sample in enumerate(samples):
             url, key = sample.get("__url__", self.shard_dir), sample.get("__key__")
             record = parse_record(sample, key, url)
@@ -151,15 +162,12 @@ class ShardPairs(IterableDataset):
             images = [ext for ext in sample if not ext.startswith("__") and ext != "json"]
             if len(images) != 1:
                 raise DataError(f"{url}: sample {key}: expected one image, found {images}")
-            img = open_image(sample[images[0]], url, key)
             captions = record["captions"]
             pick = 0 if self.first_caption_only else int(rng.integers(len(captions)))
             caption = captions[pick]
-            if self.augment is not None:
-                index = position * n_streams + stream_id  # distinct per sample of the epoch
-                pixels, flipped = self.augment.apply(img, self.transform, index, epoch)
-            else:
-                pixels, flipped = self.transform.normalise(self.transform.fit(img)), False
+            index = position * n_streams + stream_id  # distinct per sample of the epoch
+            opener = partial(open_image, sample[images[0]], url, key)
+            pixels, flipped = reader(int(record["image_id"]), opener, index, epoch)
             text = str(caption["caption"])
             yield {
                 "pixel_values": pixels,
@@ -179,13 +187,17 @@ def pairs_for_training(
     seed: int,
     shuffle_buffer: int,
     first_caption_only: bool = False,
+    fast_jpeg: bool = False,
 ) -> torch.utils.data.Dataset:
-    """The training pairs of `splits`: streamed from `shard_dir` when set, else `PairsDataset`."""
-    from vlp.data.torch_data import PairsDataset
+    """The training pairs of `splits`: streamed from `shard_dir` when set, else `PairsDataset`.
 
+    Says once per process which shards it streams.
+    """
     if shard_dir is None:
-        return PairsDataset(data_root, splits, transform, augment, first_caption_only)
-    return ShardPairs(
+        return PairsDataset(
+            data_root, splits, transform, augment, first_caption_only, fast_jpeg=fast_jpeg
+        )
+    pairs = ShardPairs(
         shard_dir,
         splits,
         transform,
@@ -193,4 +205,12 @@ def pairs_for_training(
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         first_caption_only=first_caption_only,
+        fast_jpeg=fast_jpeg,
     )
+    _say_streaming(str(pairs.shard_dir), len(pairs.urls), ", ".join(pairs.splits))
+    return pairs
+
+
+@cache
+def _say_streaming(shard_dir: str, n_shards: int, splits: str) -> None:
+    print(f"data: streaming pairs of {splits} from {n_shards} shards in {shard_dir} (data.shards)")
