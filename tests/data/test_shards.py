@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.cli import main
-from vlp.data.images import image_transforms
+from vlp.data.images import Augmentation, image_transforms
 from vlp.data.manifest import read_pairs, read_vqa
 from vlp.data.shard_stream import ShardPairs
-from vlp.data.shards import _totals, read_index, validate_shards, write_shards
+from vlp.data.shards import _totals, open_image, read_index, validate_shards, write_shards
 from vlp.data.torch_data import PairsDataset, collate, make_pretrain_collate
 from vlp.errors import DataError, OutputError
 from vlp.io import OUTPUT_MARKER
@@ -256,6 +256,57 @@ def test_reader_yields_the_pairs_of_its_splits(shards, smoke_cfg, smoke_data):
     batch = make_pretrain_collate(tok, 8)(items[:4])
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "image_ids"}
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_stream_decodes_an_image_once_for_all_its_captions_and_epochs(
+    shards, smoke_cfg, monkeypatch
+):
+    import vlp.data.shard_stream as shard_stream
+
+    decoded = Counter()
+
+    def counting(data, shard, key, before_load=None):
+        decoded[key] += 1
+        return open_image(data, shard, key, before_load)
+
+    monkeypatch.setattr(shard_stream, "open_image", counting)
+    ds = _stream(shards, smoke_cfg, splits=["train"], resampled=True)
+    items = list(ds) + list(ds)  # two epochs of one caption per sample, 5 per image on average
+    assert len(items) == 2 * 5 * smoke_cfg.data.n_train
+    assert sorted(decoded) == sorted({str(it["image_id"]) for it in items})
+    assert set(decoded.values()) == {1}
+    # with augmentation every item draws its own crop: decoded each time
+    transform, _ = image_transforms(smoke_cfg)
+    augment = Augmentation((0.5, 1.0), False, seed=0)
+    decoded.clear()
+    augmented = ShardPairs(
+        shards, ["train"], transform, augment, seed=0, shuffle_buffer=0, resampled=True
+    )
+    assert len(list(augmented)) == sum(decoded.values())
+
+
+def test_shards_have_no_pax_headers(shards):
+    """A pax header per member would double the tar headers a reader parses."""
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            assert not any(info.pax_headers for info in tar)
+        with open(shard, "rb") as f:
+            assert f.read(512)[156:157] == b"0"  # the first block is a file, not a pax header
+
+
+def test_streaming_says_so_once(shards, smoke_cfg, smoke_data, capsys):
+    from vlp.data.shard_stream import _say_streaming, pairs_for_training
+
+    _say_streaming.cache_clear()
+    transform, _ = image_transforms(smoke_cfg)
+    for _ in range(2):
+        pairs_for_training(
+            smoke_data, str(shards), ["train"], transform, None, seed=0, shuffle_buffer=0
+        )
+    out = capsys.readouterr().out
+    assert out.count("data: streaming pairs of train from") == 1 and str(shards) in out
+    pairs_for_training(smoke_data, None, ["train"], transform, None, seed=0, shuffle_buffer=0)
+    assert "streaming" not in capsys.readouterr().out
 
 
 class _Tokenizer:
