@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -454,3 +455,27 @@ def test_training_loop_streams_shards_repeatably_and_resumes(shards, smoke_cfg, 
         full.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_reads_what_tarfile_reads(shards, tmp_path, fmt):
+    from vlp.data.shard_stream import tar_members
+
+    def by_tarfile(path: Path) -> list[tuple[str, bytes]]:
+        with tarfile.open(path) as tar:
+            return [(i.name, tar.extractfile(i).read()) for i in tar if i.isfile()]
+
+    shard = next(shards.glob("*.tar"))
+    assert list(tar_members(str(shard))) == by_tarfile(shard)
+    path = tmp_path / "other.tar"
+    long = "d" * 90 + "/" + "e" * 80 + ".jpg"  # a ustar prefix, or a long name
+    files = [("é.json", b"{}"), (long, b"x" * 700), ("empty.png", b"")]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float time: pax headers in PAX_FORMAT
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    assert list(tar_members(str(path))) == by_tarfile(path) == files

@@ -30,20 +30,99 @@ from vlp.data.shards import check_shard_counts, open_image, parse_record, read_i
 from vlp.data.torch_data import ImageReader, PairsDataset
 from vlp.errors import DataError
 
-
-def _shard_name(exn: BaseException) -> str:
-    """The shard webdataset names in an exception's arguments (it appends the url)."""
-    for arg in reversed(exn.args):
-        if isinstance(arg, str) and ".tar" in arg:
-            return arg.split(" @ ")[-1]
-    return "a shard"
+_BLOCK = 512
 
 
-def _raise_data_error(exn: BaseException) -> bool:
-    """webdataset error handler: a damaged shard becomes a DataError naming it."""
-    if isinstance(exn, DataError):
-        raise exn
-    raise DataError(f"{_shard_name(exn)}: unreadable shard: {exn.args[0]}") from exn
+def _octal(field: bytes, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for values past the octal field's range
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    if not digits:
+        return 0
+    try:
+        return int(digits, 8)
+    except ValueError:
+        raise ValueError(f"bad {what} field {field!r}") from None
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records (`"%d key=value\n"`) of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        length = int(data[pos : data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def tar_members(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of an uncompressed tar, in order.
+
+    A plain reader of the ustar headers (pax and GNU long names followed): the shards are
+    read sample by sample in training, and `tarfile`'s member objects cost more per sample
+    than a small image's decode. DataError naming the shard if it is truncated or a header
+    is damaged.
+    """
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    with open(path, "rb", buffering=1 << 20) as f:
+        while True:
+            header = f.read(_BLOCK)
+            if not header or header == bytes(_BLOCK):
+                return
+            try:
+                if len(header) < _BLOCK:
+                    raise ValueError("truncated header")
+                stored = _octal(header[148:156], "checksum")
+                if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+                    raise ValueError("header checksum mismatch")
+                size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size")
+            except ValueError as e:
+                raise DataError(f"{path}: unreadable shard: {e}") from None
+            data = f.read(size)
+            if len(data) < size:
+                raise DataError(f"{path}: unreadable shard: truncated member")
+            f.seek(-size % _BLOCK, os.SEEK_CUR)
+            kind = header[156:157]
+            if kind in (b"x", b"g"):
+                pax = _pax(data) if kind == b"x" else pax
+                continue
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                continue
+            name = pax.get("path") or long_name
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and prefix:
+                    name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}"
+            long_name, pax = None, {}
+            if kind in (b"0", b"\0"):
+                yield name, data
+
+
+def _tar_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """webdataset samples (`__key__`, `__url__`, one entry per extension) of shard urls.
+
+    Members are grouped as webdataset groups them: consecutive names sharing the part of
+    the file name before its first dot.
+    """
+    for source in sources:
+        url = source["url"]
+        sample: dict[str, Any] = {}
+        for name, data in tar_members(url):
+            folder, _, base = name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{folder}/{stem}" if folder else stem
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            if not sample:
+                sample = {"__key__": key, "__url__": url}
+            sample[ext] = data
+        if sample:
+            yield sample
 
 
 class ShardPairs(IterableDataset):
@@ -131,7 +210,7 @@ class ShardPairs(IterableDataset):
             source: list[Any] = [wds.ResampledShards(self.urls, seed=seed, deterministic=True)]
         else:
             source = [wds.SimpleShardList(self.urls), wds.split_by_node, wds.split_by_worker]
-        stages: list[Any] = [*source, wds.tarfile_to_samples(handler=_raise_data_error)]
+        stages: list[Any] = [*source, _tar_samples]
         if self.shuffle_buffer > 1:
             seed = int(np.random.default_rng([*stream_seed, 1]).integers(2**31))
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
