@@ -58,9 +58,7 @@ def test_vqa_dataset_and_collate_keep_answer_lists(smoke_cfg, smoke_data):
     assert batch["answer_type"][0] in {"yes/no", "number", "other"}
 
 
-def test_datasets_keep_a_bounded_number_of_fitted_images(
-    smoke_cfg, smoke_data, tmp_path, monkeypatch
-):
+def test_datasets_keep_a_bounded_number_of_fitted_images(smoke_cfg, smoke_data, tmp_path, monkeypatch):
     """Fitted images are kept up to CACHE_BYTES per dataset; past that, decoded per access."""
     from vlp.data import torch_data
 

@@ -139,6 +139,7 @@ class ShardPairs(IterableDataset):
     With `resampled` (training), each node and worker draws shards with replacement from
     its own stream and the epoch ends after its share of `len(self)` samples. Without, the
     shard list is split by node, then by worker, and read once: every sample once overall.
+    With `fast_jpeg`, JPEGs are decoded at reduced scale (`vlp.data.decode`).
     """
 
     def __init__(
@@ -190,6 +191,10 @@ class ShardPairs(IterableDataset):
 
     def __len__(self) -> int:
         return self.n_samples
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a worker started by spawn begins with an empty image cache, not a copy of ours
+        return {**self.__dict__, "_reader": None}
 
     def set_epoch(self, epoch: int, micro_batch_size: int = 1) -> None:
         """Start `epoch`; each worker then yields whole micro-batches enough for its share."""

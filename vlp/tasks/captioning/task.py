@@ -32,8 +32,8 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The model trained with the LM loss alone, as its family trains it, on the captions of
     `finetune.splits`."""
-    from vlp.data.images import image_transforms
     from vlp.data.decode import fast_decode
+    from vlp.data.images import image_transforms
     from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import get_family

@@ -117,8 +117,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The generator, trained to denoise the images of `finetune.splits` given their captions."""
-    from vlp.data.images import ImageTransform
     from vlp.data.decode import fast_decode
+    from vlp.data.images import ImageTransform
     from vlp.data.shard_stream import pairs_for_training
     from vlp.tasks.generation import kinds
 

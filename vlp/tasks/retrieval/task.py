@@ -32,8 +32,8 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The model trained with its family's objective on the captions of `finetune.splits`:
     ITC + ITM (hard negatives) for the fusion family; a family without ITM (the dual encoder,
     CLIP's contrastive loss) ranks by ITC alone (`rerank_k` 0)."""
-    from vlp.data.images import image_transforms
     from vlp.data.decode import fast_decode
+    from vlp.data.images import image_transforms
     from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
     from vlp.models.family import get_family
