@@ -8,7 +8,12 @@ temp dir and measures:
   through a DataLoader with 0, 1 and 2 workers, against a plain single-thread loop of PIL
   open + resize to 224x224 of the same files (ratio > 1: the dataset is faster per core);
 - peak resident memory of a fresh process that iterates a dataset of small JPEGs twice,
-  at each `--small` size (ratio 10k / 1k near 1: memory does not grow with the dataset).
+  at each `--small` size (ratio 10k / 1k near 1: memory does not grow with the dataset);
+- reduced-scale JPEG decoding (`images.fast_decode`, `vlp.data.decode`) on COCO-sized
+  (640x480) and 12-megapixel (4000x3000) JPEGs, one process: plain PIL open + resize,
+  plain PIL with `Image.draft` + resize, and the dataset with and without reduced decoding
+  (medians of `--repeats` runs, each ratio within one run), and the pixel difference it
+  makes under the transform above and under a CLIP image processor (`ProcessorTransform`).
 Prints one JSON object.
 """
 
@@ -28,18 +33,21 @@ from PIL import Image
 
 from vlp.data.images import ImageTransform
 from vlp.data.manifest import IMAGES_DIR, PAIRS_FILE, write_manifest
+from vlp.data.processors import ProcessorTransform
 
 SIZE = 224
 HALF = (0.5, 0.5, 0.5)
 
 
-def make_photos(root: Path, n: int, lo: int, hi: int, seed: int = 0) -> Path:
-    """A dataset dir of `n` JPEG 'photos' (smooth noise, sides in [lo, hi]) in split test."""
+def make_photos(
+    root: Path, n: int, lo: int, hi: int, seed: int = 0, wh: tuple[int, int] | None = None
+) -> Path:
+    """A dataset dir of `n` JPEG 'photos' (smooth noise, sides in [lo, hi], or all `wh`)."""
     rng = np.random.default_rng(seed)
     (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        w, h = (int(x) for x in rng.integers(lo, hi + 1, size=2))
+        w, h = wh if wh is not None else (int(x) for x in rng.integers(lo, hi + 1, size=2))
         coarse = rng.integers(0, 256, size=(max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
         img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BILINEAR)
         rel = f"{IMAGES_DIR}/{i:06d}.jpg"
@@ -49,13 +57,86 @@ def make_photos(root: Path, n: int, lo: int, hi: int, seed: int = 0) -> Path:
     return root
 
 
-def plain_pil(paths: list[Path]) -> float:
-    """images/s of a single-thread PIL open + RGB + resize to SIZE x SIZE."""
+def plain_pil(paths: list[Path], draft: bool = False) -> float:
+    """images/s of a single-thread PIL open + RGB + resize to SIZE x SIZE (`draft`: reduced)."""
     t0 = time.perf_counter()
     for p in paths:
         with Image.open(p) as img:
+            if draft:
+                img.draft("RGB", (SIZE, SIZE))
             img.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     return len(paths) / (time.perf_counter() - t0)
+
+
+def dataset_rate(data: Path, transform, fast: bool) -> float:
+    """images/s of one pass of a fresh ImagesDataset in this process (no DataLoader workers)."""
+    from vlp.data.torch_data import ImagesDataset
+
+    ds = ImagesDataset(data, "test", transform, fast_jpeg=fast)
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    return len(ds) / (time.perf_counter() - t0)
+
+
+def pixel_difference(paths: list[Path], transform) -> dict[str, float]:
+    """Mean and max |reduced - exact| of the model's pixels, in 8-bit steps of the input."""
+    from functools import partial
+
+    from vlp.data.images import open_fitted
+    from vlp.data.manifest import open_image
+
+    diffs = []
+    for p in paths:
+        exact, fast = (
+            np.asarray(open_fitted(partial(open_image, p), transform, f), dtype=float)
+            for f in (False, True)
+        )
+        diffs.append(np.abs(exact - fast))
+    d = np.stack(diffs)
+    return {"mean": round(float(d.mean()), 3), "max": float(d.max())}
+
+
+def decode_study(tmp: Path, repeats: int) -> dict[str, object]:
+    """Reduced-scale decoding against full decoding, per core, at two photo sizes."""
+    from transformers import CLIPImageProcessorPil
+
+    transform = ImageTransform(SIZE, "shorter_side_crop", HALF, HALF)
+    clip = ProcessorTransform(CLIPImageProcessorPil(), "CLIP")  # shortest edge 224, crop 224
+    transform.fit(Image.new("RGB", (8, 8)))  # build the processor outside the clock
+    out: dict[str, object] = {}
+    for name, wh, n in (("coco_640x480", (640, 480), 150), ("12mp_4000x3000", (4000, 3000), 8)):
+        data = make_photos(tmp / name, n, 0, 0, wh=wh)
+        paths = sorted((data / IMAGES_DIR).glob("*.jpg"))
+        plain_pil(paths[:4])  # warm the page cache
+        runs = []
+        for _ in range(repeats):
+            runs.append(
+                {
+                    "plain_pil": plain_pil(paths),
+                    "plain_pil_draft": plain_pil(paths, draft=True),
+                    "dataset_exact": dataset_rate(data, transform, fast=False),
+                    "dataset_fast_decode": dataset_rate(data, transform, fast=True),
+                }
+            )
+        ratios = {
+            f"{k}_vs_plain_pil": float(np.median([r[k] / r["plain_pil"] for r in runs]))
+            for k in ("plain_pil_draft", "dataset_exact", "dataset_fast_decode")
+        }
+        out[name] = {
+            "images": n,
+            **{
+                f"{k}_images_per_s": round(float(np.median([r[k] for r in runs])), 1)
+                for k in runs[0]
+            },
+            **{k: round(v, 2) for k, v in ratios.items()},
+            "fast_over_exact": round(
+                float(np.median([r["dataset_fast_decode"] / r["dataset_exact"] for r in runs])), 2
+            ),
+            "pixel_difference": pixel_difference(paths[:8], transform),
+            "pixel_difference_clip_processor": pixel_difference(paths[:8], clip),
+        }
+    return out
 
 
 def through_dataset(data: Path, workers: int, passes: int = 1) -> float:
@@ -99,9 +180,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", type=int, default=300, help="photos for the throughput runs")
     p.add_argument("--small", type=int, nargs=2, default=[1000, 10000], help="memory sizes")
+    p.add_argument("--repeats", type=int, default=3, help="runs of the decode study (medians)")
+    p.add_argument("--decode-only", action="store_true", help="only the decode study")
     args = p.parse_args()
     report: dict[str, object] = {"size": SIZE}
     with tempfile.TemporaryDirectory() as tmp:
+        report["fast_decode"] = decode_study(Path(tmp), args.repeats)
+        if args.decode_only:
+            print(json.dumps(report, indent=2))
+            return
         photos = make_photos(Path(tmp) / "photos", args.photos, 200, 1400)
         paths = sorted((photos / IMAGES_DIR).glob("*.jpg"))
         plain_pil(paths[:20])  # warm the page cache

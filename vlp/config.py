@@ -98,6 +98,8 @@ class ImagesConfig:
     std: list[float]
     train_crop_scale: list[float]  # [min, max] area fraction of a random resized crop; [1, 1]: off
     hflip: bool  # random horizontal flip; swaps the words left and right in the texts
+    # reduced-scale JPEG decoding (vlp.data.decode): in training, everywhere, or nowhere
+    fast_decode: Literal["train", "always", "never"]
 
 
 @dataclass

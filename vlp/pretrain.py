@@ -277,11 +277,16 @@ def _phases(
 
     Refuses batch sizes that cannot fill one optimizer step of either phase.
     """
+    from vlp.data.decode import fast_decode
     from vlp.data.shard_stream import pairs_for_training
 
     p = cfg.pretrain
     splits = ", ".join(p.splits)
-    stream = {"seed": cfg.seed, "shuffle_buffer": cfg.data.shuffle_buffer}
+    stream = {
+        "seed": cfg.seed,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "fast_jpeg": fast_decode(cfg.images.fast_decode, training=True),
+    }
     dataset = pairs_for_training(
         cfg.data.root, cfg.data.shards, p.splits, transform, augment, **stream
     )

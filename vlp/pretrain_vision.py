@@ -211,6 +211,7 @@ def _model(cfg: Config, image_size: int) -> Any:
 
 def _data(cfg: Config, transform: Any, info: DistInfo, model: Any) -> tuple[Any, Any]:
     """The training images and the reconstruction grid; refuses what cannot fill one step."""
+    from vlp.data.decode import fast_decode
     from vlp.data.images import Augmentation
     from vlp.data.torch_data import ImagesDataset
     from vlp.models.mae import check_grid
@@ -218,7 +219,10 @@ def _data(cfg: Config, transform: Any, info: DistInfo, model: Any) -> tuple[Any,
     pv, im = cfg.pretrain_vision, cfg.images
     augment = Augmentation(tuple(im.train_crop_scale), im.hflip, cfg.seed)
     root = cfg.data.root
-    dataset = ImagesDataset(root, pv.splits, transform, augment if augment.active else None)
+    fast = fast_decode(im.fast_decode, training=True)
+    dataset = ImagesDataset(
+        root, pv.splits, transform, augment if augment.active else None, fast_jpeg=fast
+    )
     if epoch_steps(len(dataset), _settings(cfg), info.world_size) == 0:
         raise ConfigError(
             f"pretrain_vision.batch_size * grad_accum_steps = "

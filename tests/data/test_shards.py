@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -15,10 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp.cli import main
-from vlp.data.images import image_transforms
+from vlp.data.images import Augmentation, image_transforms
 from vlp.data.manifest import read_pairs, read_vqa
 from vlp.data.shard_stream import ShardPairs
-from vlp.data.shards import _totals, read_index, validate_shards, write_shards
+from vlp.data.shards import _totals, open_image, read_index, validate_shards, write_shards
 from vlp.data.torch_data import PairsDataset, collate, make_pretrain_collate
 from vlp.errors import DataError, OutputError
 from vlp.io import OUTPUT_MARKER
@@ -258,6 +259,57 @@ def test_reader_yields_the_pairs_of_its_splits(shards, smoke_cfg, smoke_data):
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
 
 
+def test_stream_decodes_an_image_once_for_all_its_captions_and_epochs(
+    shards, smoke_cfg, monkeypatch
+):
+    import vlp.data.shard_stream as shard_stream
+
+    decoded = Counter()
+
+    def counting(data, shard, key, before_load=None):
+        decoded[key] += 1
+        return open_image(data, shard, key, before_load)
+
+    monkeypatch.setattr(shard_stream, "open_image", counting)
+    ds = _stream(shards, smoke_cfg, splits=["train"], resampled=True)
+    items = list(ds) + list(ds)  # two epochs of one caption per sample, 5 per image on average
+    assert len(items) == 2 * 5 * smoke_cfg.data.n_train
+    assert sorted(decoded) == sorted({str(it["image_id"]) for it in items})
+    assert set(decoded.values()) == {1}
+    # with augmentation every item draws its own crop: decoded each time
+    transform, _ = image_transforms(smoke_cfg)
+    augment = Augmentation((0.5, 1.0), False, seed=0)
+    decoded.clear()
+    augmented = ShardPairs(
+        shards, ["train"], transform, augment, seed=0, shuffle_buffer=0, resampled=True
+    )
+    assert len(list(augmented)) == sum(decoded.values())
+
+
+def test_shards_have_no_pax_headers(shards):
+    """A pax header per member would double the tar headers a reader parses."""
+    for shard in sorted(shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            assert not any(info.pax_headers for info in tar)
+        with open(shard, "rb") as f:
+            assert f.read(512)[156:157] == b"0"  # the first block is a file, not a pax header
+
+
+def test_streaming_says_so_once(shards, smoke_cfg, smoke_data, capsys):
+    from vlp.data.shard_stream import _say_streaming, pairs_for_training
+
+    _say_streaming.cache_clear()
+    transform, _ = image_transforms(smoke_cfg)
+    for _ in range(2):
+        pairs_for_training(
+            smoke_data, str(shards), ["train"], transform, None, seed=0, shuffle_buffer=0
+        )
+    out = capsys.readouterr().out
+    assert out.count("data: streaming pairs of train from") == 1 and str(shards) in out
+    pairs_for_training(smoke_data, None, ["train"], transform, None, seed=0, shuffle_buffer=0)
+    assert "streaming" not in capsys.readouterr().out
+
+
 class _Tokenizer:
     """Stand-in for the collate's tokenizer call: one token per word."""
 
@@ -403,3 +455,27 @@ def test_training_loop_streams_shards_repeatably_and_resumes(shards, smoke_cfg, 
         full.state_dict().items(), resumed.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_reads_what_tarfile_reads(shards, tmp_path, fmt):
+    from vlp.data.shard_stream import tar_members
+
+    def by_tarfile(path: Path) -> list[tuple[str, bytes]]:
+        with tarfile.open(path) as tar:
+            return [(i.name, tar.extractfile(i).read()) for i in tar if i.isfile()]
+
+    shard = next(shards.glob("*.tar"))
+    assert list(tar_members(str(shard))) == by_tarfile(shard)
+    path = tmp_path / "other.tar"
+    long = "d" * 90 + "/" + "e" * 80 + ".jpg"  # a ustar prefix, or a long name
+    files = [("é.json", b"{}"), (long, b"x" * 700), ("empty.png", b"")]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float time: pax headers in PAX_FORMAT
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    assert list(tar_members(str(path))) == by_tarfile(path) == files

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vlp.data.decode import reduce_jpeg, upright_size
 from vlp.data.processors import (
     PROCESSOR_FILE,
     ProcessorTransform,
@@ -120,6 +121,11 @@ class ImageTransform:
         """The resampling filter of resizes (training crops too): bicubic."""
         return Image.Resampling.BICUBIC
 
+    @property
+    def decode_side(self) -> int:
+        """The least side an input must keep for the resize (`vlp.data.decode.reduce_jpeg`)."""
+        return self.size
+
     def model_files(self) -> dict[str, Any]:
         """JSON files a model directory holds for this transform beyond its record: none."""
         return {}
@@ -177,6 +183,25 @@ class ImageTransform:
 
 
 @dataclass(frozen=True)
+class Crop:
+    """One item's augmentation draw: its crop box in the upright image of `size`, and the flip."""
+
+    size: tuple[int, int]  # (width, height) of the upright, full-size image
+    box: tuple[int, int, int, int] | None  # (left, top, right, bottom); None: no crop
+    flipped: bool
+
+    def max_scale(self, transform: Transform) -> float:
+        """How much smaller than the file the image may be decoded (`reduce_jpeg`)."""
+        side = transform.decode_side
+        if side is None:
+            return 1.0
+        if self.box is None:
+            return min(self.size) / side
+        left, top, right, bottom = self.box
+        return min(right - left, bottom - top) / side
+
+
+@dataclass(frozen=True)
 class Augmentation:
     """Training augmentation over an `ImageTransform`: random resized crop, optional flip."""
 
@@ -198,22 +223,38 @@ class Augmentation:
         """Whether it changes anything: off, training sees the evaluation transform's pixels."""
         return self.crop_scale != (1.0, 1.0) or self.hflip
 
-    def apply(
-        self, img: Image.Image, transform: Transform, index: int, epoch: int
-    ) -> tuple[torch.Tensor, bool]:
-        """Pixels [3, size, size] of a random crop of `img`, and whether it was mirrored."""
+    def draw(self, size: tuple[int, int], index: int, epoch: int) -> Crop:
+        """The crop and flip of item `index` in `epoch`, for an upright image of `size` (w, h)."""
         rng = np.random.default_rng([self.seed, epoch, index])
+        box = self._crop_box(size, rng) if self.crop_scale != (1.0, 1.0) else None
+        return Crop(size, box, self.hflip and bool(rng.random() < 0.5))
+
+    def apply(
+        self,
+        img: Image.Image,
+        transform: Transform,
+        index: int,
+        epoch: int,
+        crop: Crop | None = None,
+    ) -> tuple[torch.Tensor, bool]:
+        """Pixels [3, size, size] of a random crop of `img`, and whether it was mirrored.
+
+        `crop` is the item's `draw` when the image was decoded at reduced scale
+        (`reduce_jpeg`): its box, drawn on the full-size image, is scaled to the decoded one.
+        """
         img = ImageOps.exif_transpose(img).convert("RGB")
-        box = self._crop_box(img.size, rng) if self.crop_scale != (1.0, 1.0) else None
-        if box is None:
+        crop = crop if crop is not None else self.draw(img.size, index, epoch)
+        if crop.box is None:
             img = transform.fit(img)
         else:
-            size = (transform.size, transform.size)
-            img = img.resize(size, transform.resample, box=box)
-        flipped = self.hflip and bool(rng.random() < 0.5)
-        if flipped:
+            box: tuple[float, ...] = crop.box
+            if img.size != crop.size:  # decoded at 1/k: libjpeg's pixel i covers [ik, (i+1)k)
+                k = [round(full / got) for full, got in zip(crop.size, img.size, strict=True)]
+                box = (box[0] / k[0], box[1] / k[1], box[2] / k[0], box[3] / k[1])
+            img = img.resize((transform.size, transform.size), transform.resample, box=box)
+        if crop.flipped:
             img = ImageOps.mirror(img)
-        return transform.normalise(img), flipped
+        return transform.normalise(img), crop.flipped
 
     def _crop_box(self, wh: tuple[int, int], rng: np.random.Generator) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) as torchvision's RandomResizedCrop draws it."""
@@ -239,6 +280,44 @@ class Augmentation:
             w, h = width, height
         left, top = (width - w) // 2, (height - h) // 2
         return left, top, left + w, top + h
+
+
+Opener = Callable[[Callable[[Image.Image], Any] | None], Image.Image]
+"""Opens and decodes one image; calls its argument, when given, on the image before decoding."""
+
+
+def open_fitted(opener: Opener, transform: Transform, fast: bool) -> Image.Image:
+    """The image `opener` decodes, fitted by `transform`; JPEGs at reduced scale with `fast`."""
+    side = transform.decode_side
+    if not fast or side is None:
+        return transform.fit(opener(None))
+    return transform.fit(opener(lambda img: reduce_jpeg(img, min(img.size) / side)))
+
+
+def open_augmented(
+    opener: Opener,
+    transform: Transform,
+    augment: Augmentation,
+    index: int,
+    epoch: int,
+    fast: bool,
+) -> tuple[torch.Tensor, bool]:
+    """`augment.apply` to the image `opener` decodes; JPEGs at reduced scale with `fast`.
+
+    The crop is drawn on the full-size image from its header, so it is the crop of the
+    exact decode; the JPEG is then decoded at the least size that crop needs.
+    """
+    if not fast:
+        return augment.apply(opener(None), transform, index, epoch)
+    crops: list[Crop] = []
+
+    def reduce(img: Image.Image) -> None:
+        if img.format == "JPEG":
+            crops.append(augment.draw(upright_size(img), index, epoch))
+            reduce_jpeg(img, crops[0].max_scale(transform))
+
+    img = opener(reduce)
+    return augment.apply(img, transform, index, epoch, crops[0] if crops else None)
 
 
 def image_transforms(

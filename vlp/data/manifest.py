@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
@@ -253,10 +254,16 @@ def locate_image(
     )
 
 
-def open_image(path: Path) -> Image.Image:
-    """The image at `path`, decoded; DataError naming the file if missing or corrupt."""
+def open_image(path: Path, before_load: Callable[[Image.Image], Any] | None = None) -> Image.Image:
+    """The image at `path`, decoded; DataError naming the file if missing or corrupt.
+
+    `before_load` is called on the opened image before its pixels are decoded (to set up
+    a reduced-scale decode, `vlp.data.decode.reduce_jpeg`).
+    """
     try:
         with Image.open(path) as img:
+            if before_load is not None:
+                before_load(img)
             img.load()
             return img
     except FileNotFoundError as e:

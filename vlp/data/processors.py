@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,26 @@ class ProcessorTransform:
         """The processor's resampling filter (training crops resize with it too)."""
         resample = self.processor.resample
         return Image.Resampling.BILINEAR if resample is None else int(resample)  # as PIL backend
+
+    @cached_property
+    def decode_side(self) -> int | None:
+        """The least side an input must keep for the processor's resize and crop, or None.
+
+        The largest side its `size` and `crop_size` name (`vlp.data.decode.reduce_jpeg`
+        decodes no smaller); None when the processor does not resize: any smaller input
+        would change its output.
+        """
+        settings = self.processor.to_dict()
+        if not settings.get("do_resize", False):
+            return None
+        sides = [
+            v
+            for name in ("size", "crop_size")
+            if isinstance(settings.get(name), dict)
+            for k, v in settings[name].items()
+            if k in ("height", "width", "shortest_edge", "longest_edge") and isinstance(v, int)
+        ]
+        return max(sides) if sides else None
 
     def to_dict(self) -> dict[str, Any]:
         """The record of the transform beside a model: its size and the processor's file."""

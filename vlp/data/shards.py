@@ -18,7 +18,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,9 @@ def write_shards(
             if n % samples_per_shard == 0:
                 close()
                 entry = {"name": SHARD_PATTERN.format(len(shards)), "samples": 0, "splits": {}}
-                # Fixed owner, mode and time: the same dataset gives the same bytes.
-                writer = wds.TarWriter(str(tmp / entry["name"]), mtime=0.0)
+                # Fixed owner, mode and time: the same dataset gives the same bytes. An int
+                # time: a float one costs a pax header per member, doubling tar reading.
+                writer = wds.TarWriter(str(tmp / entry["name"]), mtime=0)
             path = locate_image(data_dir, record["image_path"], roots)
             ext = _image_extension(path)
             writer.write(
@@ -284,10 +285,18 @@ def check_shard_counts(path: Path, shard: dict[str, Any], decode: bool = False) 
         )
 
 
-def open_image(data: bytes, shard: Any, key: Any) -> Image.Image:
-    """The decoded image of a sample; DataError naming the shard and sample if it is not one."""
+def open_image(
+    data: bytes, shard: Any, key: Any, before_load: Callable[[Image.Image], Any] | None = None
+) -> Image.Image:
+    """The decoded image of a sample; DataError naming the shard and sample if it is not one.
+
+    `before_load` is called on the opened image before its pixels are decoded, as in
+    `vlp.data.manifest.open_image`.
+    """
     try:
         img = Image.open(io.BytesIO(data))
+        if before_load is not None:
+            before_load(img)
         img.load()
     except (
         UnidentifiedImageError,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlp.data.images import Augmentation, ImageTransform, swap_left_right
+from vlp.data.images import (
+    Augmentation,
+    ImageTransform,
+    Opener,
+    open_augmented,
+    open_fitted,
+    swap_left_right,
+)
 from vlp.data.manifest import (
     VQA_FILE,
     Splits,
@@ -39,19 +47,24 @@ if TYPE_CHECKING:
 
 
 def read_images(
-    data_dir: str | os.PathLike, image_paths: Sequence[str], transform: ImageTransform
+    data_dir: str | os.PathLike,
+    image_paths: Sequence[str],
+    transform: ImageTransform,
+    fast_jpeg: bool = False,
 ) -> list[Image.Image]:
     """The dataset's images at manifest `image_paths`, fitted by `transform` (one object per path).
 
-    Each image is shrunk to the transform's size as soon as it is decoded. A path that
-    leads through a symlink out of the dataset is refused (`locate_image`).
+    Each image is shrunk to the transform's size as soon as it is decoded (JPEGs decoded at
+    reduced scale with `fast_jpeg`, `vlp.data.decode`). A path that leads through a
+    symlink out of the dataset is refused (`locate_image`).
     """
     data_dir = Path(data_dir)
     roots = image_roots(data_dir)
     opened: dict[str, Image.Image] = {}
     for rel in image_paths:
         if rel not in opened:
-            opened[rel] = transform.fit(open_image(locate_image(data_dir, rel, roots)))
+            path = locate_image(data_dir, rel, roots)
+            opened[rel] = open_fitted(partial(open_image, path), transform, fast_jpeg)
     return [opened[rel] for rel in image_paths]
 
 
@@ -60,38 +73,62 @@ def read_images(
 CACHE_BYTES = 256 * 2**20
 
 
-class _ImageReader:
-    """Pixels of a dataset's images by manifest image_path.
+class ImageReader:
+    """Pixels of images by a key (a manifest image_path, a shard sample's image id).
 
     Without augmentation, each image is decoded and fitted to the model's size once and kept
-    (as uint8) until the dataset holds `CACHE_BYTES` of them; the rest are decoded on every
-    access. With augmentation every access decodes, since each draws its own crop. A path
-    that leads through a symlink out of the dataset is refused (`locate_image`).
+    (as uint8) until the reader holds `CACHE_BYTES` of them; the rest are decoded on every
+    access. With augmentation every access decodes, since each draws its own crop. With
+    `fast`, JPEGs are decoded at reduced scale (`vlp.data.decode`).
     """
 
     def __init__(
-        self, data_dir: Path, transform: ImageTransform, augment: Augmentation | None
+        self, transform: ImageTransform, augment: Augmentation | None, fast: bool = False
     ) -> None:
-        self.data_dir = data_dir
         self.transform = transform
         self.augment = augment
-        self._roots = image_roots(data_dir)
-        self._fitted: dict[str, np.ndarray] = {}
+        self.fast = fast
+        self._fitted: dict[Any, np.ndarray] = {}
         self._bytes = 0
 
-    def __call__(self, rel: str, index: int, epoch: int) -> tuple[torch.Tensor, bool]:
-        """(pixels [3, size, size], whether the image was mirrored) of item `index`."""
+    def __call__(
+        self, key: Any, opener: Opener, index: int, epoch: int
+    ) -> tuple[torch.Tensor, bool]:
+        """(pixels [3, size, size], whether the image was mirrored) of item `index`.
+
+        `opener` decodes the image (`vlp.data.images.Opener`) when it is not kept.
+        """
         if self.augment is not None:
-            img = open_image(locate_image(self.data_dir, rel, self._roots))
-            return self.augment.apply(img, self.transform, index, epoch)
-        fitted = self._fitted.get(rel)
+            return open_augmented(opener, self.transform, self.augment, index, epoch, self.fast)
+        fitted = self._fitted.get(key)
         if fitted is None:
-            img = open_image(locate_image(self.data_dir, rel, self._roots))
-            fitted = np.asarray(self.transform.fit(img), dtype=np.uint8)
+            fitted = np.asarray(open_fitted(opener, self.transform, self.fast), dtype=np.uint8)
             if self._bytes + fitted.nbytes <= CACHE_BYTES:
-                self._fitted[rel] = fitted
+                self._fitted[key] = fitted
                 self._bytes += fitted.nbytes
         return self.transform.normalise(fitted), False
+
+
+class _FileReader(ImageReader):
+    """An `ImageReader` of a dataset directory's images by manifest image_path.
+
+    A path that leads through a symlink out of the dataset is refused (`locate_image`).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        transform: ImageTransform,
+        augment: Augmentation | None,
+        fast: bool = False,
+    ) -> None:
+        super().__init__(transform, augment, fast)
+        self.data_dir = data_dir
+        self._roots = image_roots(data_dir)
+
+    def read(self, rel: str, index: int, epoch: int) -> tuple[torch.Tensor, bool]:
+        opener = partial(open_image, locate_image(self.data_dir, rel, self._roots))
+        return self(rel, opener, index, epoch)
 
 
 def _key(key: int | tuple[int, int]) -> tuple[int, int]:
@@ -103,6 +140,7 @@ class PairsDataset(Dataset):
     """One item per caption: pixel_values, caption, image_id, caption_id.
 
     With `first_caption_only`, one item per image: its first caption in manifest order.
+    With `fast_jpeg`, JPEGs are decoded at reduced scale (`vlp.data.decode`).
     With `augment`, items are keyed by (index, epoch) in training (`takes_epoch`): each
     epoch draws new crops, and a mirrored image's caption has left and right swapped.
     """
@@ -114,6 +152,7 @@ class PairsDataset(Dataset):
         transform: ImageTransform,
         augment: Augmentation | None = None,
         first_caption_only: bool = False,
+        fast_jpeg: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.frame: pd.DataFrame = read_pairs(self.data_dir, split)
@@ -121,7 +160,7 @@ class PairsDataset(Dataset):
             self.frame = self.frame.drop_duplicates("image_id").reset_index(drop=True)
         if self.frame.empty:
             raise no_rows_in_splits(self.data_dir, split, "caption pairs")
-        self._images = _ImageReader(self.data_dir, transform, augment)
+        self._images = _FileReader(self.data_dir, transform, augment, fast_jpeg)
         self.takes_epoch = augment is not None
         self._rows = self.frame[["image_path", "caption", "image_id", "caption_id"]].to_dict(
             "records"
@@ -133,7 +172,7 @@ class PairsDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = _key(key)
         row = self._rows[i]
-        pixels, flipped = self._images(row["image_path"], i, epoch)
+        pixels, flipped = self._images.read(row["image_path"], i, epoch)
         caption = swap_left_right(row["caption"]) if flipped else row["caption"]
         return {
             "pixel_values": pixels,
@@ -156,6 +195,7 @@ class ImagesDataset(Dataset):
         split: Splits,
         transform: ImageTransform,
         augment: Augmentation | None = None,
+        fast_jpeg: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         pairs = read_pairs(self.data_dir, split)
@@ -166,7 +206,7 @@ class ImagesDataset(Dataset):
         ].reset_index(drop=True)
         self.image_ids: list[int] = [int(x) for x in self.frame["image_id"]]
         self._paths: list[str] = list(self.frame["image_path"])
-        self._images = _ImageReader(self.data_dir, transform, augment)
+        self._images = _FileReader(self.data_dir, transform, augment, fast_jpeg)
         self.takes_epoch = augment is not None
 
     def __len__(self) -> int:
@@ -174,7 +214,7 @@ class ImagesDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = _key(key)
-        pixels, _ = self._images(self._paths[i], i, epoch)
+        pixels, _ = self._images.read(self._paths[i], i, epoch)
         return {"pixel_values": pixels, "image_id": self.image_ids[i]}
 
 
@@ -191,12 +231,13 @@ class VQADataset(Dataset):
         split: Splits,
         transform: ImageTransform,
         augment: Augmentation | None = None,
+        fast_jpeg: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.frame: pd.DataFrame = read_vqa(self.data_dir, split)
         if self.frame.empty:
             raise no_rows_in_splits(self.data_dir, split, "VQA questions", VQA_FILE)
-        self._images = _ImageReader(self.data_dir, transform, augment)
+        self._images = _FileReader(self.data_dir, transform, augment, fast_jpeg)
         self.takes_epoch = augment is not None
         self._rows = self.frame.to_dict("records")
 
@@ -206,7 +247,7 @@ class VQADataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         i, epoch = _key(key)
         row = self._rows[i]
-        pixels, flipped = self._images(row["image_path"], i, epoch)
+        pixels, flipped = self._images.read(row["image_path"], i, epoch)
         texts = swap_left_right if flipped else str
         return {
             "pixel_values": pixels,

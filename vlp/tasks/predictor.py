@@ -103,12 +103,12 @@ def load_predictor(
 
 
 def split_images(
-    data: Path, split: str, predictor: Predictor
+    data: Path, split: str, predictor: Predictor, fast_jpeg: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[Image.Image]]:
     """(caption pairs, unique images, their PIL images at the predictor's size) of a split.
 
     The images frame has `image_id` and `image_path`, in first-seen order; DataError if the
-    split has no caption pairs.
+    split has no caption pairs. With `fast_jpeg`, JPEGs are decoded at reduced scale.
     """
     from vlp.data.manifest import read_pairs
     from vlp.data.torch_data import read_images
@@ -118,4 +118,8 @@ def split_images(
     if pairs.empty:
         raise DataError(f"{data}: no images in split {split!r}")
     images = pairs.drop_duplicates("image_id")[["image_id", "image_path"]].reset_index(drop=True)
-    return pairs, images, read_images(data, list(images["image_path"]), predictor.transform)
+    return (
+        pairs,
+        images,
+        read_images(data, list(images["image_path"]), predictor.transform, fast_jpeg),
+    )

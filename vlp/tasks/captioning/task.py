@@ -32,6 +32,7 @@ CAPTION_LOSS_WEIGHTS = ObjectiveWeights(itc=0.0, itm=0.0, lm=1.0)
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The model trained with the LM loss alone, as its family trains it, on the captions of
     `finetune.splits`."""
+    from vlp.data.decode import fast_decode
     from vlp.data.images import image_transforms
     from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
@@ -48,6 +49,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
             *image_transforms(cfg, cfg.finetune.init_dir),
             seed=cfg.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            fast_jpeg=fast_decode(cfg.images.fast_decode, training=True),
         ),
         make_pretrain_collate(vlp.tokenizer, vlp.cfg.max_text_length),
         {"beam_size": tcfg.beam_size, "max_length": tcfg.max_length},
@@ -82,11 +84,13 @@ def references(pairs: pd.DataFrame) -> dict[int, list[str]]:
 
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """BLEU-1..4, ROUGE-L and CIDEr-D of beam-search captions against all references."""
+    from vlp.data.decode import fast_decode
     from vlp.data.manifest import resolve_image
     from vlp.metrics.caption import score_captions
     from vlp.tasks.predictor import split_images
 
-    pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
+    fast = fast_decode(cfg.images.fast_decode, training=False)
+    pairs, images, pil = split_images(data, cfg.evaluate.split, predictor, fast)
     image_ids = [int(x) for x in images["image_id"]]
     refs = references(pairs)
     captions = dict(zip(image_ids, predictor.caption(pil), strict=True))

@@ -117,6 +117,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The generator, trained to denoise the images of `finetune.splits` given their captions."""
+    from vlp.data.decode import fast_decode
     from vlp.data.images import ImageTransform
     from vlp.data.shard_stream import pairs_for_training
     from vlp.tasks.generation import kinds
@@ -134,6 +135,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         None,  # no crops or flips: a scene's layout is what its caption says
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        fast_jpeg=fast_decode(cfg.images.fast_decode, training=True),
     )
     info = {
         "generator": kind,

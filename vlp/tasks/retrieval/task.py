@@ -34,6 +34,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """The model trained with its family's objective on the captions of `finetune.splits`:
     ITC + ITM (hard negatives) for the fusion family; a family without ITM (the dual encoder,
     CLIP's contrastive loss) ranks by ITC alone (`rerank_k` 0)."""
+    from vlp.data.decode import fast_decode
     from vlp.data.images import image_transforms
     from vlp.data.shard_stream import pairs_for_training
     from vlp.data.torch_data import make_pretrain_collate
@@ -46,6 +47,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
         *image_transforms(cfg, cfg.finetune.init_dir),
         seed=cfg.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        fast_jpeg=fast_decode(cfg.images.fast_decode, training=True),
     )
     family = get_family(vlp.cfg.family)
     objective = family.impl().objective(vlp, LOSS_WEIGHTS, cfg.runtime.local_loss)
@@ -132,11 +134,14 @@ class Predictor(BasePredictor):
 
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """R@1/5/10 both ways (and rsum) after ITM re-ranking of the ITC top-k; ITC-only too."""
+    from vlp.data.decode import fast_decode
     from vlp.data.manifest import resolve_image
     from vlp.metrics.retrieval import KS, retrieval_recall
     from vlp.tasks.predictor import split_images
 
-    pairs, images, pil = split_images(data, cfg.evaluate.split, predictor)
+    pairs, images, pil = split_images(
+        data, cfg.evaluate.split, predictor, fast_decode(cfg.images.fast_decode, training=False)
+    )
     image_ids = [int(x) for x in images["image_id"]]
     index = {image_id: i for i, image_id in enumerate(image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])

@@ -23,6 +23,7 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
     """A VQAModel (VLPModel + answer decoder) with soft-score BCE on the questions of
     `finetune.splits`; a model that writes its answers (`finetune.vqa.head: generate`, or a
     family without a classifier) is trained to write them instead (`vlp.tasks.vqa.generative`)."""
+    from vlp.data.decode import fast_decode
     from vlp.data.images import image_transforms
     from vlp.data.torch_data import VQADataset
     from vlp.models.family import get_family
@@ -31,7 +32,10 @@ def setup(cfg: Config, vlp: Any, init: str) -> TrainingSetup:
 
     tcfg = cfg.finetune.vqa
     dataset = VQADataset(
-        cfg.data.root, cfg.finetune.splits, *image_transforms(cfg, cfg.finetune.init_dir)
+        cfg.data.root,
+        cfg.finetune.splits,
+        *image_transforms(cfg, cfg.finetune.init_dir),
+        fast_jpeg=fast_decode(cfg.images.fast_decode, training=True),
     )
     from vlp.tasks.vqa import generative
 
@@ -100,6 +104,7 @@ class Predictor(BasePredictor):
 
 def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     """Official VQA accuracy (overall, per answer type, per question type) of the answer head."""
+    from vlp.data.decode import fast_decode
     from vlp.data.manifest import read_vqa, resolve_image
     from vlp.data.torch_data import read_images
     from vlp.errors import DataError
@@ -109,7 +114,8 @@ def evaluate(cfg: Config, predictor: Predictor, data: Path) -> TaskEval:
     frame = read_vqa(data, split)
     if frame.empty:
         raise DataError(f"{data}: no VQA questions in split {split!r}")
-    pil = read_images(data, list(frame["image_path"]), predictor.transform)
+    fast = fast_decode(cfg.images.fast_decode, training=False)
+    pil = read_images(data, list(frame["image_path"]), predictor.transform, fast)
     answers = predictor.answer(pil, [str(q) for q in frame["question"]])
     predictions = dict(zip((int(q) for q in frame["question_id"]), answers, strict=True))
     scores = vqa_accuracy(
