@@ -251,7 +251,7 @@ class FinetuneConfig:
 
 
 # Every stage's `runtime.precision` / `--precision` choices.
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # fp16: CUDA only
 
 # The VQA accuracy protocols of vlp.metrics.vqa (kept here so the CLI need not import torch).
 VQAProtocol = Literal["official", "lavis"]

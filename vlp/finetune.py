@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from vlp.data.processors import ProcessorTransform
 from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, finetuned_name, get_task
+from vlp.train.adapters import peak_memory_mb
 from vlp.train.distributed import barrier, distributed
 
 INITS = ("pretrained", "scratch")
@@ -182,9 +184,19 @@ def _check_outputs(cfg: Config, task: str, init: str) -> Path:
 
 
 def _save_model(
-    cfg: Config, out: Path, task: str, init: str, setup: Any, transform: Any, result: Any
+    cfg: Config,
+    out: Path,
+    task: str,
+    init: str,
+    setup: Any,
+    transform: Any,
+    result: Any,
+    adapter: Any = None,
 ) -> None:
-    """Write the finetuned task model directory (weights, image processor, `TASK_FILE`)."""
+    """Write the finetuned task model directory (weights, image processor, `TASK_FILE`;
+    with a peft `adapter`, the base's weights and the adapter in peft's format)."""
+    from vlp.models.adapters import save_adapter
+
     task_info = {
         "task": task,
         "init": init,
@@ -197,7 +209,11 @@ def _save_model(
         **setup.info,
     }
     with atomic_dir(out, "finetuned-model") as tmp:
-        get_task(task).module().save(setup.module, tmp)
+        save = partial(get_task(task).module().save, setup.module)
+        if adapter is None:
+            save(tmp)
+        else:
+            save_adapter(adapter, tmp, save)
         if isinstance(transform, ProcessorTransform):
             transform.save(tmp)  # preprocessor_config.json, beside the weights
         (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
@@ -215,6 +231,7 @@ def _log_results(
         "wall_s": wall_s,
         "samples_per_s": result.samples_per_s,
         "final_loss": result.final["loss"],
+        "peak_memory_mb": peak_memory_mb(result.device),
     }
     run.log_metrics(summary)
     run.set_tags({"vlp.device": result.device, "vlp.precision": result.precision})
@@ -225,7 +242,9 @@ def _log_results(
 
 def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
+    from vlp.models.adapters import trainable_parameters
     from vlp.tracking import stage_run
+    from vlp.train.adapters import reset_peak_memory, task_adapter
     from vlp.train.loop import TrainSettings, train
 
     out = _check_outputs(cfg, task, init)
@@ -253,6 +272,9 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         transform = image_transforms(cfg, cfg.finetune.init_dir)[0]
         setup = get_task(task).module().setup(cfg, vlp, init)
         module, dataset = setup.module, setup.dataset
+        adapter = task_adapter(task, tcfg, vlp, module)  # None: the whole model trains
+        trainable, total = trainable_parameters(module)
+        print(f"finetune {task} ({init}): {trainable:,} of {total:,} parameters train")
         settings = TrainSettings.from_config(
             cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
         )
@@ -262,7 +284,8 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             "init": init,
             **image_params(transform),
             "n_train": len(dataset),
-            "num_parameters": sum(x.numel() for x in module.parameters()),
+            "num_parameters": total,
+            "num_trainable_parameters": trainable,
             "world_size": info.world_size,
         }
         work_name = out.with_name(f"{out.name}.work")
@@ -281,11 +304,12 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 if step % log_every == 0 or step == 1:
                     run.log_metrics(metrics, step=step)
 
+            reset_peak_memory()
             result = train(
                 module, dataset, setup.collate, settings, work, on_log=on_log if run else None
             )
             if info.is_main:
-                _save_model(cfg, out, task, init, setup, transform, result)
+                _save_model(cfg, out, task, init, setup, transform, result, adapter)
                 _log_results(cfg, run, out, task, init, result, time.perf_counter() - t0)
         barrier()
     return out

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.adapters import has_adapter, load_adapter
 from vlp.models.tokenizer import local_dir
 from vlp.models.weights import CONFIG_NAME, read_config
 
@@ -64,6 +65,10 @@ class Family:
     generates_answers: bool
     checkpoint_format: str  # the foreign checkpoint directories it reads
     loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
+    # the modules a peft adapter adapts unless `finetune.<task>.lora_targets` names others:
+    # the attention query and value projections of each tower it may hold (peft matches a
+    # module whose name is, or ends with ".", one of these)
+    lora_targets: tuple[str, ...]
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
 
     def impl(self) -> ModuleType:
@@ -83,6 +88,7 @@ FAMILIES: dict[str, Family] = {
             generates_answers=False,
             checkpoint_format="blip",
             loads_image_tower=True,
+            lora_targets=("query", "value", "q_proj", "v_proj", "qkv"),
             implementation="vlp.models.fusion",
         ),
         Family(
@@ -94,6 +100,7 @@ FAMILIES: dict[str, Family] = {
             generates_answers=False,
             checkpoint_format="clip",
             loads_image_tower=False,
+            lora_targets=("q_proj", "v_proj"),
             implementation="vlp.models.clip",
         ),
         Family(
@@ -105,6 +112,7 @@ FAMILIES: dict[str, Family] = {
             generates_answers=True,
             checkpoint_format="vision-encoder-decoder",
             loads_image_tower=True,
+            lora_targets=("query", "value", "q_proj", "v_proj", "c_attn"),
             implementation="vlp.models.encoder_decoder",
         ),
         Family(
@@ -116,6 +124,7 @@ FAMILIES: dict[str, Family] = {
             generates_answers=True,
             checkpoint_format="t5",
             loads_image_tower=True,
+            lora_targets=("q", "v", "query", "value", "q_proj", "v_proj"),
             implementation="vlp.models.t5",
         ),
     )
@@ -251,7 +260,8 @@ def load_model(
     as_is: bool = False,
 ) -> LoadedModel:
     """Load the model directory `path`: a vlp model directory of any family, or a foreign
-    checkpoint a family reads (`Family.checkpoint_format`).
+    checkpoint a family reads (`Family.checkpoint_format`). A directory holding a peft
+    adapter (`vlp.models.adapters`) loads with the adapter applied.
 
     A foreign checkpoint's text length is capped by `base.max_text_length` (None: its own
     positions); `temperature` is the contrastive temperature of one that stores none; `as_is`
@@ -262,7 +272,10 @@ def load_model(
     family, meta = recognise(p, key)
     impl = family.impl()
     if meta is not None:
-        return LoadedModel(family, p, impl.load(p, meta, device), VLP_FORMAT, key)
+        model = impl.load(p, meta, device)
+        if has_adapter(p):  # a task model finetuned with a peft adapter: base + adapter
+            model = load_adapter(model, p, device)
+        return LoadedModel(family, p, model, VLP_FORMAT, key)
     model = impl.load_checkpoint(p, base, temperature, key, as_is).to(device)
     return LoadedModel(family, p, model, family.checkpoint_format, key)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlp.tasks.spec import FinetuneBudget, Task
+from vlp.tasks.spec import AdaptedBudget, Task
 
 
 @dataclass
-class RetrievalConfig(FinetuneBudget):
+class RetrievalConfig(AdaptedBudget):
     """`finetune.retrieval`: training budget and re-ranking depth."""
 
     rerank_k: int  # ITC candidates per query re-ranked by ITM (a dual encoder has none: ignored)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlp.tasks.spec import FinetuneBudget, Task
+from vlp.tasks.spec import AdaptedBudget, Task
 
 
 @dataclass
-class VQAConfig(FinetuneBudget):
+class VQAConfig(AdaptedBudget):
     """`finetune.vqa`: training budget and the answer decoder."""
 
     max_answers: int  # answer vocabulary = most frequent train answers

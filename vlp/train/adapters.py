@@ -1,0 +1,58 @@
+"""Parameter-efficient finetuning of a task: its `finetune.<task>` adapter keys, through peft.
+
+With `adapter: lora` (or `dora`) the pretrained model gets adapters on the modules
+`lora_targets` names (default: its family's `lora_targets`) and only they train, with
+whatever the task adds around the model (VQA's answer decoder) training whole; the task
+model directory holds the base and the adapter (`vlp.models.adapters`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlp.errors import ConfigError
+from vlp.models.adapters import AdapterSpec, attach_adapter
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+def task_adapter(
+    task: str, tcfg: Any, model: torch.nn.Module, module: torch.nn.Module
+) -> PeftModel | None:
+    """Attach `finetune.<task>`'s adapter to `model` (the family model inside the task's
+    trained `module`); None when the task's `adapter` is null or it has none."""
+    from vlp.models.family import get_family
+
+    kind = getattr(tcfg, "adapter", None)
+    if kind is None:
+        return None
+    where = f"finetune.{task}"
+    if any(getattr(m, "freeze_encoders", False) for m in module.modules()):
+        raise ConfigError(
+            f"{where}.adapter: {kind} adapts the model's encoders, which "
+            f"{where}.freeze_encoders keeps frozen (no gradient reaches them): set it to false"
+        )
+    targets = tcfg.lora_targets
+    if targets is None:
+        targets = get_family(model.cfg.family).lora_targets
+    spec = AdapterSpec(kind, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_dropout, tuple(targets))
+    return attach_adapter(model, spec, where)
+
+
+def reset_peak_memory() -> None:
+    """Start counting peak CUDA memory afresh (a CPU process's peak cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of a run on `device` in MiB: CUDA memory allocated since
+    `reset_peak_memory`, or on CPU the process's peak resident set (all it ever held)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
