@@ -2,12 +2,14 @@
 
 With `adapter: lora` (or `dora`) the pretrained model gets adapters on the modules
 `lora_targets` names (default: its family's `lora_targets`) and only they train, with
-whatever the task adds around the model (VQA's answer decoder) training whole; the task
-model directory holds the base and the adapter (`vlp.models.adapters`).
+whatever the task adds around the model (VQA's answer decoder) training whole; the base
+stays bit for bit as it was, BatchNorm statistics included. The task model directory holds
+the base and the adapter (`vlp.models.adapters`).
 """
 
 from __future__ import annotations
 
+import types
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,7 +41,22 @@ def task_adapter(
     if targets is None:
         targets = get_family(model.cfg.family).lora_targets
     spec = AdapterSpec(kind, tcfg.lora_rank, tcfg.lora_alpha, tcfg.lora_dropout, tuple(targets))
-    return attach_adapter(model, spec, where)
+    adapted = attach_adapter(model, spec, where)
+    keep_norm_statistics(model)
+    return adapted
+
+
+def _stay_in_eval(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return torch.nn.Module.train(module, False)
+
+
+def keep_norm_statistics(model: torch.nn.Module) -> None:
+    """Keep `model`'s BatchNorm layers in eval mode whatever `train()` asks: a frozen base
+    normalises with its own statistics and leaves them as they were."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train = types.MethodType(_stay_in_eval, module)
+            module.train(False)
 
 
 def reset_peak_memory() -> None:
