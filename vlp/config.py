@@ -145,7 +145,7 @@ class RuntimeConfig:
     """
 
     device: str  # auto | cpu | cuda
-    precision: str  # auto | bf16 | fp32
+    precision: str  # auto | bf16 | fp16 | fp32 (fp16: CUDA only)
     num_workers: int  # DataLoader worker processes
     log_every: int  # steps between progress lines and logged training metrics
     max_grad_norm: float  # gradient clipping; <= 0 disables it
