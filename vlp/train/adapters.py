@@ -9,7 +9,9 @@ the base and the adapter (`vlp.models.adapters`).
 
 from __future__ import annotations
 
+import re
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -60,16 +62,26 @@ def keep_norm_statistics(model: torch.nn.Module) -> None:
 
 
 def reset_peak_memory() -> None:
-    """Start counting peak CUDA memory afresh (a CPU process's peak cannot be reset)."""
+    """Start counting peak memory afresh: CUDA's allocator statistics, and on Linux the
+    process's peak resident set (`VmHWM`, reset through /proc/self/clear_refs)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5\n")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the start
+        pass
 
 
 def peak_memory_mb(device: str) -> float:
-    """Peak memory of a run on `device` in MiB: CUDA memory allocated since
-    `reset_peak_memory`, or on CPU the process's peak resident set (all it ever held)."""
+    """Peak memory of a run on `device` in MiB since `reset_peak_memory`: CUDA memory
+    allocated, or on CPU the process's peak resident set (weights, gradients, optimizer
+    state, activations, and whatever else the process holds)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    except (OSError, AttributeError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
