@@ -4,7 +4,10 @@ A random fusion model of a chosen width (ViT image tower, BERT text encoder and 
 is finetuned for a few steps by `vlp finetune retrieval`, once whole and once with
 `adapter: lora`, each in its own process (a CPU process's peak resident memory cannot be
 reset). Prints one JSON line per run: trainable and total parameters, `peak_memory_mb`
-(CUDA: peak allocated; CPU: peak resident set while training) and samples/s.
+(CUDA: peak allocated; CPU: peak resident set while training) and samples/s. On CPU the
+resident set keeps heap memory freed before training (data loading), which training then
+reuses, so the CPU figure understates what gradients and optimizer state cost; CUDA's
+allocator peak does not.
 
     .venv/bin/python benchmarks/bench_adapters.py --data data/shapes --hidden 512 --layers 4
 """
