@@ -150,7 +150,7 @@ class RuntimeConfig:
     """
 
     device: str  # auto | cpu | cuda
-    precision: str  # auto | bf16 | fp32
+    precision: str  # auto | bf16 | fp16 | fp32 (fp16: CUDA only)
     num_workers: int  # DataLoader worker processes
     log_every: int  # steps between progress lines and logged training metrics
     max_grad_norm: float  # gradient clipping; <= 0 disables it
@@ -257,7 +257,7 @@ class FinetuneConfig:
 
 
 # Every stage's `runtime.precision` / `--precision` choices.
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")  # fp16: CUDA only
 
 # The VQA accuracy protocols of vlp.metrics.vqa (kept here so the CLI need not import torch).
 VQAProtocol = Literal["official", "lavis"]

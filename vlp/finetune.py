@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from vlp.errors import ConfigError
 from vlp.io import atomic_dir, atomic_write_csv, check_replaceable, scratch_dir
 from vlp.tasks import TASK_FILE, finetuned_name, get_task
 from vlp.tasks.validation import selection_settings, val_scorer
+from vlp.train.adapters import peak_memory_mb
 from vlp.train.distributed import barrier, distributed
 from vlp.train.selection import CURVE_COLUMNS, ModelSelection, SelectionSettings
 
@@ -195,9 +197,19 @@ def _check_outputs(cfg: Config, task: str, init: str) -> Path:
 
 
 def _write_model(
-    module: Any, tmp: Path, task: str, init: str, setup: Any, transform: Any, **info: Any
+    module: Any,
+    tmp: Path,
+    task: str,
+    init: str,
+    setup: Any,
+    transform: Any,
+    adapter: Any = None,
+    **info: Any,
 ) -> None:
-    """Write a task model directory (weights, image processor, `TASK_FILE` with `info`)."""
+    """Write a task model directory (weights, image processor, `TASK_FILE` with `info`; with
+    a peft `adapter`, the base's weights and the adapter in peft's format)."""
+    from vlp.models.adapters import save_adapter
+
     task_info = {
         "task": task,
         "init": init,
@@ -207,14 +219,25 @@ def _write_model(
         **info,
         **setup.info,
     }
-    get_task(task).module().save(module, tmp)
+    save = partial(get_task(task).module().save, module)
+    if adapter is None:
+        save(tmp)
+    else:
+        save_adapter(adapter, tmp, save)
     if isinstance(transform, ProcessorTransform):
         transform.save(tmp)  # preprocessor_config.json, beside the weights
     (tmp / TASK_FILE).write_text(json.dumps(task_info, indent=2) + "\n")
 
 
 def _save_model(
-    cfg: Config, out: Path, task: str, init: str, setup: Any, transform: Any, result: Any
+    cfg: Config,
+    out: Path,
+    task: str,
+    init: str,
+    setup: Any,
+    transform: Any,
+    result: Any,
+    adapter: Any = None,
 ) -> None:
     """Write the finetuned task model directory; `result.extra` adds model selection's record."""
     info = {
@@ -223,7 +246,9 @@ def _save_model(
         "final_loss": result.final.get("loss"),
     }
     with atomic_dir(out, "finetuned-model") as tmp:
-        _write_model(setup.module, tmp, task, init, setup, transform, **info, **result.extra)
+        _write_model(
+            setup.module, tmp, task, init, setup, transform, adapter, **info, **result.extra
+        )
 
 
 def _log_results(
@@ -248,6 +273,7 @@ def _log_results(
         "wall_s": wall_s,
         "samples_per_s": result.samples_per_s,
         "final_loss": result.final["loss"],
+        "peak_memory_mb": peak_memory_mb(result.device),
         **selected,  # model selection's best step and value
     }
     run.log_metrics(summary)
@@ -262,19 +288,22 @@ def _model_selection(
     cfg: Config,
     task: str,
     init: str,
-    setup: Any,
+    trained: tuple[Any, Any],
     transform: Any,
     work: Path,
     run: Any,
     settings: SelectionSettings | None,
     dist_info: Any,
 ) -> ModelSelection | None:
-    """Model selection on the `val` split (`vlp.tasks.validation`), or None when it is off."""
+    """Model selection on the `val` split (`vlp.tasks.validation`), or None when it is off.
+
+    `trained`: (the task's training setup, its peft adapter or None)."""
     if settings is None:
         return None
+    setup, adapter = trained
 
     def write(module: Any, tmp: Path) -> None:
-        _write_model(module, tmp, task, init, setup, transform, data=str(cfg.data.root))
+        _write_model(module, tmp, task, init, setup, transform, adapter, data=str(cfg.data.root))
 
     def log(scoring: Any) -> None:
         val = {f"val.{k}": v for k, v in scoring.metrics.items() if isinstance(v, int | float)}
@@ -294,7 +323,9 @@ def _model_selection(
 
 def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
     """Finetune `task` from the pretrained model (or from scratch); return the model dir."""
+    from vlp.models.adapters import trainable_parameters
     from vlp.tracking import stage_run
+    from vlp.train.adapters import reset_peak_memory, task_adapter
     from vlp.train.loop import TrainSettings, train
 
     out = _check_outputs(cfg, task, init)
@@ -316,6 +347,11 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         selection = selection_settings(cfg, task)  # refuses a missing val split before training
         t0 = time.perf_counter()
         tcfg = cfg.finetune.task(task)
+        if selection is not None and tcfg.ema_decay:
+            raise ConfigError(
+                f"finetune.{task}.ema_decay: model selection (val_every) keeps the best raw "
+                "weights, the EMA replaces them at the end: use one or the other"
+            )
         inputs = read_inputs(cfg) if info.is_main else {}  # hashed before anything is loaded
         vlp = base_model(cfg, init)
         # the pretrained model's image processor if it keeps one (both inits: the ablation
@@ -323,6 +359,9 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
         transform = image_transforms(cfg, cfg.finetune.init_dir)[0]
         setup = get_task(task).module().setup(cfg, vlp, init)
         module, dataset = setup.module, setup.dataset
+        adapter = task_adapter(task, tcfg, vlp, module)  # None: the whole model trains
+        trainable, total = trainable_parameters(module)
+        print(f"finetune {task} ({init}): {trainable:,} of {total:,} parameters train")
         settings = TrainSettings.from_config(
             cfg.runtime, tcfg, seed=cfg.seed, checkpoint_every=0, keep_checkpoints=1
         )
@@ -332,7 +371,8 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             "init": init,
             **image_params(transform),
             "n_train": len(dataset),
-            "num_parameters": sum(x.numel() for x in module.parameters()),
+            "num_parameters": total,
+            "num_trainable_parameters": trainable,
             "world_size": info.world_size,
         }
         work_name = out.with_name(f"{out.name}.work")
@@ -351,7 +391,10 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
                 if step % log_every == 0 or step == 1:
                     run.log_metrics(metrics, step=step)
 
-            select = _model_selection(cfg, task, init, setup, transform, work, run, selection, info)
+            select = _model_selection(
+                cfg, task, init, (setup, adapter), transform, work, run, selection, info
+            )
+            reset_peak_memory()
             result = train(
                 module, dataset, setup.collate, settings, work, on_log=on_log if run else None,
                 on_step=select.on_step if select else None,
@@ -359,7 +402,7 @@ def finetune(cfg: Config, task: str, init: str = "pretrained") -> Path:
             if select is not None and select.finish(result.steps) is not None:
                 result.extra.update(select.summary())  # the best weights are now the module's
             if info.is_main:
-                _save_model(cfg, out, task, init, setup, transform, result)
+                _save_model(cfg, out, task, init, setup, transform, result, adapter)
                 val_rows = select.curve() if select else []
                 _log_results(cfg, run, out, task, init, result, time.perf_counter() - t0, val_rows)
         barrier()

@@ -37,7 +37,9 @@ class Inference:
 
     @property
     def precision(self) -> str:
-        return "bf16" if self.amp_dtype is not None else "fp32"
+        from vlp.train.settings import precision_name
+
+        return precision_name(self.amp_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:

@@ -298,7 +298,7 @@ def serving_limits(model_config: dict[str, Any]) -> ServingConfig:
 def pip_requirements() -> list[str]:
     """Pinned requirements of the served model, taken from this environment."""
     pkgs = ["mlflow", "torch", "transformers", "tokenizers", "safetensors", "pillow", "pandas"]
-    pkgs += ["diffusers", "peft"]  # the generation task's generators
+    pkgs += ["diffusers", "peft"]  # the generation task's generators; any task's adapters
     reqs = []
     for pkg in pkgs:
         try:

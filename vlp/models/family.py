@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vlp.errors import ConfigError
+from vlp.models.adapters import has_adapter, load_adapter
 from vlp.models.tokenizer import local_dir
 from vlp.models.weights import CONFIG_NAME, read_config
 
@@ -74,6 +75,10 @@ class Family:
     answer_classifier: bool
     checkpoint_format: str  # the foreign checkpoint directories it reads
     loads_image_tower: bool  # its image tower can start from a checkpoint (model.image_pretrained)
+    # the modules a peft adapter adapts unless `finetune.<task>.lora_targets` names others:
+    # the attention query and value projections of each tower it may hold (peft matches a
+    # module whose name is, or ends with ".", one of these)
+    lora_targets: tuple[str, ...]
     implementation: str  # module with build, load, fresh, checkpoints, tokenizer, objective
 
     def impl(self) -> ModuleType:
@@ -95,6 +100,7 @@ FAMILIES: dict[str, Family] = {
             answer_classifier=True,
             checkpoint_format="blip",
             loads_image_tower=True,
+            lora_targets=("query", "value", "q_proj", "v_proj", "qkv"),
             implementation="vlp.models.fusion",
         ),
         Family(
@@ -108,6 +114,7 @@ FAMILIES: dict[str, Family] = {
             answer_classifier=False,
             checkpoint_format="clip",
             loads_image_tower=False,
+            lora_targets=("q_proj", "v_proj"),
             implementation="vlp.models.clip",
         ),
         Family(
@@ -121,6 +128,7 @@ FAMILIES: dict[str, Family] = {
             answer_classifier=False,
             checkpoint_format="vision-encoder-decoder",
             loads_image_tower=True,
+            lora_targets=("query", "value", "q_proj", "v_proj", "c_attn"),
             implementation="vlp.models.encoder_decoder",
         ),
         Family(
@@ -134,6 +142,7 @@ FAMILIES: dict[str, Family] = {
             answer_classifier=False,
             checkpoint_format="t5",
             loads_image_tower=True,
+            lora_targets=("q", "v", "query", "value", "q_proj", "v_proj"),
             implementation="vlp.models.t5",
         ),
     )
@@ -286,7 +295,8 @@ def load_model(
     as_is: bool = False,
 ) -> LoadedModel:
     """Load the model directory `path`: a vlp model directory of any family, or a foreign
-    checkpoint a family reads (`Family.checkpoint_format`).
+    checkpoint a family reads (`Family.checkpoint_format`). A directory holding a peft
+    adapter (`vlp.models.adapters`) loads with the adapter applied.
 
     A foreign checkpoint reads texts up to its own text positions unless `base.max_text_length`
     sets a length (`towers.checkpoint_text_length`); `temperature` is the contrastive temperature of one that stores none; `as_is`
@@ -297,7 +307,10 @@ def load_model(
     family, meta = recognise(p, key)
     impl = family.impl()
     if meta is not None:
-        return LoadedModel(family, p, impl.load(p, meta, device), VLP_FORMAT, key)
+        model = impl.load(p, meta, device)
+        if has_adapter(p):  # a task model finetuned with a peft adapter: base + adapter
+            model = load_adapter(model, p, device)
+        return LoadedModel(family, p, model, VLP_FORMAT, key)
     model = impl.load_checkpoint(p, base, temperature, key, as_is).to(device)
     return LoadedModel(family, p, model, family.checkpoint_format, key)
 

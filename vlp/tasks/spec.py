@@ -21,10 +21,11 @@ description names (`implementation`) holds the torch side:
 from __future__ import annotations
 
 import importlib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -44,6 +45,27 @@ class FinetuneBudget:
     val_every: int
     val_metric: str | None
     early_stopping_patience: int
+    # decay of an exponential moving average of the weights, which the saved model gets;
+    # None or 0: off
+    ema_decay: float | None
+
+
+# The parameter-efficient adapters `finetune.<task>.adapter` names (peft): LoRA, and DoRA
+# (LoRA with a learned magnitude per output, `LoraConfig(use_dora=True)`).
+AdapterName = Literal["lora", "dora"]
+ADAPTERS: tuple[str, ...] = typing.get_args(AdapterName)
+
+
+@dataclass
+class AdaptedBudget(FinetuneBudget):
+    """A training budget plus an optional peft adapter: only the adapter (and a head the
+    task adds) trains, the model's own weights stay as the pretrained model has them."""
+
+    adapter: AdapterName | None  # None: the whole model finetunes
+    lora_rank: int
+    lora_alpha: float  # scale = lora_alpha / lora_rank
+    lora_dropout: float
+    lora_targets: list[str] | None  # module names adapted; None: the family's `lora_targets`
 
 
 @dataclass(frozen=True)

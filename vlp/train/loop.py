@@ -3,8 +3,10 @@
 The model is anything whose `forward(**batch)` returns a dict with a scalar `loss` (what is
 optimised) and any number of `loss_*` scalars (logged): the stage decides what is optimised
 by what it passes, e.g. `VLPObjective(model, weights)` or `VQAModel`. The loop adds AdamW with linear
-warmup + cosine decay, gradient accumulation and clipping, bf16 autocast, exact
-checkpoint/resume, and data parallelism under `torchrun` (DDP; gloo on CPU, NCCL on CUDA).
+warmup + cosine decay, gradient accumulation and clipping, bf16 autocast (fp16 with a
+gradient scaler on CUDA), an optional EMA of the weights that the model ends with
+(`vlp.train.ema`), exact checkpoint/resume, and data parallelism under `torchrun` (DDP; gloo
+on CPU, NCCL on CUDA).
 It is one module past 450 lines because the loop's steps (set-up, step, checkpoint, resume)
 share its private state; split, each would import the others' internals.
 
@@ -44,11 +46,13 @@ from vlp.train.checkpoint import (
     set_rng_state,
 )
 from vlp.train.distributed import DistInfo, barrier, init_distributed
+from vlp.train.ema import WeightEMA, weight_ema
 from vlp.train.settings import (
     PatchDropout,
     TrainResult,
     TrainSettings,
     epoch_steps,
+    precision_name,
     resolve_device,
     resolve_precision,
 )
@@ -140,6 +144,8 @@ class _Run:
     scheduler: Any
     ckpt_dir: Path
     pos: _Position
+    scaler: torch.amp.GradScaler  # scales fp16 losses; a pass-through otherwise
+    ema: WeightEMA | None
 
     @property
     def world(self) -> int:
@@ -196,6 +202,10 @@ def _restore(run: _Run, resume: bool) -> None:
             )
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
     run.pos = _Position(
         state["step"], state["epoch"], state["micro_in_epoch"], list(state["history"])
     )
@@ -221,6 +231,8 @@ def _checkpoint(run: _Run) -> Path | None:
             "rng": rngs,
             "history": pos.history,
             "settings": {**dataclasses.asdict(run.settings), "world_size": run.world},
+            "scaler": run.scaler.state_dict(),
+            **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
         }
         path = save_checkpoint(
             run.ckpt_dir, pos.step, run.model, state, keep=run.settings.keep_checkpoints
@@ -302,7 +314,7 @@ def _accumulate(run: _Run, batches: Iterator[Any]) -> dict[str, torch.Tensor]:
                 run.device.type, dtype=amp_dtype or torch.bfloat16, enabled=bool(amp_dtype)
             ):
                 out = run.net(**batch)
-            (out["loss"] / accum).backward()
+            run.scaler.scale(out["loss"] / accum).backward()
         for k, v in out.items():
             if k == "loss" or k.startswith("loss_"):
                 sums[k] = sums.get(k, 0) + v.detach().float() / accum
@@ -312,6 +324,7 @@ def _accumulate(run: _Run, batches: Iterator[Any]) -> dict[str, torch.Tensor]:
 def _optimizer_step(run: _Run, sums: dict[str, torch.Tensor], t0: float) -> dict[str, float]:
     """Clip, step and advance the position; the step's rank-averaged metrics."""
     s, model, pos = run.settings, run.model, run.pos
+    run.scaler.unscale_(run.optimizer)  # clip and report the true gradients
     if s.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
     else:
@@ -319,9 +332,12 @@ def _optimizer_step(run: _Run, sums: dict[str, torch.Tensor], t0: float) -> dict
             [p.grad for p in model.parameters() if p.grad is not None]
         )
     lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
+    run.scaler.step(run.optimizer)  # skipped where fp16 gradients overflowed
+    run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(model)
     pos.step += 1
     pos.micro_done += s.grad_accum_steps
     if pos.micro_done >= run.steps_per_epoch * s.grad_accum_steps:
@@ -377,9 +393,11 @@ def _start(
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, s.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = _Run(
         s, info, device, amp_dtype, steps_per_epoch, total_steps, model, model,
-        optimizer, scheduler, Path(out_dir) / "checkpoints", _Position(),
+        optimizer, scheduler, Path(out_dir) / "checkpoints", _Position(), scaler,
+        weight_ema(model, s.ema_decay),
     )  # fmt: skip
     _restore(run, resume)
     run.net = _wrap_ddp(model, device, info.world_size)
@@ -410,7 +428,9 @@ def train(
     `masking` sets the image towers' patch dropout before each step (FLIP); the towers are
     left at 0 when the run ends. `on_step(step)` is called on every rank after each optimizer
     step (after `on_log`, e.g. to score held-out data: `vlp.train.selection`); when it returns
-    True (the same on every rank) the run ends after that step.
+    True (the same on every rank) the run ends after that step. With `settings.ema_decay` the
+    model ends with the EMA of its weights (its checkpoints hold the raw weights and the
+    average, for an exact resume).
     """
     s = settings
     was_deterministic = (
@@ -447,6 +467,8 @@ def train(
                 stop = on_step is not None and on_step(pos.step)
         if last_ckpt_step != pos.step:
             last_ckpt = _checkpoint(run)
+        if run.ema is not None:
+            run.ema.copy_to(model)  # the run ends with the averaged weights
     finally:
         bar.close()
         if masking is not None:
@@ -463,6 +485,6 @@ def train(
         samples_per_s=samples_run / wall if wall > 0 else 0.0,
         checkpoint=last_ckpt,
         device=str(run.device),
-        precision="bf16" if run.amp_dtype else "fp32",
+        precision=precision_name(run.amp_dtype),
         world_size=run.world,
     )

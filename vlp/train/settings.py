@@ -33,7 +33,7 @@ class TrainSettings:
     weight_decay: float
     warmup_steps: int
     max_grad_norm: float  # <= 0 disables clipping
-    precision: str  # auto | bf16 | fp32
+    precision: str  # auto | bf16 | fp16 | fp32
     device: str  # auto | cpu | cuda
     checkpoint_every: int  # optimizer steps; <= 0: only the final checkpoint
     log_every: int  # progress-bar / log-line refresh, in steps
@@ -42,6 +42,9 @@ class TrainSettings:
     gradient_checkpointing: bool  # recompute the towers' layers in the backward pass
     compile: bool  # torch.compile the module the loop calls (forward and backward)
     keep_checkpoints: int = 2  # not a param: how many step checkpoints a run keeps
+    # EMA of the weights (`vlp.train.ema`), which the trained model ends with; None or 0:
+    # off (a finetuning param; pretraining has none)
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -51,6 +54,8 @@ class TrainSettings:
         for name in ("batch_size", "grad_accum_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1) (or null: off), got {self.ema_decay}")
         if self.epochs < 1 and self.max_steps <= 0:
             raise ConfigError("epochs: must be >= 1 unless max_steps > 0")
 
@@ -134,7 +139,7 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
-    `auto` is bf16 on CUDA devices and CPUs with native bf16 support, else fp32. Measured
+    `fp16` is CUDA only (training scales the loss, `torch.amp.GradScaler`); `auto` is bf16 on CUDA devices and CPUs with native bf16 support, else fp32. Measured
     on a 2-core AVX512-BF16 CPU (benchmarks/bench_train.py): one training step of the
     default-size model takes ~0.6x the time of fp32 under bf16 autocast; the
     smoke-size model is 1.2x slower (its matmuls are too small for the casts to pay off),
@@ -142,6 +147,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """
     if precision == "fp32":
         return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                "precision: 'fp16' needs a CUDA device (autocast with a gradient scaler); "
+                f"this run is on {device.type}: use bf16 or fp32"
+            )
+        return torch.float16
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
     else:
@@ -160,3 +172,8 @@ def resolve_inference_precision(precision: str, device: torch.device) -> torch.d
     if precision == "auto" and device.type != "cuda":
         return None
     return resolve_precision(precision, device)
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What a run's autocast dtype (`resolve_precision`) is called: bf16, fp16 or fp32."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlp.tasks.spec import FinetuneBudget, Task
+from vlp.tasks.spec import AdaptedBudget, Task
 
 
 @dataclass
-class CaptioningConfig(FinetuneBudget):
+class CaptioningConfig(AdaptedBudget):
     """`finetune.captioning`: training budget and decoding."""
 
     beam_size: int

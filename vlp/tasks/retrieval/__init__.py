@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from vlp.tasks.spec import FinetuneBudget, Task
+from vlp.tasks.spec import AdaptedBudget, Task
 
 # How a re-ranked candidate is scored (`vlp.tasks.retrieval.ranking`): vlp's sum of logits,
 # or BLIP's evaluation (ITM match logit + cosine similarity)
@@ -17,7 +17,7 @@ RECORDED_BEFORE_RERANK_SCORE = "vlp"
 
 
 @dataclass
-class RetrievalConfig(FinetuneBudget):
+class RetrievalConfig(AdaptedBudget):
     """`finetune.retrieval`: training budget and re-ranking depth."""
 
     rerank_k: int  # ITC candidates per query re-ranked by ITM (a dual encoder has none: ignored)

@@ -7,7 +7,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-from vlp.tasks.spec import FinetuneBudget, Task
+from vlp.tasks.spec import AdaptedBudget, Task
 
 # classifier: vlp's answer classifier over the encoders; generate: the model writes the
 # answer (BLIP's VQA); a family without a classifier always writes (`Family.answer_classifier`)
@@ -16,7 +16,7 @@ VQA_HEADS: tuple[str, ...] = typing.get_args(VQAHead)
 
 
 @dataclass
-class VQAConfig(FinetuneBudget):
+class VQAConfig(AdaptedBudget):
     """`finetune.vqa`: training budget and the answer decoder."""
 
     head: VQAHead  # how the model answers: vlp's classifier, or written by its decoder
