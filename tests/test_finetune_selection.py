@@ -190,6 +190,10 @@ def test_selection_refuses_a_dataset_without_val_and_training_on_val(
         finetune(trains_on_val, "captioning")
     with pytest.raises(ConfigError, match="val_every: must be >= 0"):
         finetune(_with(cfg, "retrieval", val_every=-1), "retrieval")
+    # the EMA would replace the selected weights at the end: one or the other
+    with pytest.raises(ConfigError, match="finetune.retrieval.ema_decay: model selection"):
+        finetune(_with(cfg, "retrieval", val_every=2, ema_decay=0.9), "retrieval")
+    assert not Path(cfg.finetune.out_dir, "retrieval-pretrained").exists()
 
 
 def test_the_val_curve_is_a_plot_of_every_finetune_stage() -> None:
