@@ -470,7 +470,7 @@ def test_evaluation_through_the_predictor_equals_scoring_the_dataset_batches(
     pairs = read_pairs(cfg.data.root, split)
     ids, mask, text_feat = encode_texts(model, list(pairs["caption"]), batch)
     k = cfg.finetune.retrieval.rerank_k
-    s = retrieval_scores(model, embeds, feat, ids, mask, text_feat, k, batch)
+    s = retrieval_scores(model, embeds, feat, ids, mask, text_feat, k, batch, score="vlp")
     index = {image_id: i for i, image_id in enumerate(images.image_ids)}
     text_to_image = torch.tensor([index[int(i)] for i in pairs["image_id"]])
     i2t, t2i = recall_at_k(s.i2t.float(), text_to_image), recall_at_k(s.t2i.float(), text_to_image)
