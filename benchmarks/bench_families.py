@@ -128,10 +128,12 @@ def run_family(
     return row
 
 
-def reference_row(metrics: Path) -> dict[str, Any]:
-    """The default pipeline's scores (fusion family, CNN tower) from its metrics folder."""
+def reference_row(metrics: Path, model_dir: Path | None) -> dict[str, Any]:
+    """The default pipeline's scores (fusion family, CNN tower) from its metrics folder, and
+    the parameters of its pretrained model (`model_dir`, when given)."""
     pre = read(metrics / "pretrain.json")
     return {
+        **({"num_parameters": num_parameters(model_dir)} if model_dir else {}),
         "source": str(metrics),
         "pretrain": pre,
         "tasks": {t: task_scores(read(metrics / f"{t}.json"), t, INITS) for t in TASKS},
@@ -166,6 +168,9 @@ def main() -> int:
     p.add_argument(
         "--reference", type=Path, default=Path("metrics"), help="default pipeline's metrics"
     )
+    p.add_argument(
+        "--reference-model", type=Path, default=None, help="its pretrained model directory"
+    )
     p.add_argument("--jobs", type=int, default=1, help="families run at once")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per stage; 0: unset")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/families.json"))
@@ -178,7 +183,7 @@ def main() -> int:
         seconds["generate"] = vlp(pre, a.sets, "generate", "--out", str(work / "data"))
     rows: dict[str, dict[str, Any]] = {}
     if a.reference and (a.reference / "pretrain.json").exists():
-        rows["fusion-cnn (default pipeline)"] = reference_row(a.reference)
+        rows["fusion-cnn (default pipeline)"] = reference_row(a.reference, a.reference_model)
     summary: dict[str, Any] = {
         "work": str(work),
         "profile": a.profile,
