@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 VLP = str(Path(sys.executable).with_name("vlp"))
 
 # Commands that write nothing a user names: the registry alone (rollback), or the pipeline
-# under dvc (flow), whose own stages are walked here one by one.
-NO_OUTPUT = {("rollback",), ("flow",)}
+# under dvc (flow, repro), whose own stages are walked here one by one.
+NO_OUTPUT = {("rollback",), ("flow",), ("repro",)}
 
 # Commands whose crashes on these inputs are fixed on another branch; strict, so that the
 # mark must go once they pass.
@@ -204,6 +204,7 @@ MALFORMED: dict[tuple[str, ...], Case] = {
     ("promote",): (["--set", "tracking.uri=sqlite:///bad.json", "promote", "all"], "bad.json"),
     ("rollback",): (["--set", "tracking.uri=sqlite:///bad.json", "rollback", "vqa"], "bad.json"),
     ("flow",): (["--params", "bad.yaml", "--profile", "default", "flow", "run"], "bad.yaml"),
+    ("repro",): (["repro", "--profile", "nosuch"], "nosuch"),
 }
 
 OUT = "blocker/out"

@@ -277,6 +277,19 @@ def _cmd_flow(cfg: Config, args: argparse.Namespace) -> None:
         pipeline.serve(cfg)
 
 
+def _cmd_repro(cfg: Config, args: argparse.Namespace) -> int:
+    from vlp.repro import repro_profile
+
+    return repro_profile(
+        args.params_path,
+        args.profile,
+        args.overrides,
+        name=args.name,
+        targets=args.targets,
+        dry_run=args.dry_run,
+    )
+
+
 def _checkpoint_args(s: argparse.ArgumentParser) -> None:
     """--model, --data, --precision and --batch-size of `vlp zeroshot` and `vlp embed`."""
     s.add_argument("--model", required=True, help="vlp, CLIP or BLIP model directory")
@@ -597,6 +610,32 @@ def _add_flow_command(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_flow)
 
 
+def _add_repro_command(sub: argparse._SubParsersAction) -> None:
+    """repro: the DVC pipeline at a profile's sizes, as a DVC experiment."""
+    s = sub.add_parser(
+        "repro",
+        help="run the whole pipeline at a profile's sizes as a DVC experiment "
+        "(e.g. `vlp --profile smoke repro`)",
+        description="Runs `dvc exp run --temp` with the profile and any --set expanded into "
+        "-S flags: the stages run in a temporary copy of the repository, the result is a DVC "
+        "experiment (`dvc exp show`, `dvc exp apply`), and the workspace's params, dvc.lock, "
+        "metrics and models are left as they were. Models are registered as "
+        "vlp-<task>-<profile>, apart from the default pipeline's.",
+    )
+    s.add_argument(
+        "targets", nargs="*", help="stages to reproduce, with what they need (default: all)"
+    )
+    # also accepted after the command; the one before it otherwise
+    s.add_argument("--profile", default=argparse.SUPPRESS, help="profile of profiles.yaml")
+    s.add_argument(
+        "--name", default=None, help="the DVC experiment's name (default <profile>-<time>)"
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the `dvc exp run` command; run nothing"
+    )
+    s.set_defaults(func=_cmd_repro)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlp",
@@ -622,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_commands(sub)
     _add_registry_commands(sub)
     _add_flow_command(sub)
+    _add_repro_command(sub)
     return p
 
 
