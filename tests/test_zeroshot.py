@@ -24,18 +24,6 @@ PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 RECALL_KEYS = set(recall_at_k(torch.eye(2).repeat_interleave(5, dim=1)))  # `vlp eval retrieval`
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd with its own MLflow store (sqlite), outside any DVC project."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
-        monkeypatch.delenv(var, raising=False)
-    return work
-
-
 def _zeroshot(model: Path, data: Path, out: Path, *extra: str) -> dict:
     args = ["--params", PARAMS, "--profile", "smoke", "--set", "runtime.device=cpu"]
     rc = main(

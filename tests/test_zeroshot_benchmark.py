@@ -23,18 +23,6 @@ PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 CLASSES = ["red", "green", "blue"]
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd with its own MLflow store (sqlite), outside any DVC project."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
-        monkeypatch.delenv(var, raising=False)
-    return work
-
-
 def _zeroshot(*args: str) -> int:
     base = ["--params", PARAMS, "--profile", "smoke", "--set", "runtime.device=cpu"]
     return main([*base, *args])

@@ -23,18 +23,6 @@ PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
 BASE = ["--params", PARAMS, "--profile", "smoke", "--set", "runtime.device=cpu"]
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd with its own MLflow store (sqlite), outside any DVC project."""
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-    for var in ("VLP_PARENT_RUN_ID", "VLP_PREFECT_FLOW_RUN_ID", "DVC_STAGE"):
-        monkeypatch.delenv(var, raising=False)
-    return work
-
-
 @pytest.fixture(scope="module")
 def vit_gpt2(tmp_path_factory) -> Path:
     """A tiny ViT-GPT2 captioner whose cross-attention is strong enough that different

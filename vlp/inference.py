@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from vlp.config import Config
@@ -121,3 +122,50 @@ def record_zeroshot(
     tags = {"vlp.model_sha256": model_hash}
     with stage_run(cfg, "zeroshot", params=params, tags=tags, inputs=inputs) as mlrun:
         mlrun.log_metrics(metrics)
+
+
+def start_zeroshot(
+    cfg: Config, model_dir: Path, data_dir: Path, split: str | None
+) -> tuple[str, str]:
+    """(split, model hash) of a zero-shot measurement, its inputs checked: `split` (default
+    `zeroshot.split`), the data folder, the tracking store; the model hashed before it is
+    loaded, so the scores belong to exactly these bytes."""
+    from vlp.data.manifest import check_split_names
+    from vlp.tasks import model_sha256
+    from vlp.tracking import check_stage_outputs
+
+    split = split or cfg.zeroshot.split
+    check_split_names(split, "--split")
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: not a directory")
+    check_stage_outputs(cfg, {})
+    return split, model_sha256(model_dir)
+
+
+def run_params(
+    run: Inference, model_dir: Path, model_hash: str, data_dir: Path, split: str, mode: str
+) -> dict[str, Any]:
+    """The MLflow params every zero-shot run records: what ran, on what, how."""
+    return {
+        "model": str(model_dir),
+        "model_sha256": model_hash,
+        "checkpoint": run.encoder.format,
+        "data": str(data_dir),
+        "split": split,
+        "precision": run.precision,
+        "batch_size": run.batch_size,
+        "mode": mode,
+    }
+
+
+def image_batches(
+    data_dir: Path, image_paths: Sequence[str], batch_size: int, transform: Any
+) -> Iterator[torch.Tensor]:
+    """Pixel batches of the images at `image_paths` (relative to `data_dir`), decoded per batch."""
+    from vlp.data.manifest import image_roots, locate_image
+    from vlp.data.torch_data import open_image
+
+    roots = image_roots(data_dir)
+    for start in range(0, len(image_paths), batch_size):
+        batch = image_paths[start : start + batch_size]
+        yield transform.pixels([open_image(locate_image(data_dir, p, roots)) for p in batch])

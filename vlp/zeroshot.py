@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -44,7 +44,16 @@ from torch.nn import functional as F
 
 from vlp.data.images import IMAGE_SUFFIXES
 from vlp.errors import ConfigError, DataError
-from vlp.inference import SHAPES_LABELS, Inference, load_inference, read_inputs, record_zeroshot
+from vlp.inference import (
+    SHAPES_LABELS,
+    Inference,
+    image_batches,
+    load_inference,
+    read_inputs,
+    record_zeroshot,
+    run_params,
+    start_zeroshot,
+)
 
 if TYPE_CHECKING:
     from vlp.config import Config
@@ -57,19 +66,6 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def _image_batches(
-    data_dir: Path, image_paths: Sequence[str], batch_size: int, transform: Any
-) -> Iterator[torch.Tensor]:
-    """Pixel batches of the images at `image_paths` (relative to `data_dir`), decoded per batch."""
-    from vlp.data.manifest import image_roots, locate_image
-    from vlp.data.torch_data import open_image
-
-    roots = image_roots(data_dir)
-    for start in range(0, len(image_paths), batch_size):
-        batch = image_paths[start : start + batch_size]
-        yield transform.pixels([open_image(locate_image(data_dir, p, roots)) for p in batch])
-
-
 @torch.no_grad()
 def image_features(
     run: Inference, data_dir: Path, image_paths: Sequence[str], keep_states: bool = False
@@ -77,7 +73,7 @@ def image_features(
     """(image states [N, L, H] if `keep_states` else None, normalised features [N, E] fp32)."""
     states, feats = [], []
     transform = run.encoder.transform
-    for pixels in _image_batches(data_dir, image_paths, run.batch_size, transform):
+    for pixels in image_batches(data_dir, image_paths, run.batch_size, transform):
         with run.autocast():
             s, f = run.encoder.image_features(pixels)
         feats.append(_normalised(f))
@@ -338,34 +334,16 @@ def zeroshot(
     """Measure the checkpoint at `model_dir` on `data_dir`: retrieval, or classification with
     `classify`; record an MLflow run; return the scores. (Captioning and VQA are measured by
     their task packages: `vlp.tasks.<task>.zeroshot`.)"""
-    from vlp.data.manifest import check_split_names
-    from vlp.tasks import model_sha256
     from vlp.tasks.retrieval.task import rerank_score_for
-    from vlp.tracking import check_stage_outputs
 
-    split = split or cfg.zeroshot.split
-    check_split_names(split, "--split")
-    if not data_dir.is_dir():
-        raise DataError(f"--data {data_dir}: not a directory")
-    templates = resolve_templates(cfg, templates_file)
-    classes = read_lines(classes_file, "--classes") if classes_file else None
     if not classify and (labels or classes_file or templates_file):
         raise ConfigError("--labels, --classes and --templates need --classify")
-    check_stage_outputs(cfg, {})
-    # hashed before loading: the scores belong to exactly these bytes
-    sha = model_sha256(model_dir)
+    split, sha = start_zeroshot(cfg, model_dir, data_dir, split)
+    templates = resolve_templates(cfg, templates_file)
+    classes = read_lines(classes_file, "--classes") if classes_file else None
     mode = "classification" if classify else "retrieval"
     run = load_inference(cfg, model_dir, precision, batch_size, mode)
-    params: dict[str, Any] = {
-        "model": str(model_dir),
-        "model_sha256": sha,
-        "checkpoint": run.encoder.format,
-        "data": str(data_dir),
-        "split": split,
-        "precision": run.precision,
-        "batch_size": run.batch_size,
-        "mode": "classify" if classify else mode,
-    }
+    params = run_params(run, model_dir, sha, data_dir, split, "classify" if classify else mode)
     if classify:
         images = labelled_images(data_dir, split, labels)
         # an image-folder tree has no splits: it is the split

@@ -15,11 +15,8 @@ params: `finetune.captioning.beam_size` and `max_length`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from vlp.errors import ConfigError, DataError
 
@@ -41,19 +38,6 @@ def decoding(cfg: Config, info: dict[str, Any] | None) -> dict[str, int]:
     return settings
 
 
-def _pixel_batches(
-    data_dir: Path, image_paths: Sequence[str], batch_size: int, transform: Any
-) -> Iterator[torch.Tensor]:
-    """Pixel batches of the images at `image_paths` (relative to `data_dir`), decoded per batch."""
-    from vlp.data.manifest import image_roots, locate_image
-    from vlp.data.torch_data import open_image
-
-    roots = image_roots(data_dir)
-    for start in range(0, len(image_paths), batch_size):
-        batch = image_paths[start : start + batch_size]
-        yield transform.pixels([open_image(locate_image(data_dir, p, roots)) for p in batch])
-
-
 def captioning_metrics(
     run: Any, data_dir: Path, split: str, beam_size: int, max_length: int
 ) -> dict[str, float]:
@@ -62,6 +46,7 @@ def captioning_metrics(
     `run`: a `vlp.inference.Inference` (the loaded model, batch size and autocast).
     """
     from vlp.data.manifest import PAIRS_FILE, no_rows_in_splits, read_pairs
+    from vlp.inference import image_batches
     from vlp.metrics.caption import score_captions
 
     if not (data_dir / PAIRS_FILE).is_file():
@@ -72,7 +57,7 @@ def captioning_metrics(
     images = pairs.drop_duplicates("image_id")
     model, device = run.encoder.model, run.encoder.device
     captions: list[str] = []
-    batches = _pixel_batches(
+    batches = image_batches(
         data_dir, list(images["image_path"]), run.batch_size, run.encoder.transform
     )
     for pixels in batches:
@@ -113,31 +98,19 @@ def zeroshot(
 ) -> dict[str, float]:
     """Caption `data_dir`'s images of `split` with `model_dir`; record an MLflow run; return
     the scores. (`answers` belongs to VQA: refused.)"""
-    from vlp.data.manifest import check_split_names
-    from vlp.inference import load_inference, read_inputs, record_zeroshot
-    from vlp.tasks import model_sha256
-    from vlp.tracking import check_stage_outputs
+    from vlp.inference import (
+        load_inference,
+        read_inputs,
+        record_zeroshot,
+        run_params,
+        start_zeroshot,
+    )
 
     if answers:
         raise ConfigError("--answers ranks VQA answers: it needs --task vqa (--vqa)")
-    split = split or cfg.zeroshot.split
-    check_split_names(split, "--split")
-    if not data_dir.is_dir():
-        raise DataError(f"--data {data_dir}: not a directory")
-    check_stage_outputs(cfg, {})
-    sha = model_sha256(model_dir)  # hashed before loading: the scores belong to these bytes
+    split, sha = start_zeroshot(cfg, model_dir, data_dir, split)
     run = load_inference(cfg, model_dir, precision, batch_size, "captioning")
     settings, metrics = measure(cfg, run, data_dir, split, "captioning")
-    params: dict[str, Any] = {
-        "model": str(model_dir),
-        "model_sha256": sha,
-        "checkpoint": run.encoder.format,
-        "data": str(data_dir),
-        "split": split,
-        "precision": run.precision,
-        "batch_size": run.batch_size,
-        "mode": "captioning",
-        **settings,
-    }
+    params = {**run_params(run, model_dir, sha, data_dir, split, "captioning"), **settings}
     record_zeroshot(cfg, params, metrics, read_inputs(model_dir, sha, data_dir, None), sha)
     return metrics

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlp.errors import ConfigError, DataError
+from vlp.errors import ConfigError
 from vlp.inference import Inference, inference_settings, read_inputs, record_zeroshot
 from vlp.tasks.vqa.answer_ranking import rank_answers, read_candidates
 
@@ -128,31 +128,17 @@ def zeroshot(
 ) -> dict[str, float]:
     """Answer `data_dir`'s VQA questions of `split` with `model_dir` (ranking the candidates
     of the JSON file `answers` when given); record an MLflow run; return the scores."""
-    from vlp.data.manifest import check_split_names
-    from vlp.tasks import model_sha256
+    from vlp.inference import run_params, start_zeroshot
     from vlp.tasks.vqa.task import evaluate
-    from vlp.tracking import check_stage_outputs
 
-    split = split or cfg.zeroshot.split
-    check_split_names(split, "--split")
-    if not data_dir.is_dir():
-        raise DataError(f"--data {data_dir}: not a directory")
-    check_stage_outputs(cfg, {})
-    sha = model_sha256(model_dir)  # hashed before loading: the scores belong to these bytes
+    split, sha = start_zeroshot(cfg, model_dir, data_dir, split)
     candidates = read_candidates(answers) if answers else None
     run, answerer = load_answerer(cfg, model_dir, precision, batch_size, candidates)
     scored = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split=split))
     with run.autocast():
         metrics = evaluate(scored, answerer, data_dir).metrics
     params = {
-        "model": str(model_dir),
-        "model_sha256": sha,
-        "checkpoint": run.encoder.format,
-        "data": str(data_dir),
-        "split": split,
-        "precision": run.precision,
-        "batch_size": run.batch_size,
-        "mode": "vqa",
+        **run_params(run, model_dir, sha, data_dir, split, "vqa"),
         "vqa_protocol": cfg.evaluate.vqa_protocol,
         "answer_max_length": cfg.zeroshot.answer_max_length,
         "answers": answers or "written",
