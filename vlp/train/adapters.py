@@ -9,6 +9,7 @@ the base and the adapter (`vlp.models.adapters`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 from pathlib import Path
@@ -66,10 +67,9 @@ def reset_peak_memory() -> None:
     process's peak resident set (`VmHWM`, reset through /proc/self/clear_refs)."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    try:
+    # not Linux, or not allowed: the peak then counts from the process's start
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5\n")
-    except OSError:  # not Linux, or not allowed: the peak then counts from the start
-        pass
 
 
 def peak_memory_mb(device: str) -> float:
